@@ -1,0 +1,65 @@
+"""Usermaven HTTP API, Jitsu classic s2s (POST /api/v1/s2s/event) -> canonical drafts.
+
+The body is one event or a bulk array of them (the Python SDK always sends an array); the
+receiver keeps the API-key half of the token for the integrity check (sources.md §4.7).
+"""
+
+from __future__ import annotations
+
+from pipeline import reading as read
+from pipeline.adapting import Draft, RawMeta, VendorRecord, reject
+
+SOURCE = "usermaven"
+BATCHED = True
+CONTEXT = (
+    "company", "ids", "url", "page_title", "doc_path", "doc_host", "doc_search", "referer", "user_agent",
+    "user_language", "doc_encoding", "screen_resolution", "vp_size", "source_ip", "src", "utm",
+    "cookie_policy", "ip_policy",
+)  # fmt: skip
+USER_IDS = ("id", "anonymous_id")
+# api_key is consumed by the integrity check; the event-id fallbacks are Jitsu classic's spellings.
+MAPPED = frozenset(
+    {"api_key", "event_id", "eventn_ctx_event_id", "event_type", "user", "_timestamp", "utc_time"}
+    | {"event_attributes"}
+    | set(CONTEXT)
+)
+
+
+def parse(body: bytes, meta: RawMeta) -> list[VendorRecord]:
+    """One event, or a bulk array of them; element shapes are checked per element in normalize."""
+    doc = read.json_body(body)
+    if isinstance(doc, list):
+        return doc
+    return [read.as_object(doc, "the body")]
+
+
+def normalize(record: VendorRecord, meta: RawMeta) -> Draft:
+    """Map one Usermaven event onto the canonical fields (§4.7), in the check order of §3.6."""
+    event = read.as_object(record, "a Usermaven event")
+    api_key = event.get("api_key")
+    if api_key not in (None, "") and api_key != meta.usermaven_api_key:
+        reject("api_key_mismatch", "body api_key is not the API key of the request's token", path="api_key")
+    name = read.event_name(event, "event_type")
+    user_id = read.identifier(event, "user.id")  # the Python SDK may send an integer
+    anonymous_id = read.identifier(event, "user.anonymous_id")
+    if user_id is None and anonymous_id is None:
+        reject("missing_user_identity", "neither user.id nor user.anonymous_id is present", path="user.id")
+    # Clients send event_id "" and Jitsu would assign a random UUID; we fingerprint so retries collapse.
+    vendor_id = read.event_id(event, "event_id", "eventn_ctx.event_id", "eventn_ctx_event_id")
+    # Optional (historical imports only); None makes the core fall back to received_at.
+    when = read.timestamp(event, "_timestamp", "utc_time", required=False)
+    properties = read.container(event, "event_attributes")
+    traits = read.leftovers(read.container(event, "user"), USER_IDS)
+    context = {key: event[key] for key in CONTEXT if key in event}
+    context["vendor"] = read.leftovers(event, MAPPED)
+    return Draft(
+        event_name=name,
+        user_id=user_id,
+        anonymous_id=anonymous_id,
+        vendor_event_id=vendor_id,
+        timestamp=when,
+        properties=properties,
+        user_traits=traits,
+        context=context,
+        fingerprint_extra=None,
+    )

@@ -1,0 +1,141 @@
+"""The pure driver: one raw record + its adapter -> canonical events and dead letters, in request order.
+
+No record ever comes out as nothing (style.md §2.3): a Reject from `parse` is one dead letter for the
+whole body, a Reject from `normalize` one dead letter for that element (with its index in a batch),
+and any other exception is an adapter bug that is logged and still dead-lettered (`adapter_crashed`).
+Validation runs here too, before dedup: an invalid event is never marked seen, so validating first
+or after dedup emits exactly the same records, and the dead letter can still carry the original bytes.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from datetime import datetime
+from typing import Any
+
+from pydantic import ValidationError
+
+from pipeline import reasons
+from pipeline.adapting import AdapterModule, Draft, Reject
+from pipeline.fingerprint import fingerprint
+from pipeline.records import (
+    CanonicalEvent,
+    DeadLetter,
+    FieldError,
+    Origin,
+    RawRecord,
+    Stage,
+    encode_body,
+    utc_now,
+)
+
+log = logging.getLogger(__name__)
+
+Outcome = CanonicalEvent | DeadLetter
+
+
+def outcomes(raw: RawRecord, adapter: AdapterModule) -> Iterator[Outcome]:
+    """Every canonical event and dead letter one raw record yields, in the order of its items."""
+    try:
+        records = adapter.parse(raw.body, raw.headers)
+    except Reject as rejection:
+        yield dead_letter(raw, "parse", rejection.reason, rejection.detail, _errors(rejection))
+        return
+    except Exception as exc:  # noqa: BLE001 - an adapter bug must not lose the record
+        log.exception("adapter %s crashed in parse", adapter.SOURCE)
+        yield dead_letter(raw, "parse", reasons.ADAPTER_CRASHED.code, f"{type(exc).__name__}: {exc}")
+        return
+    for index, record in enumerate(records):
+        position = index if adapter.BATCHED else None
+        try:
+            draft = adapter.normalize(record, raw.headers)
+        except Reject as rejection:
+            yield dead_letter(raw, "normalize", rejection.reason, rejection.detail, _errors(rejection),
+                              element=record, index=position)
+            continue
+        except Exception as exc:  # noqa: BLE001
+            log.exception("adapter %s crashed in normalize", adapter.SOURCE)
+            yield dead_letter(raw, "normalize", reasons.ADAPTER_CRASHED.code, f"{type(exc).__name__}: {exc}",
+                              element=record, index=position)
+            continue
+        yield validate(raw, canonical_fields(raw, draft), element=record, index=position)
+
+
+def canonical_fields(raw: RawRecord, draft: Draft) -> dict[str, Any]:
+    """Complete a draft with tenant, source, received_at, the time fallback and the event id (§2, §3.5)."""
+    headers = raw.headers
+    timestamp: datetime = draft.timestamp or headers.received_at
+    context = draft.context
+    if draft.timestamp is None:
+        context = {**context, "timestamp_source": "received_at"}
+    event_id = draft.vendor_event_id
+    if event_id is None:
+        event_id = fingerprint(
+            tenant=headers.tenant, source=headers.source, event_name=draft.event_name,
+            user_id=draft.user_id, anonymous_id=draft.anonymous_id, timestamp=draft.timestamp,
+            properties=draft.properties, extra=draft.fingerprint_extra,
+        )
+    return {
+        "event_id": event_id,
+        "event_id_derived": draft.vendor_event_id is None,
+        "event_name": draft.event_name,
+        "tenant": headers.tenant,
+        "source": headers.source,
+        "user_id": draft.user_id,
+        "anonymous_id": draft.anonymous_id,
+        "timestamp": timestamp,
+        "received_at": headers.received_at,
+        "properties": draft.properties,
+        "user_traits": draft.user_traits,
+        "context": context,
+        "schema_version": 1,
+    }
+
+
+def validate(raw: RawRecord, fields: dict[str, Any], element: Any = None, index: int | None = None) -> Outcome:
+    """The canonical model's verdict: the event, or a dead letter listing every error by field path."""
+    try:
+        return CanonicalEvent.model_validate(fields)
+    except ValidationError as exc:
+        errors = tuple(
+            FieldError(path=".".join(str(p) for p in error["loc"]) or "event", message=error["msg"])
+            for error in exc.errors()
+        )
+        summary = "; ".join(f"{e.path}: {e.message}" for e in errors)
+        return dead_letter(raw, "validate", reasons.VALIDATION_FAILED.code, summary, errors,
+                           element=element, index=index)
+
+
+def dead_letter(
+    raw: RawRecord,
+    stage: Stage,
+    reason: str,
+    detail: str,
+    errors: tuple[FieldError, ...] = (),
+    element: Any = None,
+    index: int | None = None,
+) -> DeadLetter:
+    """A dead letter that explains itself and keeps the exact original bytes and headers."""
+    origin = raw.origin or Origin(topic="", partition=-1, offset=-1)
+    return DeadLetter(
+        id=DeadLetter.make_id(origin, index),
+        stage=stage,
+        reason=reason,
+        message=detail or reasons.lookup(reason).summary,
+        errors=errors,
+        tenant=raw.headers.tenant,
+        source=raw.headers.source,
+        origin=origin,
+        headers=raw.headers.json_headers(),
+        body_b64=encode_body(raw.body),
+        element=element,
+        index=index,
+        failed_at=utc_now(),
+        redrive_count=raw.headers.redrive_count,
+    )
+
+
+def _errors(rejection: Reject) -> tuple[FieldError, ...]:
+    path = rejection.path or rejection.reason.partition(":")[2] or None
+    return (FieldError(path=path, message=rejection.detail),) if path else ()

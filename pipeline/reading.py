@@ -1,0 +1,247 @@
+"""Shared field readers for adapters: the parsing rules of sources.md §3.1–3.4, as pure functions.
+
+Vendor JSON arrives untyped (`JSONValue`); this is the one module that narrows it. Every reader
+either returns a clean value or calls `reject()` with a §3.6 code and the field's dotted path.
+A `field` may be dotted (`user.id`) to reach into nested objects.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Collection, Iterable, Mapping
+from datetime import UTC, datetime, timedelta
+from decimal import ROUND_FLOOR, Decimal
+from typing import Final
+
+import orjson
+
+from pipeline.adapting import JSONValue, reject
+from pipeline.reasons import wrong_type
+
+JSONObject = dict[str, JSONValue]
+
+MAX_EVENT_ID_CHARS: Final = 256
+
+_MISSING: Final = object()
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+# §3.4 rule 1: the unit is chosen by the magnitude of |n|, in this order.
+_EPOCH_UNITS: Final = ((Decimal("1e11"), 10**6), (Decimal("1e14"), 10**3), (Decimal("1e17"), 1))
+# [0-9], not \d: \d also matches non-ASCII digits such as "٣".
+_DIGITS = re.compile(r"[0-9]+(?:\.[0-9]+)?")
+_CLEVERTAP_DATE = re.compile(r"\$D_(-?[0-9]+)")
+_ISO = re.compile(
+    r"(?P<date>[0-9]{4}-[0-9]{2}-[0-9]{2})[T ]"
+    r"(?P<time>[0-9]{2}:[0-9]{2}(?::[0-9]{2}(?:\.(?P<fraction>[0-9]+))?)?)"
+    r"(?P<zone>Z|[+-][0-9]{2}(?::?[0-9]{2})?)?"
+)
+
+
+def json_body(body: bytes) -> JSONValue:
+    """Decode a request body; anything orjson refuses (bad JSON, bad UTF-8, a BOM) is invalid_json."""
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        reject("invalid_json", f"body is not valid JSON: {exc}")
+
+
+def kind(value: JSONValue) -> str:
+    """The JSON name of a value's type, for reject details."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int):
+        return "integer"
+    if isinstance(value, float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    if isinstance(value, dict):
+        return "object"
+    return type(value).__name__
+
+
+def as_object(value: JSONValue, what: str) -> JSONObject:
+    """A body or batch element that must be a JSON object; anything else is unexpected_body_shape."""
+    if not isinstance(value, dict):
+        reject("unexpected_body_shape", f"expected {what} to be a JSON object, got {kind(value)}")
+    return value
+
+
+def get(record: Mapping[str, JSONValue], field: str) -> JSONValue:
+    """The value at a dotted path, or None when any step is absent or null.
+
+    A step that is present but not an object is wrong_type:<that step>, rather than silently absent.
+    """
+    value = _get(record, field)
+    return None if value is _MISSING else value
+
+
+def identifier(record: Mapping[str, JSONValue], field: str) -> str | None:
+    """A user id, anonymous id or vendor event id (§3.1): trimmed string or integer, else absent."""
+    value = get(record, field)
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return value.strip() or None
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    reject(wrong_type(field), f"{field} must be a string or an integer, got {kind(value)}", path=field)
+
+
+def event_id(record: Mapping[str, JSONValue], *fields: str) -> str | None:
+    """The first present vendor event id among `fields` (§3.1); None means: fingerprint it (§3.5)."""
+    for field in fields:
+        found = identifier(record, field)
+        if found is not None:
+            if len(found) > MAX_EVENT_ID_CHARS:
+                reject(
+                    "invalid_event_id",
+                    f"{field} is {len(found)} characters long, the limit is {MAX_EVENT_ID_CHARS}",
+                    path=field,
+                )
+            return found
+    return None
+
+
+def event_name(record: Mapping[str, JSONValue], *fields: str) -> str:
+    """The first present event name among `fields` (§3.2): a non-blank JSON string, kept verbatim.
+
+    A blank or absent field falls through to the next one (MoEngage event_name -> event_code); a
+    non-string does not.
+    """
+    for field in fields:
+        value = get(record, field)
+        if value is None:
+            continue
+        if not isinstance(value, str):
+            reject(wrong_type(field), f"{field} must be a string, got {kind(value)}", path=field)
+        if value.strip():
+            return value
+    reject("missing_event_name", f"no event name in {' / '.join(fields)}", path=fields[0])
+
+
+def container(record: Mapping[str, JSONValue], field: str) -> JSONObject:
+    """A properties/traits/context source (§3.3): an object (shallow copy), {} when absent or null."""
+    value = get(record, field)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        reject(wrong_type(field), f"{field} must be an object, got {kind(value)}", path=field)
+    return dict(value)
+
+
+def timestamp(record: Mapping[str, JSONValue], *fields: str, required: bool) -> datetime | None:
+    """The event time from the first non-missing field (§3.4), as an aware UTC datetime.
+
+    An invalid first value is invalid_timestamp: we never fall through to the next field, so a
+    broken client clock field cannot be papered over by a server time.
+    """
+    for field in fields:
+        value = get(record, field)
+        if value is None or (isinstance(value, str) and not value.strip()):
+            continue
+        moment = parse_timestamp(value)
+        if moment is None:
+            reject("invalid_timestamp", f"{field} is not a supported time: {_preview(value)}", path=field)
+        return moment
+    if required:
+        reject("missing_timestamp", f"none of {' / '.join(fields)} is present", path=fields[0])
+    return None
+
+
+def parse_timestamp(value: JSONValue) -> datetime | None:
+    """One non-missing §3.4 value as an aware UTC datetime, or None when it is invalid."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return _from_epoch(Decimal(value))
+    if isinstance(value, float):
+        # repr() is the shortest text that round-trips, i.e. what the JSON said.
+        return _from_epoch(Decimal(repr(value))) if math.isfinite(value) else None
+    if not isinstance(value, str):
+        return None
+    if _DIGITS.fullmatch(value):
+        return _from_epoch(Decimal(value))
+    if match := _CLEVERTAP_DATE.fullmatch(value):
+        return _from_epoch(Decimal(match[1]))
+    if match := _ISO.fullmatch(value):
+        return _from_iso(match)
+    return None
+
+
+def leftovers(record: Mapping[str, JSONValue], mapped_keys: Collection[str]) -> JSONObject:
+    """The top-level keys no mapping consumed, for context.vendor (§2)."""
+    return {key: value for key, value in record.items() if key not in mapped_keys}
+
+
+def get_folded(record: Mapping[str, JSONValue], key: str) -> JSONValue:
+    """`record[key]` matched case-insensitively, exact spelling first; None when absent.
+
+    CleverTap's own samples disagree on casing (Identity/identity, ObjectId/objectId, §4.5).
+    """
+    found = _folded_key(record, key)
+    return None if found is None else record[found]
+
+
+def fold_keys(record: Mapping[str, JSONValue], keys: Iterable[str]) -> JSONObject:
+    """A copy of `record` with each of `keys` found case-insensitively and renamed to that spelling."""
+    out = dict(record)
+    for key in keys:
+        found = _folded_key(out, key)
+        if found is not None and found != key:
+            out[key] = out.pop(found)
+    return out
+
+
+def _folded_key(record: Mapping[str, JSONValue], key: str) -> str | None:
+    if key in record:
+        return key
+    wanted = key.casefold()
+    return next((k for k in record if k.casefold() == wanted), None)
+
+
+def _get(record: Mapping[str, JSONValue], field: str) -> JSONValue:
+    node: JSONValue = record
+    walked: list[str] = []
+    for step in field.split("."):
+        if node is None or node is _MISSING:
+            return _MISSING
+        if not isinstance(node, Mapping):
+            parent = ".".join(walked)
+            reject(wrong_type(parent), f"{parent} must be an object, got {kind(node)}", path=parent)
+        node = node.get(step, _MISSING)
+        walked.append(step)
+    return node
+
+
+def _from_epoch(number: Decimal) -> datetime | None:
+    """§3.4 rule 1: seconds below 1e11, milliseconds below 1e14, microseconds below 1e17."""
+    for limit, micros_per_unit in _EPOCH_UNITS:
+        if abs(number) < limit:
+            micros = int((number * micros_per_unit).to_integral_value(rounding=ROUND_FLOOR))
+            try:
+                return _EPOCH + timedelta(microseconds=micros)
+            except OverflowError:  # before year 1: not representable, so not a time
+                return None
+    return None
+
+
+def _from_iso(match: re.Match[str]) -> datetime | None:
+    """§3.4 rule 4, once the regex has gated the form: fraction truncated to µs, no zone means UTC."""
+    time, _, fraction = match["time"].partition(".")
+    text = match["date"] + "T" + time + (f".{fraction[:6]}" if fraction else "")
+    zone = match["zone"] or "+00:00"
+    try:
+        parsed = datetime.fromisoformat(text + zone)
+        return parsed.astimezone(UTC)
+    except (ValueError, OverflowError):  # month 13, 24:00, offset of 24h, year 1 shifted below 1...
+        return None
+
+
+def _preview(value: JSONValue) -> str:
+    text = repr(value) if isinstance(value, str | int | float) else kind(value)
+    return text if len(text) <= 80 else text[:77] + "..."

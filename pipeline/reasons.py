@@ -1,0 +1,126 @@
+"""The dead-letter reason catalogue: every code an adapter, the driver or validation may report.
+
+Codes are sources.md §3.6 plus four of our own (adapter_crashed, validation_failed, invalid_raw_headers,
+redrive_limit).
+Modelled on aiokafka's errors.py: one record per code and a lookup table, so the README table and
+the DLQ tooling read the same list.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pipeline.records import Stage
+
+
+@dataclass(frozen=True, slots=True)
+class Reason:
+    """One reason code, the stage that usually reports it, and a sentence for people.
+
+    `stage` is where the check normally runs; the dead letter records where it actually ran
+    (e.g. unexpected_body_shape is a parse failure for a whole body, a normalize failure for one
+    element of a batch).
+    """
+
+    code: str
+    stage: Stage
+    summary: str
+
+
+INVALID_JSON = Reason(
+    "invalid_json", "parse", "The body is not JSON (or not UTF-8); the whole request is dead-lettered."
+)
+UNEXPECTED_BODY_SHAPE = Reason(
+    "unexpected_body_shape",
+    "parse",
+    "The body, or one element of a batch, does not have the shape the source sends.",
+)
+API_KEY_MISMATCH = Reason(
+    "api_key_mismatch",
+    "normalize",
+    "Usermaven: the body's api_key differs from the API-key half of the token.",
+)
+LICENSE_CODE_MISMATCH = Reason(
+    "license_code_mismatch",
+    "normalize",
+    "WebEngage: the body's license_code differs from the licenseCode query value.",
+)
+TEST_PAYLOAD = Reason(
+    "test_payload", "normalize", "CleverTap: the template test request (is_test); never a real event."
+)
+UNSUPPORTED_TYPE = Reason(
+    "unsupported_type",
+    "normalize",
+    "Segment: a message type other than track/identify/page/screen/group/alias.",
+)
+MISSING_EVENT_NAME = Reason("missing_event_name", "normalize", "The event name is absent, null or blank.")
+MISSING_USER_IDENTITY = Reason(
+    "missing_user_identity", "normalize", "Neither a user id nor an anonymous id is present."
+)
+INVALID_EVENT_ID = Reason(
+    "invalid_event_id", "normalize", "The vendor's event id is longer than 256 characters."
+)
+MISSING_TIMESTAMP = Reason(
+    "missing_timestamp", "normalize", "The source must send an event time and did not."
+)
+INVALID_TIMESTAMP = Reason(
+    "invalid_timestamp",
+    "normalize",
+    "The event time is not an epoch number, digit string, $D_ date or ISO-8601 form.",
+)
+WRONG_TYPE = Reason(
+    "wrong_type", "normalize", "A field has the wrong JSON type; the code names it, as wrong_type:<field>."
+)
+ADAPTER_CRASHED = Reason(
+    "adapter_crashed",
+    "normalize",
+    "The adapter raised something other than Reject: a bug in Headwater, not in the input.",
+)
+VALIDATION_FAILED = Reason(
+    "validation_failed",
+    "validate",
+    "The canonical event model rejected the adapter's output; see the field errors.",
+)
+INVALID_RAW_HEADERS = Reason(
+    "invalid_raw_headers", "parse", "The raw record lacks Headwater's headers (not written by the receiver?)."
+)
+REDRIVE_LIMIT = Reason("redrive_limit", "parse", "The record was redriven too many times and is parked.")
+
+UNKNOWN = Reason(
+    "unknown", "normalize", "A reason code this release does not know (written by another version?)."
+)
+
+CATALOGUE: dict[str, Reason] = {
+    r.code: r
+    for r in (
+        INVALID_JSON,
+        UNEXPECTED_BODY_SHAPE,
+        API_KEY_MISMATCH,
+        LICENSE_CODE_MISMATCH,
+        TEST_PAYLOAD,
+        UNSUPPORTED_TYPE,
+        MISSING_EVENT_NAME,
+        MISSING_USER_IDENTITY,
+        INVALID_EVENT_ID,
+        MISSING_TIMESTAMP,
+        INVALID_TIMESTAMP,
+        WRONG_TYPE,
+        ADAPTER_CRASHED,
+        VALIDATION_FAILED,
+        INVALID_RAW_HEADERS,
+        REDRIVE_LIMIT,
+    )
+}
+
+
+def wrong_type(field: str) -> str:
+    """The parametrized code for a field of the wrong JSON type: wrong_type:<field> (§3.1–3.3)."""
+    return f"{WRONG_TYPE.code}:{field}"
+
+
+def lookup(code: str) -> Reason:
+    """The catalogue entry for a code; wrong_type:<field> maps to wrong_type, unknown codes to UNKNOWN."""
+    base, _, _ = code.partition(":")
+    if base == WRONG_TYPE.code:
+        return WRONG_TYPE
+    return CATALOGUE.get(code, UNKNOWN)

@@ -1,0 +1,282 @@
+"""Every record that crosses a topic, typed: RawRecord -> CanonicalEvent | DeadLetter (architecture.md).
+
+`RawHeaders` owns the Kafka header names and their byte encoding; credentials never get a field.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal, Self
+
+import orjson
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    StringConstraints,
+    model_validator,
+)
+
+from pipeline import __version__
+
+KafkaHeaders = Sequence[tuple[str, bytes]]
+JSONObject = dict[str, Any]
+
+ShortText = Annotated[str, StringConstraints(max_length=256)]
+UtcDatetime = Annotated[
+    AwareDatetime,
+    PlainSerializer(lambda dt: format_utc(dt), return_type=str),
+]
+
+
+def format_utc(moment: datetime) -> str:
+    """ISO 8601 in UTC with an explicit offset, microsecond precision: 2024-03-01T12:00:00.000000+00:00."""
+    return moment.astimezone(UTC).isoformat(timespec="microseconds")
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+# --- raw record ---------------------------------------------------------------------------------------
+
+
+class RawHeaders(_Record):
+    """Metadata the receiver attaches to a raw record; adapters read it as their `meta`."""
+
+    tenant: ShortText
+    source: ShortText
+    received_at: UtcDatetime
+    request_id: ShortText
+    content_type: ShortText | None = None
+    webengage_request_id: ShortText | None = None     # header x-request-id (§4.6)
+    webengage_event_type: ShortText | None = None     # query eventType
+    webengage_license_code: ShortText | None = None   # query licenseCode
+    usermaven_api_key: ShortText | None = None        # the API-key half of the token (§4.7)
+    redrive_count: int = 0
+    replay_of: ShortText | None = None                # "topic:partition:offset" of the record replayed
+
+    def to_kafka(self) -> list[tuple[str, bytes]]:
+        out: list[tuple[str, bytes]] = []
+        for field, name in _HEADER_NAMES.items():
+            value = getattr(self, field)
+            if value is None or (field == "redrive_count" and value == 0):
+                continue
+            text = format_utc(value) if isinstance(value, datetime) else str(value)
+            out.append((name, text.encode()))
+        return out
+
+    @classmethod
+    def from_kafka(cls, headers: Iterable[tuple[str, bytes]] | Mapping[str, bytes]) -> Self:
+        """Rebuild from Kafka headers; raises pydantic.ValidationError when required ones are missing."""
+        pairs = headers.items() if isinstance(headers, Mapping) else headers
+        by_name = {name: value for name, value in pairs}
+        doc: dict[str, Any] = {}
+        for field, name in _HEADER_NAMES.items():
+            raw = by_name.get(name)
+            if raw is not None:
+                doc[field] = raw.decode("utf-8", "replace")
+        return cls.model_validate(doc)
+
+    def json_headers(self) -> dict[str, str]:
+        """Headers as a JSON-friendly {name: text} map (for dead letters and exports)."""
+        return {name: value.decode() for name, value in self.to_kafka()}
+
+
+_HEADER_NAMES = {
+    "tenant": "hw-tenant",
+    "source": "hw-source",
+    "received_at": "hw-received-at",
+    "request_id": "hw-request-id",
+    "content_type": "hw-content-type",
+    "webengage_request_id": "hw-webengage-request-id",
+    "webengage_event_type": "hw-webengage-event-type",
+    "webengage_license_code": "hw-webengage-license-code",
+    "usermaven_api_key": "hw-usermaven-api-key",
+    "redrive_count": "hw-redrive-count",
+    "replay_of": "hw-replay-of",
+}
+
+
+class Origin(_Record):
+    """Where a raw record sits in Kafka; set once it has been consumed."""
+
+    topic: str
+    partition: int
+    offset: int
+    timestamp_ms: int | None = None
+
+    def ref(self) -> str:
+        return f"{self.topic}:{self.partition}:{self.offset}"
+
+
+class RawRecord(_Record):
+    """What the receiver wrote: the exact body plus headers, and (once read back) where it sits."""
+
+    body: bytes
+    headers: RawHeaders
+    origin: Origin | None = None
+
+
+# --- canonical event ----------------------------------------------------------------------------------
+
+
+class CanonicalEvent(_Record):
+    """The one clean shape every source ends up in (architecture.md, "The canonical event")."""
+
+    event_id: Annotated[str, StringConstraints(min_length=1, max_length=256)]
+    event_id_derived: bool
+    event_name: Annotated[str, StringConstraints(min_length=1, strip_whitespace=False)]
+    tenant: ShortText
+    source: ShortText
+    user_id: str | None
+    anonymous_id: str | None
+    timestamp: UtcDatetime
+    received_at: UtcDatetime
+    properties: JSONObject
+    user_traits: JSONObject
+    context: JSONObject
+    schema_version: Literal[1] = 1
+
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+    @model_validator(mode="after")
+    def _someone(self) -> Self:
+        if self.user_id is None and self.anonymous_id is None:
+            raise ValueError("at least one of user_id, anonymous_id is required")
+        if not self.event_name.strip():
+            raise ValueError("event_name must not be blank")
+        return self
+
+    def to_json(self) -> bytes:
+        return orjson.dumps(self.model_dump(mode="json"))
+
+    def dedup_key(self) -> bytes:
+        """Kafka key of the re-keyed record: dedup is per (tenant, event_id). Tenant ids contain no '/'."""
+        return f"{self.tenant}/{self.event_id}".encode()
+
+    def kafka_key(self) -> bytes:
+        """Kafka key on events.canonical: tenant + user, so one user's events share a partition."""
+        who = self.user_id if self.user_id is not None else f"anon:{self.anonymous_id}"
+        return f"{self.tenant}/{who}".encode()
+
+
+# --- dead letter --------------------------------------------------------------------------------------
+
+Stage = Literal["parse", "normalize", "validate"]
+
+
+class FieldError(_Record):
+    path: str
+    message: str
+
+
+class Processor(_Record):
+    """Which release rejected the record, so a redrive after a fix can be judged."""
+
+    name: str = "headwater"
+    version: str = __version__
+
+
+class DeadLetter(_Record):
+    """A failure a person can read and the system can replay: reason + exact original bytes."""
+
+    id: str
+    stage: Stage
+    reason: str
+    message: str
+    errors: tuple[FieldError, ...] = ()
+    tenant: str
+    source: str
+    origin: Origin
+    headers: dict[str, str]
+    body_b64: str
+    element: Any = None
+    index: int | None = None
+    failed_at: UtcDatetime
+    redrive_count: int = 0
+    processor: Processor = Processor()
+
+    @staticmethod
+    def make_id(origin: Origin, index: int | None) -> str:
+        """Deterministic: the same raw record and item give the same id on every replay."""
+        material = f"{origin.topic}\x00{origin.partition}\x00{origin.offset}\x00{index}".encode()
+        return "dl_" + hashlib.sha256(material).hexdigest()[:24]
+
+    @property
+    def body(self) -> bytes:
+        return base64.b64decode(self.body_b64)
+
+    def raw_headers(self) -> RawHeaders:
+        return RawHeaders.from_kafka({k: v.encode() for k, v in self.headers.items()})
+
+    def to_json(self) -> bytes:
+        return orjson.dumps(self.model_dump(mode="json"))
+
+    @classmethod
+    def from_json(cls, data: bytes) -> Self:
+        return cls.model_validate_json(data)
+
+
+def encode_body(body: bytes) -> str:
+    return base64.b64encode(body).decode("ascii")
+
+
+# --- keyed candidates (internal topic) ---------------------------------------------------------------
+
+
+class KeyedBatch:
+    """Canonical candidates for one partition of the keyed topic, packed into one Kafka record.
+
+    The dedup stage costs Faust's per-record overhead once per batch instead of once per event. One
+    line per event: JSON [dedup_key, canonical_key] TAB canonical-event-JSON (orjson never writes a
+    raw tab or newline), so the event bytes pass through to events.canonical untouched.
+    """
+
+    __slots__ = ("lines",)
+
+    def __init__(self, lines: list[bytes] | None = None) -> None:
+        self.lines = lines if lines is not None else []
+
+    def add(self, event: CanonicalEvent) -> None:
+        keys = orjson.dumps([event.dedup_key().decode(), event.kafka_key().decode()])
+        self.lines.append(keys + b"\t" + event.to_json())
+
+    def to_bytes(self) -> bytes:
+        return b"\n".join(self.lines)
+
+    @staticmethod
+    def entries(value: bytes) -> list[tuple[bytes, bytes, bytes]]:
+        """(dedup_key, canonical_key, canonical_json) per event."""
+        out = []
+        for line in value.split(b"\n"):
+            keys, _, event = line.partition(b"\t")
+            dedup_key, canonical_key = orjson.loads(keys)
+            out.append((dedup_key.encode(), canonical_key.encode(), event))
+        return out
+
+
+class ReplayTag(_Record):
+    """Marks the keyed records of one `headwater replay` run, so the dedup stage can report on them."""
+
+    replay_id: str
+    reemit: bool = False
+
+    def to_headers(self) -> list[tuple[str, bytes]]:
+        return [("hw-replay-id", self.replay_id.encode()), ("hw-reemit", b"1" if self.reemit else b"0")]
+
+    @classmethod
+    def from_headers(cls, headers: Iterable[tuple[str, bytes]] | None) -> ReplayTag | None:
+        found = dict(headers or ())
+        if "hw-replay-id" not in found:
+            return None
+        return cls(replay_id=found["hw-replay-id"].decode(), reemit=found.get("hw-reemit") == b"1")
