@@ -1,0 +1,206 @@
+"""`headwater` command line: each subcommand parses options, calls one library function, renders.
+
+A HeadwaterError prints one line and exits with its code (1, or 2 for a bad id); --debug shows tracebacks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from pipeline.config import Settings, load_settings
+from pipeline.errors import HeadwaterError
+from pipeline.localkafka import LocalKafka
+
+T = TypeVar("T")
+
+
+class Context:
+    def __init__(self, config: str | None, debug: bool) -> None:
+        self.config = config
+        self.debug = debug
+
+    def settings(self, **overrides: Any) -> Settings:
+        return load_settings(self.config, overrides=overrides)
+
+
+class HeadwaterGroup(click.Group):
+    """Print HeadwaterErrors as one red line instead of a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except HeadwaterError as exc:
+            if ctx.obj is not None and ctx.obj.debug:
+                raise
+            click.secho(f"error: {exc}", fg="red", err=True)
+            ctx.exit(exc.exit_code)
+
+
+@click.group(cls=HeadwaterGroup)
+@click.option("--config", envvar="HEADWATER_CONFIG", show_envvar=True, type=click.Path(dir_okay=False),
+              help="TOML config file (default: the shipped example).")
+@click.option("--debug", is_flag=True, help="Show tracebacks and debug logs.")
+@click.pass_context
+def main(ctx: click.Context, config: str | None, debug: bool) -> None:
+    """Headwater: vendor events in, one clean deduplicated stream out."""
+    ctx.obj = Context(config, debug)
+    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("aiokafka").setLevel(logging.WARNING if not debug else logging.DEBUG)
+
+
+def run_async(factory: Callable[[asyncio.Event], Coroutine[Any, Any, T]]) -> T:
+    """Run a coroutine that stops when SIGINT/SIGTERM sets the event it is given."""
+
+    async def runner() -> T:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        return await factory(stop)
+
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        return uvloop.run(runner())
+    return asyncio.run(runner())
+
+
+# --- kafka ----------------------------------------------------------------------------------------------
+
+
+@main.group()
+def kafka() -> None:
+    """The local single-node Kafka broker (KRaft, Apache jars from Maven Central)."""
+
+
+def _local_kafka(ctx: Context, port: int | None, data_dir: str | None) -> LocalKafka:
+    settings = ctx.settings(**{"local_kafka.port": port, "local_kafka.data_dir": data_dir})
+    return LocalKafka(settings.local_kafka)
+
+
+@kafka.command("up")
+@click.option("--port", type=int, help="Broker port (default local_kafka.port).")
+@click.option("--data-dir", type=click.Path(file_okay=False), help="Storage directory.")
+@click.pass_obj
+def kafka_up(ctx: Context, port: int | None, data_dir: str | None) -> None:
+    """Start the broker (idempotent) and wait until it answers."""
+    click.echo(_local_kafka(ctx, port, data_dir).up().describe())
+
+
+@kafka.command("down")
+@click.option("--port", type=int)
+@click.option("--data-dir", type=click.Path(file_okay=False))
+@click.pass_obj
+def kafka_down(ctx: Context, port: int | None, data_dir: str | None) -> None:
+    """Stop the broker (fine when none runs)."""
+    stopped = _local_kafka(ctx, port, data_dir).down()
+    click.echo("kafka stopped" if stopped else "kafka was not running")
+
+
+@kafka.command("status")
+@click.option("--port", type=int)
+@click.option("--data-dir", type=click.Path(file_okay=False))
+@click.pass_obj
+def kafka_status(ctx: Context, port: int | None, data_dir: str | None) -> None:
+    """Say whether the broker runs; exit 3 when it does not."""
+    status = _local_kafka(ctx, port, data_dir).status()
+    click.echo(status.describe())
+    if not status.running:
+        sys.exit(3)
+
+
+# --- receiver -------------------------------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--host", help="Listen address (default receiver.host).")
+@click.option("--port", type=int, help="Listen port (default receiver.port).")
+@click.pass_obj
+def receiver(ctx: Context, host: str | None, port: int | None) -> None:
+    """Run the HTTP receiver until Ctrl-C."""
+    from pipeline.receiver import serve
+
+    settings = ctx.settings(**{"receiver.host": host, "receiver.port": port})
+    run_async(lambda stop: serve(settings, stop))
+
+
+# --- up -------------------------------------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--workers", type=int, default=1, show_default=True, help="Worker processes (one consumer group).")
+@click.option("--port", type=int, help="Receiver port.")
+@click.option("--no-workers", is_flag=True, help="Run only Kafka and the receiver.")
+@click.pass_obj
+def up(ctx: Context, workers: int, port: int | None, no_workers: bool) -> None:
+    """Run everything: local Kafka (unless disabled), the receiver and the workers. Ctrl-C stops all."""
+    settings = ctx.settings(**{"receiver.port": port})
+    broker: LocalKafka | None = None
+    if settings.local_kafka.enabled:
+        broker = LocalKafka(settings.local_kafka)
+        started_here = not broker.status().running
+        click.echo(broker.up().describe())
+        if not started_here:
+            broker = None  # not ours to stop
+    base = [sys.executable, "-m", "pipeline.cli"] + (["--config", ctx.config] if ctx.config else [])
+    commands = [base + ["receiver"] + (["--port", str(port)] if port else [])]
+    if not no_workers:
+        commands += [base + ["worker"] for _ in range(workers)]
+    children = [subprocess.Popen(command) for command in commands]
+    click.echo(f"receiver on http://{settings.receiver.host}:{port or settings.receiver.port}, "
+               f"{0 if no_workers else workers} worker process(es); Ctrl-C stops everything")
+    stopping = False
+
+    def request_stop(signum: int, frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+    try:
+        while not stopping:
+            for child in children:
+                if child.poll() is not None:
+                    click.secho(f"{' '.join(child.args[3:])} exited with {child.returncode}", fg="red", err=True)
+                    stopping = True
+            time.sleep(0.2)
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+        for child in children:
+            try:
+                child.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                child.kill()
+        if broker is not None:
+            broker.down()
+            click.echo("kafka stopped")
+
+
+def _register_optional_commands() -> None:
+    """Subcommands in their own modules, added when present (worker, dlq, replay, rewards)."""
+    import importlib
+
+    for module, name in (("pipeline.worker", "worker_command"), ("pipeline.dlq_cli", "dlq_command"),
+                         ("pipeline.replay", "replay_command"), ("pipeline.rewards_cli", "rewards_command")):
+        with contextlib.suppress(ModuleNotFoundError):
+            main.add_command(getattr(importlib.import_module(module), name))
+
+
+_register_optional_commands()
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,271 @@
+"""Settings: one TOML file (path from HEADWATER_CONFIG), a few environment overrides, then CLI flags.
+
+`load_settings` is the only reader of the environment; everything else receives a `Settings`
+(architecture.md, "Configuration"). Unknown keys and a write key shared by two tenants fail at start-up.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from datetime import timedelta
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    model_validator,
+)
+
+from pipeline.errors import ConfigError
+from pipeline.signing import whsec_key
+
+SOURCES = ("customerglu", "segment", "moengage", "amplitude", "clevertap", "webengage", "usermaven")
+EXAMPLE_CONFIG = Path(__file__).with_name("headwater.example.toml")
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_duration(value: object) -> object:
+    """'24h', '7d', '90s', '500ms' or a number of seconds -> timedelta."""
+    if isinstance(value, timedelta):
+        return value
+    if isinstance(value, bool):
+        raise ValueError("a duration is a number of seconds or a string like '24h'")
+    if isinstance(value, int | float):
+        return timedelta(seconds=value)
+    if isinstance(value, str):
+        match = _DURATION.match(value)
+        if match:
+            return timedelta(seconds=float(match.group(1)) * _UNIT_SECONDS[match.group(2)])
+    raise ValueError(f"cannot read {value!r} as a duration (examples: '90s', '30m', '24h', '7d')")
+
+
+Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class KafkaSettings(_Frozen):
+    bootstrap_servers: str = "127.0.0.1:9092"
+    partitions: int = Field(6, ge=1, le=10_000)
+    replication_factor: int = Field(1, ge=1)
+    client_id: str = "headwater"
+
+
+class LocalKafkaSettings(_Frozen):
+    """The broker `headwater kafka up` runs from Maven Central jars (single KRaft node)."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = 9092
+    controller_port: int = 9093
+    data_dir: Path = Path(".headwater/kafka")
+    jars_dir: Path = Path("~/.cache/headwater/kafka-jars")
+    heap: str = "512m"
+
+
+class TopicSettings(_Frozen):
+    raw_prefix: str = "raw."
+    canonical: str = "events.canonical"
+    dlq: str = "events.dlq"
+    keyed: str = "headwater.keyed"
+    replay_results: str = "headwater.replay-results"
+    rewards: str = "rewards.outbound"
+    rewards_dlq: str = "rewards.dlq"
+    rewards_deliveries: str = "rewards.deliveries"  # internal: jobs and attempt outcomes, keyed tenant/rewardId
+
+    def raw(self, source: str) -> str:
+        return f"{self.raw_prefix}{source}"
+
+
+class ReceiverSettings(_Frozen):
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    max_body_bytes: int = Field(5_242_880, ge=1)
+    max_in_flight: int = Field(2_000, ge=1)
+    ack_timeout_s: float = Field(10.0, gt=0)
+    retry_after_s: int = Field(2, ge=1)
+    linger_ms: int = Field(2, ge=0)
+
+
+class DedupSettings(_Frozen):
+    window: Duration = timedelta(hours=24)
+    store: str = "memory://"
+    expire_every: Duration = timedelta(minutes=1)
+
+
+class WorkerSettings(_Frozen):
+    app_id: str = "headwater"
+    data_dir: Path = Path(".headwater/worker")
+    web_port: int = Field(6066, ge=0, le=65535)
+    batch_max: int = Field(2_000, ge=1)
+    batch_within_s: float = Field(0.05, gt=0)
+    max_poll_records: int = Field(2_000, ge=1)
+    session_timeout_s: float = Field(10.0, ge=3)  # a dead worker's partitions move after this
+
+
+class WebEngageCredentials(_Frozen):
+    license_code: str = Field(min_length=1, max_length=256)
+    secret_key: SecretStr
+
+    def expected_secret(self) -> str:
+        """WebEngage sends md5_hex("<licenseCode>:<secret key>") as `secret` (sources.md §4.6)."""
+        material = f"{self.license_code}:{self.secret_key.get_secret_value()}".encode()
+        return hashlib.md5(material, usedforsecurity=False).hexdigest()
+
+    def accepts(self, secret: str) -> bool:
+        return hmac.compare_digest(self.expected_secret().encode(), secret.lower().encode())
+
+
+class RewardsWebhook(_Frozen):
+    url: str = Field(min_length=1)
+    token: SecretStr | None = None
+    standard_webhooks_secrets: tuple[SecretStr, ...] = ()
+    max_concurrency: int = Field(8, ge=1)
+    timeout_s: float = Field(10.0, gt=0)
+
+    @model_validator(mode="after")
+    def _secrets_are_whsec(self) -> RewardsWebhook:
+        for secret in self.standard_webhooks_secrets:
+            whsec_key(secret.get_secret_value())  # ValueError names the expected form
+        return self
+
+
+class RewardsSettings(_Frozen):
+    """The reward webhook dispatcher (`headwater rewards`, issue 5); per-tenant URLs live in the tenants."""
+
+    # Delay before each retry; attempts = 1 (immediately) + len(retry_delays). The default spreads 8
+    # attempts over about a day, like the webhook platforms users know.
+    retry_delays: tuple[Duration, ...] = tuple(
+        timedelta(seconds=s) for s in (5, 300, 1800, 7200, 18000, 36000, 36000)
+    )
+    jitter: float = Field(0.1, ge=0, le=0.5)             # each delay is scaled by uniform(1-j, 1+j)
+    max_retry_after: Duration = timedelta(hours=24)      # cap on a receiver's Retry-After
+    breaker_failures: int = Field(5, ge=1)               # consecutive failed attempts that open a tenant's breaker
+    breaker_open: Duration = timedelta(seconds=30)       # open this long, then one probe (half-open)
+    tick: Duration = timedelta(seconds=1)                # how often due retries are looked for
+    dedup_window: Duration = timedelta(days=30)          # delivered (tenant, rewardId) markers kept this long
+    store: str = "memory://"                             # Faust table store; "rocksdb://" in production
+    session_timeout: Duration = timedelta(seconds=30)    # a dead worker's partitions move after this
+    web_host: str = "127.0.0.1"
+    web_port: int = Field(6067, ge=0, le=65535)          # /metrics of the dispatcher
+
+
+class Tenant(_Frozen):
+    id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$")
+    write_keys: tuple[SecretStr, ...] = ()
+    usermaven_tokens: tuple[SecretStr, ...] = ()
+    webengage: WebEngageCredentials | None = None
+    segment_shared_secret: SecretStr | None = None
+    rewards_webhook: RewardsWebhook | None = None
+
+    @model_validator(mode="after")
+    def _tokens_are_composite(self) -> Tenant:
+        for token in self.usermaven_tokens:
+            if "." not in token.get_secret_value():
+                raise ValueError("usermaven_tokens entries have the form API_KEY.SERVER_TOKEN")
+        return self
+
+
+class Settings(_Frozen):
+    kafka: KafkaSettings = KafkaSettings()
+    local_kafka: LocalKafkaSettings = LocalKafkaSettings()
+    topics: TopicSettings = TopicSettings()
+    receiver: ReceiverSettings = ReceiverSettings()
+    dedup: DedupSettings = DedupSettings()
+    worker: WorkerSettings = WorkerSettings()
+    rewards: RewardsSettings = RewardsSettings()
+    tenants: tuple[Tenant, ...] = ()
+
+    @model_validator(mode="after")
+    def _credentials_are_unique(self) -> Settings:
+        seen: dict[tuple[str, str], str] = {}
+        for tenant in self.tenants:
+            pairs = [("write key", k.get_secret_value()) for k in tenant.write_keys]
+            pairs += [("usermaven token", t.get_secret_value()) for t in tenant.usermaven_tokens]
+            if tenant.webengage:
+                pairs.append(("webengage license_code", tenant.webengage.license_code))
+            for kind, value in pairs:
+                owner = seen.setdefault((kind, value), tenant.id)
+                if owner != tenant.id:
+                    raise ValueError(f"a {kind} is shared by tenants {owner!r} and {tenant.id!r}")
+        ids = [t.id for t in self.tenants]
+        if len(ids) != len(set(ids)):
+            raise ValueError("tenant ids must be unique")
+        return self
+
+    def with_overrides(self, overrides: Mapping[str, Any]) -> Settings:
+        """Apply dotted overrides such as {"receiver.port": 18080} (CLI flags); None values are skipped."""
+        doc = self.model_dump(mode="python")
+        for dotted, value in overrides.items():
+            if value is None:
+                continue
+            *parents, leaf = dotted.split(".")
+            node = doc
+            for key in parents:
+                node = node[key]
+            node[leaf] = value
+        return _validate(doc, "command-line flags")
+
+
+# Environment variables that override one setting each (architecture.md: at least HEADWATER_KAFKA_BOOTSTRAP).
+ENV_OVERRIDES = {
+    "HEADWATER_KAFKA_BOOTSTRAP": "kafka.bootstrap_servers",
+    "HEADWATER_RECEIVER_HOST": "receiver.host",
+    "HEADWATER_RECEIVER_PORT": "receiver.port",
+    "HEADWATER_DEDUP_WINDOW": "dedup.window",
+    "HEADWATER_DEDUP_STORE": "dedup.store",
+    "HEADWATER_LOCAL_KAFKA": "local_kafka.enabled",
+}
+
+
+def _validate(doc: Mapping[str, Any], origin: str) -> Settings:
+    try:
+        return Settings.model_validate(doc)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = _dotted(first["loc"])
+        if first["type"] == "extra_forbidden":
+            raise ConfigError(f"unknown key {where} in {origin}") from None
+        raise ConfigError(f"{where or 'config'}: {first['msg']} (in {origin})") from None
+
+
+def _dotted(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def load_settings(
+    path: str | Path | None = None,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Read the TOML file (HEADWATER_CONFIG, else the shipped example), then env overrides, then flags."""
+    env = os.environ if environ is None else environ
+    chosen = Path(path or env.get("HEADWATER_CONFIG") or EXAMPLE_CONFIG)
+    try:
+        doc: dict[str, Any] = tomllib.loads(chosen.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {chosen}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{chosen}: not valid TOML ({exc})") from None
+    for variable, dotted in ENV_OVERRIDES.items():
+        if variable in env:
+            section, key = dotted.split(".")
+            doc.setdefault(section, {})[key] = env[variable]
+    settings = _validate(doc, str(chosen))
+    return settings.with_overrides(overrides) if overrides else settings

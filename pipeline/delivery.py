@@ -1,0 +1,462 @@
+"""The reward webhook dispatcher: one Faust app, two agents and a timer (issue 5; sources.md §5).
+
+    rewards.outbound   --intake-->  rewards.deliveries  DeliveryJob, keyed tenant/rewardId (invalid: rewards.dlq)
+    rewards.deliveries --deliver--> state table         pending (the durable retry queue) | delivered (dedup)
+    timer and deliver  --------->   attempt tasks       HTTP off the stream, per-tenant slots and breaker
+    attempt task       --------->   rewards.deliveries  AttemptOutcome, to the partition that owns the key
+    deliver applies outcomes:       delivered | retry at its due time | rewards.dlq with every attempt
+
+Every table write happens in the deliver agent while it handles a record of the partition that owns the
+key, so table changelog, outputs and consumer offsets move together: Faust flushes the producer before
+it commits (at-least-once). No agent awaits a webhook: a retry is parked as a due time in the table.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import signal
+import time
+from collections import defaultdict, deque
+from typing import Any, Literal
+
+import faust
+from faust.types import Message
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from pipeline.config import RewardsWebhook, Settings
+from pipeline.kafka import ensure_topics
+from pipeline.records import utc_now
+from pipeline.rewards import (
+    ATTEMPTS_EXHAUSTED,
+    MISSING_TENANT,
+    NO_WEBHOOK,
+    REJECTED,
+    UNKNOWN_TENANT,
+    Attempt,
+    AttemptOutcome,
+    CatchUpMarker,
+    DeliveryJob,
+    DeliveryState,
+    RewardDeadLetter,
+    RewardReason,
+    RewardRejected,
+    b64,
+    classify,
+    delivery_key,
+    parse_message,
+    parse_reward,
+    peek_reward_id,
+    retry_delay_s,
+)
+from pipeline.signing import canonical_body
+from pipeline.webhooks import Breaker, Schedule, Sender
+
+log = logging.getLogger(__name__)
+HOLD_MAX_S = 15.0            # after a rebalance, retries wait at most this long for the agent to catch up
+UNRECORDED_RETRY_S = 5.0     # an attempt whose outcome could not be written to Kafka runs again after this
+SWEEP_EVERY_S = 60.0         # how often a partition's expired delivered-markers are deleted
+
+
+class RewardMetrics:
+    """Prometheus metrics of one dispatcher (its own registry)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.deliveries = Counter(
+            "headwater_rewards_deliveries", "Rewards by tenant and outcome: delivered, dead_lettered, "
+            "duplicate (already pending or delivered: not sent again), invalid (intake dead letter)",
+            ["tenant", "outcome"], registry=self.registry)
+        self.attempts = Counter(
+            "headwater_rewards_attempts", "Attempts by tenant and result: 2xx, 3xx, 4xx, 429, 5xx, timeout, "
+            "connection_error, circuit_open, no_webhook", ["tenant", "result"], registry=self.registry)
+        self.latency = Histogram(
+            "headwater_rewards_attempt_seconds", "Webhook request latency", ["tenant"], registry=self.registry,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+        self.queue_depth = Gauge(
+            "headwater_rewards_retry_queue_depth", "Pending rewards: waiting for a retry, for a slot, or in flight",
+            ["tenant"], registry=self.registry)
+        self.in_flight = Gauge("headwater_rewards_in_flight", "Webhook requests in flight", ["tenant"],
+                               registry=self.registry)
+        self.breaker_open = Gauge("headwater_rewards_breaker_open", "1 while the tenant's breaker is not closed",
+                                  ["tenant"], registry=self.registry)
+        self.errors = Counter("headwater_rewards_agent_errors", "Records an agent failed to handle (logged)",
+                              ["agent"], registry=self.registry)
+
+
+def attempt_result(attempt: Attempt) -> str:
+    if attempt.status is not None:
+        return "429" if attempt.status == 429 else f"{attempt.status // 100}xx"
+    error = attempt.error or ""
+    if error.startswith("circuit open"):
+        return "circuit_open"
+    if error.startswith("no rewards_webhook"):
+        return "no_webhook"
+    return "timeout" if error.startswith("timeout") else "connection_error"
+
+
+class Dispatcher:
+    """Builds the Faust app from Settings and holds the in-memory side: schedule, breakers, HTTP sessions."""
+
+    def __init__(self, settings: Settings, exit_after_s: float | None = None) -> None:
+        self.settings = settings
+        self.cfg = settings.rewards
+        self.hooks: dict[str, RewardsWebhook | None] = {t.id: t.rewards_webhook for t in settings.tenants}
+        self.delays_s = tuple(d.total_seconds() for d in self.cfg.retry_delays)
+        self.metrics = RewardMetrics()
+        self.schedule = Schedule()
+        self.sender = Sender()
+        self.breakers: dict[str, Breaker] = {}
+        self.expiry: dict[int, deque[tuple[float, bytes]]] = defaultdict(deque)
+        self.last_sweep: dict[int, float] = {}
+        self.tasks: set[asyncio.Future[None]] = set()
+        self.exit_after_s = exit_after_s
+        self.app = self._build_app()
+
+    # --- wiring -------------------------------------------------------------------------------------
+
+    def _build_app(self) -> faust.App:
+        s = self.settings
+        app = faust.App(
+            f"{s.worker.app_id}-rewards",
+            broker=[f"kafka://{host.strip()}" for host in s.kafka.bootstrap_servers.split(",")],
+            store=self.cfg.store,
+            datadir=str(s.worker.data_dir / "rewards"),
+            key_serializer="raw",
+            value_serializer="raw",
+            topic_partitions=s.kafka.partitions,
+            topic_replication_factor=s.kafka.replication_factor,
+            consumer_auto_offset_reset="earliest",
+            web_bind=self.cfg.web_host,
+            web_host=self.cfg.web_host,
+            web_port=self.cfg.web_port,
+            processing_guarantee="at_least_once",
+            broker_session_timeout=self.cfg.session_timeout.total_seconds(),
+            broker_heartbeat_interval=min(3.0, self.cfg.session_timeout.total_seconds() / 3),
+        )
+        raw: dict[str, Any] = {"key_serializer": "raw", "value_serializer": "raw"}
+        self.outbound = app.topic(s.topics.rewards, **raw)
+        self.deliveries = app.topic(s.topics.rewards_deliveries, partitions=s.kafka.partitions, **raw)
+        self.dlq = app.topic(s.topics.rewards_dlq, **raw)
+        self.state = app.Table("rewards_state", partitions=s.kafka.partitions, key_type=bytes, value_type=bytes,
+                               on_recover=self._on_recover)
+        app.agent(self.outbound, name="headwater.rewards.intake")(self._intake_agent)
+        app.agent(self.deliveries, name="headwater.rewards.deliver")(self._deliver_agent)
+        app.timer(self.cfg.tick.total_seconds(), name="headwater.rewards.tick")(self._on_tick)
+        app.on_partitions_revoked.connect(self._on_revoked)
+        app.on_before_shutdown.connect(self._on_shutdown)
+        registry = self.metrics.registry
+
+        async def metrics(view: Any, request: Any) -> Any:  # a plain function: Faust makes it View.get
+            return view.bytes(generate_latest(registry), content_type="text/plain; version=0.0.4")
+
+        app.page("/metrics")(metrics)
+        if self.exit_after_s:
+            app.task(self._exit_later)
+        return app
+
+    # --- intake: rewards.outbound -> DeliveryJob | dead letter --------------------------------------
+
+    async def _intake_agent(self, stream: faust.StreamT[bytes]) -> None:
+        async for event in stream.events():
+            try:
+                await self._intake(event.message)
+            except Exception:  # an escaping exception ends the agent and acks the record anyway
+                log.exception("intake failed for %s:%s:%s", event.message.topic, event.message.partition,
+                              event.message.offset)
+                self.metrics.errors.labels("intake").inc()
+
+    async def _intake(self, message: Message) -> None:
+        origin = f"{message.topic}:{message.partition}:{message.offset}"
+        headers = _headers(message.headers)
+        tenant = headers.get("hw-tenant") or None
+        redelivery = int(headers.get("hw-redrive-count", "0") or 0)
+        body: bytes = message.value or b""
+        reward_id: str | None = None
+        try:
+            if tenant is None:
+                raise RewardRejected(MISSING_TENANT.code, "the record has no hw-tenant header")
+            if tenant not in self.hooks:
+                raise RewardRejected(UNKNOWN_TENANT.code, f"tenant {tenant!r} is not configured")
+            reward = parse_reward(body)
+            reward_id = reward["rewardId"]
+            if self.hooks[tenant] is None:
+                raise RewardRejected(NO_WEBHOOK.code, f"tenant {tenant!r} has no rewards_webhook")
+        except RewardRejected as rejected:
+            letter = RewardDeadLetter(
+                id=RewardDeadLetter.make_id(origin, "intake"), stage="intake", reason=rejected.reason,
+                message=rejected.detail, tenant=tenant, reward_id=reward_id or peek_reward_id(body), origin=origin,
+                body_b64=b64(body),
+                failed_at=utc_now(), redelivery_count=redelivery)
+            await self.dlq.send(key=message.key, value=letter.to_json(), headers=list(message.headers or []))
+            self.metrics.deliveries.labels(tenant or "-", "invalid").inc()
+            log.info("reward %s dead-lettered at intake: %s", origin, rejected)
+            return
+        job = DeliveryJob(tenant=tenant, reward_id=reward_id, body=canonical_body(reward).decode(),
+                          origin=origin, redelivery_count=redelivery, enqueued_at=utc_now())
+        await self.deliveries.send(key=delivery_key(tenant, reward_id), value=job.to_json())
+
+    # --- deliver: jobs and outcomes -> state table ------------------------------------------------------
+
+    async def _deliver_agent(self, stream: faust.StreamT[bytes]) -> None:
+        async for event in stream.events():
+            partition, offset = event.message.partition, event.message.offset
+            try:
+                message = parse_message(event.value)
+                log.info("DEBUG event %s:%s %s %s", partition, offset, message.kind, getattr(message, "reward_id", ""))
+                if isinstance(message, DeliveryJob):
+                    self._on_job(message, partition)
+                elif isinstance(message, AttemptOutcome):
+                    await self._on_outcome(message, partition)
+                self._sweep(partition, time.time())
+            except Exception:  # an escaping exception ends the agent and acks the record anyway
+                log.exception("deliver failed for %s:%s", partition, offset)
+                self.metrics.errors.labels("deliver").inc()
+            finally:
+                self.schedule.seen(partition, offset)
+
+    def _on_job(self, job: DeliveryJob, partition: int) -> None:
+        key = delivery_key(job.tenant, job.reward_id)
+        current = self._get(key)
+        if current is not None:  # at most one successful delivery per (tenant, rewardId)
+            self.state[key] = current.model_copy(update={"duplicates": current.duplicates + 1}).to_json()
+            self.metrics.deliveries.labels(job.tenant, "duplicate").inc()
+            log.info("reward %s of tenant %s is already %s; not sent again", job.reward_id, job.tenant,
+                     current.status)
+            return
+        now = time.time()
+        state = DeliveryState(status="pending", tenant=job.tenant, reward_id=job.reward_id, partition=partition,
+                              origin=job.origin, body=job.body, due_at=now, first_seen_at=utc_now(),
+                              redelivery_count=job.redelivery_count)
+        self.state[key] = state.to_json()
+        self.schedule.put(key, now, job.tenant, partition)
+        self._dispatch(now)
+
+    async def _on_outcome(self, outcome: AttemptOutcome, partition: int) -> None:
+        key = delivery_key(outcome.tenant, outcome.reward_id)
+        state = self._get(key)
+        number = outcome.attempt.number
+        if state is None or state.status != "pending" or number != len(state.attempts) + 1:
+            log.info("ignoring a repeated outcome of attempt %d for reward %s", number, outcome.reward_id)
+            return
+        attempts = (*state.attempts, outcome.attempt)
+        now = time.time()
+        if outcome.verdict == "delivered":
+            marker = state.model_copy(update={"status": "delivered", "body": None, "attempts": (),
+                                              "attempts_made": len(attempts), "due_at": None,
+                                              "finished_at": utc_now()})
+            self.state[key] = marker.to_json()
+            self.schedule.drop(key)
+            self.expiry[partition].append((now + self.cfg.dedup_window.total_seconds(), key))
+            self.metrics.deliveries.labels(outcome.tenant, "delivered").inc()
+            return
+        if outcome.verdict == "reject":
+            # no status: the tenant lost its rewards_webhook while the reward was pending
+            reason = REJECTED if outcome.attempt.status is not None else NO_WEBHOOK
+            await self._dead_letter(key, state, attempts, reason, outcome.attempt.error or "rejected")
+            return
+        delay = retry_delay_s(len(attempts), self.delays_s, self.cfg.jitter, outcome.attempt.retry_after_s,
+                              self.cfg.max_retry_after.total_seconds())
+        if delay is None:
+            message = f"{len(attempts)} attempts failed; last: {outcome.attempt.error}"
+            await self._dead_letter(key, state, attempts, ATTEMPTS_EXHAUSTED, message)
+            return
+        self.state[key] = state.model_copy(update={"attempts": attempts, "due_at": now + delay}).to_json()
+        self.schedule.put(key, now + delay, outcome.tenant, partition)
+
+    async def _dead_letter(self, key: bytes, state: DeliveryState, attempts: tuple[Attempt, ...],
+                           reason: RewardReason, message: str) -> None:
+        letter = RewardDeadLetter(
+            id=RewardDeadLetter.make_id(state.origin, "delivery"), stage="delivery", reason=reason.code,
+            message=message, tenant=state.tenant, reward_id=state.reward_id, origin=state.origin,
+            body_b64=b64((state.body or "").encode()), attempts=attempts, failed_at=utc_now(),
+            redelivery_count=state.redelivery_count)
+        await self.dlq.send(key=key, value=letter.to_json(), headers=[("hw-tenant", state.tenant.encode())])
+        del self.state[key]
+        self.schedule.drop(key)
+        self.metrics.deliveries.labels(state.tenant, "dead_lettered").inc()
+        log.warning("reward %s of tenant %s dead-lettered (%s): %s", state.reward_id, state.tenant, reason.code,
+                    message)
+
+    def _sweep(self, partition: int, now: float) -> None:
+        """Delete delivered markers older than rewards.dedup_window (Faust tables have no TTL)."""
+        if now - self.last_sweep.get(partition, 0.0) < SWEEP_EVERY_S:
+            return
+        self.last_sweep[partition] = now
+        queue = self.expiry[partition]
+        while queue and queue[0][0] <= now:
+            _, key = queue.popleft()
+            state = self._get(key)
+            if state is not None and state.status == "delivered":
+                del self.state[key]
+
+    def _get(self, key: bytes) -> DeliveryState | None:
+        raw = self.state.get(key)
+        return DeliveryState.from_json(raw) if raw is not None else None
+
+    # --- attempts: off the stream --------------------------------------------------------------------
+
+    def _dispatch(self, now: float) -> None:
+        for tenant in self.schedule.move_due(now) | set(self.schedule.ready_tenants()):
+            self._pump(tenant, now)
+
+    def _pump(self, tenant: str, now: float) -> None:
+        """Start the tenant's ready attempts while it has free slots (its breaker may short-circuit them)."""
+        hook = self.hooks.get(tenant)
+        breaker = self._breaker(tenant)
+        while self.schedule.has_ready(tenant):
+            if hook is not None and breaker.state == "closed" and self.schedule.in_flight[tenant] >= hook.max_concurrency:
+                return
+            key = self.schedule.next_ready(tenant)
+            if key is None:
+                return
+            state = self._get(key)
+            if state is None or state.status != "pending" or state.body is None:
+                log.info("DEBUG drop %s state %s", key, state and state.status)
+                self.schedule.drop(key)
+                continue
+            log.info("DEBUG start %s", key)
+            mode: Literal["send", "skip", "no_webhook"] = "no_webhook" if hook is None else breaker.admit(now)
+            self.schedule.running.add(key)
+            if mode == "send":
+                self.schedule.in_flight[tenant] += 1
+            task = asyncio.ensure_future(self._attempt(key, state, hook, mode))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+    async def _attempt(self, key: bytes, state: DeliveryState, hook: RewardsWebhook | None,
+                       mode: Literal["send", "skip", "no_webhook"]) -> None:
+        tenant, number = state.tenant, len(state.attempts) + 1
+        try:
+            if mode == "send" and hook is not None:
+                attempt = await self.sender.post(tenant, hook, state.reward_id, (state.body or "").encode(), number)
+                verdict = classify(attempt.status)
+                self._breaker(tenant).record(alive=verdict != "retry", now=time.time())
+                self.metrics.latency.labels(tenant).observe(attempt.latency_ms / 1000)
+            elif mode == "skip":
+                breaker = self._breaker(tenant)
+                attempt = Attempt(number=number, at=utc_now(), error=f"circuit open: {breaker.consecutive} "
+                                  "consecutive failures; the endpoint was not called")
+                verdict = "retry"
+            else:
+                attempt = Attempt(number=number, at=utc_now(), error="no rewards_webhook configured for the tenant")
+                verdict = "reject"
+            self.metrics.attempts.labels(tenant, attempt_result(attempt)).inc()
+            outcome = AttemptOutcome(tenant=tenant, reward_id=state.reward_id, attempt=attempt, verdict=verdict)
+            ack = await self.deliveries.send(key=key, value=outcome.to_json(), partition=state.partition)
+            await ack  # the slot frees only once the outcome is durable: a crash after this re-sends nothing
+        except Exception:  # Kafka unreachable: run the same attempt again later (same idempotency headers)
+            log.exception("could not record attempt %d of reward %s", number, state.reward_id)
+            self.schedule.put(key, time.time() + UNRECORDED_RETRY_S, tenant, state.partition)
+        finally:
+            self.schedule.running.discard(key)
+            if mode == "send":
+                self.schedule.in_flight[tenant] -= 1
+            self._pump(tenant, time.time())
+
+    def _breaker(self, tenant: str) -> Breaker:
+        breaker = self.breakers.get(tenant)
+        if breaker is None:
+            breaker = Breaker(tenant, self.cfg.breaker_failures, self.cfg.breaker_open.total_seconds())
+            self.breakers[tenant] = breaker
+        return breaker
+
+    # --- lifecycle --------------------------------------------------------------------------------------
+
+    async def _on_tick(self) -> None:
+        try:
+            self._dispatch(time.time())
+            self._ticks = getattr(self, "_ticks", 0) + 1
+            if self._ticks % 20 == 0:
+                log.info("DEBUG tick heaps=%s ready=%s running=%s inflight=%s hold=%s", {p: len(h) for p, h in self.schedule._heaps.items()}, dict(self.schedule._ready), self.schedule.running, self.schedule.in_flight, self.schedule._hold)
+            for tenant, hook in self.hooks.items():
+                if hook is not None:
+                    self.metrics.queue_depth.labels(tenant).set(self.schedule.depth(tenant))
+                    self.metrics.in_flight.labels(tenant).set(self.schedule.in_flight[tenant])
+                    self.metrics.breaker_open.labels(tenant).set(self._breaker(tenant).state != "closed")
+        except Exception:  # a timer that raises stops ticking
+            log.exception("rewards tick failed")
+
+    async def _on_recover(self) -> None:
+        """After every rebalance: rebuild the schedule from the table for this worker's active partitions."""
+        topic = self.deliveries.get_topic_name()
+        actives = [tp for tp in self.app.assignor.assigned_actives() if tp.topic == topic]
+        partitions = {tp.partition for tp in actives}
+        self.schedule.clear()
+        self.expiry.clear()
+        now = time.time()
+        window = self.cfg.dedup_window.total_seconds()
+        for key, raw in list(self.state.items()):
+            state = DeliveryState.from_json(raw)
+            if state.partition not in partitions:
+                continue
+            if state.status == "pending":
+                self.schedule.put(key, state.due_at or now, state.tenant, state.partition)
+            elif state.finished_at is not None:
+                self.expiry[state.partition].append((state.finished_at.timestamp() + window, key))
+        for queue in self.expiry.values():
+            ordered = sorted(queue)
+            queue.clear()
+            queue.extend(ordered)
+        await self._rewind_uncommitted()
+        for tp in actives:  # hold each partition until the agent has read past what is there now
+            try:
+                ack = await self.deliveries.send(value=CatchUpMarker(written_at=utc_now()).to_json(),
+                                                 partition=tp.partition)
+                self.schedule.hold(tp.partition, (await ack).offset, now + HOLD_MAX_S)
+            except Exception:  # no marker: the hold cannot be released early; retries wait HOLD_MAX_S
+                log.exception("could not write the catch-up marker to partition %d", tp.partition)
+                self.schedule.hold(tp.partition, 2**62, now + HOLD_MAX_S)
+        log.info("schedule rebuilt for partitions %s: %d pending, held %s", sorted(partitions),
+                 sum(self.schedule.depth(t) for t in self.hooks), self.schedule.held())
+
+    async def _rewind_uncommitted(self) -> None:
+        """Seek source partitions that have no committed offset yet back to their first record.
+
+        Faust leaves such a partition wherever its fetcher got to before a rebalance, and drops what it
+        fetched: a group that never committed (a first worker killed within seconds) would skip records.
+        """
+        sources = {self.outbound.get_topic_name(), self.deliveries.get_topic_name()}
+        before = {f"{tp.topic[-5:]}:{tp.partition}": await self.app.consumer.position(tp) for tp in self.app.assignor.assigned_actives() if tp.topic in sources}
+        committed = await self.app.consumer.seek_to_committed()
+        log.info("DEBUG positions %s committed %s", before, {f"{tp.topic[-5:]}:{tp.partition}": o for tp, o in committed.items()})
+        fresh = [tp for tp, offset in committed.items() if tp.topic in sources and offset is None]
+        if fresh:
+            earliest = await self.app.consumer.earliest_offsets(*fresh)
+            for tp in fresh:
+                await self.app.consumer.seek(tp, earliest.get(tp) or 0)
+
+    async def _on_revoked(self, sender: Any, revoked: Any, **kwargs: Any) -> None:
+        self.schedule.clear()
+
+    async def _on_shutdown(self, sender: Any, **kwargs: Any) -> None:
+        for task in list(self.tasks):
+            task.cancel()
+        await self.sender.close()
+
+    async def _exit_later(self) -> None:
+        assert self.exit_after_s is not None
+        await asyncio.sleep(self.exit_after_s)
+        log.info("--exit-after %.0f s reached; stopping", self.exit_after_s)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _headers(raw: Any) -> dict[str, str]:
+    pairs = raw.items() if isinstance(raw, dict) else (raw or [])
+    return {k: (v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)) for k, v in pairs}
+
+
+def run_dispatcher(settings: Settings, exit_after_s: float | None = None, debug: bool = False) -> None:
+    """`headwater rewards run`: create the topics, then run the Faust worker until SIGINT/SIGTERM."""
+    topics = settings.topics
+    asyncio.run(ensure_topics(settings, [topics.rewards, topics.rewards_deliveries, topics.rewards_dlq]))
+    asyncio.set_event_loop(asyncio.new_event_loop())
+    (settings.worker.data_dir / "rewards").mkdir(parents=True, exist_ok=True)
+    dispatcher = Dispatcher(settings, exit_after_s)
+    worker = faust.Worker(dispatcher.app, loglevel="DEBUG" if debug else "INFO", quiet=True)
+    if not debug:  # our INFO lines, but only warnings from the libraries
+        for name in ("faust", "mode", "aiokafka", "aiohttp"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+    worker.execute_from_commandline()

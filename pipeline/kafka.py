@@ -1,0 +1,169 @@
+"""aiokafka at the boundary: producer/consumer factories, topic creation, and one error mapping.
+
+Every aiokafka failure that a caller should answer with "try again later" becomes `BrokerUnavailable`
+here, as httpx maps httpcore errors in one place (style.md §2.5).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Iterable
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+
+from pipeline.config import Settings
+from pipeline.errors import BrokerUnavailable
+
+log = logging.getLogger(__name__)
+
+
+def make_producer(settings: Settings, **overrides: Any) -> AIOKafkaProducer:
+    """Idempotent, acks=all: a record is acknowledged only once every in-sync replica has it."""
+    options: dict[str, Any] = {
+        "bootstrap_servers": settings.kafka.bootstrap_servers,
+        "client_id": settings.kafka.client_id,
+        "acks": "all",
+        "enable_idempotence": True,
+        "linger_ms": settings.receiver.linger_ms,
+        "max_batch_size": 256 * 1024,
+        "max_request_size": max(1_048_576, settings.receiver.max_body_bytes + 64 * 1024),
+        "request_timeout_ms": 30_000,
+        "compression_type": None,
+    }
+    options.update(overrides)
+    return AIOKafkaProducer(**options)
+
+
+def make_consumer(settings: Settings, *topics: str, **overrides: Any) -> AIOKafkaConsumer:
+    options: dict[str, Any] = {
+        "bootstrap_servers": settings.kafka.bootstrap_servers,
+        "client_id": settings.kafka.client_id,
+        "enable_auto_commit": False,
+        "auto_offset_reset": "earliest",
+        "max_partition_fetch_bytes": 8 * 1024 * 1024,
+        "fetch_max_bytes": 64 * 1024 * 1024,
+    }
+    options.update(overrides)
+    return AIOKafkaConsumer(*topics, **options)
+
+
+@contextlib.asynccontextmanager
+async def broker_errors(what: str, retry_after_s: float = 2.0) -> AsyncIterator[None]:
+    """Turn aiokafka's retriable failures and timeouts into BrokerUnavailable."""
+    try:
+        yield
+    except (TimeoutError, asyncio.TimeoutError) as exc:
+        raise BrokerUnavailable(f"{what}: Kafka did not answer in time", retry_after_s) from exc
+    except KafkaError as exc:
+        raise BrokerUnavailable(f"{what}: {type(exc).__name__}: {exc}", retry_after_s) from exc
+    except OSError as exc:  # connection refused while bootstrapping
+        raise BrokerUnavailable(f"{what}: {exc}", retry_after_s) from exc
+
+
+async def ensure_topics(
+    settings: Settings, names: Iterable[str], partitions: int | None = None, config: dict[str, str] | None = None
+) -> list[str]:
+    """Create the topics that do not exist yet (partition count from kafka.partitions). Returns those created."""
+    wanted = sorted(set(names))
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka.bootstrap_servers, request_timeout_ms=15_000)
+    async with broker_errors("creating topics"):
+        await admin.start()
+        try:
+            existing = set(await admin.list_topics())
+            missing = [n for n in wanted if n not in existing]
+            if missing:
+                new = [
+                    NewTopic(n, partitions or settings.kafka.partitions, settings.kafka.replication_factor,
+                             topic_configs=config or {})
+                    for n in missing
+                ]
+                try:
+                    await admin.create_topics(new)
+                except TopicAlreadyExistsError:
+                    pass
+                # An aiokafka create_topics response can hold per-topic errors; wait for metadata instead.
+                await _wait_for_topics(admin, missing)
+            return missing
+        finally:
+            await admin.close()
+
+
+async def _wait_for_topics(admin: AIOKafkaAdminClient, names: list[str], timeout_s: float = 20.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        present = set(await admin.list_topics())
+        if all(n in present for n in names):
+            return
+        if asyncio.get_running_loop().time() > deadline:
+            raise BrokerUnavailable(f"topics {sorted(set(names) - present)} did not appear")
+        await asyncio.sleep(0.1)
+
+
+async def end_offsets(settings: Settings, topic: str) -> dict[int, int]:
+    """Partition -> end offset of a topic (empty when the topic does not exist)."""
+    consumer = make_consumer(settings)
+    async with broker_errors(f"reading offsets of {topic}"):
+        await consumer.start()
+        try:
+            parts = consumer.partitions_for_topic(topic) or set()
+            if not parts:
+                await consumer._client.force_metadata_update()
+                parts = consumer.partitions_for_topic(topic) or set()
+            tps = [TopicPartition(topic, p) for p in sorted(parts)]
+            ends = await consumer.end_offsets(tps) if tps else {}
+            return {tp.partition: off for tp, off in ends.items()}
+        finally:
+            await consumer.stop()
+
+
+async def read_topic(
+    settings: Settings,
+    topic: str,
+    start: dict[int, int] | None = None,
+    end: dict[int, int] | None = None,
+) -> list[ConsumerRecord[bytes, bytes]]:
+    """Every record of `topic` from `start` (default: the beginning) up to `end` (default: the current end).
+
+    No consumer group: reading never moves anyone's committed offsets. Records come partition by
+    partition, each in offset order.
+    """
+    consumer = make_consumer(settings, max_partition_fetch_bytes=16 * 1024 * 1024)
+    out: list[ConsumerRecord[bytes, bytes]] = []
+    async with broker_errors(f"reading {topic}"):
+        await consumer.start()
+        try:
+            await consumer._client.force_metadata_update()
+            parts = sorted(consumer.partitions_for_topic(topic) or ())
+            tps = [TopicPartition(topic, p) for p in parts]
+            if not tps:
+                return out
+            consumer.assign(tps)
+            ends = end or {tp.partition: off for tp, off in (await consumer.end_offsets(tps)).items()}
+            firsts = await consumer.beginning_offsets(tps)
+            remaining = {}
+            for tp in tps:
+                first = max(firsts[tp], (start or {}).get(tp.partition, 0))
+                if first < ends.get(tp.partition, 0):
+                    consumer.seek(tp, first)
+                    remaining[tp] = ends[tp.partition]
+                else:
+                    consumer.pause(tp)
+            idle_polls = 0
+            while remaining and idle_polls < 10:  # 10 empty polls: nothing more will come (e.g. markers)
+                batch = await consumer.getmany(*remaining, timeout_ms=1000, max_records=10_000)
+                idle_polls = 0 if batch else idle_polls + 1
+                for tp, records in batch.items():
+                    for record in records:
+                        if record.offset < remaining.get(tp, -1):
+                            out.append(record)
+                    if tp in remaining and await consumer.position(tp) >= remaining[tp]:
+                        del remaining[tp]
+                        consumer.pause(tp)
+            return out
+        finally:
+            await consumer.stop()

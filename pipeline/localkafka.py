@@ -1,0 +1,260 @@
+"""A real single-node Kafka (KRaft, broker+controller) from Apache's jars on Maven Central.
+
+`headwater kafka up | down | status` and the test fixture use this, so a fresh machine needs only Java
+and Maven: the jars are resolved by `mvn` from pipeline/kafka/pom.xml into a cache outside the work tree.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.config import LocalKafkaSettings
+from pipeline.errors import LocalKafkaError
+
+POM = Path(__file__).with_name("kafka") / "pom.xml"
+KAFKA_VERSION = "4.1.1"
+
+_LOG4J2 = """\
+status = warn
+appender.file.type = File
+appender.file.name = file
+appender.file.fileName = {log}
+appender.file.layout.type = PatternLayout
+appender.file.layout.pattern = [%d] %p %m (%c)%n
+rootLogger.level = warn
+rootLogger.appenderRef.file.ref = file
+logger.kafka.name = kafka
+logger.kafka.level = info
+logger.server.name = org.apache.kafka.server
+logger.server.level = info
+"""
+
+
+@dataclass(frozen=True)
+class BrokerStatus:
+    running: bool
+    pid: int | None
+    bootstrap: str
+    data_dir: Path
+
+    def describe(self) -> str:
+        if self.running:
+            return f"kafka {KAFKA_VERSION} running (pid {self.pid}) on {self.bootstrap}, data in {self.data_dir}"
+        return f"kafka not running (would listen on {self.bootstrap}, data in {self.data_dir})"
+
+
+class LocalKafka:
+    """One local broker, identified by its data directory (pid file, config, log and KRaft storage)."""
+
+    def __init__(self, settings: LocalKafkaSettings) -> None:
+        self.settings = settings
+        self.data_dir = settings.data_dir.expanduser().resolve()
+        self.jars_dir = settings.jars_dir.expanduser().resolve() / KAFKA_VERSION
+        self.pid_file = self.data_dir / "broker.pid"
+        self.log_file = self.data_dir / "server.log"      # log4j2 output
+        self.stdout_file = self.data_dir / "broker.out"   # JVM stdout/stderr
+
+    @property
+    def bootstrap(self) -> str:
+        return f"{self.settings.host}:{self.settings.port}"
+
+    # --- jars -------------------------------------------------------------------------------------------
+
+    def ensure_jars(self) -> Path:
+        """Resolve the broker jars once; later calls reuse the cache."""
+        marker = self.jars_dir / ".complete"
+        if marker.exists():
+            return self.jars_dir
+        mvn = _require("mvn", "Maven")
+        _require("java", "Java (17 or newer)")
+        self.jars_dir.mkdir(parents=True, exist_ok=True)
+        command = [mvn, "-q", "-B", "-f", str(POM), "dependency:copy-dependencies",
+                   f"-DoutputDirectory={self.jars_dir}"]
+        result = subprocess.run(command, capture_output=True, text=True, check=False)
+        if result.returncode != 0:
+            tail = (result.stdout + result.stderr).strip().splitlines()[-5:]
+            raise LocalKafkaError("mvn could not resolve the Kafka jars: " + " | ".join(tail))
+        marker.touch()
+        return self.jars_dir
+
+    # --- lifecycle --------------------------------------------------------------------------------------
+
+    def status(self) -> BrokerStatus:
+        pid = self._our_pid()
+        running = pid is not None and _port_open(self.settings.host, self.settings.port)
+        return BrokerStatus(running, pid, self.bootstrap, self.data_dir)
+
+    def up(self, timeout_s: float = 90.0, bound_to_parent: bool = False) -> BrokerStatus:
+        """Start the broker unless it already runs; return once it accepts connections.
+
+        `bound_to_parent` makes the broker die with the calling process (used by the test fixture).
+        """
+        current = self.status()
+        if current.running:
+            return current
+        if self._our_pid() is None and _port_open(self.settings.host, self.settings.port):
+            raise LocalKafkaError(
+                f"port {self.settings.port} on {self.settings.host} is taken by something that is not "
+                f"our broker (data dir {self.data_dir}); choose another with --port"
+            )
+        if _port_open(self.settings.host, self.settings.controller_port):
+            raise LocalKafkaError(f"controller port {self.settings.controller_port} is taken; "
+                                  "set local_kafka.controller_port")
+        jars = self.ensure_jars()
+        java = _require("java", "Java (17 or newer)")
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        properties = self._write_config()
+        classpath = f"{jars}/*"
+        if not (self.data_dir / "kraft" / "meta.properties").exists():
+            cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+            fmt = subprocess.run(
+                [java, "-cp", classpath, "kafka.tools.StorageTool", "format", "-t", cluster_id,
+                 "-c", str(properties)],
+                capture_output=True, text=True, check=False,
+            )
+            if fmt.returncode != 0:
+                raise LocalKafkaError(f"formatting KRaft storage failed: {fmt.stdout}{fmt.stderr}".strip())
+        if self.log_file.exists():  # keep one previous log; readiness is read from the fresh one
+            self.log_file.replace(self.log_file.with_suffix(".log.1"))
+        log = self.stdout_file.open("ab")
+        command = [
+            java, f"-Xms{self.settings.heap}", f"-Xmx{self.settings.heap}", "-XX:+UseG1GC",
+            "-XX:TieredStopAtLevel=1", f"-Dlog4j2.configurationFile={self.data_dir / 'log4j2.properties'}",
+            "-Dkafka.logs.dir=" + str(self.data_dir), "-cp", classpath, "kafka.Kafka", str(properties),
+        ]
+        process = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=not bound_to_parent, preexec_fn=_die_with_parent if bound_to_parent else None,
+        )
+        log.close()
+        self.pid_file.write_text(str(process.pid))
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                self.pid_file.unlink(missing_ok=True)
+                raise LocalKafkaError(
+                    f"broker exited with code {process.returncode}; see {self.log_file} and {self.stdout_file}"
+                )
+            if _port_open(self.settings.host, self.settings.port) and self._log_says_started():
+                return self.status()
+            time.sleep(0.2)
+        self.down()
+        raise LocalKafkaError(f"broker did not start within {timeout_s:.0f}s; see {self.log_file}")
+
+    def down(self, timeout_s: float = 30.0) -> bool:
+        """Stop the broker if it runs (SIGTERM, then SIGKILL after the timeout). True if one was stopped."""
+        pid = self._our_pid()
+        if pid is None:
+            self.pid_file.unlink(missing_ok=True)
+            return False
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and _alive(pid):
+            time.sleep(0.1)
+        if _alive(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        self.pid_file.unlink(missing_ok=True)
+        return True
+
+    # --- internals --------------------------------------------------------------------------------------
+
+    def _our_pid(self) -> int | None:
+        try:
+            pid = int(self.pid_file.read_text().strip())
+        except (FileNotFoundError, ValueError):
+            return None
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            return pid if _alive(pid) else None
+        if "kafka.Kafka" in cmdline and str(self.data_dir) in cmdline:
+            return pid
+        return None
+
+    def _log_says_started(self) -> bool:
+        try:
+            return b"Kafka Server started" in self.log_file.read_bytes()
+        except OSError:
+            return False
+
+    def _write_config(self) -> Path:
+        s = self.settings
+        (self.data_dir / "log4j2.properties").write_text(_LOG4J2.format(log=self.log_file))
+        properties = self.data_dir / "server.properties"
+        properties.write_text("\n".join([
+            "process.roles=broker,controller",
+            "node.id=1",
+            f"controller.quorum.voters=1@{s.host}:{s.controller_port}",
+            f"listeners=PLAINTEXT://{s.host}:{s.port},CONTROLLER://{s.host}:{s.controller_port}",
+            f"advertised.listeners=PLAINTEXT://{s.host}:{s.port}",
+            "controller.listener.names=CONTROLLER",
+            "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+            "inter.broker.listener.name=PLAINTEXT",
+            f"log.dirs={self.data_dir / 'kraft'}",
+            "num.network.threads=2",
+            "num.io.threads=4",
+            "offsets.topic.replication.factor=1",
+            "offsets.topic.num.partitions=10",
+            "transaction.state.log.replication.factor=1",
+            "transaction.state.log.min.isr=1",
+            "group.initial.rebalance.delay.ms=0",
+            "auto.create.topics.enable=true",
+            "num.partitions=1",
+            "log.retention.hours=168",
+            "",
+        ]))
+        return properties
+
+
+def _require(command: str, name: str) -> str:
+    found = shutil.which(command)
+    if not found:
+        raise LocalKafkaError(f"{name} is required to run the local Kafka broker: `{command}` not found on PATH")
+    return found
+
+
+def _port_open(host: str, port: int) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.5):
+        return True
+    return False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie child of ours is not alive
+        state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+        return state != "Z"
+    except OSError:
+        return True
+
+
+def _die_with_parent() -> None:
+    """Linux: SIGKILL this child when the parent exits, so a killed test run leaves no broker behind."""
+    import ctypes
+
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    pr_set_pdeathsig = 1
+    libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])

@@ -1,0 +1,23 @@
+"""Worker metrics, exposed in the Prometheus text format on worker.web_port (0 = off)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, start_http_server
+
+
+class WorkerMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.raw_records = Counter("headwater_worker_raw_records", "Raw records consumed", ["source"],
+                                   registry=self.registry)
+        self.canonical = Counter("headwater_worker_canonical_events", "Canonical events emitted",
+                                 registry=self.registry)
+        self.duplicates = Counter("headwater_worker_duplicates_dropped",
+                                  "Events dropped because their (tenant, event_id) was seen in the window",
+                                  registry=self.registry)
+        self.dead_letters = Counter("headwater_worker_dead_letters", "Dead letters by source and reason",
+                                    ["source", "reason"], registry=self.registry)
+
+    def serve(self, port: int, host: str = "127.0.0.1") -> None:
+        if port:
+            start_http_server(port, addr=host, registry=self.registry)

@@ -1,0 +1,314 @@
+"""Reward records (issue 5; sources.md §5): intake validation, the retry policy, and what crosses topics.
+
+Pure: no I/O, no clock of its own. rewards.outbound -> (validate) -> DeliveryJob on rewards.deliveries ->
+AttemptOutcome records on the same topic -> delivered, or a RewardDeadLetter on rewards.dlq.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import random
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from typing import Annotated, Any, Literal, Self
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+
+from pipeline.records import Processor, UtcDatetime
+
+REQUIRED = ("campaignId", "userId", "rewardId")
+OPTIONAL_STRINGS = ("type", "rewardName", "code")
+MAX_ID_CHARS = 256
+
+
+# --- reasons --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RewardReason:
+    """One rewards.dlq reason code: where it is decided, and a sentence for people."""
+
+    code: str
+    stage: Literal["intake", "delivery"]
+    summary: str
+
+
+INVALID_JSON = RewardReason("invalid_json", "intake", "The record is not JSON (or not UTF-8).")
+NOT_AN_OBJECT = RewardReason("not_an_object", "intake", "The record is JSON but not one object.")
+MISSING_FIELD = RewardReason("missing_field", "intake", "campaignId, userId or rewardId is absent, null or blank; "
+                             "the code names it, as missing_field:<field>.")
+WRONG_TYPE = RewardReason("wrong_type", "intake", "A field has the wrong JSON type (wrong_type:<field>).")
+INVALID_ID = RewardReason("invalid_id", "intake", "rewardId is over 256 characters or not printable ASCII: it "
+                          "travels in the X-Reward-Id header (invalid_id:rewardId).")
+MISSING_TENANT = RewardReason("missing_tenant", "intake", "The Kafka record has no hw-tenant header.")
+UNKNOWN_TENANT = RewardReason("unknown_tenant", "intake", "The hw-tenant header names no configured tenant.")
+NO_WEBHOOK = RewardReason("no_webhook", "intake", "The tenant has no rewards_webhook configured.")
+REJECTED = RewardReason("rejected", "delivery", "The endpoint answered a status that is not retried "
+                        "(4xx other than 408 and 429, or 3xx); no further attempts.")
+ATTEMPTS_EXHAUSTED = RewardReason("attempts_exhausted", "delivery", "Every attempt of the retry schedule failed.")
+
+CATALOGUE: dict[str, RewardReason] = {
+    r.code: r for r in (INVALID_JSON, NOT_AN_OBJECT, MISSING_FIELD, WRONG_TYPE, INVALID_ID, MISSING_TENANT,
+                        UNKNOWN_TENANT, NO_WEBHOOK, REJECTED, ATTEMPTS_EXHAUSTED)
+}
+
+
+class RewardRejected(Exception):
+    """A verdict on input, not a bug (like faust's Skip): the record becomes a dead letter with `reason`."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+# --- intake validation ------------------------------------------------------------------------------
+
+
+def parse_reward(body: bytes) -> dict[str, Any]:
+    """Bytes of one rewards.outbound record -> the reward object, or RewardRejected."""
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise RewardRejected(INVALID_JSON.code, f"not JSON: {exc}") from None
+    return validate_reward(doc)
+
+
+def validate_reward(doc: object) -> dict[str, Any]:
+    """Check one reward object; optional fields that are null are dropped (null means absent).
+
+    Only campaignId, userId and rewardId are required (issue 5). Fields outside sources.md §5 are kept:
+    the upstream system decides what the customer receives.
+    """
+    if not isinstance(doc, dict):
+        raise RewardRejected(NOT_AN_OBJECT.code, f"expected one JSON object, got {_kind(doc)}")
+    for field in REQUIRED:
+        value = doc.get(field)
+        if value is None or (isinstance(value, str) and not value.strip()):
+            raise RewardRejected(f"missing_field:{field}", f"{field} is required")
+        if not isinstance(value, str):
+            raise RewardRejected(f"wrong_type:{field}", f"{field} must be a string, got {_kind(value)}")
+    reward_id: str = doc["rewardId"]
+    if len(reward_id) > MAX_ID_CHARS or not all("!" <= c <= "~" for c in reward_id):
+        raise RewardRejected("invalid_id:rewardId", "rewardId must be 1-256 printable ASCII characters")
+    for field in OPTIONAL_STRINGS:
+        if doc.get(field) is not None and not isinstance(doc[field], str):
+            raise RewardRejected(f"wrong_type:{field}", f"{field} must be a string, got {_kind(doc[field])}")
+    amount = doc.get("rewardAmount")
+    if amount is not None and (isinstance(amount, bool) or not isinstance(amount, int | float)):
+        raise RewardRejected("wrong_type:rewardAmount", f"rewardAmount must be a number, got {_kind(amount)}")
+    if doc.get("details") is not None and not isinstance(doc["details"], dict):
+        raise RewardRejected("wrong_type:details", f"details must be an object, got {_kind(doc['details'])}")
+    return {k: v for k, v in doc.items() if v is not None or k not in (*OPTIONAL_STRINGS, "rewardAmount", "details")}
+
+
+def peek_reward_id(body: bytes) -> str | None:
+    """The rewardId of a record that failed validation, when it has a usable one (for the dead letter)."""
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    value = doc.get("rewardId") if isinstance(doc, dict) else None
+    return value[:MAX_ID_CHARS] if isinstance(value, str) else None
+
+
+def split_rewards(body: bytes) -> tuple[list[bytes], list[dict[str, Any]]]:
+    """A POST /rewards/v1 body -> one record per reward, plus the items intake will dead-letter (and why).
+
+    One object is kept byte for byte; an array is split, each element re-encoded. A body that is not
+    JSON is kept whole: intake dead-letters it as invalid_json, so nothing a sender posted is lost.
+    """
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return [body], [{"index": None, "reason": INVALID_JSON.code}]
+    items = list(enumerate(doc)) if isinstance(doc, list) else [(None, doc)]
+    records = [body] if not isinstance(doc, list) else [orjson.dumps(item) for _, item in items]
+    invalid: list[dict[str, Any]] = []
+    for index, item in items:
+        try:
+            validate_reward(item)
+        except RewardRejected as rejected:
+            invalid.append({"index": index, "reason": rejected.reason})
+    return records, invalid
+
+
+def _kind(value: object) -> str:
+    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null"}
+    return names.get(type(value), "a number")
+
+
+def delivery_key(tenant: str, reward_id: str) -> bytes:
+    """Key on rewards.deliveries and in the state table. Tenant ids contain no '/'."""
+    return f"{tenant}/{reward_id}".encode()
+
+
+# --- retry policy ---------------------------------------------------------------------------------------
+
+Verdict = Literal["delivered", "retry", "reject"]
+RETRIED_4XX = frozenset({408, 429})
+
+
+def classify(status: int | None) -> Verdict:
+    """2xx delivered; 5xx, 408, 429 and no answer (status None: timeout, connection error) retried."""
+    if status is None or status >= 500 or status in RETRIED_4XX:
+        return "retry"
+    if 200 <= status < 300:
+        return "delivered"
+    return "reject"
+
+
+def retry_delay_s(
+    attempts_made: int, delays_s: tuple[float, ...], jitter: float, retry_after_s: float | None,
+    max_retry_after_s: float, rng: random.Random | None = None,
+) -> float | None:
+    """Seconds until the next attempt, or None when the schedule is used up.
+
+    The schedule entry is scaled by uniform(1 - jitter, 1 + jitter) so that a burst of failures does not
+    retry in lockstep; a receiver's Retry-After raises the delay (never lowers it), capped.
+    """
+    if attempts_made > len(delays_s):
+        return None
+    base = delays_s[attempts_made - 1] * (rng or random).uniform(1 - jitter, 1 + jitter)
+    if retry_after_s is not None:
+        base = max(base, min(retry_after_s, max_retry_after_s))
+    return base
+
+
+def parse_retry_after(value: str | None, now: datetime) -> float | None:
+    """Retry-After as delta-seconds or an HTTP date -> seconds from now (None when absent or unreadable)."""
+    if not value:
+        return None
+    text = value.strip()
+    if text.isdigit():
+        return float(text)
+    try:
+        when = parsedate_to_datetime(text)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - now).total_seconds())
+
+
+# --- records that cross topics ---------------------------------------------------------------------------
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    def to_json(self) -> bytes:
+        return orjson.dumps(self.model_dump(mode="json", exclude_none=True))
+
+
+class Attempt(_Record):
+    """One HTTP attempt (or one skipped by an open breaker: status None, error 'circuit open')."""
+
+    number: int
+    at: UtcDatetime
+    status: int | None = None
+    latency_ms: float = 0.0
+    error: str | None = None
+    retry_after_s: float | None = None
+
+
+class DeliveryJob(_Record):
+    """A valid reward, re-keyed by (tenant, rewardId); `body` is the exact text every attempt sends."""
+
+    kind: Literal["job"] = "job"
+    tenant: str
+    reward_id: str
+    body: str
+    origin: str                       # topic:partition:offset of the rewards.outbound record
+    redelivery_count: int = 0
+    enqueued_at: UtcDatetime
+
+
+class AttemptOutcome(_Record):
+    """What one attempt ended in; the deliver agent applies it to the state table."""
+
+    kind: Literal["outcome"] = "outcome"
+    tenant: str
+    reward_id: str
+    attempt: Attempt
+    verdict: Verdict
+
+
+class CatchUpMarker(_Record):
+    """Appended to each partition a worker takes over: once the deliver agent reads it, every outcome
+    written before the takeover has been applied, and that partition's retries may run."""
+
+    kind: Literal["marker"] = "marker"
+    written_at: UtcDatetime
+
+
+DeliveryMessage = Annotated[DeliveryJob | AttemptOutcome | CatchUpMarker, Field(discriminator="kind")]
+_MESSAGE: TypeAdapter[DeliveryJob | AttemptOutcome | CatchUpMarker] = TypeAdapter(DeliveryMessage)
+
+
+def parse_message(value: bytes) -> DeliveryJob | AttemptOutcome | CatchUpMarker:
+    return _MESSAGE.validate_json(value)
+
+
+class DeliveryState(_Record):
+    """The state table's value for one (tenant, rewardId): the durable retry queue and the dedup marker.
+
+    `pending` carries the body, the attempts so far and when the next one is due (epoch seconds);
+    `delivered` keeps only what dedup and expiry need. `partition` is the rewards.deliveries partition
+    that owns the key, so outcomes go back to it and recovery can rebuild the schedule per partition.
+    """
+
+    status: Literal["pending", "delivered"]
+    tenant: str
+    reward_id: str
+    partition: int
+    origin: str
+    body: str | None = None
+    attempts: tuple[Attempt, ...] = ()
+    attempts_made: int = 0            # kept when `attempts` is dropped from a delivered marker
+    due_at: float | None = None
+    first_seen_at: UtcDatetime
+    finished_at: UtcDatetime | None = None
+    redelivery_count: int = 0
+    duplicates: int = 0
+
+    @classmethod
+    def from_json(cls, data: bytes) -> Self:
+        return cls.model_validate_json(data)
+
+
+class RewardDeadLetter(_Record):
+    """A reward that was not (or cannot be) delivered: reason, every attempt, and the exact bytes."""
+
+    id: str
+    stage: Literal["intake", "delivery"]
+    reason: str
+    message: str
+    tenant: str | None = None
+    reward_id: str | None = None
+    origin: str
+    body_b64: str
+    attempts: tuple[Attempt, ...] = ()
+    failed_at: UtcDatetime
+    redelivery_count: int = 0
+    processor: Processor = Processor()
+
+    @staticmethod
+    def make_id(origin: str, stage: str) -> str:
+        """Deterministic: reprocessing the same input record after a crash gives the same id."""
+        return "rdl_" + hashlib.sha256(f"{origin}\x00{stage}".encode()).hexdigest()[:24]
+
+    @property
+    def body(self) -> bytes:
+        return base64.b64decode(self.body_b64)
+
+    @classmethod
+    def from_json(cls, data: bytes) -> Self:
+        return cls.model_validate_json(data)
+
+
+def b64(body: bytes) -> str:
+    return base64.b64encode(body).decode("ascii")

@@ -1,0 +1,325 @@
+"""Faust workers: raw.<source> -> (adapter) -> keyed candidates -> (dedup) -> events.canonical / events.dlq.
+
+Two stages, because dedup must see every copy of an id in one place:
+- one *normalize* agent per source adapter reads raw records, turns them into canonical events and dead
+  letters (pipeline.normalizing), sends dead letters to events.dlq and packs the events into one
+  KeyedBatch per partition of the keyed topic, partitioned by (tenant, event_id);
+- one *dedup* agent reads the keyed topic, co-partitioned with the dedup table, and emits survivors.
+At-least-once: every send of a batch is acknowledged before the batch's offsets may be committed, and no
+exception escapes an agent (Faust would ack the record and never retry it: pitfalls.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import weakref
+from datetime import UTC, datetime
+from collections import defaultdict
+from collections.abc import Awaitable, Iterable, Sequence
+from typing import Any
+
+import click
+import faust
+import mode
+from aiokafka import ConsumerRecord, TopicPartition
+from aiokafka.errors import CommitFailedError, KafkaError
+import orjson
+from aiokafka.partitioner import murmur2
+from faust.streams import _current_event
+
+from adapters import ADAPTERS
+from pipeline import reasons
+from pipeline.adapting import AdapterModule
+from pipeline.config import SOURCES, Settings
+from pipeline.dedup import Candidate, Deduplicator
+from pipeline.kafka import ensure_topics, make_consumer, read_topic
+from pipeline.normalizing import dead_letter, outcomes
+from pipeline.records import CanonicalEvent, DeadLetter, KeyedBatch, Origin, RawHeaders, RawRecord, ReplayTag
+from pipeline.metrics import WorkerMetrics
+
+log = logging.getLogger(__name__)
+
+
+def keyed_partition(dedup_key: bytes, partitions: int) -> int:
+    """The keyed-topic partition of an id: Kafka's default murmur2 partitioner, so tools agree."""
+    return (murmur2(dedup_key) & 0x7FFFFFFF) % partitions
+
+
+def raw_record(message: ConsumerRecord[bytes, bytes]) -> RawRecord:
+    """A consumed Kafka record as a RawRecord; missing headers raise pydantic.ValidationError."""
+    origin = Origin(topic=message.topic, partition=message.partition, offset=message.offset,
+                    timestamp_ms=message.timestamp)
+    return RawRecord(body=message.value or b"", headers=RawHeaders.from_kafka(message.headers or ()), origin=origin)
+
+
+class Pipeline:
+    """The Faust app and its agents, built from Settings (style.md §2.7: agents in a loop, no logic in them)."""
+
+    def __init__(self, settings: Settings, sources: Sequence[str] = SOURCES,
+                 adapters: dict[str, AdapterModule] | None = None) -> None:
+        self.settings = settings
+        self.sources = list(sources)
+        self.adapters = dict(adapters or ADAPTERS)
+        self.metrics = WorkerMetrics()
+        self.app = self._app()
+        self.keyed_partitions = settings.kafka.partitions
+        topics = settings.topics
+        self.keyed_topic = self.app.topic(topics.keyed, key_type=bytes, value_type=bytes, key_serializer="raw",
+                                          value_serializer="raw", partitions=self.keyed_partitions)
+        self.table = self.app.Table(
+            "dedup", default=None, partitions=self.keyed_partitions, key_type=bytes,  # bytes -> raw keys
+            extra_topic_configs={"cleanup.policy": "compact"},
+        )
+        self.dedup = Deduplicator(self.table.data, self.table.changelog_topic.get_topic_name(),
+                                  settings.dedup.window.total_seconds(), self._send, self._find_emitted)
+        for source in self.sources:
+            self._normalize_agent(source)
+        self.app.agent(self.keyed_topic, name="dedup")(self._dedup_agent)
+        self.app.timer(settings.dedup.expire_every.total_seconds())(self._expire)
+
+    def _app(self) -> faust.App:
+        s = self.settings
+        brokers = ";".join(f"kafka://{b.strip()}" for b in s.kafka.bootstrap_servers.split(","))
+        return faust.App(
+            s.worker.app_id,
+            broker=brokers,
+            store=s.dedup.store,
+            datadir=str(s.worker.data_dir),
+            web_enabled=False,
+            topic_partitions=s.kafka.partitions,
+            topic_replication_factor=s.kafka.replication_factor,
+            topic_allow_declare=True,
+            producer_acks=-1,
+            producer_linger_ms=5,
+            producer_max_batch_size=512 * 1024,
+            producer_max_request_size=max(1_048_576, s.receiver.max_body_bytes * 2),
+            broker_max_poll_records=s.worker.max_poll_records,
+            consumer_max_fetch_size=16 * 1024 * 1024,
+            consumer_auto_offset_reset="earliest",
+            stream_buffer_maxsize=max(4096, s.worker.batch_max * 2),
+            stream_recovery_delay=0.0,
+            broker_commit_every=s.worker.batch_max,
+            table_standby_replicas=0,
+            broker_session_timeout=s.worker.session_timeout_s,
+            broker_heartbeat_interval=max(1.0, s.worker.session_timeout_s / 4),
+            logging_config=None,
+        )
+
+    # --- sending ----------------------------------------------------------------------------------------
+
+    async def _send(self, topic: str, key: bytes | None, value: bytes | None, partition: int | None) -> Awaitable[Any]:
+        """Hand a record to the producer; returns the future of its ack (awaited per batch, not per record)."""
+        return await self.app.producer.send(topic, key, value, partition, None, None)
+
+    async def _send_dead_letters(self, letters: Iterable[DeadLetter], acks: list[Awaitable[Any]]) -> None:
+        for letter in letters:
+            acks.append(await self._send(self.settings.topics.dlq, letter.id.encode(), letter.to_json(), None))
+            self.metrics.dead_letters.labels(letter.source, letter.reason.partition(":")[0]).inc()
+
+    # --- stage 1: normalize -----------------------------------------------------------------------------
+
+    def _normalize_agent(self, source: str) -> None:
+        """Register the normalize stage of one source as a service of the Faust worker."""
+        pipeline = self
+
+        @self.app.service
+        class Stage(NormalizeStage):
+            def __init__(self, **kwargs: Any) -> None:
+                super().__init__(pipeline, source, **kwargs)
+
+    async def normalize_batch(self, messages: Sequence[Any], adapter: AdapterModule,
+                              replay: ReplayTag | None = None) -> tuple[int, int]:
+        """Adapter outcomes of every message: dead letters to the DLQ, events packed per keyed partition.
+
+        Returns (keyed records sent, dead letters sent). A replay tags its keyed records.
+        """
+        acks: list[Awaitable[Any]] = []
+        packs: dict[int, KeyedBatch] = defaultdict(KeyedBatch)
+        letters: list[DeadLetter] = []
+        for message in messages:
+            self.metrics.raw_records.labels(adapter.SOURCE).inc()
+            try:
+                raw = raw_record(message)
+            except Exception as exc:  # noqa: BLE001 - a record without our headers is still kept
+                letters.append(self._foreign_record(message, adapter.SOURCE, exc))
+                continue
+            for outcome in outcomes(raw, adapter):
+                if isinstance(outcome, CanonicalEvent):
+                    packs[keyed_partition(outcome.dedup_key(), self.keyed_partitions)].add(outcome)
+                else:
+                    letters.append(outcome)
+        await self._send_dead_letters(letters, acks)
+        headers = replay.to_headers() if replay else None
+        for partition, pack in packs.items():
+            acks.append(await self.app.producer.send(self.settings.topics.keyed, None, pack.to_bytes(), partition,
+                                                     None, headers))
+        await asyncio.gather(*acks)
+        return len(packs), len(letters)
+
+    def _foreign_record(self, message: Any, source: str, exc: Exception) -> DeadLetter:
+        headers = RawHeaders(tenant="unknown", source=source, received_at=_utc_from_ms(message.timestamp),
+                             request_id=f"{message.topic}:{message.partition}:{message.offset}")
+        origin = Origin(topic=message.topic, partition=message.partition, offset=message.offset)
+        raw = RawRecord(body=message.value or b"", headers=headers, origin=origin)
+        return dead_letter(raw, "parse", reasons.INVALID_RAW_HEADERS.code,
+                           f"the record lacks Headwater's raw headers ({type(exc).__name__}); was it written by the receiver?")
+
+    # --- stage 2: dedup ---------------------------------------------------------------------------------
+
+    async def _dedup_agent(self, stream: Any) -> None:
+        async for events in stream.take_events(self.settings.worker.batch_max, self.settings.worker.batch_within_s):
+            try:
+                await self.dedup_batch(events)
+            except Exception:  # noqa: BLE001
+                log.exception("dedup batch failed; stopping the worker for a clean restart")
+                await self._crash()
+
+    async def dedup_batch(self, events: Sequence[Any]) -> None:
+        """Dedup per keyed partition; a replay's batches run alone so their outcome can be reported."""
+        groups: dict[tuple[int, ReplayTag | None], list[Any]] = defaultdict(list)
+        for event in events:
+            groups[(event.message.partition, ReplayTag.from_headers(event.message.headers))].append(event)
+        for (partition, replay), group in groups.items():
+            # Table writes go to the current event's partition (and RocksDB picks its DB from it).
+            _current_event.set(weakref.ref(group[-1]))
+            batch: list[tuple[Candidate, int]] = []
+            for event in group:
+                batch.extend((entry, partition) for entry in KeyedBatch.entries(event.message.value))
+            emitted, dropped = await self.dedup.run(batch, self._emit, reemit=bool(replay and replay.reemit))
+            self.metrics.canonical.inc(emitted)
+            self.metrics.duplicates.inc(dropped)
+            if replay is not None:
+                report = orjson.dumps({"replay_id": replay.replay_id, "batches": len(group),
+                                       "canonical": emitted, "duplicates": dropped})
+                await self._send(self.settings.topics.replay_results, replay.replay_id.encode(), report, None)
+
+    async def _emit(self, candidates: list[Candidate]) -> None:
+        topic = self.settings.topics.canonical
+        acks = [await self._send(topic, canonical_key, event, None) for _, canonical_key, event in candidates]
+        await asyncio.gather(*acks)
+
+    async def _find_emitted(self, keys: list[bytes], since_ms: int) -> set[bytes]:
+        """Which of these dedup keys are already on events.canonical, looking from `since_ms` on."""
+        wanted = set(keys)
+        starts = await self._offsets_at(self.settings.topics.canonical, since_ms - 5_000)
+        found = set()
+        for record in await read_topic(self.settings, self.settings.topics.canonical, start=starts):
+            try:
+                event = orjson.loads(record.value)
+                key = f"{event['tenant']}/{event['event_id']}".encode()
+            except (orjson.JSONDecodeError, KeyError, TypeError):
+                continue
+            if key in wanted:
+                found.add(key)
+        return found
+
+    async def _offsets_at(self, topic: str, timestamp_ms: int) -> dict[int, int]:
+        consumer = make_consumer(self.settings)
+        await consumer.start()
+        try:
+            parts = consumer.partitions_for_topic(topic) or set()
+            if not parts:
+                await consumer._client.force_metadata_update()
+                parts = consumer.partitions_for_topic(topic) or set()
+            tps = [TopicPartition(topic, p) for p in parts]
+            found = await consumer.offsets_for_times({tp: max(0, timestamp_ms) for tp in tps})
+            ends = await consumer.end_offsets(tps)
+            return {tp.partition: (found[tp].offset if found.get(tp) else ends[tp]) for tp in tps}
+        finally:
+            await consumer.stop()
+
+    async def _expire(self) -> None:
+        try:
+            removed = await self.dedup.expire()
+            if removed:
+                log.info("dedup: expired %d ids older than %s", removed, self.settings.dedup.window)
+        except Exception:  # noqa: BLE001 - expiry is housekeeping; try again next tick
+            log.exception("dedup expiry failed")
+
+    async def _crash(self) -> None:
+        """Stop without committing the failed batch: a restart reprocesses it (at-least-once)."""
+        await self.app.crash(RuntimeError("a batch could not be stored"))  # type: ignore[func-returns-value]
+
+    # --- running ----------------------------------------------------------------------------------------
+
+    async def prepare_topics(self) -> None:
+        topics = self.settings.topics
+        await ensure_topics(self.settings, [topics.raw(s) for s in self.sources] + [topics.keyed, topics.canonical,
+                                                                                       topics.dlq])
+        await ensure_topics(self.settings, [topics.replay_results], partitions=1)
+
+    def run(self) -> None:
+        """Run the worker until SIGINT/SIGTERM."""
+        asyncio.run(self.prepare_topics())
+        worker = faust.Worker(self.app, loglevel="INFO", quiet=True, redirect_stdouts=False)
+        self.metrics.serve(self.settings.worker.web_port)
+        worker.execute_from_commandline()
+
+
+def _utc_from_ms(timestamp_ms: int | None) -> datetime:
+    return datetime.fromtimestamp(timestamp_ms / 1000 if timestamp_ms else time.time(), UTC)
+
+
+class NormalizeStage(mode.Service):
+    """Stage 1 for one source: a plain aiokafka consumer in the worker process, batch by batch.
+
+    Why not a Faust agent: Faust's per-record stream machinery caps a process near 4-5k records/s
+    (pitfalls.md), and in our SIGKILL test a restarted take_events() agent stopped fetching one
+    partition. Here the loop is explicit: poll a batch, normalize it, wait for every output's ack,
+    then commit exactly those offsets. A crash before the commit replays the batch (at-least-once);
+    dedup and deterministic dead-letter ids absorb the copies.
+    """
+
+    def __init__(self, pipeline: Pipeline, source: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.pipeline = pipeline
+        self.source = source
+        self.adapter = pipeline.adapters[source]
+        self.settings = pipeline.settings
+
+    async def on_start(self) -> None:
+        self.add_future(self._consume())
+
+    async def _consume(self) -> None:
+        settings = self.settings
+        consumer = make_consumer(
+            settings, settings.topics.raw(self.source),
+            group_id=f"{settings.worker.app_id}-normalize", client_id=f"{settings.kafka.client_id}-{self.source}",
+            max_poll_records=settings.worker.max_poll_records,
+            session_timeout_ms=int(settings.worker.session_timeout_s * 1000),
+            heartbeat_interval_ms=int(max(1.0, settings.worker.session_timeout_s / 4) * 1000),
+        )
+        await consumer.start()
+        try:
+            while not self.should_stop:
+                batch = await consumer.getmany(timeout_ms=int(settings.worker.batch_within_s * 1000) or 1,
+                                               max_records=settings.worker.batch_max)
+                records = [r for part in batch.values() for r in part]
+                if not records:
+                    continue
+                try:
+                    await self.pipeline.normalize_batch(records, self.adapter)
+                except Exception:  # noqa: BLE001 - outputs not acknowledged: replay the batch, never skip it
+                    log.exception("outputs of a %s batch were not acknowledged; replaying it", self.source)
+                    for tp, part in batch.items():
+                        consumer.seek(tp, part[0].offset)
+                    await asyncio.sleep(1.0)
+                    continue
+                try:
+                    await consumer.commit({tp: part[-1].offset + 1 for tp, part in batch.items()})
+                except (CommitFailedError, KafkaError) as exc:  # rebalanced away: the new owner replays it
+                    log.warning("commit for %s failed (%s); the batch will be replayed", self.source, exc)
+        finally:
+            await consumer.stop()
+
+
+@click.command("worker")
+@click.option("--source", "sources", multiple=True, type=click.Choice(SOURCES),
+              help="Only these sources (repeatable; default all). Workers of one group must share the set.")
+@click.pass_obj
+def worker_command(ctx: Any, sources: tuple[str, ...]) -> None:
+    """Run the pipeline workers (normalize + dedup) until Ctrl-C."""
+    settings = ctx.settings()
+    Pipeline(settings, sources or SOURCES).run()

@@ -1,0 +1,109 @@
+"""The dedup state machine (pipeline/dedup.py), driven directly: a dict as the table's store and a list
+as the changelog, so each crash point of the PENDING -> emit -> DONE protocol can be reached on purpose."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable
+from typing import Any
+
+import orjson
+
+from pipeline.dedup import DONE, PENDING, Candidate, Deduplicator
+
+WINDOW_S = 3600.0
+
+
+class Changelog:
+    """Records what the deduplicator writes to its changelog topic, acknowledging at once."""
+
+    def __init__(self) -> None:
+        self.records: list[tuple[bytes | None, Any, int | None]] = []
+
+    async def send(self, topic: str, key: bytes | None, value: bytes | None, partition: int | None) -> Awaitable[Any]:
+        self.records.append((key, orjson.loads(value) if value is not None else None, partition))
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        future.set_result(None)
+        return future
+
+
+def candidate(event_id: str, tenant: str = "acme") -> Candidate:
+    return (f"{tenant}/{event_id}".encode(), b"acme/u1", orjson.dumps({"event_id": event_id}))
+
+
+def make(store: dict[bytes, Any], already_emitted: set[bytes] = frozenset()) -> tuple[Deduplicator, Changelog]:
+    changelog = Changelog()
+
+    async def find_emitted(keys: list[bytes], since_ms: int) -> set[bytes]:
+        return {k for k in keys if k in already_emitted}
+
+    return Deduplicator(store, "dedup-changelog", WINDOW_S, changelog.send, find_emitted), changelog
+
+
+def run(dedup: Deduplicator, batch: list[tuple[Candidate, int]]) -> tuple[list[bytes], tuple[int, int]]:
+    emitted: list[bytes] = []
+
+    async def emit(candidates: list[Candidate]) -> None:
+        emitted.extend(c[0] for c in candidates)
+
+    result = asyncio.run(dedup.run(batch, emit))
+    return emitted, result
+
+
+def test_first_copy_wins_and_later_copies_are_dropped() -> None:
+    """Within the window the first emission of (tenant, event_id) wins; repeats are counted, not emitted."""
+    store: dict[bytes, Any] = {}
+    dedup, _ = make(store)
+    emitted, (n, dropped) = run(dedup, [(candidate("a"), 0), (candidate("a"), 0), (candidate("b"), 1)])
+    assert (emitted, n, dropped) == ([b"acme/a", b"acme/b"], 2, 1)
+    emitted, (n, dropped) = run(dedup, [(candidate("a"), 0)])
+    assert (emitted, n, dropped) == ([], 0, 1)
+
+
+def test_the_same_id_from_two_tenants_is_two_events() -> None:
+    """The key is (tenant, event_id): another tenant's id never collides."""
+    dedup, _ = make({})
+    emitted, _ = run(dedup, [(candidate("a", "acme"), 0), (candidate("a", "globex"), 0)])
+    assert emitted == [b"acme/a", b"globex/a"]
+
+
+def test_ids_are_marked_pending_before_emission_and_done_after() -> None:
+    """The changelog sees PENDING for every new id before the events go out, then DONE."""
+    dedup, changelog = make({})
+    run(dedup, [(candidate("a"), 2)])
+    states = [(key, value[0], partition) for key, value, partition in changelog.records]
+    assert states == [(b"acme/a", PENDING, 2), (b"acme/a", DONE, 2)]
+
+
+def test_an_id_left_pending_and_already_emitted_is_not_emitted_again() -> None:
+    """Crash after the canonical ack but before DONE: the copy is found on events.canonical and dropped."""
+    store: dict[bytes, Any] = {b"acme/a": [PENDING, 10**15, 0]}  # far-future time: inside the window
+    dedup, changelog = make(store, already_emitted={b"acme/a"})
+    emitted, (n, dropped) = run(dedup, [(candidate("a"), 0)])
+    assert (emitted, n, dropped) == ([], 0, 1)
+    assert store[b"acme/a"][0] == DONE
+
+
+def test_an_id_left_pending_but_never_emitted_is_emitted() -> None:
+    """Crash after PENDING but before the canonical send: nothing is lost, the event goes out now."""
+    store: dict[bytes, Any] = {b"acme/a": [PENDING, 10**15, 0]}
+    dedup, _ = make(store, already_emitted=set())
+    emitted, (n, dropped) = run(dedup, [(candidate("a"), 0)])
+    assert (emitted, n, dropped) == ([b"acme/a"], 1, 0)
+
+
+def test_entries_older_than_the_window_expire_with_a_tombstone() -> None:
+    """Faust tables have no TTL: expire() deletes old ids locally and writes a tombstone to the changelog."""
+    store: dict[bytes, Any] = {b"acme/old": [DONE, 0, 3], b"acme/new": [DONE, 10**15, 1]}
+    dedup, changelog = make(store)
+    assert asyncio.run(dedup.expire(now_ms=int(WINDOW_S * 1000) + 1)) == 1
+    assert list(store) == [b"acme/new"]
+    assert changelog.records == [(b"acme/old", None, 3)]
+
+
+def test_an_expired_id_is_new_again() -> None:
+    """After the window an id is emitted again: the window bounds the guarantee (architecture.md)."""
+    store: dict[bytes, Any] = {b"acme/a": [DONE, 0, 0]}
+    dedup, _ = make(store)
+    emitted, _ = run(dedup, [(candidate("a"), 0)])
+    assert emitted == [b"acme/a"]
