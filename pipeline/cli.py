@@ -143,9 +143,11 @@ def receiver(ctx: Context, host: str | None, port: int | None) -> None:
 @click.option("--workers", type=int, default=1, show_default=True, help="Worker processes (one consumer group).")
 @click.option("--port", type=int, help="Receiver port.")
 @click.option("--no-workers", is_flag=True, help="Run only Kafka and the receiver.")
+@click.option("--no-rewards", is_flag=True, help="Do not run the reward webhook dispatcher.")
 @click.pass_obj
-def up(ctx: Context, workers: int, port: int | None, no_workers: bool) -> None:
-    """Run everything: local Kafka (unless disabled), the receiver and the workers. Ctrl-C stops all."""
+def up(ctx: Context, workers: int, port: int | None, no_workers: bool, no_rewards: bool) -> None:
+    """Run everything: local Kafka (unless disabled), the receiver, the workers and the reward webhook
+    dispatcher. Ctrl-C stops all."""
     settings = ctx.settings(**{"receiver.port": port})
     broker: LocalKafka | None = None
     if settings.local_kafka.enabled:
@@ -157,10 +159,16 @@ def up(ctx: Context, workers: int, port: int | None, no_workers: bool) -> None:
     base = [sys.executable, "-m", "pipeline.cli"] + (["--config", ctx.config] if ctx.config else [])
     commands = [base + ["receiver"] + (["--port", str(port)] if port else [])]
     if not no_workers:
-        commands += [base + ["worker"] for _ in range(workers)]
+        # One /metrics port per worker process: worker.web_port, +1, +2, ...
+        web = settings.worker.web_port
+        commands += [base + ["worker", "--web-port", str(web + i if web else 0)] for i in range(workers)]
+    if not no_rewards:
+        commands.append(base + ["rewards", "run"])
     children = [subprocess.Popen(command) for command in commands]
     click.echo(f"receiver on http://{settings.receiver.host}:{port or settings.receiver.port}, "
-               f"{0 if no_workers else workers} worker process(es); Ctrl-C stops everything")
+               f"{0 if no_workers else workers} worker process(es) (metrics from :{settings.worker.web_port}), "
+               f"rewards dispatcher {'off' if no_rewards else f'(metrics :{settings.rewards.web_port})'}; "
+               "Ctrl-C stops everything")
     stopping = False
 
     def request_stop(signum: int, frame: object) -> None:

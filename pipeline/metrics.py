@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
 
 class WorkerMetrics:
@@ -17,6 +17,9 @@ class WorkerMetrics:
                                   registry=self.registry)
         self.dead_letters = Counter("headwater_worker_dead_letters", "Dead letters by source and reason",
                                     ["source", "reason"], registry=self.registry)
+        self.consumer_lag = Gauge("headwater_worker_consumer_lag",
+                                  "Records not yet consumed (high watermark - position) per topic partition",
+                                  ["topic", "partition"], registry=self.registry)
 
     def serve(self, port: int, host: str = "127.0.0.1") -> None:
         if port:

@@ -181,6 +181,7 @@ class Pipeline:
         groups: dict[tuple[int, ReplayTag | None], list[Any]] = defaultdict(list)
         for event in events:
             groups[(event.message.partition, ReplayTag.from_headers(event.message.headers))].append(event)
+        self._record_keyed_lag(events)
         for (partition, replay), group in groups.items():
             # Table writes go to the current event's partition (and RocksDB picks its DB from it).
             _current_event.set(weakref.ref(group[-1]))
@@ -194,6 +195,16 @@ class Pipeline:
                 report = orjson.dumps({"replay_id": replay.replay_id, "batches": len(group),
                                        "canonical": emitted, "duplicates": dropped})
                 await self._send(self.settings.topics.replay_results, replay.replay_id.encode(), report, None)
+
+    def _record_keyed_lag(self, events: Sequence[Any]) -> None:
+        last: dict[int, int] = {}
+        for event in events:
+            last[event.message.partition] = max(last.get(event.message.partition, -1), event.message.offset)
+        for partition, offset in last.items():
+            highwater = self.app.consumer.highwater(TopicPartition(self.settings.topics.keyed, partition))
+            if highwater is not None:
+                self.metrics.consumer_lag.labels(self.settings.topics.keyed, str(partition)).set(
+                    max(0, highwater - offset - 1))
 
     async def _emit(self, candidates: list[Candidate]) -> None:
         topic = self.settings.topics.canonical
@@ -297,6 +308,7 @@ class NormalizeStage(mode.Service):
                 batch = await consumer.getmany(timeout_ms=int(settings.worker.batch_within_s * 1000) or 1,
                                                max_records=settings.worker.batch_max)
                 records = [r for part in batch.values() for r in part]
+                self._record_lag(consumer, batch)
                 if not records:
                     continue
                 try:
@@ -315,11 +327,20 @@ class NormalizeStage(mode.Service):
             await consumer.stop()
 
 
+    def _record_lag(self, consumer: Any, batch: dict[TopicPartition, list[Any]]) -> None:
+        for tp, part in batch.items():
+            highwater = consumer.highwater(tp)
+            if highwater is not None and part:
+                self.pipeline.metrics.consumer_lag.labels(tp.topic, str(tp.partition)).set(
+                    max(0, highwater - part[-1].offset - 1))
+
+
 @click.command("worker")
 @click.option("--source", "sources", multiple=True, type=click.Choice(SOURCES),
               help="Only these sources (repeatable; default all). Workers of one group must share the set.")
+@click.option("--web-port", type=int, help="Port of /metrics (default worker.web_port; 0 = off).")
 @click.pass_obj
-def worker_command(ctx: Any, sources: tuple[str, ...]) -> None:
+def worker_command(ctx: Any, sources: tuple[str, ...], web_port: int | None) -> None:
     """Run the pipeline workers (normalize + dedup) until Ctrl-C."""
-    settings = ctx.settings()
+    settings = ctx.settings(**{"worker.web_port": web_port})
     Pipeline(settings, sources or SOURCES).run()
