@@ -109,7 +109,8 @@ class DedupSettings(_Frozen):
 class WorkerSettings(_Frozen):
     app_id: str = "headwater"
     data_dir: Path = Path(".headwater/worker")
-    web_port: int = Field(6066, ge=0, le=65535)
+    web_host: str = "127.0.0.1"
+    web_port: int = Field(6066, ge=0, le=65535)  # /metrics and the DLQ page; 0 = off
     batch_max: int = Field(2_000, ge=1)
     batch_within_s: float = Field(0.05, gt=0)
     max_poll_records: int = Field(2_000, ge=1)
@@ -163,6 +164,17 @@ class RewardsSettings(_Frozen):
     web_port: int = Field(6067, ge=0, le=65535)          # /metrics of the dispatcher
 
 
+DEFAULT_REDRIVE_LIMIT = 3
+
+
+class DlqSettings(_Frozen):
+    """The dead-letter tooling (`headwater dlq`): the redrive limit and the read-only web page."""
+
+    redrive_limit: int = Field(DEFAULT_REDRIVE_LIMIT, ge=0)  # redriven more often than this: parked
+    page_host: str = "127.0.0.1"
+    page_port: int = Field(6068, ge=0, le=65535)
+
+
 class Tenant(_Frozen):
     id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$")
     write_keys: tuple[SecretStr, ...] = ()
@@ -187,6 +199,7 @@ class Settings(_Frozen):
     dedup: DedupSettings = DedupSettings()
     worker: WorkerSettings = WorkerSettings()
     rewards: RewardsSettings = RewardsSettings()
+    dlq: DlqSettings = DlqSettings()
     tenants: tuple[Tenant, ...] = ()
 
     @model_validator(mode="after")

@@ -1,8 +1,9 @@
-"""Worker metrics, exposed in the Prometheus text format on worker.web_port (0 = off)."""
+"""Worker metrics, served in the Prometheus text format at /metrics on worker.web_port (0 = off)."""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
 
 
 class WorkerMetrics:
@@ -21,6 +22,6 @@ class WorkerMetrics:
                                   "Records not yet consumed (high watermark - position) per topic partition",
                                   ["topic", "partition"], registry=self.registry)
 
-    def serve(self, port: int, host: str = "127.0.0.1") -> None:
-        if port:
-            start_http_server(port, addr=host, registry=self.registry)
+    async def handle(self, request: web.Request) -> web.Response:
+        """GET /metrics in the Prometheus text format."""
+        return web.Response(body=generate_latest(self.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})

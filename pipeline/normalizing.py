@@ -3,6 +3,8 @@
 No record ever comes out as nothing (style.md §2.3): a Reject from `parse` is one dead letter for the
 whole body, a Reject from `normalize` one dead letter for that element (with its index in a batch),
 and any other exception is an adapter bug that is logged and still dead-lettered (`adapter_crashed`).
+A raw record redriven more often than the redrive limit is parked as one `redrive_limit` dead letter
+before its adapter sees it, so a record that keeps failing cannot circle through the DLQ forever.
 Validation runs here too, before dedup: an invalid event is never marked seen, so validating first
 or after dedup emits exactly the same records, and the dead letter can still carry the original bytes.
 """
@@ -18,6 +20,7 @@ from pydantic import ValidationError
 
 from pipeline import reasons
 from pipeline.adapting import AdapterModule, Draft, Reject
+from pipeline.config import DEFAULT_REDRIVE_LIMIT
 from pipeline.fingerprint import fingerprint
 from pipeline.records import (
     CanonicalEvent,
@@ -35,8 +38,20 @@ log = logging.getLogger(__name__)
 Outcome = CanonicalEvent | DeadLetter
 
 
-def outcomes(raw: RawRecord, adapter: AdapterModule) -> Iterator[Outcome]:
-    """Every canonical event and dead letter one raw record yields, in the order of its items."""
+def outcomes(
+    raw: RawRecord, adapter: AdapterModule, redrive_limit: int = DEFAULT_REDRIVE_LIMIT
+) -> Iterator[Outcome]:
+    """Every canonical event and dead letter one raw record yields, in the order of its items.
+
+    `redrive_limit` is `settings.dlq.redrive_limit`: a record whose hw-redrive-count exceeds it
+    becomes a single `redrive_limit` dead letter instead of being normalized again.
+    """
+    count = raw.headers.redrive_count
+    if count > redrive_limit:
+        yield dead_letter(raw, "parse", reasons.REDRIVE_LIMIT.code,
+                          f"redriven {count} times, more than the limit of {redrive_limit}; parked "
+                          "(fix the cause, then `headwater dlq redrive --reset-count`)")
+        return
     try:
         records = adapter.parse(raw.body, raw.headers)
     except Reject as rejection:

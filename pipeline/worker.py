@@ -22,6 +22,7 @@ from typing import Any
 
 import click
 import faust
+from aiohttp import web
 import mode
 from aiokafka import ConsumerRecord, TopicPartition
 from aiokafka.errors import CommitFailedError, KafkaError
@@ -76,6 +77,8 @@ class Pipeline:
                                   settings.dedup.window.total_seconds(), self._send, self._find_emitted)
         for source in self.sources:
             self._normalize_agent(source)
+        if settings.worker.web_port:
+            self._web_service()
         self.app.agent(self.keyed_topic, name="dedup")(self._dedup_agent)
         self.app.timer(settings.dedup.expire_every.total_seconds())(self._expire)
 
@@ -118,6 +121,30 @@ class Pipeline:
             acks.append(await self._send(self.settings.topics.dlq, letter.id.encode(), letter.to_json(), None))
             self.metrics.dead_letters.labels(letter.source, letter.reason.partition(":")[0]).inc()
 
+    # --- web: /metrics and the DLQ page ----------------------------------------------------------------
+
+    def _web_service(self) -> None:
+        """Serve /metrics and the read-only DLQ page (/, /letters/{id}) on worker.web_port."""
+        pipeline = self
+
+        @self.app.service
+        class Web(mode.Service):
+            runner: web.AppRunner | None = None
+
+            async def on_start(self) -> None:
+                from pipeline.dlq_page import make_app
+
+                app = make_app(pipeline.settings)
+                app.router.add_get("/metrics", pipeline.metrics.handle)
+                self.runner = web.AppRunner(app, access_log=None)
+                await self.runner.setup()
+                await web.TCPSite(self.runner, pipeline.settings.worker.web_host,
+                                  pipeline.settings.worker.web_port).start()
+
+            async def on_stop(self) -> None:
+                if self.runner is not None:
+                    await self.runner.cleanup()
+
     # --- stage 1: normalize -----------------------------------------------------------------------------
 
     def _normalize_agent(self, source: str) -> None:
@@ -145,7 +172,7 @@ class Pipeline:
             except Exception as exc:  # noqa: BLE001 - a record without our headers is still kept
                 letters.append(self._foreign_record(message, adapter.SOURCE, exc))
                 continue
-            for outcome in outcomes(raw, adapter):
+            for outcome in outcomes(raw, adapter, self.settings.dlq.redrive_limit):
                 if isinstance(outcome, CanonicalEvent):
                     packs[keyed_partition(outcome.dedup_key(), self.keyed_partitions)].add(outcome)
                 else:
@@ -265,7 +292,6 @@ class Pipeline:
         """Run the worker until SIGINT/SIGTERM."""
         asyncio.run(self.prepare_topics())
         worker = faust.Worker(self.app, loglevel="INFO", quiet=True, redirect_stdouts=False)
-        self.metrics.serve(self.settings.worker.web_port)
         worker.execute_from_commandline()
 
 

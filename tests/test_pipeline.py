@@ -14,6 +14,7 @@ import orjson
 from realkafka import WorkerProcess, produce_raw, read_records, wait_for
 
 from pipeline.config import Settings
+from pipeline.localkafka import free_port
 from pipeline.records import DeadLetter, RawHeaders
 
 KEY = {"X-API-KEY": "wk_acme_1", "Content-Type": "application/json"}
@@ -69,9 +70,12 @@ def dead_letters(settings: Settings) -> list[DeadLetter]:
 
 
 def test_every_source_end_to_end_with_good_and_bad_items(
-    settings: Settings, start_receiver: Callable[[Settings], str], start_worker: Callable[..., WorkerProcess]
+    make_settings: Callable[..., Settings], start_receiver: Callable[[Settings], str],
+    start_worker: Callable[..., WorkerProcess],
 ) -> None:
-    """Each request becomes canonical events and/or dead letters; one bad item only dead-letters itself."""
+    """Each request becomes canonical events and/or dead letters; one bad item only dead-letters itself.
+    The worker's web port shows it: /metrics counts them, the DLQ page lists the letters."""
+    settings = make_settings(worker={"web_port": free_port()})
     base = start_receiver(settings)
     start_worker(settings)
 
@@ -102,6 +106,22 @@ def test_every_source_end_to_end_with_good_and_bad_items(
     assert segment_letter.element["messageId"] == "seg_2"
     parse_letter = next(d for d in letters if d.reason == "invalid_json")
     assert (parse_letter.stage, parse_letter.index, parse_letter.body) == ("parse", None, b"this is not json")
+
+    web = f"http://127.0.0.1:{settings.worker.web_port}"
+    metrics = asyncio.run(http_get(web + "/metrics"))
+    assert f"headwater_worker_canonical_events_total {float(len(expected_ids))}" in metrics
+    assert 'headwater_worker_dead_letters_total{reason="invalid_json",source="customerglu"} 1.0' in metrics
+    lag = [line for line in metrics.splitlines() if line.startswith("headwater_worker_consumer_lag{")]
+    assert any(f'topic="{settings.topics.keyed}"' in line for line in lag)
+    assert any(f'topic="{settings.topics.raw("segment")}"' in line for line in lag)
+    page = asyncio.run(http_get(web + "/?source=segment"))
+    assert segment_letter.id in page and parse_letter.id not in page
+
+
+async def http_get(url: str) -> str:
+    async with aiohttp.ClientSession() as session, session.get(url) as response:
+        assert response.status == 200, url
+        return await response.text()
 
 
 def test_a_dead_letter_rebuilds_the_original_request_byte_for_byte(
