@@ -202,6 +202,13 @@ class Settings(_Frozen):
     dlq: DlqSettings = DlqSettings()
     tenants: tuple[Tenant, ...] = ()
 
+    @property
+    def max_record_bytes(self) -> int:
+        """The largest Kafka record Headwater writes: a dead letter of a bulk body at the receiver's limit
+        (the body in base64 plus the failing item). Topics we create allow it (max.message.bytes), and
+        producers may send it, so a body the receiver accepted can always be stored downstream."""
+        return 3 * self.receiver.max_body_bytes + 1_048_576
+
     @model_validator(mode="after")
     def _credentials_are_unique(self) -> Settings:
         seen: dict[tuple[str, str], str] = {}

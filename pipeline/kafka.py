@@ -31,7 +31,7 @@ def make_producer(settings: Settings, **overrides: Any) -> AIOKafkaProducer:
         "enable_idempotence": True,
         "linger_ms": settings.receiver.linger_ms,
         "max_batch_size": 256 * 1024,
-        "max_request_size": max(1_048_576, settings.receiver.max_body_bytes + 64 * 1024),
+        "max_request_size": settings.max_record_bytes,
         "request_timeout_ms": 30_000,
         "compression_type": None,
     }
@@ -68,8 +68,12 @@ async def broker_errors(what: str, retry_after_s: float = 2.0) -> AsyncIterator[
 async def ensure_topics(
     settings: Settings, names: Iterable[str], partitions: int | None = None, config: dict[str, str] | None = None
 ) -> list[str]:
-    """Create the topics that do not exist yet (partition count from kafka.partitions). Returns those created."""
+    """Create the topics that do not exist yet (partition count from kafka.partitions). Returns those created.
+
+    Every topic allows records up to settings.max_record_bytes (the broker's default is 1 MiB).
+    """
     wanted = sorted(set(names))
+    config = {"max.message.bytes": str(settings.max_record_bytes), **(config or {})}
     admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka.bootstrap_servers, request_timeout_ms=15_000)
     async with broker_errors("creating topics"):
         await admin.start()
@@ -79,7 +83,7 @@ async def ensure_topics(
             if missing:
                 new = [
                     NewTopic(n, partitions or settings.kafka.partitions, settings.kafka.replication_factor,
-                             topic_configs=config or {})
+                             topic_configs=config)
                     for n in missing
                 ]
                 try:

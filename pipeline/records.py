@@ -242,14 +242,19 @@ class KeyedBatch:
     raw tab or newline), so the event bytes pass through to events.canonical untouched.
     """
 
-    __slots__ = ("lines",)
+    MAX_BYTES = 256 * 1024  # a pack this big is sent and a new one started
+
+    __slots__ = ("lines", "size")
 
     def __init__(self, lines: list[bytes] | None = None) -> None:
         self.lines = lines if lines is not None else []
+        self.size = sum(len(line) + 1 for line in self.lines)
 
     def add(self, event: CanonicalEvent) -> None:
         keys = orjson.dumps([event.dedup_key().decode(), event.kafka_key().decode()])
-        self.lines.append(keys + b"\t" + event.to_json())
+        line = keys + b"\t" + event.to_json()
+        self.lines.append(line)
+        self.size += len(line) + 1
 
     def to_bytes(self) -> bytes:
         return b"\n".join(self.lines)

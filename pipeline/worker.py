@@ -97,7 +97,7 @@ class Pipeline:
             producer_acks=-1,
             producer_linger_ms=5,
             producer_max_batch_size=512 * 1024,
-            producer_max_request_size=max(1_048_576, s.receiver.max_body_bytes * 2),
+            producer_max_request_size=s.max_record_bytes,
             broker_max_poll_records=s.worker.max_poll_records,
             consumer_max_fetch_size=16 * 1024 * 1024,
             consumer_auto_offset_reset="earliest",
@@ -164,6 +164,7 @@ class Pipeline:
         """
         acks: list[Awaitable[Any]] = []
         packs: dict[int, KeyedBatch] = defaultdict(KeyedBatch)
+        full: list[tuple[int, KeyedBatch]] = []
         letters: list[DeadLetter] = []
         for message in messages:
             self.metrics.raw_records.labels(adapter.SOURCE).inc()
@@ -174,16 +175,20 @@ class Pipeline:
                 continue
             for outcome in outcomes(raw, adapter, self.settings.dlq.redrive_limit):
                 if isinstance(outcome, CanonicalEvent):
-                    packs[keyed_partition(outcome.dedup_key(), self.keyed_partitions)].add(outcome)
+                    partition = keyed_partition(outcome.dedup_key(), self.keyed_partitions)
+                    pack = packs[partition]
+                    pack.add(outcome)
+                    if pack.size >= KeyedBatch.MAX_BYTES:  # keep keyed records well under any size limit
+                        full.append((partition, packs.pop(partition)))
                 else:
                     letters.append(outcome)
         await self._send_dead_letters(letters, acks)
         headers = replay.to_headers() if replay else None
-        for partition, pack in packs.items():
+        for partition, pack in [*full, *packs.items()]:
             acks.append(await self.app.producer.send(self.settings.topics.keyed, None, pack.to_bytes(), partition,
                                                      None, headers))
         await asyncio.gather(*acks)
-        return len(packs), len(letters)
+        return len(full) + len(packs), len(letters)
 
     def _foreign_record(self, message: Any, source: str, exc: Exception) -> DeadLetter:
         headers = RawHeaders(tenant="unknown", source=source, received_at=_utc_from_ms(message.timestamp),

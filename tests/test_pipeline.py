@@ -188,3 +188,21 @@ def test_sigkill_mid_stream_loses_nothing_and_emits_nothing_twice(
     assert len(ids) == expected_events
     letters = {d.id for d in dead_letters(settings) if d.reason == "invalid_json"}
     assert len(letters) == 100  # each bad record once by id (a copy after the crash shares its id)
+
+
+def test_a_bulk_body_of_several_megabytes_is_carried_through(
+    settings: Settings, start_worker: Callable[..., WorkerProcess]
+) -> None:
+    """A 4,000-event Segment batch of ~3 MB (over Kafka's default 1 MiB record limit) is stored raw,
+    split into keyed records of bounded size, and every event comes out once."""
+    padding = "x" * 600
+    batch = [{"type": "track", "event": "Big", "messageId": f"big_{i}", "userId": f"u{i % 50}",
+              "timestamp": "2024-03-01T12:00:00Z", "properties": {"padding": padding}} for i in range(4000)]
+    body = orjson.dumps(batch)
+    assert len(body) > 2_500_000
+    produce_raw(settings, "segment", [body])
+    start_worker(settings)
+    ids = wait_for(lambda: len(i := [e["event_id"] for e in canonical(settings)]) >= 4000 and i, timeout=120)
+    assert sorted(ids) == sorted(f"big_{i}" for i in range(4000))
+    keyed = read_records(settings, settings.topics.keyed)
+    assert max(len(r.value) for r in keyed) < 300 * 1024
