@@ -99,7 +99,7 @@ class Deduplicator:
             for candidate, partition, _ in verdicts.unresolved:
                 if candidate[0] in emitted_before:
                     verdicts.duplicates += 1
-                    await self.mark([(candidate[0], partition)], DONE, now_ms)
+                    await asyncio.gather(*await self.mark([(candidate[0], partition)], DONE, now_ms))
                 else:
                     verdicts.emit.append((candidate, partition))
             log.info("resolved %d ids left PENDING by a crash: %d already emitted",
@@ -108,7 +108,7 @@ class Deduplicator:
             keys = [(c[0], p) for c, p in verdicts.emit]
             await asyncio.gather(*await self.mark(keys, PENDING, now_ms))
             await emit([c for c, _ in verdicts.emit])
-            await self.mark(keys, DONE, now_ms)  # acked before the offset commit (Faust flushes first)
+            await asyncio.gather(*await self.mark(keys, DONE, now_ms))  # acked before the offset commit
         self.dropped += verdicts.duplicates
         return len(verdicts.emit), verdicts.duplicates
 
