@@ -1,8 +1,11 @@
 """Deduplication on (tenant, event_id), crash-safe without Kafka transactions (architecture.md "Deduplication").
 
-State is a Faust table (changelog-backed, so it survives restarts and rebalances), one entry per id:
-`[state, first_seen_ms, partition]`. Faust tables have no TTL, so entries carry their own time and
-`expire()` deletes old ones, tombstones included (pitfalls.md).
+State is a table of the keyed partitions a worker owns, one entry per id: `[state, first_seen_ms,
+partition]`, written through to a compacted changelog topic (so it survives restarts and rebalances:
+the worker restores a partition's entries from it on assignment). The table lives in memory or, with
+dedup.store = "rocksdb://", in a local RocksDB (rocksdict) so a large window does not need the RAM.
+There is no TTL in either, so entries carry their own time and `expire()` deletes old ones, tombstones
+included (pitfalls.md).
 
 The order of writes per batch closes the gap between "emitted" and "marked seen":
 1. mark every new id PENDING and wait for the changelog's ack;
@@ -17,8 +20,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +37,56 @@ DONE = "d"
 # (dedup_key, canonical_key, canonical_json) of one candidate, and the keyed partition it came from.
 Candidate = tuple[bytes, bytes, bytes]
 Send = Callable[[str, bytes | None, bytes | None, int | None], Awaitable[Awaitable[Any]]]
+
+
+class RocksStore:
+    """The dedup table in a local RocksDB: the dict operations the Deduplicator uses, values as JSON.
+
+    The changelog is the source of truth, so the database starts empty at every start (the worker
+    restores what its partitions need); it only moves the table out of the heap.
+    """
+
+    def __init__(self, path: Path) -> None:
+        import rocksdict  # optional: pip install 'headwater[rocksdb]'
+
+        shutil.rmtree(path, ignore_errors=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.db = rocksdict.Rdict(str(path))
+
+    def get(self, key: bytes, default: Any = None) -> Any:
+        value = self.db.get(key)
+        return default if value is None else orjson.loads(value)
+
+    def __setitem__(self, key: bytes, value: Any) -> None:
+        self.db[key] = orjson.dumps(value)
+
+    def __delitem__(self, key: bytes) -> None:
+        del self.db[key]
+
+    def pop(self, key: bytes, default: Any = None) -> Any:
+        value = self.get(key, default)
+        if key in self.db:
+            del self.db[key]
+        return value
+
+    def items(self) -> Iterator[tuple[bytes, Any]]:
+        for key, value in self.db.items():
+            yield key, orjson.loads(value)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self.db.keys())
+
+    def close(self) -> None:
+        self.db.close()
+
+
+def make_store(url: str, data_dir: Path) -> Any:
+    """"memory://" -> a dict; "rocksdb://" -> a RocksStore under the worker's data dir."""
+    if url.startswith("rocksdb:"):
+        return RocksStore(data_dir / "dedup.rocksdb")
+    if url.startswith("memory:"):
+        return {}
+    raise ValueError(f"dedup.store must be memory:// or rocksdb://, not {url!r}")
 
 
 @dataclass

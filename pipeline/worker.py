@@ -34,7 +34,7 @@ from adapters import ADAPTERS
 from pipeline import reasons
 from pipeline.adapting import AdapterModule
 from pipeline.config import SOURCES, Settings
-from pipeline.dedup import Candidate, Deduplicator
+from pipeline.dedup import Candidate, Deduplicator, make_store
 from pipeline.kafka import ensure_topics, make_consumer, read_topic
 from pipeline.normalizing import dead_letter, outcomes
 from pipeline.records import CanonicalEvent, DeadLetter, KeyedBatch, Origin, RawHeaders, RawRecord, ReplayTag
@@ -68,7 +68,7 @@ class Pipeline:
         self.keyed_partitions = settings.kafka.partitions
         # The dedup table: entries of the keyed partitions this worker owns, restored from the compacted
         # changelog whenever a partition is assigned (DedupStage), written through to it on every change.
-        self.store: dict[bytes, Any] = {}
+        self.store: Any = make_store(settings.dedup.store, settings.worker.data_dir / settings.worker.app_id)
         self.changelog_topic = f"{settings.worker.app_id}-dedup-changelog"
         self.dedup = Deduplicator(self.store, self.changelog_topic, settings.dedup.window.total_seconds(),
                                   self._send, self._find_emitted)
@@ -92,7 +92,7 @@ class Pipeline:
         return faust.App(
             s.worker.app_id,
             broker=brokers,
-            store=s.dedup.store,
+            store="memory://",  # the worker has no Faust tables (DedupStage keeps its own)
             datadir=str(s.worker.data_dir),
             web_enabled=False,
             topic_partitions=s.kafka.partitions,

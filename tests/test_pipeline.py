@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 import aiohttp
+import pytest
 import orjson
 from realkafka import WorkerProcess, produce_raw, read_records, wait_for
 
@@ -140,10 +141,13 @@ def test_a_dead_letter_rebuilds_the_original_request_byte_for_byte(
     assert letter.reason == "invalid_json" and letter.message
 
 
+@pytest.mark.parametrize("store", ["memory://", "rocksdb://"])
 def test_the_same_event_in_two_partitions_is_emitted_once_per_tenant(
-    settings: Settings, start_worker: Callable[..., WorkerProcess]
+    make_settings: Callable[..., Settings], start_worker: Callable[..., WorkerProcess], store: str
 ) -> None:
-    """Dedup is on (tenant, event_id) across raw partitions; the same id from another tenant is its own event."""
+    """Dedup is on (tenant, event_id) across raw partitions; the same id from another tenant is its own
+    event. With either dedup store."""
+    settings = make_settings(dedup={"store": store})
     event = orjson.dumps({"event_id": "dup_1", "event_name": "paid", "user_id": "u1",
                           "timestamp": "2024-03-01T12:00:00Z"})
     produce_raw(settings, "customerglu", [event], tenant="acme", partition=0)

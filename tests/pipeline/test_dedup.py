@@ -4,12 +4,13 @@ as the changelog, so each crash point of the PENDING -> emit -> DONE protocol ca
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from collections.abc import Awaitable
 from typing import Any
 
 import orjson
 
-from pipeline.dedup import DONE, PENDING, Candidate, Deduplicator
+from pipeline.dedup import DONE, PENDING, Candidate, Deduplicator, make_store
 
 WINDOW_S = 3600.0
 
@@ -107,3 +108,17 @@ def test_an_expired_id_is_new_again() -> None:
     dedup, _ = make(store)
     emitted, _ = run(dedup, [(candidate("a"), 0)])
     assert emitted == [b"acme/a"]
+
+
+def test_the_rocksdb_store_keeps_the_same_entries_as_memory(tmp_path: Path) -> None:
+    """dedup.store = "rocksdb://": the same verdicts, entries readable back, expiry deletes them."""
+    store = make_store("rocksdb://", tmp_path)
+    dedup, changelog = make(store)
+    assert run(dedup, [(candidate("a"), 0), (candidate("b"), 1)])[1] == (2, 0)
+    assert run(dedup, [(candidate("a"), 0)])[1] == (0, 1)
+    assert {k: v[0] for k, v in store.items()} == {b"acme/a": DONE, b"acme/b": DONE}
+    assert store.pop(b"acme/b")[0] == DONE and store.get(b"acme/b") is None
+    assert asyncio.run(dedup.expire(now_ms=10**15)) == 1
+    assert list(store.items()) == []
+    store.close()
+    assert list(make_store("rocksdb://", tmp_path).items()) == []  # starts empty: the changelog is the truth
