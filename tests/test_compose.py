@@ -1,0 +1,291 @@
+"""The docker-compose deployment, checked statically: no Docker engine runs where these tests run.
+
+What is checked is what would break a `docker compose up` silently: a service command that `headwater`
+would refuse, a healthcheck or published port that is not the port the mounted config listens on, a
+config that does not load, an unpinned image, a container running as root (README "Deployment").
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+import shlex
+import tomllib
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import click
+import pytest
+import yaml
+
+from pipeline.cli import main
+from pipeline.config import Settings, load_settings
+
+ROOT = Path(__file__).resolve().parents[1]
+COMPOSE: dict[str, Any] = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+SERVICES: dict[str, dict[str, Any]] = COMPOSE["services"]
+PROJECT_VERSION = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+HEADWATER_IMAGE = f"headwater:{PROJECT_VERSION}"
+HEADWATER = {name: s for name, s in SERVICES.items() if s.get("image") == HEADWATER_IMAGE}
+LONG_RUNNING = {name: s for name, s in SERVICES.items() if not s.get("profiles")}
+
+# What each Headwater service must run: the path of `headwater` subcommands its command resolves to.
+EXPECTED_COMMANDS = {
+    "receiver": ("receiver",),
+    "worker-1": ("worker",),
+    "worker-2": ("worker",),
+    "rewards": ("rewards", "run"),
+    "cli": (),
+}
+
+
+def resolve(args: list[str]) -> tuple[str, ...]:
+    """The subcommands `headwater ARGS` would run, parsed by click exactly as at run time; nothing runs.
+
+    Raises click.UsageError (unknown command or option, bad value) where `headwater` would exit with 2.
+    """
+    path: list[str] = []
+    command: click.Command = main
+    ctx = main.make_context("headwater", list(args))
+    while isinstance(command, click.Group):
+        protected = ctx._protected_args if hasattr(ctx, "_protected_args") else ctx.protected_args
+        rest = [*protected, *ctx.args]
+        if not rest:
+            if not command.invoke_without_command:
+                raise click.UsageError(f"{' '.join(['headwater', *path])} needs a subcommand")
+            break
+        name, sub, rest = command.resolve_command(ctx, rest)
+        assert name is not None and sub is not None
+        path.append(name)
+        ctx = sub.make_context(name, rest, parent=ctx)
+        command = sub
+    return tuple(path)
+
+
+def headwater_args(service: dict[str, Any]) -> list[str]:
+    command = service["command"]
+    return shlex.split(command) if isinstance(command, str) else list(command)
+
+
+def healthcheck_url(service: dict[str, Any]) -> Any:
+    test = service["healthcheck"]["test"]
+    text = test if isinstance(test, str) else " ".join(test)
+    urls = re.findall(r"https?://[^\s'\"]+", text)
+    assert len(urls) == 1, f"one URL expected in the healthcheck {text!r}"
+    return urlsplit(urls[0])
+
+
+def published_container_ports(service: dict[str, Any]) -> set[int]:
+    return {int(str(p).split(":")[-1].split("/")[0]) for p in service.get("ports", [])}
+
+
+def config_mount(service: dict[str, Any]) -> tuple[Path, str]:
+    """(host file, container path) of the mounted TOML config."""
+    for volume in service.get("volumes", []):
+        source, target, *_ = volume.split(":")
+        if source.endswith(".toml"):
+            return ROOT / source, target
+    raise AssertionError("no TOML config is mounted")
+
+
+def settings_of(service: dict[str, Any]) -> Settings:
+    """The Settings the container would load: its mounted file, under its own environment."""
+    host_file, _ = config_mount(service)
+    environment = {k: str(v) for k, v in service.get("environment", {}).items()}
+    return load_settings(host_file, environ=environment)
+
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) in order, continuation lines joined, comments dropped."""
+    text = re.sub(r"\\\n", " ", (ROOT / "Dockerfile").read_text())
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            keyword, _, rest = line.partition(" ")
+            out.append((keyword.upper(), rest.strip()))
+    return out
+
+
+def copy_sources() -> list[str]:
+    """What the Dockerfile copies from the build context (not from another stage)."""
+    sources = []
+    for keyword, args in dockerfile_instructions():
+        if keyword == "COPY" and not args.startswith("--from"):
+            sources += [source.rstrip("/") for source in args.split()[:-1]]
+    return sources
+
+
+def final_stage() -> list[tuple[str, str]]:
+    instructions = dockerfile_instructions()
+    last_from = max(i for i, (keyword, _) in enumerate(instructions) if keyword == "FROM")
+    return instructions[last_from:]
+
+
+def is_pinned(image: str) -> bool:
+    """A digest, or a tag with a version number in it (not `latest`, not a bare name)."""
+    if "@sha256:" in image:
+        return True
+    name, _, tag = image.rpartition(":")
+    return bool(name) and "/" not in tag and tag != "latest" and re.search(r"\d+\.\d+", tag) is not None
+
+
+class TestCommands:
+    @pytest.mark.parametrize("name", sorted(EXPECTED_COMMANDS))
+    def test_each_headwater_service_runs_a_real_headwater_subcommand(self, name: str) -> None:
+        """A service's command parses against the `headwater` CLI (subcommands and options) to the
+        subcommand the service is for."""
+        service = HEADWATER[name]
+        try:
+            path = resolve(headwater_args(service))
+        except click.exceptions.Exit as done:  # --help: click prints the help and exits 0
+            assert done.exit_code == 0
+            path = ()
+        assert path == EXPECTED_COMMANDS[name]
+
+    @pytest.mark.parametrize("args", [["workers"], ["receiver", "--prot", "8080"], ["rewards", "go"],
+                                      ["rewards", "run", "--exit-after", "soon"], ["kafka"]])
+    def test_a_command_headwater_would_refuse_is_refused_here_too(self, args: list[str]) -> None:
+        """The check above is not vacuous: a misspelt subcommand or option, or a bad value, fails."""
+        with pytest.raises(click.UsageError):
+            resolve(args)
+
+    def test_the_stack_is_kafka_one_receiver_two_workers_the_dispatcher_and_a_console(self) -> None:
+        """By default: one receiver, two workers in one consumer group, one dispatcher, Kafka, a console."""
+        running = [resolve(headwater_args(s)) for s in LONG_RUNNING.values()
+                   if s.get("image") == HEADWATER_IMAGE]
+        assert sorted(running) == [("receiver",), ("rewards", "run"), ("worker",), ("worker",)]
+        images = [s["image"].split(":")[0] for s in LONG_RUNNING.values()]
+        assert "apache/kafka" in images and "docker.redpanda.com/redpandadata/console" in images
+
+
+class TestConfig:
+    @pytest.mark.parametrize("name", sorted(HEADWATER))
+    def test_the_mounted_config_is_the_one_headwater_config_names(self, name: str) -> None:
+        """Each Headwater service mounts deploy/headwater.compose.toml read-only at HEADWATER_CONFIG."""
+        service = HEADWATER[name]
+        host_file, target = config_mount(service)
+        assert host_file == ROOT / "deploy" / "headwater.compose.toml" and host_file.is_file()
+        assert service["environment"]["HEADWATER_CONFIG"] == target
+        assert any(v.endswith(f":{target}:ro") for v in service["volumes"])
+
+    @pytest.mark.parametrize("name", sorted(HEADWATER))
+    def test_the_config_loads_and_points_at_the_kafka_service(self, name: str) -> None:
+        """Loaded as the container loads it (its environment included), the config uses an address the
+        broker advertises on the compose network, no local broker, and no more replicas than brokers."""
+        settings = settings_of(HEADWATER[name])
+        kafka = SERVICES["kafka"]
+        on_network = {urlsplit(listener).netloc for listener in
+                      kafka["environment"]["KAFKA_ADVERTISED_LISTENERS"].split(",")
+                      if urlsplit(listener).hostname in (kafka["hostname"], "kafka")}
+        assert settings.kafka.bootstrap_servers in on_network
+        assert settings.local_kafka.enabled is False
+        brokers = [s for s in SERVICES.values() if s["image"].startswith("apache/kafka:")]
+        assert settings.kafka.replication_factor <= len(brokers)
+        assert [t.id for t in settings.tenants] == ["demo"]
+
+    def test_the_receiver_listens_on_all_interfaces_at_its_published_port(self) -> None:
+        """The receiver binds 0.0.0.0 at receiver.port, which is the container port compose publishes."""
+        service = HEADWATER["receiver"]
+        settings = settings_of(service)
+        assert settings.receiver.host == "0.0.0.0"
+        assert published_container_ports(service) == {settings.receiver.port}
+
+    def test_the_workers_cannot_outnumber_the_partitions(self) -> None:
+        """Partitions bound the parallelism: every worker must be able to own at least one partition."""
+        workers = [s for s in LONG_RUNNING.values() if s.get("image") == HEADWATER_IMAGE
+                   and resolve(headwater_args(s)) == ("worker",)]
+        assert 2 == len(workers) <= settings_of(workers[0]).kafka.partitions
+
+
+class TestHealth:
+    def test_the_receiver_healthcheck_asks_its_healthz_on_the_configured_port(self) -> None:
+        """The receiver's healthcheck is GET /healthz on receiver.port, from inside its container."""
+        service = HEADWATER["receiver"]
+        url = healthcheck_url(service)
+        port = settings_of(service).receiver.port
+        assert (url.hostname, url.port, url.path) == ("127.0.0.1", port, "/healthz")
+
+    @pytest.mark.parametrize("name", ["worker-1", "worker-2"])
+    def test_a_worker_healthcheck_reads_its_metrics_port(self, name: str) -> None:
+        """A worker's healthcheck reads /metrics on worker.web_port, which the worker serves on loopback."""
+        service = HEADWATER[name]
+        url = healthcheck_url(service)
+        port = settings_of(service).worker.web_port
+        assert (url.hostname, url.port, url.path) == ("127.0.0.1", port, "/metrics")
+
+    def test_the_dispatcher_healthcheck_reads_its_metrics_port(self) -> None:
+        """The dispatcher's healthcheck reads /metrics on rewards.web_port, where rewards.web_host binds."""
+        service = HEADWATER["rewards"]
+        url = healthcheck_url(service)
+        rewards = settings_of(service).rewards
+        assert rewards.web_host in ("127.0.0.1", "0.0.0.0")
+        assert (url.hostname, url.port, url.path) == ("127.0.0.1", rewards.web_port, "/metrics")
+
+    @pytest.mark.parametrize("name", sorted(LONG_RUNNING))
+    def test_a_long_running_service_restarts_by_itself(self, name: str) -> None:
+        """Every service `docker compose up` starts comes back after a crash."""
+        assert LONG_RUNNING[name].get("restart") in ("always", "unless-stopped", "on-failure")
+
+    @pytest.mark.parametrize("name", sorted(set(LONG_RUNNING) - {"console"}))
+    def test_kafka_and_every_headwater_process_have_a_healthcheck(self, name: str) -> None:
+        """Kafka and each Headwater process have a healthcheck with a command and an interval."""
+        check = LONG_RUNNING[name]["healthcheck"]
+        assert check["test"] and check["interval"] and check.get("retries", 0) >= 1
+
+    @pytest.mark.parametrize("name", sorted(HEADWATER))
+    def test_headwater_starts_after_kafka_is_healthy(self, name: str) -> None:
+        """Headwater services wait for the broker's healthcheck, so start-up topic creation finds a broker."""
+        assert HEADWATER[name]["depends_on"]["kafka"]["condition"] == "service_healthy"
+
+
+class TestImages:
+    @pytest.mark.parametrize("name", sorted(SERVICES))
+    def test_every_image_is_pinned(self, name: str) -> None:
+        """No `latest` and no bare names: each image has a version tag or a digest."""
+        assert is_pinned(SERVICES[name]["image"]), SERVICES[name]["image"]
+
+    def test_kafka_is_the_version_the_local_broker_runs(self) -> None:
+        """The compose broker is apache/kafka at the version in pipeline/kafka/pom.xml (the tested one)."""
+        pom = (ROOT / "pipeline" / "kafka" / "pom.xml").read_text()
+        version = re.search(r"<kafka.version>([^<]+)</kafka.version>", pom)
+        assert version is not None
+        assert SERVICES["kafka"]["image"] == f"apache/kafka:{version.group(1)}"
+        assert SERVICES["kafka"]["environment"]["KAFKA_PROCESS_ROLES"] == "broker,controller"  # KRaft
+
+    def test_headwater_services_share_one_image_built_from_this_repository(self) -> None:
+        """Receiver, workers, dispatcher and CLI are one image, tagged with the package version."""
+        assert set(HEADWATER) == set(EXPECTED_COMMANDS)
+        assert all(s.get("build") == "." for s in HEADWATER.values())
+
+    def test_the_base_image_is_a_pinned_slim_python_3_11(self) -> None:
+        """Every stage starts from python:3.11.<patch>-slim-*, pinned by tag."""
+        bases = [args.split()[0] for keyword, args in dockerfile_instructions() if keyword == "FROM"]
+        assert bases and all(re.fullmatch(r"python:3\.11\.\d+-slim(-\w+)?", b) for b in bases), bases
+
+    def test_the_image_runs_headwater_as_an_unprivileged_user(self) -> None:
+        """The final stage switches to a non-root user before its ENTRYPOINT, which is `headwater`."""
+        stage = final_stage()
+        users = [args for keyword, args in stage if keyword == "USER"]
+        assert users and users[-1].split(":")[0] not in ("root", "0")
+        keywords = [keyword for keyword, _ in stage]
+        assert keywords.index("USER") < keywords.index("ENTRYPOINT")
+        [entrypoint] = [args for keyword, args in stage if keyword == "ENTRYPOINT"]
+        assert yaml.safe_load(entrypoint) == ["headwater"]  # exec form: a JSON list
+
+    def test_the_image_installs_the_package_from_the_repository(self) -> None:
+        """The build copies every package pyproject.toml lists and pip-installs the project itself."""
+        instructions = dockerfile_instructions()
+        copied = {Path(source).parts[0] for source in copy_sources()}
+        packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+        assert set(packages) | {"pyproject.toml"} <= copied
+        assert any(keyword == "RUN" and re.search(r"pip install \.$", args) for keyword, args in instructions)
+
+    def test_dockerignore_keeps_what_the_build_copies_and_drops_the_virtualenv(self) -> None:
+        """The build context leaves out .venv and .git but none of the files the Dockerfile copies."""
+        patterns = [p.strip() for p in (ROOT / ".dockerignore").read_text().splitlines()
+                    if p.strip() and not p.startswith("#")]
+        assert {".venv", ".git"} <= set(patterns)
+        for source in copy_sources():
+            assert not any(fnmatch.fnmatch(source, p) for p in patterns), source
