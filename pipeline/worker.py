@@ -361,7 +361,7 @@ class DedupStage(mode.Service):
     - on assignment, the table entries of newly assigned partitions are restored from the changelog
       (partition p of the changelog holds the entries of keyed partition p); entries of partitions no
       longer owned are dropped;
-    - records fetched before a rebalance are discarded (positions are reset to the committed offsets);
+    - records fetched across a rebalance are not processed but fetched again under the new assignment;
     - a batch's changelog writes and canonical events are acknowledged before its offsets are committed.
     """
 
@@ -394,7 +394,13 @@ class DedupStage(mode.Service):
                     continue
                 async with self.pipeline.dedup_lock:
                     if generation != self.generation:
-                        continue  # fetched before a rebalance: the new assignment starts from the commits
+                        # A rebalance happened during the fetch: these records may be from before or after
+                        # it. Fetch them again under the current assignment (a repeat is only a duplicate).
+                        assignment = consumer.assignment()
+                        for tp, part in batch.items():
+                            if tp in assignment:
+                                consumer.seek(tp, part[0].offset)
+                        continue
                     self._record_lag(consumer, batch)
                     try:
                         await self.pipeline.dedup_batch([r for part in batch.values() for r in part])

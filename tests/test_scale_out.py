@@ -182,7 +182,7 @@ def test_three_workers_with_a_crash_and_a_newcomer_emit_every_event_exactly_once
                 f"not drained: {total_records(settings, topics.canonical)} of {len(good)} canonical, "
                 f"{total_records(settings, topics.dlq)} of {bad_records} dead letters; "
                 f"lag of the dedup group "
-                f"on {topics.keyed}: {group_lag(settings, settings.worker.app_id, topics.keyed)}; of the "
+                f"on {topics.keyed}: {group_lag(settings, settings.worker.app_id + '-dedup', topics.keyed)}; of the "
                 f"normalize group: {group_lag(settings, settings.worker.app_id + '-normalize')}") from None
         # Give a late duplicate emission (after a rebalance) the chance to show up before counting.
         time.sleep(3)

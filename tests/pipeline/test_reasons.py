@@ -63,3 +63,12 @@ def test_lookup() -> None:
     assert lookup("invalid_json") is CATALOGUE["invalid_json"]
     assert lookup("no_such_code") is UNKNOWN
     assert lookup("") is UNKNOWN
+
+
+def test_the_readme_table_lists_every_code_with_its_stage() -> None:
+    """Operators read the reasons in the README; it lists the whole catalogue."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    for reason in CATALOGUE.values():
+        assert f"| `{reason.code}` | {reason.stage} |" in readme
