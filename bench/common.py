@@ -1,0 +1,215 @@
+"""What the benchmarks share: a broker, settings on fresh topics, vendor payloads, processes.
+
+Every benchmark measures Headwater and a bare baseline in the same run on the same broker, and
+prints the ratio, so that figures from different machines compare by their ratios.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+from realkafka import start_local_broker, toml_text  # noqa: E402
+
+from pipeline.config import Settings  # noqa: E402
+from pipeline.kafka import make_consumer  # noqa: E402
+from pipeline.localkafka import free_port  # noqa: E402
+
+TENANT = {"id": "bench", "write_keys": ["wk_bench_1"], "usermaven_tokens": ["ak_bench.st_bench"],
+          "webengage": {"license_code": "~bench", "secret_key": "whsec_bench"}}
+WEBENGAGE_SECRET = hashlib.md5(b"~bench:whsec_bench").hexdigest()
+
+
+@contextlib.contextmanager
+def broker(bootstrap: str | None) -> Iterator[str]:
+    """The given bootstrap, or a local single-node broker in a temp dir for the length of the run."""
+    if bootstrap:
+        yield bootstrap
+        return
+    with tempfile.TemporaryDirectory(prefix="headwater-bench-") as tmp:
+        local = start_local_broker(Path(tmp) / "kafka")
+        try:
+            yield local.bootstrap
+        finally:
+            local.down()
+
+
+def bench_settings(bootstrap: str, tmp: Path, partitions: int = 6, **sections: Any) -> Settings:
+    """Settings on topics no earlier run used."""
+    run = f"b{uuid.uuid4().hex[:8]}"
+    doc: dict[str, Any] = {
+        "kafka": {"bootstrap_servers": bootstrap, "partitions": partitions},
+        "local_kafka": {"enabled": False},
+        "topics": {"raw_prefix": f"{run}.raw.", "canonical": f"{run}.canonical", "dlq": f"{run}.dlq",
+                   "keyed": f"{run}.keyed", "replay_results": f"{run}.replay",
+                   "rewards": f"{run}.rewards", "rewards_dlq": f"{run}.rewards-dlq",
+                   "rewards_deliveries": f"{run}.rewards-deliveries"},
+        "worker": {"app_id": run, "data_dir": str(tmp / run), "web_port": 0},
+        "receiver": {"port": free_port()},
+        "tenants": [TENANT],
+    }
+    for section, values in sections.items():
+        doc.setdefault(section, {}).update(values)
+    return Settings.model_validate(doc)
+
+
+def write_config(settings: Settings, path: Path) -> Path:
+    path.write_text(toml_text(settings))
+    return path
+
+
+def headwater(config: Path, *args: str, log: Path | None = None) -> subprocess.Popen[bytes]:
+    """A `headwater` subcommand in its own process."""
+    out = log.open("wb") if log else subprocess.DEVNULL
+    return subprocess.Popen([sys.executable, "-m", "pipeline.cli", "--config", str(config), *args],
+                            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+async def topic_size(settings: Settings, topic: str) -> int:
+    """Records on a topic (sum of end offsets; our topics are never compacted or truncated here)."""
+    from aiokafka import TopicPartition
+
+    consumer = make_consumer(settings)
+    await consumer.start()
+    try:
+        await consumer._client.force_metadata_update()
+        parts = consumer.partitions_for_topic(topic) or set()
+        ends = await consumer.end_offsets([TopicPartition(topic, p) for p in parts])
+        return sum(ends.values())
+    finally:
+        await consumer.stop()
+
+
+def wait_topic_size(settings: Settings, topic: str, count: int, timeout: float) -> float:
+    """Poll until the topic holds `count` records; the monotonic time it got there."""
+    deadline = time.monotonic() + timeout
+    while True:
+        size = asyncio.run(topic_size(settings, topic))
+        if size >= count:
+            return time.monotonic()
+        if time.monotonic() > deadline:
+            raise SystemExit(f"{topic} holds {size} of {count} records after {timeout:.0f}s")
+        time.sleep(0.05)
+
+
+# --- vendor payloads ------------------------------------------------------------------------------------
+# One event per source in its own shape; `bulk` items go in one request where the source batches.
+
+def _segment(i: int) -> dict[str, Any]:
+    return {"type": "track", "event": "Order Completed", "messageId": f"seg-{i}", "userId": f"u{i % 1000}",
+            "timestamp": "2024-03-01T12:00:00.800Z", "properties": {"revenue": i % 97, "currency": "INR"},
+            "context": {"library": {"name": "analytics.js"}, "ip": "10.0.0.1"}}
+
+
+def _amplitude(i: int) -> dict[str, Any]:
+    return {"$insert_id": f"amp-{i}", "event_type": "Song Played", "user_id": f"u{i % 1000}",
+            "event_time": "2024-03-01 12:00:00.000000", "event_properties": {"genre": "jazz", "n": i}}
+
+
+def _moengage(i: int) -> dict[str, Any]:
+    return {"event_name": "Email Clicked", "event_uuid": f"moe-{i}", "event_time": 1709294400 + i % 1000,
+            "uid": f"u{i % 1000}", "event_attributes": {"campaign": "spring", "n": i}}
+
+
+def _clevertap_profile(i: int) -> dict[str, Any]:
+    return {"identity": f"u{i % 1000}", "objectId": f"__obj{i}", "profileData": {"plan": "pro"}}
+
+
+def _usermaven(i: int) -> dict[str, Any]:
+    return {"api_key": "ak_bench", "event_id": f"um-{i}", "event_type": "signed_up",
+            "_timestamp": 1709294400000 + i, "user": {"id": f"u{i % 1000}"}, "event_attributes": {"n": i}}
+
+
+def _customerglu(i: int) -> dict[str, Any]:
+    return {"event_id": f"cg-{i}", "event_name": "kyc_completed", "user_id": f"u{i % 1000}",
+            "timestamp": "2024-03-01T12:00:00Z", "event_properties": {"level": "full", "n": i}}
+
+
+def _webengage(i: int) -> dict[str, Any]:
+    return {"event_name": "push_notification_accepted", "event_time": "2024-03-01T12:00:00+0000",
+            "license_code": "~bench", "user_id": f"u{i % 1000}@example.com", "event_data": {"n": i}}
+
+
+def body(source: str, first: int, count: int) -> bytes:
+    """The request body of `count` events starting at index `first` (count > 1 only where the source batches)."""
+    items = range(first, first + count)
+    match source:
+        case "customerglu":
+            return orjson.dumps(_customerglu(first))
+        case "amplitude":
+            return orjson.dumps(_amplitude(first))
+        case "webengage":
+            return orjson.dumps(_webengage(first))
+        case "segment":
+            return orjson.dumps([_segment(i) for i in items] if count > 1 else _segment(first))
+        case "moengage":
+            return orjson.dumps({"app_name": "Bench", "source": "MOENGAGE", "moe_request_id": f"r{first}",
+                                 "events": [_moengage(i) for i in items]})
+        case "clevertap":
+            return orjson.dumps({"targetId": 1700000001,
+                                 "key_values": {"event_name": "Trial Started", "event_id": f"ct-{first}"},
+                                 "profiles": [_clevertap_profile(i) for i in items]})
+        case "usermaven":
+            return orjson.dumps([_usermaven(i) for i in items] if count > 1 else _usermaven(first))
+    raise ValueError(source)
+
+
+SINGLE_SOURCES = ("customerglu", "segment", "moengage", "amplitude", "clevertap", "webengage", "usermaven")
+# The sources whose requests carry many events with their own ids (a CleverTap webhook is one event sent
+# to many profiles: its profiles share the event id, so dedup rightly keeps one of them).
+BULK_SOURCES = ("segment", "moengage", "usermaven")
+
+
+def endpoint(source: str) -> tuple[str, dict[str, str], dict[str, str]]:
+    """(path, query, headers) of an authenticated request to the receiver."""
+    json = {"Content-Type": "application/json"}
+    key = {"X-API-KEY": "wk_bench_1", **json}
+    return {
+        "customerglu": ("/server/v4", {}, key),
+        "segment": ("/segment/v4", {}, key),
+        "moengage": ("/v3/moengage", {}, key),
+        "amplitude": ("/amplitude/v4", {}, key),
+        "clevertap": ("/clevertap/v4", {}, key),
+        "webengage": ("/webengage/v4", {"licenseCode": "~bench", "secret": WEBENGAGE_SECRET, "eventType": "push"},
+                      {"x-request-id": "bench", **json}),
+        "usermaven": ("/api/v1/s2s/event", {"token": "ak_bench.st_bench"}, json),
+    }[source]
+
+
+def raw_headers(source: str, index: int) -> list[tuple[str, bytes]]:
+    """The headers the receiver writes, for records the benchmark preloads itself."""
+    from pipeline.receiver import new_request_id
+    from pipeline.records import RawHeaders, utc_now
+
+    extra: dict[str, Any] = {}
+    if source == "webengage":
+        extra = {"webengage_request_id": f"we-{index}", "webengage_event_type": "push",
+                 "webengage_license_code": "~bench"}
+    elif source == "usermaven":
+        extra = {"usermaven_api_key": "ak_bench"}
+    return RawHeaders(tenant="bench", source=source, received_at=utc_now(), request_id=new_request_id(),
+                      content_type="application/json", **extra).to_kafka()

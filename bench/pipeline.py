@@ -1,0 +1,203 @@
+"""Pipeline throughput: one worker process vs a bare consume -> orjson parse -> produce loop (issue 3).
+
+    .venv/bin/python bench/pipeline.py [--bootstrap HOST:PORT] [--single N] [--bulk N] [--profile]
+
+Preloads raw records into fresh raw.<source> topics (single-event records from all seven sources, then
+100-event records from the sources that batch), runs one `headwater worker` process, and measures
+canonical events/s from the first canonical record to the last (worker start-up excluded). In the same
+run, a bare aiokafka loop consumes the same raw records, parses them with orjson and produces one record
+per event (acks=all, awaited per batch): the baseline. Prints both rates and worker/bare.
+--profile samples the worker with py-spy (installed on demand) and prints the top functions by own time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from common import (
+    BULK_SOURCES,
+    SINGLE_SOURCES,
+    bench_settings,
+    body,
+    broker,
+    headwater,
+    raw_headers,
+    stop,
+    topic_size,
+    write_config,
+)
+
+from pipeline.config import Settings
+from pipeline.kafka import ensure_topics, make_consumer, make_producer
+
+
+async def preload(settings: Settings, sources: tuple[str, ...], records: int, per_record: int) -> int:
+    """Write `records` raw records per source; returns the number of events they carry."""
+    await ensure_topics(settings, [settings.topics.raw(s) for s in sources])
+    producer = make_producer(settings, linger_ms=20, max_batch_size=1024 * 1024)
+    await producer.start()
+    try:
+        for source in sources:
+            acks = []
+            for r in range(records):
+                count = per_record if source in BULK_SOURCES else 1
+                acks.append(await producer.send(settings.topics.raw(source), body(source, r * count, count),
+                                                headers=raw_headers(source, r)))
+                if len(acks) >= 5000:
+                    await asyncio.gather(*acks)
+                    acks.clear()
+            await asyncio.gather(*acks)
+    finally:
+        await producer.stop()
+    return sum(records * (per_record if s in BULK_SOURCES else 1) for s in sources)
+
+
+async def bare_loop(settings: Settings, sources: tuple[str, ...], events: int, out_topic: str) -> float:
+    """Consume the raw topics, orjson-parse every body, produce one record per event; events/s."""
+    import orjson
+
+    await ensure_topics(settings, [out_topic])
+    consumer = make_consumer(settings, *(settings.topics.raw(s) for s in sources),
+                             group_id=f"{settings.worker.app_id}-bare", max_poll_records=2000)
+    producer = make_producer(settings, linger_ms=5, max_batch_size=512 * 1024)
+    await consumer.start()
+    await producer.start()
+    done = 0
+    started = None
+    try:
+        while done < events:
+            batch = await consumer.getmany(timeout_ms=200, max_records=2000)
+            acks = []
+            for part in batch.values():
+                for record in part:
+                    started = started or time.monotonic()
+                    doc = orjson.loads(record.value)
+                    items = doc if isinstance(doc, list) else doc.get("events") or doc.get("profiles") or [doc]
+                    for item in items:
+                        acks.append(await producer.send(out_topic, orjson.dumps(item)))
+            await asyncio.gather(*acks)
+            done += len(acks)
+            if batch:
+                await consumer.commit()
+        return events / (time.monotonic() - (started or time.monotonic()))
+    finally:
+        await producer.stop()
+        await consumer.stop()
+
+
+async def canonical_span(settings: Settings) -> tuple[int, float]:
+    """(records, seconds between the first and last canonical record's log time)."""
+    from aiokafka import TopicPartition
+
+    consumer = make_consumer(settings)
+    await consumer.start()
+    try:
+        topic = settings.topics.canonical
+        await consumer._client.force_metadata_update()
+        tps = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        ends = await consumer.end_offsets(tps)
+        first, last, count = None, None, 0
+        while count < sum(ends.values()):
+            for part in (await consumer.getmany(timeout_ms=500, max_records=10_000)).values():
+                for record in part:
+                    first = record.timestamp if first is None else min(first, record.timestamp)
+                    last = record.timestamp if last is None else max(last, record.timestamp)
+                    count += 1
+        return count, ((last or 0) - (first or 0)) / 1000
+    finally:
+        await consumer.stop()
+
+
+def profile_top(folded: Path, top: int = 15) -> tuple[list[tuple[float, str]], list[tuple[float, str]]]:
+    """(own-time share, inclusive share) of the functions in a py-spy raw (folded) profile."""
+    own: collections.Counter[str] = collections.Counter()
+    inclusive: collections.Counter[str] = collections.Counter()
+    total = 0
+    for line in folded.read_text().splitlines():
+        stack, _, samples = line.rpartition(" ")
+        if not stack:
+            continue
+        n = int(samples)
+        total += n
+        frames = stack.split(";")
+        own[frames[-1]] += n
+        for frame in set(frames):
+            if "pipeline/" in frame or "adapters/" in frame or "faust/" in frame or "aiokafka/" in frame:
+                inclusive[frame] += n
+    return ([(n / max(1, total), f) for f, n in own.most_common(top)],
+            [(n / max(1, total), f) for f, n in inclusive.most_common(top)])
+
+
+def run_case(bootstrap: str, tmp: Path, label: str, sources: tuple[str, ...], records: int, per_record: int,
+             profile: bool) -> dict[str, float]:
+    settings = bench_settings(bootstrap, tmp)
+    events = asyncio.run(preload(settings, sources, records, per_record))
+    bare = asyncio.run(bare_loop(settings, sources, events, f"{settings.worker.app_id}.bare-out"))
+    config = write_config(settings, tmp / f"{settings.worker.app_id}.toml")
+    log = tmp / f"{settings.worker.app_id}.log"
+    worker = headwater(config, "worker", log=log)
+    spy = None
+    if profile:
+        folded = tmp / f"{label}.folded"
+        spy = subprocess.Popen([shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy"), "record",
+                                "--pid", str(worker.pid), "--rate", "200", "--format", "raw", "--output",
+                                str(folded), "--nonblocking"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 600
+        while asyncio.run(topic_size(settings, settings.topics.canonical)) < events:
+            if worker.poll() is not None:
+                print(log.read_text(errors="replace")[-3000:])
+                raise SystemExit(f"the worker exited with {worker.returncode}")
+            if time.monotonic() > deadline:
+                print(log.read_text(errors="replace")[-3000:])
+                raise SystemExit(f"the worker did not drain {events} events in 600 s")
+            time.sleep(0.2)
+    finally:
+        if spy is not None:
+            spy.send_signal(subprocess.signal.SIGINT)
+            spy.wait(60)
+        stop(worker)
+    count, seconds = asyncio.run(canonical_span(settings))
+    rate = count / seconds if seconds else float("inf")
+    print(f"{label:>7}: {events} events in {records} records/source x {len(sources)} sources | worker "
+          f"{rate:>9,.0f} ev/s | bare loop {bare:>9,.0f} ev/s | ratio worker/bare {rate / bare:.2f}")
+    if spy is not None and folded.exists():
+        own, inclusive = profile_top(folded)
+        print(f"  py-spy, top functions by own time ({label}):")
+        for share, frame in own:
+            print(f"    {share:6.1%}  {frame}")
+        print(f"  py-spy, top Headwater/Faust/aiokafka functions by inclusive time ({label}):")
+        for share, frame in inclusive:
+            print(f"    {share:6.1%}  {frame}")
+    return {"events": events, "worker": rate, "bare": bare, "ratio": rate / bare}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--bootstrap", help="An existing broker (default: a local one started for the run).")
+    parser.add_argument("--single", type=int, default=10_000, help="Single-event raw records per source.")
+    parser.add_argument("--bulk", type=int, default=500, help="100-event raw records per batching source.")
+    parser.add_argument("--profile", action="store_true", help="Sample the worker with py-spy.")
+    parser.add_argument("--only", choices=("single", "bulk"), help="Run one case.")
+    args = parser.parse_args()
+    if args.profile and not (shutil.which("py-spy") or (Path(sys.executable).parent / "py-spy").exists()):
+        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "py-spy"], check=True)
+    with broker(args.bootstrap) as bootstrap, tempfile.TemporaryDirectory(prefix="headwater-bench-") as tmp:
+        if args.only in (None, "single"):
+            run_case(bootstrap, Path(tmp), "single", SINGLE_SOURCES, args.single, 1, args.profile)
+        if args.only in (None, "bulk"):
+            run_case(bootstrap, Path(tmp), "bulk", BULK_SOURCES, args.bulk, 100, args.profile)
+
+
+if __name__ == "__main__":
+    main()
