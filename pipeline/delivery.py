@@ -205,7 +205,7 @@ class Dispatcher:
             partition, offset = event.message.partition, event.message.offset
             try:
                 message = parse_message(event.value)
-                log.info("DEBUG event %s:%s %s %s", partition, offset, message.kind, getattr(message, "reward_id", ""))
+                log.debug("event %s:%s %s %s", partition, offset, message.kind, getattr(message, "reward_id", ""))
                 if isinstance(message, DeliveryJob):
                     self._on_job(message, partition)
                 elif isinstance(message, AttemptOutcome):
@@ -314,10 +314,10 @@ class Dispatcher:
                 return
             state = self._get(key)
             if state is None or state.status != "pending" or state.body is None:
-                log.info("DEBUG drop %s state %s", key, state and state.status)
+                log.debug("drop %s state %s", key, state and state.status)
                 self.schedule.drop(key)
                 continue
-            log.info("DEBUG start %s", key)
+            log.debug("start %s", key)
             mode: Literal["send", "skip", "no_webhook"] = "no_webhook" if hook is None else breaker.admit(now)
             self.schedule.running.add(key)
             if mode == "send":
@@ -368,9 +368,6 @@ class Dispatcher:
     async def _on_tick(self) -> None:
         try:
             self._dispatch(time.time())
-            self._ticks = getattr(self, "_ticks", 0) + 1
-            if self._ticks % 20 == 0:
-                log.info("DEBUG tick heaps=%s ready=%s running=%s inflight=%s hold=%s", {p: len(h) for p, h in self.schedule._heaps.items()}, dict(self.schedule._ready), self.schedule.running, self.schedule.in_flight, self.schedule._hold)
             for tenant, hook in self.hooks.items():
                 if hook is not None:
                     self.metrics.queue_depth.labels(tenant).set(self.schedule.depth(tenant))
@@ -419,9 +416,7 @@ class Dispatcher:
         fetched: a group that never committed (a first worker killed within seconds) would skip records.
         """
         sources = {self.outbound.get_topic_name(), self.deliveries.get_topic_name()}
-        before = {f"{tp.topic[-5:]}:{tp.partition}": await self.app.consumer.position(tp) for tp in self.app.assignor.assigned_actives() if tp.topic in sources}
         committed = await self.app.consumer.seek_to_committed()
-        log.info("DEBUG positions %s committed %s", before, {f"{tp.topic[-5:]}:{tp.partition}": o for tp, o in committed.items()})
         fresh = [tp for tp, offset in committed.items() if tp.topic in sources and offset is None]
         if fresh:
             earliest = await self.app.consumer.earliest_offsets(*fresh)
