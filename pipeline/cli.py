@@ -13,7 +13,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Coroutine
-from pathlib import Path
 from typing import Any, TypeVar
 
 import click
@@ -23,6 +22,7 @@ from pipeline.errors import HeadwaterError
 from pipeline.localkafka import LocalKafka
 
 T = TypeVar("T")
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 class Context:
@@ -90,9 +90,15 @@ def _local_kafka(ctx: Context, port: int | None, data_dir: str | None) -> LocalK
     return LocalKafka(settings.local_kafka)
 
 
+def _broker_options(command: F) -> F:
+    """--port and --data-dir, shared by kafka up, down and status."""
+    command = click.option("--data-dir", type=click.Path(file_okay=False),
+                           help="Storage directory (default local_kafka.data_dir).")(command)
+    return click.option("--port", type=int, help="Broker port (default local_kafka.port).")(command)
+
+
 @kafka.command("up")
-@click.option("--port", type=int, help="Broker port (default local_kafka.port).")
-@click.option("--data-dir", type=click.Path(file_okay=False), help="Storage directory.")
+@_broker_options
 @click.pass_obj
 def kafka_up(ctx: Context, port: int | None, data_dir: str | None) -> None:
     """Start the broker (idempotent) and wait until it answers."""
@@ -100,8 +106,7 @@ def kafka_up(ctx: Context, port: int | None, data_dir: str | None) -> None:
 
 
 @kafka.command("down")
-@click.option("--port", type=int)
-@click.option("--data-dir", type=click.Path(file_okay=False))
+@_broker_options
 @click.pass_obj
 def kafka_down(ctx: Context, port: int | None, data_dir: str | None) -> None:
     """Stop the broker (fine when none runs)."""
@@ -110,8 +115,7 @@ def kafka_down(ctx: Context, port: int | None, data_dir: str | None) -> None:
 
 
 @kafka.command("status")
-@click.option("--port", type=int)
-@click.option("--data-dir", type=click.Path(file_okay=False))
+@_broker_options
 @click.pass_obj
 def kafka_status(ctx: Context, port: int | None, data_dir: str | None) -> None:
     """Say whether the broker runs; exit 3 when it does not."""

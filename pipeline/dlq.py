@@ -25,13 +25,12 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 import orjson
-from aiokafka import TopicPartition
 from pydantic import BaseModel, ConfigDict
 
 from pipeline import reasons
 from pipeline.config import Settings
 from pipeline.errors import NotFound
-from pipeline.kafka import broker_errors, ensure_topics, make_consumer, make_producer, read_topic
+from pipeline.kafka import broker_errors, ensure_topics, make_producer, offsets_at, read_topic
 from pipeline.records import DeadLetter, UtcDatetime, utc_now
 
 ID_PATTERN = re.compile(r"^dl_[0-9a-f]{24}$")
@@ -122,7 +121,7 @@ async def read_snapshot(settings: Settings, since: datetime | None = None) -> Sn
     starting at the first offset at or after `since` misses nothing that `Filters(since=...)` keeps.
     """
     topic = settings.topics.dlq
-    start = await _offsets_at(settings, topic, since) if since is not None else None
+    start = await offsets_at(settings, topic, int(since.timestamp() * 1000)) if since is not None else None
     records, log = await asyncio.gather(
         read_topic(settings, topic, start=start), read_topic(settings, redrive_log_topic(settings))
     )
@@ -145,25 +144,6 @@ async def read_snapshot(settings: Settings, since: datetime | None = None) -> Sn
             continue
         snapshot.redrives[entry.id] = entry
     return snapshot
-
-
-async def _offsets_at(settings: Settings, topic: str, moment: datetime) -> dict[int, int]:
-    """partition -> first offset with a timestamp at or after `moment` (the end when there is none)."""
-    consumer = make_consumer(settings)
-    async with broker_errors(f"reading offsets of {topic}"):
-        await consumer.start()
-        try:
-            await consumer._client.force_metadata_update()
-            tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
-            if not tps:
-                return {}
-            ends = await consumer.end_offsets(tps)
-            found = await consumer.offsets_for_times(
-                {tp: max(0, int(moment.timestamp() * 1000)) for tp in tps}
-            )
-            return {tp.partition: (found[tp].offset if found.get(tp) else ends[tp]) for tp in tps}
-        finally:
-            await consumer.stop()
 
 
 # --- summaries -------------------------------------------------------------------------------------------

@@ -108,19 +108,41 @@ async def _wait_for_topics(admin: AIOKafkaAdminClient, names: list[str], timeout
         await asyncio.sleep(0.1)
 
 
+async def _partitions(consumer: AIOKafkaConsumer, topic: str) -> list[TopicPartition]:
+    """The topic's partitions, sorted (metadata refreshed once if the topic is not known yet)."""
+    parts = consumer.partitions_for_topic(topic) or set()
+    if not parts:
+        await consumer._client.force_metadata_update()
+        parts = consumer.partitions_for_topic(topic) or set()
+    return [TopicPartition(topic, p) for p in sorted(parts)]
+
+
 async def end_offsets(settings: Settings, topic: str) -> dict[int, int]:
     """Partition -> end offset of a topic (empty when the topic does not exist)."""
     consumer = make_consumer(settings)
     async with broker_errors(f"reading offsets of {topic}"):
         await consumer.start()
         try:
-            parts = consumer.partitions_for_topic(topic) or set()
-            if not parts:
-                await consumer._client.force_metadata_update()
-                parts = consumer.partitions_for_topic(topic) or set()
-            tps = [TopicPartition(topic, p) for p in sorted(parts)]
+            tps = await _partitions(consumer, topic)
             ends = await consumer.end_offsets(tps) if tps else {}
             return {tp.partition: off for tp, off in ends.items()}
+        finally:
+            await consumer.stop()
+
+
+async def offsets_at(settings: Settings, topic: str, timestamp_ms: int) -> dict[int, int]:
+    """Partition -> first offset with a timestamp at or after `timestamp_ms`, else the end offset
+    (empty when the topic does not exist)."""
+    consumer = make_consumer(settings)
+    async with broker_errors(f"reading offsets of {topic}"):
+        await consumer.start()
+        try:
+            tps = await _partitions(consumer, topic)
+            if not tps:
+                return {}
+            ends = await consumer.end_offsets(tps)
+            found = await consumer.offsets_for_times({tp: max(0, timestamp_ms) for tp in tps})
+            return {tp.partition: (found[tp].offset if found.get(tp) else ends[tp]) for tp in tps}
         finally:
             await consumer.stop()
 

@@ -29,7 +29,7 @@ from adapters import ADAPTERS
 from pipeline.adapting import AdapterModule
 from pipeline.config import SOURCES, Settings, parse_duration
 from pipeline.errors import HeadwaterError
-from pipeline.kafka import broker_errors, ensure_topics, make_consumer
+from pipeline.kafka import broker_errors, end_offsets, ensure_topics, make_consumer
 from pipeline.records import RawHeaders, ReplayTag
 
 
@@ -112,7 +112,7 @@ async def replay(
     total = sum(high - low for low, high in ranges.values())
     started = time.monotonic()
     await ensure_topics(settings, [settings.topics.replay_results], partitions=1)
-    results_start = await _end_offsets(settings, settings.topics.replay_results)
+    results_start = await end_offsets(settings, settings.topics.replay_results)
     pipeline = Pipeline(settings, [source], {source: adapter or ADAPTERS[source]})
     await pipeline.app.producer.start()
     consumer = make_consumer(settings, max_poll_records=settings.worker.batch_max)
@@ -156,17 +156,6 @@ def _tenant_of(headers: Any) -> str | None:
         return RawHeaders.from_kafka(headers).tenant
     except Exception:  # noqa: BLE001 - a record without our headers belongs to no tenant
         return None
-
-
-async def _end_offsets(settings: Settings, topic: str) -> dict[int, int]:
-    consumer = make_consumer(settings)
-    await consumer.start()
-    try:
-        await consumer._client.force_metadata_update()
-        tps = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
-        return {tp.partition: off for tp, off in (await consumer.end_offsets(tps)).items()}
-    finally:
-        await consumer.stop()
 
 
 async def _collect_reports(settings: Settings, summary: ReplaySummary, start: dict[int, int], wait_s: float) -> None:

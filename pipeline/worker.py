@@ -35,7 +35,7 @@ from pipeline import reasons
 from pipeline.adapting import AdapterModule
 from pipeline.config import SOURCES, Settings
 from pipeline.dedup import Candidate, Deduplicator, make_store
-from pipeline.kafka import ensure_topics, make_consumer, read_topic
+from pipeline.kafka import ensure_topics, make_consumer, offsets_at, read_topic
 from pipeline.normalizing import dead_letter, outcomes
 from pipeline.records import CanonicalEvent, DeadLetter, KeyedBatch, Origin, RawHeaders, RawRecord, ReplayTag
 from pipeline.metrics import WorkerMetrics
@@ -229,7 +229,7 @@ class Pipeline:
     async def _find_emitted(self, keys: list[bytes], since_ms: int) -> set[bytes]:
         """Which of these dedup keys are already on events.canonical, looking from `since_ms` on."""
         wanted = set(keys)
-        starts = await self._offsets_at(self.settings.topics.canonical, since_ms - 5_000)
+        starts = await offsets_at(self.settings, self.settings.topics.canonical, since_ms - 5_000)
         found = set()
         for record in await read_topic(self.settings, self.settings.topics.canonical, start=starts):
             try:
@@ -240,21 +240,6 @@ class Pipeline:
             if key in wanted:
                 found.add(key)
         return found
-
-    async def _offsets_at(self, topic: str, timestamp_ms: int) -> dict[int, int]:
-        consumer = make_consumer(self.settings)
-        await consumer.start()
-        try:
-            parts = consumer.partitions_for_topic(topic) or set()
-            if not parts:
-                await consumer._client.force_metadata_update()
-                parts = consumer.partitions_for_topic(topic) or set()
-            tps = [TopicPartition(topic, p) for p in parts]
-            found = await consumer.offsets_for_times({tp: max(0, timestamp_ms) for tp in tps})
-            ends = await consumer.end_offsets(tps)
-            return {tp.partition: (found[tp].offset if found.get(tp) else ends[tp]) for tp in tps}
-        finally:
-            await consumer.stop()
 
     async def _expire(self) -> None:
         try:
@@ -312,44 +297,59 @@ class NormalizeStage(mode.Service):
 
     async def _consume(self) -> None:
         settings = self.settings
-        consumer = make_consumer(
-            settings, settings.topics.raw(self.source),
-            group_id=f"{settings.worker.app_id}-normalize", client_id=f"{settings.kafka.client_id}-{self.source}",
-            max_poll_records=settings.worker.max_poll_records,
-            session_timeout_ms=int(settings.worker.session_timeout_s * 1000),
-            heartbeat_interval_ms=int(max(1.0, settings.worker.session_timeout_s / 4) * 1000),
-        )
+        consumer = stage_consumer(settings, "normalize", self.source, settings.topics.raw(self.source))
         await consumer.start()
         try:
             while not self.should_stop:
                 batch = await consumer.getmany(timeout_ms=int(settings.worker.batch_within_s * 1000) or 1,
                                                max_records=settings.worker.batch_max)
+                record_lag(self.pipeline.metrics, consumer, batch)
                 records = [r for part in batch.values() for r in part]
-                self._record_lag(consumer, batch)
-                if not records:
-                    continue
-                try:
-                    await self.pipeline.normalize_batch(records, self.adapter)
-                except Exception:  # noqa: BLE001 - outputs not acknowledged: replay the batch, never skip it
-                    log.exception("outputs of a %s batch were not acknowledged; replaying it", self.source)
-                    for tp, part in batch.items():
-                        consumer.seek(tp, part[0].offset)
-                    await asyncio.sleep(1.0)
-                    continue
-                try:
-                    await consumer.commit({tp: part[-1].offset + 1 for tp, part in batch.items()})
-                except (CommitFailedError, KafkaError) as exc:  # rebalanced away: the new owner replays it
-                    log.warning("commit for %s failed (%s); the batch will be replayed", self.source, exc)
+                if records:
+                    await process_then_commit(consumer, batch, self.pipeline.normalize_batch(records, self.adapter),
+                                              f"{self.source} batch")
         finally:
             await consumer.stop()
 
 
-    def _record_lag(self, consumer: Any, batch: dict[TopicPartition, list[Any]]) -> None:
+def stage_consumer(settings: Settings, stage: str, name: str, *topics: str) -> Any:
+    """The consumer of one worker stage: group <app_id>-<stage>, manual commits, the worker's timeouts."""
+    return make_consumer(
+        settings, *topics,
+        group_id=f"{settings.worker.app_id}-{stage}", client_id=f"{settings.kafka.client_id}-{name}",
+        max_poll_records=settings.worker.max_poll_records,
+        session_timeout_ms=int(settings.worker.session_timeout_s * 1000),
+        heartbeat_interval_ms=int(max(1.0, settings.worker.session_timeout_s / 4) * 1000),
+    )
+
+
+async def process_then_commit(consumer: Any, batch: dict[TopicPartition, list[Any]], processing: Awaitable[Any],
+                              what: str) -> None:
+    """Await the batch's processing (its outputs acknowledged), then commit exactly its offsets.
+
+    If the outputs were not acknowledged, seek back so the batch is processed again, never skipped. A
+    failed commit means the partitions moved to another member, which replays the batch.
+    """
+    try:
+        await processing
+    except Exception:  # noqa: BLE001
+        log.exception("outputs of a %s were not acknowledged; replaying it", what)
         for tp, part in batch.items():
-            highwater = consumer.highwater(tp)
-            if highwater is not None and part:
-                self.pipeline.metrics.consumer_lag.labels(tp.topic, str(tp.partition)).set(
-                    max(0, highwater - part[-1].offset - 1))
+            consumer.seek(tp, part[0].offset)
+        await asyncio.sleep(1.0)
+        return
+    try:
+        await consumer.commit({tp: part[-1].offset + 1 for tp, part in batch.items()})
+    except (CommitFailedError, KafkaError) as exc:
+        log.warning("commit of a %s failed (%s); the batch will be replayed", what, exc)
+
+
+def record_lag(metrics: WorkerMetrics, consumer: Any, batch: dict[TopicPartition, list[Any]]) -> None:
+    """headwater_worker_consumer_lag: high watermark - position after this batch, per partition."""
+    for tp, part in batch.items():
+        highwater = consumer.highwater(tp)
+        if highwater is not None and part:
+            metrics.consumer_lag.labels(tp.topic, str(tp.partition)).set(max(0, highwater - part[-1].offset - 1))
 
 
 class DedupStage(mode.Service):
@@ -377,12 +377,7 @@ class DedupStage(mode.Service):
 
     async def _consume(self) -> None:
         settings = self.settings
-        consumer = make_consumer(
-            settings, group_id=f"{settings.worker.app_id}-dedup", client_id=f"{settings.kafka.client_id}-dedup",
-            max_poll_records=settings.worker.max_poll_records,
-            session_timeout_ms=int(settings.worker.session_timeout_s * 1000),
-            heartbeat_interval_ms=int(max(1.0, settings.worker.session_timeout_s / 4) * 1000),
-        )
+        consumer = stage_consumer(settings, "dedup", "dedup")
         consumer.subscribe([settings.topics.keyed], listener=_Rebalance(self))
         await consumer.start()
         try:
@@ -401,28 +396,11 @@ class DedupStage(mode.Service):
                             if tp in assignment:
                                 consumer.seek(tp, part[0].offset)
                         continue
-                    self._record_lag(consumer, batch)
-                    try:
-                        await self.pipeline.dedup_batch([r for part in batch.values() for r in part])
-                    except Exception:  # noqa: BLE001 - outputs not acknowledged: process the batch again
-                        log.exception("outputs of a dedup batch were not acknowledged; replaying it")
-                        for tp, part in batch.items():
-                            consumer.seek(tp, part[0].offset)
-                        await asyncio.sleep(1.0)
-                        continue
-                    try:
-                        await consumer.commit({tp: part[-1].offset + 1 for tp, part in batch.items()})
-                    except (CommitFailedError, KafkaError) as exc:
-                        log.warning("dedup commit failed (%s); the batch will be replayed", exc)
+                    record_lag(self.pipeline.metrics, consumer, batch)
+                    records = [r for part in batch.values() for r in part]
+                    await process_then_commit(consumer, batch, self.pipeline.dedup_batch(records), "dedup batch")
         finally:
             await consumer.stop()
-
-    def _record_lag(self, consumer: Any, batch: dict[TopicPartition, list[Any]]) -> None:
-        for tp, part in batch.items():
-            highwater = consumer.highwater(tp)
-            if highwater is not None and part:
-                self.pipeline.metrics.consumer_lag.labels(tp.topic, str(tp.partition)).set(
-                    max(0, highwater - part[-1].offset - 1))
 
     async def assigned(self, partitions: set[int]) -> None:
         """Own exactly these keyed partitions: restore the new ones, forget the others."""
