@@ -16,7 +16,6 @@ from pydantic import (
     AwareDatetime,
     BaseModel,
     ConfigDict,
-    Field,
     PlainSerializer,
     StringConstraints,
     model_validator,

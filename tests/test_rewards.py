@@ -45,7 +45,7 @@ from pipeline.rewards import (
     split_rewards,
     validate_reward,
 )
-from pipeline.signing import cg_signature, verify_standard
+from pipeline.signing import cg_signature
 from pipeline.webhooks import Breaker
 
 SW_SECRET_2 = "whsec_c2VjcmV0LW9mLWEtcm90YXRlZC1lbmRwb2ludA=="
