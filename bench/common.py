@@ -7,6 +7,7 @@ prints the ratio, so that figures from different machines compare by their ratio
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import hashlib
 import subprocess
@@ -14,7 +15,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -114,6 +115,46 @@ def wait_topic_size(settings: Settings, topic: str, count: int, timeout: float) 
         if time.monotonic() > deadline:
             raise SystemExit(f"{topic} holds {size} of {count} records after {timeout:.0f}s")
         time.sleep(0.05)
+
+
+async def produce_all(settings: Settings, records: Iterable[tuple[str, bytes, list[tuple[str, bytes]]]]) -> None:
+    """Write (topic, value, headers) records with the receiver's producer settings, acks awaited per 5,000."""
+    from pipeline.kafka import make_producer
+
+    producer = make_producer(settings, linger_ms=20, max_batch_size=1024 * 1024)
+    await producer.start()
+    try:
+        acks = []
+        for topic, value, headers in records:
+            acks.append(await producer.send(topic, value, headers=headers))
+            if len(acks) >= 5000:
+                await asyncio.gather(*acks)
+                acks.clear()
+        await asyncio.gather(*acks)
+    finally:
+        await producer.stop()
+
+
+def profile_top(folded: Path, top: int, inclusive_of: tuple[str, ...]) -> tuple[list[tuple[float, str]],
+                                                                               list[tuple[float, str]]]:
+    """(own-time share of every frame, inclusive share of frames whose file matches `inclusive_of`) in a
+    py-spy raw (folded) profile."""
+    own: collections.Counter[str] = collections.Counter()
+    inclusive: collections.Counter[str] = collections.Counter()
+    total = 0
+    for line in folded.read_text().splitlines():
+        stack, _, samples = line.rpartition(" ")
+        if not stack:
+            continue
+        n = int(samples)
+        total += n
+        frames = stack.split(";")
+        own[frames[-1]] += n
+        for frame in set(frames):
+            if any(p in frame for p in inclusive_of):
+                inclusive[frame] += n
+    return ([(n / max(1, total), f) for f, n in own.most_common(top)],
+            [(n / max(1, total), f) for f, n in inclusive.most_common(top)])
 
 
 # --- vendor payloads ------------------------------------------------------------------------------------

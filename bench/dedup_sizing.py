@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from common import ROOT, bench_settings, broker, raw_headers, stop, wait_topic_size, write_config
+from common import ROOT, bench_settings, broker, produce_all, raw_headers, stop, wait_topic_size, write_config
 
 from pipeline.config import Settings
 from pipeline.kafka import ensure_topics, make_consumer, make_producer
@@ -70,19 +70,8 @@ def cg_body(i: int) -> bytes:
 async def preload(settings: Settings, first: int, count: int) -> None:
     topic = settings.topics.raw(SOURCE)
     await ensure_topics(settings, [topic])
-    producer = make_producer(settings, linger_ms=20, max_batch_size=1024 * 1024)
-    await producer.start()
-    try:
-        acks = []
-        headers = raw_headers(SOURCE, 0)
-        for i in range(first, first + count):
-            acks.append(await producer.send(topic, cg_body(i), headers=headers))
-            if len(acks) >= 5000:
-                await asyncio.gather(*acks)
-                acks.clear()
-        await asyncio.gather(*acks)
-    finally:
-        await producer.stop()
+    headers = raw_headers(SOURCE, 0)
+    await produce_all(settings, ((topic, cg_body(i), headers) for i in range(first, first + count)))
 
 
 def rss_bytes(pid: int) -> int:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import collections
 import shutil
 import subprocess
 import sys
@@ -29,6 +28,8 @@ from common import (
     body,
     broker,
     headwater,
+    produce_all,
+    profile_top,
     raw_headers,
     stop,
     topic_size,
@@ -42,22 +43,10 @@ from pipeline.kafka import ensure_topics, make_consumer, make_producer
 async def preload(settings: Settings, sources: tuple[str, ...], records: int, per_record: int) -> int:
     """Write `records` raw records per source; returns the number of events they carry."""
     await ensure_topics(settings, [settings.topics.raw(s) for s in sources])
-    producer = make_producer(settings, linger_ms=20, max_batch_size=1024 * 1024)
-    await producer.start()
-    try:
-        for source in sources:
-            acks = []
-            for r in range(records):
-                count = per_record if source in BULK_SOURCES else 1
-                acks.append(await producer.send(settings.topics.raw(source), body(source, r * count, count),
-                                                headers=raw_headers(source, r)))
-                if len(acks) >= 5000:
-                    await asyncio.gather(*acks)
-                    acks.clear()
-            await asyncio.gather(*acks)
-    finally:
-        await producer.stop()
-    return sum(records * (per_record if s in BULK_SOURCES else 1) for s in sources)
+    count = {s: per_record if s in BULK_SOURCES else 1 for s in sources}
+    await produce_all(settings, ((settings.topics.raw(s), body(s, r * count[s], count[s]), raw_headers(s, r))
+                                 for s in sources for r in range(records)))
+    return sum(records * count[s] for s in sources)
 
 
 async def bare_loop(settings: Settings, sources: tuple[str, ...], events: int, out_topic: str) -> float:
@@ -118,26 +107,6 @@ async def canonical_span(settings: Settings) -> tuple[int, float]:
         await consumer.stop()
 
 
-def profile_top(folded: Path, top: int = 15) -> tuple[list[tuple[float, str]], list[tuple[float, str]]]:
-    """(own-time share, inclusive share) of the functions in a py-spy raw (folded) profile."""
-    own: collections.Counter[str] = collections.Counter()
-    inclusive: collections.Counter[str] = collections.Counter()
-    total = 0
-    for line in folded.read_text().splitlines():
-        stack, _, samples = line.rpartition(" ")
-        if not stack:
-            continue
-        n = int(samples)
-        total += n
-        frames = stack.split(";")
-        own[frames[-1]] += n
-        for frame in set(frames):
-            if "pipeline/" in frame or "adapters/" in frame or "faust/" in frame or "aiokafka/" in frame:
-                inclusive[frame] += n
-    return ([(n / max(1, total), f) for f, n in own.most_common(top)],
-            [(n / max(1, total), f) for f, n in inclusive.most_common(top)])
-
-
 def run_case(bootstrap: str, tmp: Path, label: str, sources: tuple[str, ...], records: int, per_record: int,
              profile: bool) -> dict[str, float]:
     settings = bench_settings(bootstrap, tmp)
@@ -172,7 +141,7 @@ def run_case(bootstrap: str, tmp: Path, label: str, sources: tuple[str, ...], re
     print(f"{label:>7}: {events} events in {records} records/source x {len(sources)} sources | worker "
           f"{rate:>9,.0f} ev/s | bare loop {bare:>9,.0f} ev/s | ratio worker/bare {rate / bare:.2f}")
     if spy is not None and folded.exists():
-        own, inclusive = profile_top(folded)
+        own, inclusive = profile_top(folded, 15, ("pipeline/", "adapters/", "faust/", "aiokafka/"))
         print(f"  py-spy, top functions by own time ({label}):")
         for share, frame in own:
             print(f"    {share:6.1%}  {frame}")

@@ -37,10 +37,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
-from common import bench_settings, body, broker, endpoint, headwater, raw_headers, stop, topic_size, write_config
+from common import (
+    bench_settings,
+    body,
+    broker,
+    endpoint,
+    headwater,
+    profile_top,
+    raw_headers,
+    stop,
+    topic_size,
+    write_config,
+)
 
 from pipeline.config import Settings
-from pipeline.kafka import ensure_topics, make_producer
+from pipeline.kafka import make_producer
 
 SINGLE = ("customerglu", 1)
 BULK = ("segment", 100)
@@ -75,6 +86,12 @@ class Result:
             return float("nan")
         ordered = sorted(self.latencies)
         return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
+
+    def count_failures_of(self, warmup: Result) -> None:
+        """A failure in the warm-up is still a failure: it counts in the measured phase's report."""
+        self.statuses.update(warmup.statuses)
+        self.errors.update(warmup.errors)
+        self.examples.extend(warmup.examples)
 
     @property
     def failures(self) -> int:
@@ -167,9 +184,7 @@ async def closed_loop(base: str, case: tuple[str, int], concurrency: int, warmup
         measured.seconds = time.perf_counter() - t0  # answers after this instant still count as failures only
         measured.cpu = meter.shares()
         await asyncio.gather(*tasks)
-    measured.statuses.update(scratch.statuses)  # a failure in the warm-up is still a failure
-    measured.errors.update(scratch.errors)
-    measured.examples.extend(scratch.examples)
+    measured.count_failures_of(scratch)
     measured.total_ok = scratch.ok + measured.ok  # type: ignore[attr-defined]
     return measured
 
@@ -207,9 +222,7 @@ async def open_loop(base: str, case: tuple[str, int], rate: float, duration: flo
             target.seconds = phase_seconds
             target.cpu = meter.shares()
             if target is not result:
-                result.statuses.update(target.statuses)
-                result.errors.update(target.errors)
-                result.examples.extend(target.examples)
+                result.count_failures_of(target)
                 warm_ok = target.ok
         result.sent = k  # type: ignore[attr-defined]
         result.total_ok = warm_ok + result.ok  # type: ignore[attr-defined]
@@ -256,7 +269,7 @@ async def bare_loop(settings: Settings, case: tuple[str, int], concurrency: int,
         await asyncio.gather(*tasks)
     finally:
         await producer.stop()
-    measured.errors.update(scratch.errors)
+    measured.count_failures_of(scratch)
     measured.total_ok = scratch.ok + measured.ok  # type: ignore[attr-defined]
     return measured
 
@@ -278,26 +291,6 @@ async def wait_ready(base: str, process: subprocess.Popen[bytes], log: Path, tim
             if time.monotonic() > deadline:
                 raise SystemExit(f"the receiver was not ready after {timeout:.0f}s; see {log}")
             await asyncio.sleep(0.2)
-
-
-def profile_top(folded: Path, top: int = 20) -> tuple[list[tuple[float, str]], list[tuple[float, str]]]:
-    """(own-time share, inclusive share of our/aiohttp/aiokafka frames) of a py-spy raw profile."""
-    own: collections.Counter[str] = collections.Counter()
-    inclusive: collections.Counter[str] = collections.Counter()
-    total = 0
-    for line in folded.read_text().splitlines():
-        stack, _, samples = line.rpartition(" ")
-        if not stack:
-            continue
-        n = int(samples)
-        total += n
-        frames = stack.split(";")
-        own[frames[-1]] += n
-        for frame in set(frames):
-            if any(p in frame for p in ("pipeline/", "aiohttp/", "aiokafka/", "prometheus_client/", "pydantic")):
-                inclusive[frame] += n
-    return ([(n / max(1, total), f) for f, n in own.most_common(top)],
-            [(n / max(1, total), f) for f, n in inclusive.most_common(top)])
 
 
 def py_spy() -> str:
@@ -396,7 +389,8 @@ def main() -> None:
         print(f"  non-200 / failed HTTP requests: {failures}")
 
         if spy is not None and (tmp / "receiver.folded").exists():
-            own, inclusive = profile_top(tmp / "receiver.folded")
+            own, inclusive = profile_top(tmp / "receiver.folded", 20,
+                                         ("pipeline/", "aiohttp/", "aiokafka/", "prometheus_client/", "pydantic"))
             print("\npy-spy, receiver, single closed loop: top functions by own time")
             for share, frame in own:
                 print(f"  {share:6.1%}  {frame}")

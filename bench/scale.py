@@ -29,12 +29,14 @@ import orjson
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
+from common import produce_all  # noqa: E402
+from realkafka import toml_text  # noqa: E402
+
 from pipeline.config import LocalKafkaSettings, Settings  # noqa: E402
-from pipeline.kafka import end_offsets, ensure_topics, make_producer  # noqa: E402
+from pipeline.kafka import end_offsets, ensure_topics  # noqa: E402
 from pipeline.localkafka import LocalKafka, free_port  # noqa: E402
 from pipeline.receiver import new_request_id  # noqa: E402
 from pipeline.records import RawHeaders, utc_now  # noqa: E402
-from realkafka import toml_text  # noqa: E402
 
 SOURCE = "customerglu"
 REPEAT_EVERY = 20  # every 20th record repeats an earlier id: dedup has real work
@@ -66,18 +68,13 @@ def bodies(count: int) -> tuple[list[bytes], int]:
 async def preload(settings: Settings, records: list[bytes]) -> None:
     topics = settings.topics
     await ensure_topics(settings, [topics.raw(SOURCE), topics.keyed, topics.canonical, topics.dlq])
-    producer = make_producer(settings, linger_ms=20)
-    await producer.start()
-    try:
-        for start in range(0, len(records), 5_000):
-            acks = []
-            for body in records[start:start + 5_000]:
-                headers = RawHeaders(tenant="bench", source=SOURCE, received_at=utc_now(),
-                                     request_id=new_request_id(), content_type="application/json")
-                acks.append(await producer.send(topics.raw(SOURCE), body, headers=headers.to_kafka()))
-            await asyncio.gather(*acks)
-    finally:
-        await producer.stop()
+
+    def with_headers(body: bytes) -> tuple[str, bytes, list[tuple[str, bytes]]]:
+        headers = RawHeaders(tenant="bench", source=SOURCE, received_at=utc_now(), request_id=new_request_id(),
+                             content_type="application/json")
+        return topics.raw(SOURCE), body, headers.to_kafka()
+
+    await produce_all(settings, map(with_headers, records))
 
 
 def canonical_count(settings: Settings) -> int:
