@@ -6,11 +6,17 @@ field names (sources.md §4.4).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from pipeline import reading as read
-from pipeline.adapting import Draft, RawMeta, VendorRecord, reject
+from pipeline import reasons
+from pipeline.adapting import AuthScheme, Draft, RawMeta, RequestValue, VendorRecord, reject
 
 SOURCE = "amplitude"
 BATCHED = False
+ROUTES = ("/amplitude/v4",)
+AUTH: AuthScheme = "write_key"
+REQUEST_META: Mapping[str, RequestValue] = {}
 CONTEXT = (
     "platform", "os_name", "os_version",
     "device_brand", "device_manufacturer", "device_model", "device_family", "device_type", "device_carrier",
@@ -39,7 +45,7 @@ def normalize(record: VendorRecord, meta: RawMeta) -> Draft:
     user_id = read.identifier(event, "user_id")
     anonymous_id = read.identifier(event, "device_id")
     if user_id is None and anonymous_id is None:
-        reject("missing_user_identity", "neither user_id nor device_id is present", path="user_id")
+        reject(reasons.MISSING_USER_IDENTITY, "neither user_id nor device_id is present", path="user_id")
     # The producer's dedupe key (export and HTTP-API spellings), then Amplitude's row id (§6.5 Decision).
     vendor_id = read.event_id(event, "$insert_id", "insert_id", "uuid")
     # Default format is "YYYY-MM-DD HH:MM:SS.ffffff" with no zone, i.e. UTC; templates may send epoch ms.

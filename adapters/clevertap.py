@@ -6,11 +6,17 @@ id and time come from reserved campaign key-values, our convention (sources.md �
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from pipeline import reading as read
-from pipeline.adapting import Draft, JSONValue, RawMeta, VendorRecord, reject
+from pipeline import reasons
+from pipeline.adapting import AuthScheme, Draft, JSONValue, RawMeta, RequestValue, VendorRecord, reject
 
 SOURCE = "clevertap"
 BATCHED = True
+ROUTES = ("/clevertap/v4",)
+AUTH: AuthScheme = "write_key"
+REQUEST_META: Mapping[str, RequestValue] = {}
 # CleverTap's doc samples disagree on key casing, so these are looked up case-insensitively.
 ENVELOPE_KEYS = ("targetId", "key_values", "profiles", "is_test")
 PROFILE_KEYS = (
@@ -33,7 +39,7 @@ def parse(body: bytes, meta: RawMeta) -> list[VendorRecord]:
     if isinstance(profiles, dict):
         profiles = [profiles]
     if not isinstance(profiles, list):
-        reject("unexpected_body_shape", f"profiles must be an object or an array, got {read.kind(profiles)}")
+        reject(reasons.UNEXPECTED_BODY_SHAPE, f"profiles must be an object or an array, got {read.kind(profiles)}")
     envelope = read.leftovers(doc, {"profiles"})
     return [{"envelope": envelope, "profile": profile} for profile in profiles]
 
@@ -44,14 +50,14 @@ def normalize(record: VendorRecord, meta: RawMeta) -> Draft:
     envelope = read.fold_keys(read.as_object(pair.get("envelope"), "the CleverTap envelope"), ENVELOPE_KEYS)
     profile = read.fold_keys(read.as_object(pair.get("profile"), "a profile"), PROFILE_KEYS)
     if _is_test(envelope.get("is_test")):
-        reject("test_payload", "CleverTap template test request (is_test)", path="is_test")
+        reject(reasons.TEST_PAYLOAD, "CleverTap template test request (is_test)", path="is_test")
     # Profile-level key-values override the campaign's (§4.5).
     key_values = {**read.container(envelope, "key_values"), **read.container(profile, "key_values")}
     name = read.event_name(key_values, "event_name")
     user_id = read.identifier(profile, "identity")
     anonymous_id = read.identifier(profile, "objectId")
     if user_id is None and anonymous_id is None:
-        reject("missing_user_identity", "the profile has neither identity nor objectId", path="identity")
+        reject(reasons.MISSING_USER_IDENTITY, "the profile has neither identity nor objectId", path="identity")
     vendor_id = read.event_id(key_values, "event_id")
     # Without the reserved key-value the core falls back to received_at (§6.7).
     when = read.timestamp(key_values, "timestamp", required=False)

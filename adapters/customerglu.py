@@ -5,11 +5,17 @@ One JSON object per request; there is no batch form (sources.md §4.1).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from pipeline import reading as read
-from pipeline.adapting import Draft, RawMeta, VendorRecord, reject
+from pipeline import reasons
+from pipeline.adapting import AuthScheme, Draft, RawMeta, RequestValue, VendorRecord, reject
 
 SOURCE = "customerglu"
 BATCHED = False
+ROUTES = ("/server/v4",)
+AUTH: AuthScheme = "write_key"
+REQUEST_META: Mapping[str, RequestValue] = {}
 MAPPED = frozenset({"event_id", "event_name", "user_id", "timestamp", "event_properties"})
 
 
@@ -24,8 +30,7 @@ def normalize(record: VendorRecord, meta: RawMeta) -> Draft:
     name = read.event_name(event, "event_name")
     user_id = read.identifier(event, "user_id")
     if user_id is None:
-        reject(
-            "missing_user_identity",
+        reject(reasons.MISSING_USER_IDENTITY,
             "CustomerGlu v4 requires user_id (it has no anonymous id)",
             path="user_id",
         )

@@ -6,11 +6,17 @@ Always a bulk call: an envelope (app_name, source, moe_request_id) around an `ev
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from pipeline import reading as read
-from pipeline.adapting import Draft, RawMeta, VendorRecord, reject
+from pipeline import reasons
+from pipeline.adapting import AuthScheme, Draft, RawMeta, RequestValue, VendorRecord, reject
 
 SOURCE = "moengage"
 BATCHED = True
+ROUTES = ("/v3/moengage",)
+AUTH: AuthScheme = "write_key"
+REQUEST_META: Mapping[str, RequestValue] = {}
 ENVELOPE_CONTEXT = ("app_name", "moe_request_id", "source")
 EVENT_CONTEXT = ("push_id", "event_code", "event_type", "event_source")
 # user_attributes gain these top-level fields when they do not set them already.
@@ -35,7 +41,7 @@ def parse(body: bytes, meta: RawMeta) -> list[VendorRecord]:
     doc = read.as_object(read.json_body(body), "the body")
     events = doc.get("events")
     if not isinstance(events, list):
-        reject("unexpected_body_shape", f"events must be an array, got {read.kind(events)}", path="events")
+        reject(reasons.UNEXPECTED_BODY_SHAPE, f"events must be an array, got {read.kind(events)}", path="events")
     envelope = read.leftovers(doc, {"events"})
     return [{"envelope": envelope, "event": event} for event in events]
 
@@ -51,8 +57,7 @@ def normalize(record: VendorRecord, meta: RawMeta) -> Draft:
     # Only present when the moengage_device_id attribute is exported (§6.4 Decision).
     anonymous_id = read.identifier(event, "device_attributes.moengage_device_id")
     if user_id is None and anonymous_id is None:
-        reject(
-            "missing_user_identity",
+        reject(reasons.MISSING_USER_IDENTITY,
             "neither uid nor device_attributes.moengage_device_id is present",
             path="uid",
         )

@@ -6,11 +6,17 @@ independent (sources.md §4.2).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from pipeline import reading as read
-from pipeline.adapting import Draft, JSONValue, RawMeta, VendorRecord, reject
+from pipeline import reasons
+from pipeline.adapting import AuthScheme, Draft, JSONValue, RawMeta, RequestValue, VendorRecord, reject
 
 SOURCE = "segment"
 BATCHED = True
+ROUTES = ("/segment/v4",)
+AUTH: AuthScheme = "segment_write_key"
+REQUEST_META: Mapping[str, RequestValue] = {}
 TYPES = frozenset({"track", "identify", "page", "screen", "group", "alias"})
 # Message fields that land in canonical fields; everything else top-level goes to context.vendor
 # (channel, integrations, sentAt, receivedAt, originalTimestamp, version, ...).
@@ -43,7 +49,7 @@ def normalize(record: VendorRecord, meta: RawMeta) -> Draft:
     user_id = read.identifier(message, "userId")
     anonymous_id = read.identifier(message, "anonymousId")
     if user_id is None and anonymous_id is None:
-        reject("missing_user_identity", "neither userId nor anonymousId is present", path="userId")
+        reject(reasons.MISSING_USER_IDENTITY, "neither userId nor anonymousId is present", path="userId")
     vendor_id = read.event_id(message, "messageId")
     # `timestamp` is Segment's skew-corrected time, so it comes first.
     when = read.timestamp(message, "timestamp", "originalTimestamp", "sentAt", "receivedAt", required=True)
@@ -70,10 +76,10 @@ def _call_type(message: dict[str, JSONValue]) -> str:
     call = message.get("type")
     if call is None:
         if message.get("event") is None:
-            reject("unsupported_type", "the message has neither a type nor an event", path="type")
+            reject(reasons.UNSUPPORTED_TYPE, "the message has neither a type nor an event", path="type")
         return "track"
     if not isinstance(call, str) or call not in TYPES:
-        reject("unsupported_type", f"type {call!r} is not one of {', '.join(sorted(TYPES))}", path="type")
+        reject(reasons.UNSUPPORTED_TYPE, f"type {call!r} is not one of {', '.join(sorted(TYPES))}", path="type")
     return call
 
 

@@ -6,11 +6,17 @@ receiver keeps the API-key half of the token for the integrity check (sources.md
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from pipeline import reading as read
-from pipeline.adapting import Draft, RawMeta, VendorRecord, reject
+from pipeline import reasons
+from pipeline.adapting import AuthScheme, Draft, RawMeta, RequestValue, VendorRecord, reject
 
 SOURCE = "usermaven"
 BATCHED = True
+ROUTES = ("/api/v1/s2s/event",)
+AUTH: AuthScheme = "usermaven_token"
+REQUEST_META: Mapping[str, RequestValue] = {}
 CONTEXT = (
     "company", "ids", "url", "page_title", "doc_path", "doc_host", "doc_search", "referer", "user_agent",
     "user_language", "doc_encoding", "screen_resolution", "vp_size", "source_ip", "src", "utm",
@@ -37,13 +43,13 @@ def normalize(record: VendorRecord, meta: RawMeta) -> Draft:
     """Map one Usermaven event onto the canonical fields (§4.7), in the check order of §3.6."""
     event = read.as_object(record, "a Usermaven event")
     api_key = event.get("api_key")
-    if api_key not in (None, "") and api_key != meta.usermaven_api_key:
-        reject("api_key_mismatch", "body api_key is not the API key of the request's token", path="api_key")
+    if api_key not in (None, "") and api_key != meta.vendor.get("api_key"):
+        reject(reasons.API_KEY_MISMATCH, "body api_key is not the API key of the request's token", path="api_key")
     name = read.event_name(event, "event_type")
     user_id = read.identifier(event, "user.id")  # the Python SDK may send an integer
     anonymous_id = read.identifier(event, "user.anonymous_id")
     if user_id is None and anonymous_id is None:
-        reject("missing_user_identity", "neither user.id nor user.anonymous_id is present", path="user.id")
+        reject(reasons.MISSING_USER_IDENTITY, "neither user.id nor user.anonymous_id is present", path="user.id")
     # Clients send event_id "" and Jitsu would assign a random UUID; we fingerprint so retries collapse.
     vendor_id = read.event_id(event, "event_id", "eventn_ctx.event_id", "eventn_ctx_event_id")
     # Optional (historical imports only); None makes the core fall back to received_at.

@@ -27,8 +27,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 from realkafka import start_local_broker, toml_text  # noqa: E402
 
 from pipeline.config import Settings  # noqa: E402
-from pipeline.kafka import make_consumer  # noqa: E402
-from pipeline.localkafka import free_port  # noqa: E402
+from pipeline.kafka.clients import make_consumer  # noqa: E402
+from pipeline.kafka.local import free_port  # noqa: E402
 
 TENANT = {"id": "bench", "write_keys": ["wk_bench_1"], "usermaven_tokens": ["ak_bench.st_bench"],
           "webengage": {"license_code": "~bench", "secret_key": "whsec_bench"}}
@@ -119,7 +119,7 @@ def wait_topic_size(settings: Settings, topic: str, count: int, timeout: float) 
 
 async def produce_all(settings: Settings, records: Iterable[tuple[str, bytes, list[tuple[str, bytes]]]]) -> None:
     """Write (topic, value, headers) records with the receiver's producer settings, acks awaited per 5,000."""
-    from pipeline.kafka import make_producer
+    from pipeline.kafka.clients import make_producer
 
     producer = make_producer(settings, linger_ms=20, max_batch_size=1024 * 1024)
     await producer.start()
@@ -243,14 +243,12 @@ def endpoint(source: str) -> tuple[str, dict[str, str], dict[str, str]]:
 
 def raw_headers(source: str, index: int) -> list[tuple[str, bytes]]:
     """The headers the receiver writes, for records the benchmark preloads itself."""
-    from pipeline.receiver import new_request_id
-    from pipeline.records import RawHeaders, utc_now
+    from pipeline.records import RawHeaders, new_request_id, utc_now
 
     extra: dict[str, Any] = {}
     if source == "webengage":
-        extra = {"webengage_request_id": f"we-{index}", "webengage_event_type": "push",
-                 "webengage_license_code": "~bench"}
+        extra = {"vendor": {"request_id": f"we-{index}", "event_type": "push", "license_code": "~bench"}}
     elif source == "usermaven":
-        extra = {"usermaven_api_key": "ak_bench"}
+        extra = {"vendor": {"api_key": "ak_bench"}}
     return RawHeaders(tenant="bench", source=source, received_at=utc_now(), request_id=new_request_id(),
                       content_type="application/json", **extra).to_kafka()

@@ -44,7 +44,7 @@ import orjson
 from common import ROOT, bench_settings, broker, produce_all, raw_headers, stop, wait_topic_size, write_config
 
 from pipeline.config import Settings
-from pipeline.kafka import ensure_topics, make_consumer, make_producer
+from pipeline.kafka.clients import ensure_topics, make_consumer, make_producer
 
 SOURCE = "customerglu"
 WORKER_SRC = ROOT  # --worker-src: run the worker from another source tree (e.g. a `git archive` of a commit)

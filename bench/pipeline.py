@@ -37,7 +37,7 @@ from common import (
 )
 
 from pipeline.config import Settings
-from pipeline.kafka import ensure_topics, make_consumer, make_producer
+from pipeline.kafka.clients import ensure_topics, make_consumer, make_producer
 
 
 async def preload(settings: Settings, sources: tuple[str, ...], records: int, per_record: int) -> int:

@@ -9,7 +9,7 @@ is the load generator (aiohttp client, keep-alive, TCPConnector limit = concurre
 1. Closed loop, C clients for D seconds after a warm-up: single-event requests (POST /server/v4, one
    customerglu event) and bulk requests (POST /segment/v4, 100 segment events): requests/s, events/s,
    p50/p99.
-2. Bare baseline in the same run: an aiokafka producer from pipeline.kafka.make_producer (the receiver's
+2. Bare baseline in the same run: an aiokafka producer from pipeline.kafka.clients.make_producer (the receiver's
    acks=all idempotent settings) sends the same payloads to the same raw topics, C coroutines each
    awaiting its own ack (one payload, wait for the ack: the receiver's shape), for D seconds.
    Ratio receiver/bare for single and bulk. Target: >= 0.5 on single-event requests.
@@ -51,7 +51,7 @@ from common import (
 )
 
 from pipeline.config import Settings
-from pipeline.kafka import make_producer
+from pipeline.kafka.clients import make_producer
 
 SINGLE = ("customerglu", 1)
 BULK = ("segment", 100)

@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/scale.py [--events 60000] [--partitions 6] [--workers 1 2]
 
-Starts its own single-node broker (pipeline.localkafka, free ports, a temp dir) and stops it at the end.
+Starts its own single-node broker (pipeline.kafka.local, free ports, a temp dir) and stops it at the end.
 For each worker count: fresh topics and consumer groups, N raw records preloaded to raw.customerglu
 (one event per record, as the receiver writes a single-event request; 5% repeats of earlier ids), then
 `headwater worker --source customerglu` x W until every distinct id is on events.canonical.
@@ -33,9 +33,9 @@ from common import produce_all  # noqa: E402
 from realkafka import toml_text  # noqa: E402
 
 from pipeline.config import LocalKafkaSettings, Settings  # noqa: E402
-from pipeline.kafka import end_offsets, ensure_topics  # noqa: E402
-from pipeline.localkafka import LocalKafka, free_port  # noqa: E402
-from pipeline.receiver import new_request_id  # noqa: E402
+from pipeline.records import new_request_id  # noqa: E402
+from pipeline.kafka.clients import end_offsets, ensure_topics  # noqa: E402
+from pipeline.kafka.local import LocalKafka, free_port  # noqa: E402
 from pipeline.records import RawHeaders, utc_now  # noqa: E402
 
 SOURCE = "customerglu"

@@ -10,8 +10,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, NoReturn, Protocol
+from typing import Any, Literal, NoReturn, Protocol
 
+from pipeline.reasons import Reason
 from pipeline.records import RawHeaders
 
 # Vendor JSON, as orjson decodes it. Narrowed only in pipeline.reading.
@@ -26,14 +27,15 @@ class Reject(Exception):  # noqa: N818 - a verdict, not an error (like faust's S
     Not a HeadwaterError: nothing is wrong with the system, the input is wrong.
     """
 
-    def __init__(self, reason: str, detail: str, path: str | None = None) -> None:
-        super().__init__(f"{reason}: {detail}")
+    def __init__(self, reason: Reason, detail: str, path: str | None = None) -> None:
+        super().__init__(f"{reason.code}: {detail}")
         self.reason = reason
         self.detail = detail
         self.path = path
 
 
-def reject(reason: str, detail: str, path: str | None = None) -> NoReturn:
+def reject(reason: Reason, detail: str, path: str | None = None) -> NoReturn:
+    """Give the verdict on this input: it becomes a dead letter with this catalogue entry and detail."""
     raise Reject(reason, detail, path)
 
 
@@ -57,11 +59,45 @@ class Draft:
     fingerprint_extra: Mapping[str, Any] | None = None
 
 
+# How the receiver authenticates a source's requests (sources.md §1.1); pipeline.ingest.auth implements each.
+AuthScheme = Literal[
+    "write_key",          # X-API-KEY header = a tenant's write key
+    "segment_write_key",  # the same, plus X-Signature over the body when the tenant has a shared secret
+    "webengage_license",  # ?licenseCode=...&secret=md5(licenseCode:secret_key)
+    "usermaven_token",    # ?token= or X-Auth-Token: API_KEY.SERVER_TOKEN; the API-key half is kept as api_key
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Header:
+    """A request header the adapter needs, stored in the raw record's vendor metadata."""
+
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class Query:
+    """A query-string value the adapter needs, stored in the raw record's vendor metadata."""
+
+    name: str
+
+
+RequestValue = Header | Query
+
+
 class AdapterModule(Protocol):
-    """What adapters/<source>.py exposes; adapters/__init__.py registers them explicitly."""
+    """What adapters/<source>.py exposes; adapters/__init__.py registers them explicitly.
+
+    The module is the one owner of its source's facts: the id, whether a body is a batch, the HTTP
+    route(s) the receiver serves for it, how those requests are authenticated, and which request values
+    (beyond the body) its `normalize` reads from `meta.vendor`.
+    """
 
     SOURCE: str
     BATCHED: bool
+    ROUTES: tuple[str, ...]
+    AUTH: AuthScheme
+    REQUEST_META: Mapping[str, RequestValue]
 
     def parse(self, body: bytes, meta: RawMeta) -> list[VendorRecord]: ...
 

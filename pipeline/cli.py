@@ -19,7 +19,11 @@ import click
 
 from pipeline.config import Settings, load_settings
 from pipeline.errors import HeadwaterError
-from pipeline.localkafka import LocalKafka
+from pipeline.kafka.local import LocalKafka
+from pipeline.ops.dlq_cli import dlq_command
+from pipeline.ops.replay import replay_command
+from pipeline.rewards.cli import rewards_command
+from pipeline.sources import SOURCES
 
 T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -134,7 +138,7 @@ def kafka_status(ctx: Context, port: int | None, data_dir: str | None) -> None:
 @click.pass_obj
 def receiver(ctx: Context, host: str | None, port: int | None) -> None:
     """Run the HTTP receiver until Ctrl-C."""
-    from pipeline.receiver import serve
+    from pipeline.ingest.receiver import serve
 
     settings = ctx.settings(**{"receiver.host": host, "receiver.port": port})
     run_async(lambda stop: serve(settings, stop))
@@ -185,7 +189,8 @@ def up(ctx: Context, workers: int, port: int | None, no_workers: bool, no_reward
         while not stopping:
             for child in children:
                 if child.poll() is not None:
-                    click.secho(f"{' '.join(child.args[3:])} exited with {child.returncode}", fg="red", err=True)
+                    what = " ".join(str(arg) for arg in child.args[3:])  # type: ignore[index]
+                    click.secho(f"{what} exited with {child.returncode}", fg="red", err=True)
                     stopping = True
             time.sleep(0.2)
     finally:
@@ -202,17 +207,25 @@ def up(ctx: Context, workers: int, port: int | None, no_workers: bool, no_reward
             click.echo("kafka stopped")
 
 
-def _register_optional_commands() -> None:
-    """Subcommands in their own modules, added when present (worker, dlq, replay, rewards)."""
-    import importlib
-
-    for module, name in (("pipeline.worker", "worker_command"), ("pipeline.dlq_cli", "dlq_command"),
-                         ("pipeline.replay", "replay_command"), ("pipeline.rewards_cli", "rewards_command")):
-        with contextlib.suppress(ModuleNotFoundError):
-            main.add_command(getattr(importlib.import_module(module), name))
+# --- worker ---------------------------------------------------------------------------------------------
 
 
-_register_optional_commands()
+@main.command("worker")
+@click.option("--source", "sources", multiple=True, type=click.Choice(SOURCES),
+              help="Only these sources (repeatable; default all). Workers of one group must share the set.")
+@click.option("--web-port", type=int, help="Port of /metrics (default worker.web_port; 0 = off).")
+@click.pass_obj
+def worker(ctx: Context, sources: tuple[str, ...], web_port: int | None) -> None:
+    """Run the pipeline workers (normalize + dedup) until Ctrl-C."""
+    from pipeline.stream.worker import Worker  # imports faust: only for the commands that run it
+
+    settings = ctx.settings(**{"worker.web_port": web_port})
+    Worker(settings, sources or SOURCES).run()
+
+
+main.add_command(dlq_command)
+main.add_command(replay_command)
+main.add_command(rewards_command)
 
 if __name__ == "__main__":
     main()

@@ -29,13 +29,12 @@ from pydantic import (
 from pipeline.errors import ConfigError
 from pipeline.signing import whsec_key
 
-SOURCES = ("customerglu", "segment", "moengage", "amplitude", "clevertap", "webengage", "usermaven")
 EXAMPLE_CONFIG = Path(__file__).with_name("headwater.example.toml")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)\s*$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
-def parse_duration(value: object) -> object:
+def parse_duration(value: object) -> timedelta:
     """'24h', '7d', '90s', '500ms' or a number of seconds -> timedelta."""
     if isinstance(value, timedelta):
         return value

@@ -16,8 +16,8 @@ from typing import Final
 
 import orjson
 
+from pipeline import reasons
 from pipeline.adapting import JSONValue, reject
-from pipeline.reasons import wrong_type
 
 JSONObject = dict[str, JSONValue]
 
@@ -42,7 +42,7 @@ def json_body(body: bytes) -> JSONValue:
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError as exc:
-        reject("invalid_json", f"body is not valid JSON: {exc}")
+        reject(reasons.INVALID_JSON, f"body is not valid JSON: {exc}")
 
 
 def kind(value: JSONValue) -> str:
@@ -67,7 +67,7 @@ def kind(value: JSONValue) -> str:
 def as_object(value: JSONValue, what: str) -> JSONObject:
     """A body or batch element that must be a JSON object; anything else is unexpected_body_shape."""
     if not isinstance(value, dict):
-        reject("unexpected_body_shape", f"expected {what} to be a JSON object, got {kind(value)}")
+        reject(reasons.UNEXPECTED_BODY_SHAPE, f"expected {what} to be a JSON object, got {kind(value)}")
     return value
 
 
@@ -89,7 +89,7 @@ def identifier(record: Mapping[str, JSONValue], field: str) -> str | None:
         return value.strip() or None
     if isinstance(value, int) and not isinstance(value, bool):
         return str(value)
-    reject(wrong_type(field), f"{field} must be a string or an integer, got {kind(value)}", path=field)
+    reject(reasons.WRONG_TYPE.about(field), f"{field} must be a string or an integer, got {kind(value)}", path=field)
 
 
 def event_id(record: Mapping[str, JSONValue], *fields: str) -> str | None:
@@ -98,8 +98,7 @@ def event_id(record: Mapping[str, JSONValue], *fields: str) -> str | None:
         found = identifier(record, field)
         if found is not None:
             if len(found) > MAX_EVENT_ID_CHARS:
-                reject(
-                    "invalid_event_id",
+                reject(reasons.INVALID_EVENT_ID,
                     f"{field} is {len(found)} characters long, the limit is {MAX_EVENT_ID_CHARS}",
                     path=field,
                 )
@@ -118,10 +117,10 @@ def event_name(record: Mapping[str, JSONValue], *fields: str) -> str:
         if value is None:
             continue
         if not isinstance(value, str):
-            reject(wrong_type(field), f"{field} must be a string, got {kind(value)}", path=field)
+            reject(reasons.WRONG_TYPE.about(field), f"{field} must be a string, got {kind(value)}", path=field)
         if value.strip():
             return value
-    reject("missing_event_name", f"no event name in {' / '.join(fields)}", path=fields[0])
+    reject(reasons.MISSING_EVENT_NAME, f"no event name in {' / '.join(fields)}", path=fields[0])
 
 
 def container(record: Mapping[str, JSONValue], field: str) -> JSONObject:
@@ -130,7 +129,7 @@ def container(record: Mapping[str, JSONValue], field: str) -> JSONObject:
     if value is None:
         return {}
     if not isinstance(value, dict):
-        reject(wrong_type(field), f"{field} must be an object, got {kind(value)}", path=field)
+        reject(reasons.WRONG_TYPE.about(field), f"{field} must be an object, got {kind(value)}", path=field)
     return dict(value)
 
 
@@ -146,10 +145,10 @@ def timestamp(record: Mapping[str, JSONValue], *fields: str, required: bool) -> 
             continue
         moment = parse_timestamp(value)
         if moment is None:
-            reject("invalid_timestamp", f"{field} is not a supported time: {_preview(value)}", path=field)
+            reject(reasons.INVALID_TIMESTAMP, f"{field} is not a supported time: {_preview(value)}", path=field)
         return moment
     if required:
-        reject("missing_timestamp", f"none of {' / '.join(fields)} is present", path=fields[0])
+        reject(reasons.MISSING_TIMESTAMP, f"none of {' / '.join(fields)} is present", path=fields[0])
     return None
 
 
@@ -212,7 +211,7 @@ def _get(record: Mapping[str, JSONValue], field: str) -> JSONValue:
             return _MISSING
         if not isinstance(node, Mapping):
             parent = ".".join(walked)
-            reject(wrong_type(parent), f"{parent} must be an object, got {kind(node)}", path=parent)
+            reject(reasons.WRONG_TYPE.about(parent), f"{parent} must be an object, got {kind(node)}", path=parent)
         node = node.get(step, _MISSING)
         walked.append(step)
     return node

@@ -1,7 +1,8 @@
-"""The dead-letter reason catalogue: every code an adapter, the driver or validation may report.
+"""The reason catalogues: every code an adapter, the driver, validation or the rewards side may report.
 
-Codes are sources.md §3.6 plus four of our own (adapter_crashed, validation_failed, invalid_raw_headers,
-redrive_limit).
+Event codes are sources.md §3.6 plus four of our own (adapter_crashed, validation_failed,
+invalid_raw_headers, redrive_limit); reward codes are those of rewards.dlq. `reject()` and the dead-letter
+constructors take a `Reason`, never a string, so a misspelt code is a name error.
 Modelled on aiokafka's errors.py: one record per code and a lookup table, so the README table and
 the DLQ tooling read the same list.
 """
@@ -9,8 +10,11 @@ the DLQ tooling read the same list.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from pipeline.records import Stage
+
+RewardStage = Literal["intake", "delivery"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,8 +27,12 @@ class Reason:
     """
 
     code: str
-    stage: Stage
+    stage: Stage | RewardStage
     summary: str
+
+    def about(self, field: str) -> Reason:
+        """The parametrized form <code>:<field>, e.g. wrong_type:user_id; `lookup` maps it back here."""
+        return Reason(f"{self.code}:{field}", self.stage, self.summary)
 
 
 INVALID_JSON = Reason(
@@ -113,14 +121,39 @@ CATALOGUE: dict[str, Reason] = {
 }
 
 
-def wrong_type(field: str) -> str:
-    """The parametrized code for a field of the wrong JSON type: wrong_type:<field> (§3.1–3.3)."""
-    return f"{WRONG_TYPE.code}:{field}"
-
-
 def lookup(code: str) -> Reason:
     """The catalogue entry for a code; wrong_type:<field> maps to wrong_type, unknown codes to UNKNOWN."""
-    base, _, _ = code.partition(":")
-    if base == WRONG_TYPE.code:
-        return WRONG_TYPE
-    return CATALOGUE.get(code, UNKNOWN)
+    return CATALOGUE.get(code) or CATALOGUE.get(code.partition(":")[0], UNKNOWN)
+
+
+# --- rewards.dlq ----------------------------------------------------------------------------------------
+
+REWARD_INVALID_JSON = Reason("invalid_json", "intake", "The record is not JSON (or not UTF-8).")
+REWARD_NOT_AN_OBJECT = Reason("not_an_object", "intake", "The record is JSON but not one object.")
+REWARD_MISSING_FIELD = Reason("missing_field", "intake", "campaignId, userId or rewardId is absent, null or "
+                              "blank; the code names it, as missing_field:<field>.")
+REWARD_WRONG_TYPE = Reason("wrong_type", "intake", "A field has the wrong JSON type (wrong_type:<field>).")
+REWARD_INVALID_ID = Reason("invalid_id", "intake", "rewardId is over 256 characters or not printable ASCII: "
+                           "it travels in the X-Reward-Id header (invalid_id:rewardId).")
+REWARD_MISSING_TENANT = Reason("missing_tenant", "intake", "The Kafka record has no hw-tenant header.")
+REWARD_UNKNOWN_TENANT = Reason("unknown_tenant", "intake", "The hw-tenant header names no configured tenant.")
+REWARD_NO_WEBHOOK = Reason("no_webhook", "intake", "The tenant has no rewards_webhook configured.")
+REWARD_REJECTED = Reason("rejected", "delivery", "The endpoint answered a status that is not retried "
+                         "(4xx other than 408 and 429, or 3xx); no further attempts.")
+REWARD_ATTEMPTS_EXHAUSTED = Reason("attempts_exhausted", "delivery", "Every attempt of the retry schedule failed.")
+
+REWARD_CATALOGUE: dict[str, Reason] = {
+    r.code: r
+    for r in (
+        REWARD_INVALID_JSON,
+        REWARD_NOT_AN_OBJECT,
+        REWARD_MISSING_FIELD,
+        REWARD_WRONG_TYPE,
+        REWARD_INVALID_ID,
+        REWARD_MISSING_TENANT,
+        REWARD_UNKNOWN_TENANT,
+        REWARD_NO_WEBHOOK,
+        REWARD_REJECTED,
+        REWARD_ATTEMPTS_EXHAUSTED,
+    )
+}

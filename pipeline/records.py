@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import os
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal, Self
@@ -44,6 +46,15 @@ def utc_now() -> datetime:
     return datetime.now(UTC)
 
 
+_CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+
+
+def new_request_id() -> str:
+    """A ULID: 48-bit millisecond time + 80 random bits, Crockford base32; unique and sortable by time."""
+    value = (time.time_ns() // 1_000_000) << 80 | int.from_bytes(os.urandom(10), "big")
+    return "".join(_CROCKFORD[(value >> shift) & 31] for shift in range(125, -1, -5))
+
+
 class _Record(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -59,12 +70,12 @@ class RawHeaders(_Record):
     received_at: UtcDatetime
     request_id: ShortText
     content_type: ShortText | None = None
-    webengage_request_id: ShortText | None = None     # header x-request-id (§4.6)
-    webengage_event_type: ShortText | None = None     # query eventType
-    webengage_license_code: ShortText | None = None   # query licenseCode
-    usermaven_api_key: ShortText | None = None        # the API-key half of the token (§4.7)
     redrive_count: int = 0
     replay_of: ShortText | None = None                # "topic:partition:offset" of the record replayed
+    # What the source's adapter declared it needs from the request (adapting.RequestValue), by name:
+    # e.g. WebEngage's request_id (header x-request-id), Usermaven's api_key (the token's API-key half).
+    # Stored as hw-<source>-<name> headers; credentials never get one.
+    vendor: dict[Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]{0,63}$")], ShortText] = {}
 
     def to_kafka(self) -> list[tuple[str, bytes]]:
         out: list[tuple[str, bytes]] = []
@@ -74,6 +85,8 @@ class RawHeaders(_Record):
                 continue
             text = format_utc(value) if isinstance(value, datetime) else str(value)
             out.append((name, text.encode()))
+        prefix = _vendor_prefix(self.source)
+        out.extend((prefix + name.replace("_", "-"), value.encode()) for name, value in self.vendor.items())
         return out
 
     @classmethod
@@ -86,6 +99,11 @@ class RawHeaders(_Record):
             raw = by_name.get(name)
             if raw is not None:
                 doc[field] = raw.decode("utf-8", "replace")
+        prefix = _vendor_prefix(doc.get("source", ""))
+        vendor = {name[len(prefix):].replace("-", "_"): raw.decode("utf-8", "replace")
+                  for name, raw in by_name.items() if name.startswith(prefix) and raw is not None}
+        if vendor:
+            doc["vendor"] = vendor
         return cls.model_validate(doc)
 
     def json_headers(self) -> dict[str, str]:
@@ -99,13 +117,14 @@ _HEADER_NAMES = {
     "received_at": "hw-received-at",
     "request_id": "hw-request-id",
     "content_type": "hw-content-type",
-    "webengage_request_id": "hw-webengage-request-id",
-    "webengage_event_type": "hw-webengage-event-type",
-    "webengage_license_code": "hw-webengage-license-code",
-    "usermaven_api_key": "hw-usermaven-api-key",
     "redrive_count": "hw-redrive-count",
     "replay_of": "hw-replay-of",
 }
+
+
+def _vendor_prefix(source: str) -> str:
+    """hw-<source>-: the Kafka header names of a source's request metadata (hw-webengage-request-id)."""
+    return f"hw-{source}-"
 
 
 class Origin(_Record):

@@ -1,7 +1,7 @@
 """Session fixtures: one real Kafka broker per test session, unique topics per test, receivers on loopback.
 
 The broker is HEADWATER_TEST_BOOTSTRAP if set; else testcontainers' Kafka when a Docker engine answers;
-else our own local broker (pipeline.localkafka) on free ports in a temp dir. It never skips: a session
+else our own local broker (pipeline.kafka.local) on free ports in a temp dir. It never skips: a session
 that cannot get a broker fails.
 """
 
@@ -115,7 +115,7 @@ def loop_thread() -> Iterator[LoopThread]:
 @pytest.fixture
 def start_receiver(loop_thread: LoopThread) -> Iterator[Callable[[Settings], str]]:
     """Start a Receiver on an ephemeral loopback port; returns its base URL. Stopped after the test."""
-    from pipeline.receiver import Receiver
+    from pipeline.ingest.receiver import Receiver
 
     started: list[Receiver] = []
 

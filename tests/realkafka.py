@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import LocalKafkaSettings, Settings
-from pipeline.localkafka import LocalKafka, free_port
+from pipeline.kafka.local import LocalKafka, free_port
 
 
 def start_local_broker(data_dir: Path) -> LocalKafka:
@@ -51,7 +51,7 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 30, interval: float 
 
 
 def read_records(settings: Settings, topic: str) -> list[Any]:
-    from pipeline.kafka import read_topic
+    from pipeline.kafka.clients import read_topic
 
     return asyncio.run(read_topic(settings, topic))
 
@@ -131,9 +131,8 @@ class WorkerProcess:
 def produce_raw(settings: Settings, source: str, bodies: list[bytes], tenant: str = "acme",
                 partition: int | None = None, **header_fields: Any) -> None:
     """Write raw records as the receiver would (same headers), straight to raw.<source>."""
-    from pipeline.kafka import ensure_topics, make_producer
-    from pipeline.receiver import new_request_id
-    from pipeline.records import RawHeaders, utc_now
+    from pipeline.kafka.clients import ensure_topics, make_producer
+    from pipeline.records import RawHeaders, new_request_id, utc_now
 
     async def run() -> None:
         await ensure_topics(settings, [settings.topics.raw(source)])

@@ -19,8 +19,8 @@ from multidict import CIMultiDict
 from realkafka import LoopThread, read_records
 
 from pipeline.config import Settings
-from pipeline.kafka import ensure_topics, make_producer
-from pipeline.rewards import AttemptOutcome, RewardDeadLetter, parse_message
+from pipeline.kafka.clients import ensure_topics, make_producer
+from pipeline.rewards.records import AttemptOutcome, RewardDeadLetter, parse_message
 
 
 @dataclass

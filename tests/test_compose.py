@@ -278,8 +278,9 @@ class TestImages:
         """The build copies every package pyproject.toml lists and pip-installs the project itself."""
         instructions = dockerfile_instructions()
         copied = {Path(source).parts[0] for source in copy_sources()}
-        packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
-        assert set(packages) | {"pyproject.toml"} <= copied
+        find = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+        packages = {name.split(".")[0] for name in find["include"]}
+        assert packages | {"pyproject.toml"} <= copied
         assert any(keyword == "RUN" and re.search(r"pip install \.$", args) for keyword, args in instructions)
 
     def test_dockerignore_keeps_what_the_build_copies_and_drops_the_virtualenv(self) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import signal
 import subprocess
 import sys
@@ -22,9 +23,10 @@ from realkafka import WorkerProcess, produce_raw, read_records, toml_text, wait_
 from adapters import segment
 from pipeline.cli import main
 from pipeline.config import Settings
-from pipeline.kafka import ensure_topics, make_producer
-from pipeline.normalizing import dead_letter, outcomes
+from pipeline.kafka.clients import ensure_topics, make_producer
+from pipeline.reasons import lookup
 from pipeline.records import DeadLetter, Origin, RawHeaders, RawRecord, utc_now
+from pipeline.stream.normalizing import dead_letter, outcomes
 
 KEY = {"X-API-KEY": "wk_acme_1", "Content-Type": "application/json"}
 RECEIVED = utc_now()  # one receive time, so letters of one raw record share their headers
@@ -72,7 +74,8 @@ def letter(
         headers=headers,
         origin=Origin(topic=settings.topics.raw(source), partition=0, offset=offset),
     )
-    made = dead_letter(raw, stage, reason, f"{reason} at item {index}", index=index, element={"i": index})
+    entry = dataclasses.replace(lookup(reason), code=reason)  # keeps a parametrized code such as wrong_type:x
+    made = dead_letter(raw, stage, entry, f"{reason} at item {index}", index=index, element={"i": index})
     return made.model_copy(update={"failed_at": failed_at}) if failed_at else made
 
 
@@ -340,17 +343,19 @@ def test_a_letter_redriven_past_the_limit_ends_as_redrive_limit(
 OLD_RELEASE = """
 import sys, types
 from adapters import ADAPTERS, segment
+from pipeline import reasons
 from pipeline.adapting import reject
 from pipeline.config import load_settings
-from pipeline.worker import Pipeline
+from pipeline.stream.worker import Worker
 
 def normalize(record, meta):
     if isinstance(record, dict) and record.get("type") == "page":
-        reject("unsupported_type", "this release does not support page calls", path="type")
+        reject(reasons.UNSUPPORTED_TYPE, "this release does not support page calls", path="type")
     return segment.normalize(record, meta)
 
-old = types.SimpleNamespace(SOURCE="segment", BATCHED=True, parse=segment.parse, normalize=normalize)
-Pipeline(load_settings(sys.argv[1]), ["segment", "customerglu"], {**ADAPTERS, "segment": old}).run()
+old = types.SimpleNamespace(**{k: getattr(segment, k) for k in ("SOURCE", "BATCHED", "ROUTES", "AUTH",
+                                                                "REQUEST_META", "parse")}, normalize=normalize)
+Worker(load_settings(sys.argv[1]), ["segment", "customerglu"], {**ADAPTERS, "segment": old}).run()
 """
 
 
@@ -457,7 +462,7 @@ def test_fix_and_redrive_turns_exactly_the_rejected_letters_into_events(
 
 def test_time_values_are_utc_aware() -> None:
     """--since/--until accept ISO-8601 (naive = UTC) and durations ago."""
-    from pipeline.dlq_cli import make_filters
+    from pipeline.ops.dlq_cli import make_filters
 
     filters = make_filters(since="2h", until="2024-03-01T12:00:00")
     assert filters.until == datetime(2024, 3, 1, 12, tzinfo=UTC)

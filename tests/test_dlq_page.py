@@ -22,7 +22,7 @@ from realkafka import LoopThread
 from test_dlq import letter, put
 
 from pipeline.config import Settings
-from pipeline.dlq_page import make_app
+from pipeline.ops.dlq_page import make_app
 from pipeline.records import DeadLetter, FieldError
 
 CHROMIUM_CANDIDATES = ("/usr/bin/chromium", "chromium", "chromium-browser", "google-chrome")

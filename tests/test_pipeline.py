@@ -10,12 +10,12 @@ from collections.abc import Callable
 from typing import Any
 
 import aiohttp
-import pytest
 import orjson
+import pytest
 from realkafka import WorkerProcess, produce_raw, read_records, wait_for
 
 from pipeline.config import Settings
-from pipeline.localkafka import free_port
+from pipeline.kafka.local import free_port
 from pipeline.records import DeadLetter, RawHeaders
 
 KEY = {"X-API-KEY": "wk_acme_1", "Content-Type": "application/json"}

@@ -19,7 +19,7 @@ from realkafka import WorkerProcess, produce_raw, read_records, toml_text, wait_
 from adapters import customerglu
 from pipeline.cli import main
 from pipeline.config import Settings
-from pipeline.replay import offset_range, replay
+from pipeline.ops.replay import offset_range, replay
 
 
 def event(i: int, name: str = "tick") -> bytes:

@@ -29,14 +29,21 @@ from rewards_rig import (
     settings_doc,
     start_customer,
 )
-from test_signing import SW_SECRET, UNICODE_REWARD, WORKED_BODY, WORKED_DIGEST, WORKED_TOKEN, python_reserialized
+from test_signing import (
+    SW_SECRET,
+    UNICODE_REWARD,
+    WORKED_BODY,
+    WORKED_DIGEST,
+    WORKED_TOKEN,
+    python_reserialized,
+)
 
 import headwater
 from pipeline.cli import main
 from pipeline.config import Settings
-from pipeline.localkafka import free_port
-from pipeline.rewards import (
-    CATALOGUE,
+from pipeline.kafka.local import free_port
+from pipeline.reasons import REWARD_CATALOGUE
+from pipeline.rewards.records import (
     RewardRejected,
     classify,
     parse_retry_after,
@@ -45,8 +52,8 @@ from pipeline.rewards import (
     split_rewards,
     validate_reward,
 )
+from pipeline.rewards.webhooks import Breaker
 from pipeline.signing import cg_signature
-from pipeline.webhooks import Breaker
 
 SW_SECRET_2 = "whsec_c2VjcmV0LW9mLWEtcm90YXRlZC1lbmRwb2ludA=="
 
@@ -85,8 +92,8 @@ class TestValidation:
         """A reward without campaignId/userId/rewardId, or not an object, or mistyped, is rejected with a code."""
         with pytest.raises(RewardRejected) as rejected:
             validate_reward(doc)
-        assert rejected.value.reason == reason
-        assert reason.split(":")[0] in CATALOGUE
+        assert rejected.value.reason.code == reason
+        assert reason.split(":")[0] in REWARD_CATALOGUE
 
     def test_not_json_is_invalid_json(self) -> None:
         """Bytes that are not JSON are rejected as invalid_json."""

@@ -15,11 +15,20 @@ from pathlib import Path
 from typing import Any
 
 from realkafka import LoopThread, wait_for
-from rewards_rig import Dispatcher, Seen, dead_letters, outcomes, produce, render_toml, settings_doc, start_customer
+from rewards_rig import (
+    Dispatcher,
+    Seen,
+    dead_letters,
+    outcomes,
+    produce,
+    render_toml,
+    settings_doc,
+    start_customer,
+)
 from test_signing import SW_SECRET
 
 from pipeline.config import Settings
-from pipeline.localkafka import free_port
+from pipeline.kafka.local import free_port
 
 
 def test_sigkill_mid_delivery_resends_only_the_reward_in_flight_with_the_same_idempotency_headers(
@@ -57,9 +66,11 @@ def test_sigkill_mid_delivery_resends_only_the_reward_in_flight_with_the_same_id
         wait_for(lambda: killed, timeout=45)
         first.process.wait(10)
         import asyncio
+
         from aiokafka import TopicPartition
-        from pipeline.kafka import make_consumer
         from realkafka import read_records
+
+        from pipeline.kafka.clients import make_consumer
         async def committed():
             c = make_consumer(settings, group_id=settings.worker.app_id + "-rewards")
             await c.start()

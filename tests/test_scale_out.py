@@ -23,10 +23,9 @@ from aiokafka.admin import AIOKafkaAdminClient
 from realkafka import WorkerProcess, read_records, wait_for
 
 from pipeline.config import Settings
-from pipeline.kafka import end_offsets, ensure_topics, make_producer
-from pipeline.localkafka import free_port
-from pipeline.receiver import new_request_id
-from pipeline.records import DeadLetter, RawHeaders, utc_now
+from pipeline.kafka.clients import end_offsets, ensure_topics, make_producer
+from pipeline.kafka.local import free_port
+from pipeline.records import DeadLetter, RawHeaders, new_request_id, utc_now
 
 SOURCES = ("customerglu", "amplitude")
 TENANTS = ("acme", "globex")

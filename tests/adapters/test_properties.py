@@ -91,10 +91,17 @@ def meta(source: str, request_id: str | None = "req-1") -> RawHeaders:
         source=source,
         received_at=datetime(2024, 3, 1, 12, tzinfo=UTC),
         request_id="r1",
-        webengage_request_id=request_id,
-        webengage_license_code="~demo5678",
-        usermaven_api_key="ak_demo",
+        vendor=vendor_meta(source, request_id),
     )
+
+
+def vendor_meta(source: str, request_id: str | None) -> dict[str, str]:
+    """The request metadata the receiver stores for a source (what its adapter declares)."""
+    if source == "webengage":
+        return {"license_code": "~demo5678"} | ({"request_id": request_id} if request_id else {})
+    if source == "usermaven":
+        return {"api_key": "ak_demo"}
+    return {}
 
 
 def run(adapter: AdapterModule, body: bytes, raw_meta: RawHeaders) -> list[Draft | Reject]:
@@ -183,4 +190,4 @@ def _outcome(adapter: AdapterModule, record: Any, raw_meta: RawHeaders) -> Draft
     try:
         return adapter.normalize(record, raw_meta)
     except Reject as verdict:
-        return (verdict.reason, verdict.detail)
+        return (verdict.reason.code, verdict.detail)

@@ -27,7 +27,7 @@ def test_a_full_batch_keeps_order_and_isolates_bad_elements() -> None:
         try:
             outcomes.append(segment.normalize(record, META).vendor_event_id or "")
         except Reject as verdict:
-            outcomes.append(verdict.reason)
+            outcomes.append(verdict.reason.code)
     assert len(outcomes) == 4000
     assert outcomes[::100] == ["missing_user_identity"] * 40
     assert outcomes[1:100] == [f"m{i}" for i in range(1, 100)]

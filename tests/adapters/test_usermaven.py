@@ -23,7 +23,7 @@ def derived_ids(body: Any, received_at: datetime) -> list[str]:
         source="usermaven",
         received_at=received_at,
         request_id="r1",
-        usermaven_api_key="ak_demo",
+        vendor={"api_key": "ak_demo"},
     )
     out = []
     for record in usermaven.parse(orjson.dumps(body), raw_meta):

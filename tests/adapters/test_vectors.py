@@ -62,14 +62,14 @@ def outcomes(adapter: AdapterModule, body: bytes, raw_meta: RawHeaders) -> list[
     try:
         records = adapter.parse(body, raw_meta)
     except Reject as verdict:
-        return [{"reason": verdict.reason, "index": None, "path": verdict.path}]
+        return [{"reason": verdict.reason.code, "index": None, "path": verdict.path}]
     out: list[dict[str, Any]] = []
     for position, record in enumerate(records):
         index = position if adapter.BATCHED else None
         try:
             out.append(draft_fields(adapter.normalize(record, raw_meta)))
         except Reject as verdict:
-            out.append({"reason": verdict.reason, "index": index, "path": verdict.path})
+            out.append({"reason": verdict.reason.code, "index": index, "path": verdict.path})
     return out
 
 

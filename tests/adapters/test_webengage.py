@@ -25,7 +25,7 @@ def derived_id(tenant: str, license_code: str, received_at: datetime) -> str:
         source="webengage",
         received_at=received_at,
         request_id="r1",
-        webengage_license_code=license_code,
+        vendor={"license_code": license_code},
     )
     (record,) = webengage.parse(orjson.dumps(BODY), raw_meta)
     draft = webengage.normalize(record, raw_meta)

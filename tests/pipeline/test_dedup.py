@@ -4,13 +4,14 @@ as the changelog, so each crash point of the PENDING -> emit -> DONE protocol ca
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
 from collections.abc import Awaitable
+from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 
-from pipeline.dedup import DONE, PENDING, Candidate, Deduplicator, make_store
+from pipeline.stream.dedup import DONE, PENDING, Candidate, Deduplicator, RocksStore, StoreLocked, open_store
 
 WINDOW_S = 3600.0
 
@@ -112,7 +113,7 @@ def test_an_expired_id_is_new_again() -> None:
 
 def test_the_rocksdb_store_keeps_the_same_entries_as_memory(tmp_path: Path) -> None:
     """dedup.store = "rocksdb://": the same verdicts, entries readable back, expiry deletes them."""
-    store = make_store("rocksdb://", tmp_path)
+    store = open_store("rocksdb://", tmp_path)
     dedup, changelog = make(store)
     assert run(dedup, [(candidate("a"), 0), (candidate("b"), 1)])[1] == (2, 0)
     assert run(dedup, [(candidate("a"), 0)])[1] == (0, 1)
@@ -121,4 +122,18 @@ def test_the_rocksdb_store_keeps_the_same_entries_as_memory(tmp_path: Path) -> N
     assert asyncio.run(dedup.expire(now_ms=10**15)) == 1
     assert list(store.items()) == []
     store.close()
-    assert list(make_store("rocksdb://", tmp_path).items()) == []  # starts empty: the changelog is the truth
+    reopened = open_store("rocksdb://", tmp_path)
+    assert list(reopened.items()) == []  # starts empty: the changelog is the truth
+    assert isinstance(reopened, RocksStore)
+    reopened.close()
+
+
+def test_a_second_opener_of_a_rocksdb_store_fails_and_leaves_the_live_table_alone(tmp_path: Path) -> None:
+    """A dedup store directory has one owner: a second opener gets StoreLocked, the owner's entries stay."""
+    owner = open_store("rocksdb://", tmp_path)
+    owner[b"acme/a"] = [DONE, 1, 0]
+    with pytest.raises(StoreLocked, match="in use by pid"):
+        open_store("rocksdb://", tmp_path)
+    assert owner.get(b"acme/a") == [DONE, 1, 0]
+    assert isinstance(owner, RocksStore)
+    owner.close()

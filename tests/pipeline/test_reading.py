@@ -123,20 +123,20 @@ def test_supported_time_forms_parse_to_utc(value: Any, expected: datetime) -> No
 def test_other_time_forms_are_invalid_timestamp(value: Any) -> None:
     """Everything outside rules 1–4 is invalid_timestamp, with the field as path (§3.4 rule 5)."""
     rejected = verdict(read.timestamp, {"t": value}, "t", required=False)
-    assert (rejected.reason, rejected.path) == ("invalid_timestamp", "t")
+    assert (rejected.reason.code, rejected.path) == ("invalid_timestamp", "t")
 
 
 @pytest.mark.parametrize("value", [None, "", "   ", "\t\n"], ids=repr)
 def test_null_and_blank_times_are_missing(value: Any) -> None:
     """Null and blank strings are missing: None when optional, missing_timestamp when required (§3.4)."""
     assert read.timestamp({"t": value}, "t", required=False) is None
-    assert verdict(read.timestamp, {"t": value}, "t", required=True).reason == "missing_timestamp"
+    assert verdict(read.timestamp, {"t": value}, "t", required=True).reason.code == "missing_timestamp"
 
 
 def test_absent_time_is_missing() -> None:
     """An absent field is missing, and all candidates missing is missing_timestamp when required (§3.4)."""
     assert read.timestamp({}, "a", "b", required=False) is None
-    assert verdict(read.timestamp, {}, "a", "b", required=True).reason == "missing_timestamp"
+    assert verdict(read.timestamp, {}, "a", "b", required=True).reason.code == "missing_timestamp"
 
 
 def test_first_non_missing_field_wins() -> None:
@@ -192,7 +192,7 @@ def test_identifiers_are_trimmed_strings_or_integers(value: Any, expected: str |
 def test_other_identifier_types_are_wrong_type(value: Any) -> None:
     """Floats, booleans, objects and arrays are wrong_type:<field>, never coerced (§3.1)."""
     rejected = verdict(read.identifier, {"id": value}, "id")
-    assert (rejected.reason, rejected.path) == ("wrong_type:id", "id")
+    assert (rejected.reason.code, rejected.path) == ("wrong_type:id", "id")
 
 
 def test_dotted_fields_reach_into_objects() -> None:
@@ -205,7 +205,7 @@ def test_dotted_fields_reach_into_objects() -> None:
 def test_a_parent_that_is_not_an_object_is_wrong_type() -> None:
     """A scalar where an object should be is wrong_type:<parent>, not silently absent (§3.3)."""
     rejected = verdict(read.identifier, {"user": "u_9"}, "user.id")
-    assert (rejected.reason, rejected.path) == ("wrong_type:user", "user")
+    assert (rejected.reason.code, rejected.path) == ("wrong_type:user", "user")
 
 
 def test_event_id_takes_the_first_present_spelling() -> None:
@@ -217,21 +217,21 @@ def test_event_id_takes_the_first_present_spelling() -> None:
 def test_event_id_over_256_characters_is_invalid() -> None:
     """Vendor ids are 1–256 characters; longer is invalid_event_id (§2)."""
     assert read.event_id({"id": "x" * 256}, "id") == "x" * 256
-    assert verdict(read.event_id, {"id": "x" * 257}, "id").reason == "invalid_event_id"
+    assert verdict(read.event_id, {"id": "x" * 257}, "id").reason.code == "invalid_event_id"
 
 
 def test_event_name_is_a_non_blank_string_kept_verbatim() -> None:
     """A name must be a non-blank JSON string and is not coerced or trimmed (§3.2)."""
     assert read.event_name({"n": " Signed Up "}, "n") == " Signed Up "
-    assert verdict(read.event_name, {"n": "  "}, "n").reason == "missing_event_name"
-    assert verdict(read.event_name, {}, "n").reason == "missing_event_name"
-    assert verdict(read.event_name, {"n": 42}, "n").reason == "wrong_type:n"
+    assert verdict(read.event_name, {"n": "  "}, "n").reason.code == "missing_event_name"
+    assert verdict(read.event_name, {}, "n").reason.code == "missing_event_name"
+    assert verdict(read.event_name, {"n": 42}, "n").reason.code == "wrong_type:n"
 
 
 def test_event_name_falls_back_only_over_missing_fields() -> None:
     """A blank or absent first name falls back to the next field; a wrong type does not (§3.2, §4.3)."""
     assert read.event_name({"a": "", "b": "B"}, "a", "b") == "B"
-    assert verdict(read.event_name, {"a": ["A"], "b": "B"}, "a", "b").reason == "wrong_type:a"
+    assert verdict(read.event_name, {"a": ["A"], "b": "B"}, "a", "b").reason.code == "wrong_type:a"
 
 
 def test_containers_are_objects_or_empty() -> None:
@@ -244,7 +244,7 @@ def test_containers_are_objects_or_empty() -> None:
     assert read.container({}, "p") == {}
     not_objects: list[Any] = ['{"a":1}', [], 3, True]
     for value in not_objects:
-        assert verdict(read.container, {"p": value}, "p").reason == "wrong_type:p"
+        assert verdict(read.container, {"p": value}, "p").reason.code == "wrong_type:p"
 
 
 # --- bodies, leftovers, CleverTap casing ------------------------------------------------------------
@@ -255,7 +255,7 @@ def test_containers_are_objects_or_empty() -> None:
 )
 def test_bodies_that_are_not_json_are_invalid_json(body: bytes) -> None:
     """Anything orjson refuses, including non-UTF-8 bytes and a BOM, is invalid_json (§3.6)."""
-    assert verdict(read.json_body, body).reason == "invalid_json"
+    assert verdict(read.json_body, body).reason.code == "invalid_json"
 
 
 def test_json_body_keeps_unicode() -> None:
@@ -280,7 +280,7 @@ def test_kind_names_json_types() -> None:
 def test_as_object_rejects_other_shapes() -> None:
     """A body or element that is not an object is unexpected_body_shape (§3.6)."""
     assert read.as_object({"a": 1}, "x") == {"a": 1}
-    assert verdict(read.as_object, [1], "the body").reason == "unexpected_body_shape"
+    assert verdict(read.as_object, [1], "the body").reason.code == "unexpected_body_shape"
 
 
 def test_leftovers_are_the_unmapped_keys() -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pipeline.reasons import CATALOGUE, UNKNOWN, WRONG_TYPE, Reason, lookup, wrong_type
+from pipeline.reasons import CATALOGUE, UNKNOWN, WRONG_TYPE, Reason, lookup
 
 SPEC_CODES = [
     "invalid_json",
@@ -53,9 +53,9 @@ def test_entries_are_frozen_and_described() -> None:
 
 
 def test_wrong_type_is_parametrized_by_field() -> None:
-    """wrong_type(field) spells wrong_type:<field>, and lookup maps it back to wrong_type (§3.1–3.3)."""
-    assert wrong_type("user.id") == "wrong_type:user.id"
-    assert lookup(wrong_type("user.id")) is WRONG_TYPE
+    """WRONG_TYPE.about(field) spells wrong_type:<field>, and lookup maps it back to wrong_type (§3.1–3.3)."""
+    assert WRONG_TYPE.about("user.id").code == "wrong_type:user.id"
+    assert lookup(WRONG_TYPE.about("user.id").code) is WRONG_TYPE
 
 
 def test_lookup() -> None:

@@ -19,28 +19,25 @@ import os
 import signal
 import time
 from collections import defaultdict, deque
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import faust
 from faust.types import Message
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from pipeline import reasons
 from pipeline.config import RewardsWebhook, Settings
-from pipeline.kafka import ensure_topics
+from pipeline.kafka.clients import ensure_topics
+from pipeline.reasons import Reason
 from pipeline.records import utc_now
-from pipeline.rewards import (
-    ATTEMPTS_EXHAUSTED,
-    MISSING_TENANT,
-    NO_WEBHOOK,
-    REJECTED,
-    UNKNOWN_TENANT,
+from pipeline.rewards.records import (
     Attempt,
     AttemptOutcome,
     CatchUpMarker,
     DeliveryJob,
     DeliveryState,
     RewardDeadLetter,
-    RewardReason,
     RewardRejected,
     b64,
     classify,
@@ -50,8 +47,8 @@ from pipeline.rewards import (
     peek_reward_id,
     retry_delay_s,
 )
+from pipeline.rewards.webhooks import Breaker, Schedule, Sender
 from pipeline.signing import canonical_body
-from pipeline.webhooks import Breaker, Schedule, Sender
 
 log = logging.getLogger(__name__)
 HOLD_MAX_S = 15.0            # after a rebalance, retries wait at most this long for the agent to catch up
@@ -144,8 +141,8 @@ class Dispatcher:
         app.agent(self.outbound, name="headwater.rewards.intake")(self._intake_agent)
         app.agent(self.deliveries, name="headwater.rewards.deliver")(self._deliver_agent)
         app.timer(self.cfg.tick.total_seconds(), name="headwater.rewards.tick")(self._on_tick)
-        app.on_partitions_revoked.connect(self._on_revoked)
-        app.on_before_shutdown.connect(self._on_shutdown)
+        app.on_partitions_revoked.connect(self._on_revoked)  # type: ignore[arg-type]
+        app.on_before_shutdown.connect(self._on_shutdown)  # type: ignore[arg-type]
         registry = self.metrics.registry
 
         async def metrics(view: Any, request: Any) -> Any:  # a plain function: Faust makes it View.get
@@ -176,20 +173,20 @@ class Dispatcher:
         reward_id: str | None = None
         try:
             if tenant is None:
-                raise RewardRejected(MISSING_TENANT.code, "the record has no hw-tenant header")
+                raise RewardRejected(reasons.REWARD_MISSING_TENANT, "the record has no hw-tenant header")
             if tenant not in self.hooks:
-                raise RewardRejected(UNKNOWN_TENANT.code, f"tenant {tenant!r} is not configured")
+                raise RewardRejected(reasons.REWARD_UNKNOWN_TENANT, f"tenant {tenant!r} is not configured")
             reward = parse_reward(body)
             reward_id = reward["rewardId"]
             if self.hooks[tenant] is None:
-                raise RewardRejected(NO_WEBHOOK.code, f"tenant {tenant!r} has no rewards_webhook")
+                raise RewardRejected(reasons.REWARD_NO_WEBHOOK, f"tenant {tenant!r} has no rewards_webhook")
         except RewardRejected as rejected:
             letter = RewardDeadLetter(
-                id=RewardDeadLetter.make_id(origin, "intake"), stage="intake", reason=rejected.reason,
+                id=RewardDeadLetter.make_id(origin, "intake"), stage="intake", reason=rejected.reason.code,
                 message=rejected.detail, tenant=tenant, reward_id=reward_id or peek_reward_id(body), origin=origin,
                 body_b64=b64(body),
                 failed_at=utc_now(), redelivery_count=redelivery)
-            await self.dlq.send(key=message.key, value=letter.to_json(), headers=list(message.headers or []))
+            await self.dlq.send(key=message.key, value=letter.to_json(), headers=_header_list(message.headers))
             self.metrics.deliveries.labels(tenant or "-", "invalid").inc()
             log.info("reward %s dead-lettered at intake: %s", origin, rejected)
             return
@@ -253,20 +250,20 @@ class Dispatcher:
             return
         if outcome.verdict == "reject":
             # no status: the tenant lost its rewards_webhook while the reward was pending
-            reason = REJECTED if outcome.attempt.status is not None else NO_WEBHOOK
+            reason = reasons.REWARD_REJECTED if outcome.attempt.status is not None else reasons.REWARD_NO_WEBHOOK
             await self._dead_letter(key, state, attempts, reason, outcome.attempt.error or "rejected")
             return
         delay = retry_delay_s(len(attempts), self.delays_s, self.cfg.jitter, outcome.attempt.retry_after_s,
                               self.cfg.max_retry_after.total_seconds())
         if delay is None:
             message = f"{len(attempts)} attempts failed; last: {outcome.attempt.error}"
-            await self._dead_letter(key, state, attempts, ATTEMPTS_EXHAUSTED, message)
+            await self._dead_letter(key, state, attempts, reasons.REWARD_ATTEMPTS_EXHAUSTED, message)
             return
         self.state[key] = state.model_copy(update={"attempts": attempts, "due_at": now + delay}).to_json()
         self.schedule.put(key, now + delay, outcome.tenant, partition)
 
     async def _dead_letter(self, key: bytes, state: DeliveryState, attempts: tuple[Attempt, ...],
-                           reason: RewardReason, message: str) -> None:
+                           reason: Reason, message: str) -> None:
         letter = RewardDeadLetter(
             id=RewardDeadLetter.make_id(state.origin, "delivery"), stage="delivery", reason=reason.code,
             message=message, tenant=state.tenant, reward_id=state.reward_id, origin=state.origin,
@@ -415,7 +412,7 @@ class Dispatcher:
         fetched: a group that never committed (a first worker killed within seconds) would skip records.
         """
         sources = {self.outbound.get_topic_name(), self.deliveries.get_topic_name()}
-        committed = await self.app.consumer.seek_to_committed()
+        committed = await self.app.consumer.seek_to_committed()  # type: ignore[attr-defined]
         fresh = [tp for tp, offset in committed.items() if tp.topic in sources and offset is None]
         if fresh:
             earliest = await self.app.consumer.earliest_offsets(*fresh)
@@ -454,3 +451,9 @@ def run_dispatcher(settings: Settings, exit_after_s: float | None = None, debug:
         for name in ("faust", "mode", "aiokafka", "aiohttp"):
             logging.getLogger(name).setLevel(logging.WARNING)
     worker.execute_from_commandline()
+
+
+def _header_list(headers: list[tuple[str, bytes]] | Mapping[str, bytes] | None) -> list[tuple[str, bytes]]:
+    if headers is None:
+        return []
+    return list(headers.items()) if isinstance(headers, Mapping) else list(headers)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import random
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Annotated, Any, Literal, Self
@@ -17,6 +16,8 @@ from typing import Annotated, Any, Literal, Self
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
+from pipeline import reasons
+from pipeline.reasons import Reason
 from pipeline.records import Processor, UtcDatetime
 
 REQUIRED = ("campaignId", "userId", "rewardId")
@@ -24,43 +25,11 @@ OPTIONAL_STRINGS = ("type", "rewardName", "code")
 MAX_ID_CHARS = 256
 
 
-# --- reasons --------------------------------------------------------------------------------------------
+class RewardRejected(Exception):  # noqa: N818 - a verdict, not an error (like adapting.Reject)
+    """A verdict on input, not a bug: the record becomes a rewards.dlq dead letter with `reason`."""
 
-
-@dataclass(frozen=True, slots=True)
-class RewardReason:
-    """One rewards.dlq reason code: where it is decided, and a sentence for people."""
-
-    code: str
-    stage: Literal["intake", "delivery"]
-    summary: str
-
-
-INVALID_JSON = RewardReason("invalid_json", "intake", "The record is not JSON (or not UTF-8).")
-NOT_AN_OBJECT = RewardReason("not_an_object", "intake", "The record is JSON but not one object.")
-MISSING_FIELD = RewardReason("missing_field", "intake", "campaignId, userId or rewardId is absent, null or blank; "
-                             "the code names it, as missing_field:<field>.")
-WRONG_TYPE = RewardReason("wrong_type", "intake", "A field has the wrong JSON type (wrong_type:<field>).")
-INVALID_ID = RewardReason("invalid_id", "intake", "rewardId is over 256 characters or not printable ASCII: it "
-                          "travels in the X-Reward-Id header (invalid_id:rewardId).")
-MISSING_TENANT = RewardReason("missing_tenant", "intake", "The Kafka record has no hw-tenant header.")
-UNKNOWN_TENANT = RewardReason("unknown_tenant", "intake", "The hw-tenant header names no configured tenant.")
-NO_WEBHOOK = RewardReason("no_webhook", "intake", "The tenant has no rewards_webhook configured.")
-REJECTED = RewardReason("rejected", "delivery", "The endpoint answered a status that is not retried "
-                        "(4xx other than 408 and 429, or 3xx); no further attempts.")
-ATTEMPTS_EXHAUSTED = RewardReason("attempts_exhausted", "delivery", "Every attempt of the retry schedule failed.")
-
-CATALOGUE: dict[str, RewardReason] = {
-    r.code: r for r in (INVALID_JSON, NOT_AN_OBJECT, MISSING_FIELD, WRONG_TYPE, INVALID_ID, MISSING_TENANT,
-                        UNKNOWN_TENANT, NO_WEBHOOK, REJECTED, ATTEMPTS_EXHAUSTED)
-}
-
-
-class RewardRejected(Exception):
-    """A verdict on input, not a bug (like faust's Skip): the record becomes a dead letter with `reason`."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(f"{reason}: {detail}")
+    def __init__(self, reason: Reason, detail: str) -> None:
+        super().__init__(f"{reason.code}: {detail}")
         self.reason = reason
         self.detail = detail
 
@@ -73,7 +42,7 @@ def parse_reward(body: bytes) -> dict[str, Any]:
     try:
         doc = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
-        raise RewardRejected(INVALID_JSON.code, f"not JSON: {exc}") from None
+        raise RewardRejected(reasons.REWARD_INVALID_JSON, f"not JSON: {exc}") from None
     return validate_reward(doc)
 
 
@@ -84,24 +53,24 @@ def validate_reward(doc: object) -> dict[str, Any]:
     the upstream system decides what the customer receives.
     """
     if not isinstance(doc, dict):
-        raise RewardRejected(NOT_AN_OBJECT.code, f"expected one JSON object, got {_kind(doc)}")
+        raise RewardRejected(reasons.REWARD_NOT_AN_OBJECT, f"expected one JSON object, got {_kind(doc)}")
     for field in REQUIRED:
         value = doc.get(field)
         if value is None or (isinstance(value, str) and not value.strip()):
-            raise RewardRejected(f"missing_field:{field}", f"{field} is required")
+            raise RewardRejected(reasons.REWARD_MISSING_FIELD.about(field), f"{field} is required")
         if not isinstance(value, str):
-            raise RewardRejected(f"wrong_type:{field}", f"{field} must be a string, got {_kind(value)}")
+            raise RewardRejected(reasons.REWARD_WRONG_TYPE.about(field), f"{field} must be a string, got {_kind(value)}")
     reward_id: str = doc["rewardId"]
     if len(reward_id) > MAX_ID_CHARS or not all("!" <= c <= "~" for c in reward_id):
-        raise RewardRejected("invalid_id:rewardId", "rewardId must be 1-256 printable ASCII characters")
+        raise RewardRejected(reasons.REWARD_INVALID_ID.about("rewardId"), "rewardId must be 1-256 printable ASCII characters")
     for field in OPTIONAL_STRINGS:
         if doc.get(field) is not None and not isinstance(doc[field], str):
-            raise RewardRejected(f"wrong_type:{field}", f"{field} must be a string, got {_kind(doc[field])}")
+            raise RewardRejected(reasons.REWARD_WRONG_TYPE.about(field), f"{field} must be a string, got {_kind(doc[field])}")
     amount = doc.get("rewardAmount")
     if amount is not None and (isinstance(amount, bool) or not isinstance(amount, int | float)):
-        raise RewardRejected("wrong_type:rewardAmount", f"rewardAmount must be a number, got {_kind(amount)}")
+        raise RewardRejected(reasons.REWARD_WRONG_TYPE.about("rewardAmount"), f"rewardAmount must be a number, got {_kind(amount)}")
     if doc.get("details") is not None and not isinstance(doc["details"], dict):
-        raise RewardRejected("wrong_type:details", f"details must be an object, got {_kind(doc['details'])}")
+        raise RewardRejected(reasons.REWARD_WRONG_TYPE.about("details"), f"details must be an object, got {_kind(doc['details'])}")
     return {k: v for k, v in doc.items() if v is not None or k not in (*OPTIONAL_STRINGS, "rewardAmount", "details")}
 
 
@@ -124,7 +93,7 @@ def split_rewards(body: bytes) -> tuple[list[bytes], list[dict[str, Any]]]:
     try:
         doc = orjson.loads(body)
     except orjson.JSONDecodeError:
-        return [body], [{"index": None, "reason": INVALID_JSON.code}]
+        return [body], [{"index": None, "reason": reasons.REWARD_INVALID_JSON.code}]
     items = list(enumerate(doc)) if isinstance(doc, list) else [(None, doc)]
     records = [body] if not isinstance(doc, list) else [orjson.dumps(item) for _, item in items]
     invalid: list[dict[str, Any]] = []
@@ -132,7 +101,7 @@ def split_rewards(body: bytes) -> tuple[list[bytes], list[dict[str, Any]]]:
         try:
             validate_reward(item)
         except RewardRejected as rejected:
-            invalid.append({"index": index, "reason": rejected.reason})
+            invalid.append({"index": index, "reason": rejected.reason.code})
     return records, invalid
 
 

@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict
 from pipeline import reasons
 from pipeline.config import Settings
 from pipeline.errors import NotFound
-from pipeline.kafka import broker_errors, ensure_topics, make_producer, offsets_at, read_topic
+from pipeline.kafka.clients import broker_errors, ensure_topics, make_producer, offsets_at, read_topic
 from pipeline.records import DeadLetter, UtcDatetime, utc_now
 
 ID_PATTERN = re.compile(r"^dl_[0-9a-f]{24}$")

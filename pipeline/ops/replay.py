@@ -16,21 +16,24 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import click
 import orjson
-from aiokafka import TopicPartition
+from aiokafka import AIOKafkaProducer, TopicPartition
 
 from adapters import ADAPTERS
 from pipeline.adapting import AdapterModule
-from pipeline.config import SOURCES, Settings, parse_duration
+from pipeline.config import Settings
 from pipeline.errors import HeadwaterError
-from pipeline.kafka import broker_errors, end_offsets, ensure_topics, make_consumer
-from pipeline.records import RawHeaders, ReplayTag
+from pipeline.kafka.clients import broker_errors, end_offsets, ensure_topics, make_consumer, make_producer
+from pipeline.ops.times import parse_time
+from pipeline.records import KafkaHeaders, RawHeaders, ReplayTag
+from pipeline.sources import SOURCES
+from pipeline.stream.normalize import NormalizeTargets, Send, normalize_batch
 
 
 @dataclass
@@ -49,19 +52,6 @@ class ReplaySummary:
 
     def as_dict(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if k != "per_partition"}
-
-
-def parse_time(text: str, now: datetime | None = None) -> datetime:
-    """ISO-8601 (naive = UTC), or a duration ago such as '2h' or '7d'."""
-    now = now or datetime.now(UTC)
-    try:
-        moment = datetime.fromisoformat(text)
-    except ValueError:
-        try:
-            return now - parse_duration(text)  # type: ignore[operator]
-        except ValueError:
-            raise HeadwaterError(f"cannot read {text!r} as a time (ISO-8601, or a duration ago like '2h')") from None
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 async def offset_range(
@@ -104,8 +94,6 @@ async def replay(
     progress: Callable[[int, int], None] | None = None,
 ) -> ReplaySummary:
     """Normalize the range again and wait for the dedup stage's report on every batch sent."""
-    from pipeline.worker import Pipeline  # the worker module imports faust; only load it when replaying
-
     topic = settings.topics.raw(source)
     tag = ReplayTag(replay_id=f"replay-{uuid.uuid4().hex[:12]}", reemit=reemit)
     summary = ReplaySummary(replay_id=tag.replay_id, per_partition=ranges)
@@ -113,11 +101,14 @@ async def replay(
     started = time.monotonic()
     await ensure_topics(settings, [settings.topics.replay_results], partitions=1)
     results_start = await end_offsets(settings, settings.topics.replay_results)
-    pipeline = Pipeline(settings, [source], {source: adapter or ADAPTERS[source]})
-    await pipeline.app.producer.start()
+    adapter = adapter or ADAPTERS[source]
+    targets = NormalizeTargets.from_settings(settings)
+    producer = make_producer(settings, linger_ms=5)
+    send = _sender(producer)
     consumer = make_consumer(settings, max_poll_records=settings.worker.batch_max)
     try:
         async with broker_errors(f"replaying {topic}"):
+            await producer.start()
             await consumer.start()
             remaining = {TopicPartition(topic, p): high for p, (low, high) in ranges.items() if high > low}
             consumer.assign(list(remaining))
@@ -138,7 +129,7 @@ async def replay(
                     summary.skipped_other_tenants += len(records) - len(kept)
                     records = kept
                 if records:
-                    keyed, letters = await pipeline.normalize_batch(records, pipeline.adapters[source], tag)
+                    keyed, letters = await normalize_batch(records, adapter, send, targets, replay=tag)
                     summary.keyed_batches += keyed
                     summary.dead_lettered += letters
                 if progress:
@@ -146,9 +137,19 @@ async def replay(
         await _collect_reports(settings, summary, results_start, wait_s)
     finally:
         await consumer.stop()
-        await pipeline.app.producer.stop()
+        await producer.stop()
     summary.seconds = time.monotonic() - started
     return summary
+
+
+def _sender(producer: AIOKafkaProducer) -> Send:
+    async def send(topic: str, key: bytes | None, value: bytes, partition: int | None,
+                   headers: KafkaHeaders | None) -> Awaitable[Any]:
+        ack: Awaitable[Any] = await producer.send(topic, value, key=key, partition=partition,
+                                                  headers=list(headers) if headers else None)
+        return ack
+
+    return send
 
 
 def _tenant_of(headers: Any) -> str | None:

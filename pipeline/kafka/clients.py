@@ -22,8 +22,9 @@ from pipeline.errors import BrokerUnavailable
 log = logging.getLogger(__name__)
 
 
-def make_producer(settings: Settings, **overrides: Any) -> AIOKafkaProducer:
-    """Idempotent, acks=all: a record is acknowledged only once every in-sync replica has it."""
+def producer_options(settings: Settings, **overrides: Any) -> dict[str, Any]:
+    """The one set of producer settings: idempotent, acks=all (every in-sync replica has the record), and
+    requests big enough for Headwater's largest record. The worker's Faust producer reads the same values."""
     options: dict[str, Any] = {
         "bootstrap_servers": settings.kafka.bootstrap_servers,
         "client_id": settings.kafka.client_id,
@@ -36,7 +37,12 @@ def make_producer(settings: Settings, **overrides: Any) -> AIOKafkaProducer:
         "compression_type": None,
     }
     options.update(overrides)
-    return AIOKafkaProducer(**options)
+    return options
+
+
+def make_producer(settings: Settings, **overrides: Any) -> AIOKafkaProducer:
+    """An AIOKafkaProducer with `producer_options`."""
+    return AIOKafkaProducer(**producer_options(settings, **overrides))
 
 
 def make_consumer(settings: Settings, *topics: str, **overrides: Any) -> AIOKafkaConsumer:
@@ -57,7 +63,7 @@ async def broker_errors(what: str, retry_after_s: float = 2.0) -> AsyncIterator[
     """Turn aiokafka's retriable failures and timeouts into BrokerUnavailable."""
     try:
         yield
-    except (TimeoutError, asyncio.TimeoutError) as exc:
+    except TimeoutError as exc:
         raise BrokerUnavailable(f"{what}: Kafka did not answer in time", retry_after_s) from exc
     except KafkaError as exc:
         raise BrokerUnavailable(f"{what}: {type(exc).__name__}: {exc}", retry_after_s) from exc

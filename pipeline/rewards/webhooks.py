@@ -1,6 +1,6 @@
 """The dispatcher's moving parts without Faust: the HTTP sender, per-tenant breakers, the retry schedule.
 
-pipeline.delivery wires them into agents. Nothing here awaits anything but the webhook request itself,
+pipeline.rewards.dispatcher wires them into agents. Nothing here awaits anything but the webhook request itself,
 so none of it can stall a partition.
 """
 
@@ -19,7 +19,7 @@ import aiohttp
 from pipeline import __version__
 from pipeline.config import RewardsWebhook
 from pipeline.records import utc_now
-from pipeline.rewards import Attempt, parse_retry_after
+from pipeline.rewards.records import Attempt, parse_retry_after
 from pipeline.signing import SIGNATURE_HEADER, cg_signature, standard_headers
 
 log = logging.getLogger(__name__)

@@ -1,7 +1,7 @@
 """A read-only web page over events.dlq: recent dead letters, a filter form, one page per dead letter.
 
 Plain server-rendered HTML, no scripts; every value a vendor or a config controls is HTML-escaped.
-Each request reads the topic again (pipeline.dlq), so the page is as fresh as `headwater dlq ls`.
+Each request reads the topic again (pipeline.ops.dlq), so the page is as fresh as `headwater dlq ls`.
 Routes: `/` (query: source, tenant, reason, stage, since, until, all, limit) and `/letters/{id}`.
 """
 
@@ -13,10 +13,12 @@ from urllib.parse import urlencode
 import orjson
 from aiohttp import web
 
-from pipeline import dlq, reasons
-from pipeline.config import SOURCES, Settings
+from pipeline import reasons
+from pipeline.config import Settings
 from pipeline.errors import HeadwaterError
+from pipeline.ops import dlq
 from pipeline.records import DeadLetter
+from pipeline.sources import SOURCES
 
 SETTINGS = web.AppKey("settings", Settings)
 STAGES = ("parse", "normalize", "validate")
@@ -71,7 +73,7 @@ def _text(name: str, value: str | None, placeholder: str = "") -> str:
 
 async def list_view(request: web.Request) -> web.Response:
     """Recent dead letters, newest first, narrowed by the form's fields."""
-    from pipeline.replay import parse_time
+    from pipeline.ops.times import parse_time
 
     query = request.query
     chosen = {k: (query.get(k) or None) for k in ("source", "tenant", "reason", "stage", "since", "until")}

@@ -1,6 +1,6 @@
 """`headwater dlq ls | show | stats | export | redrive | page`: events.dlq for people and scripts.
 
-Each command parses options, calls pipeline.dlq, renders (rich on a terminal, JSON lines with --json).
+Each command parses options, calls pipeline.ops.dlq, renders (rich on a terminal, JSON lines with --json).
 An unknown or malformed id prints one line and exits 2; a selection with nothing in it says so and exits 0.
 """
 
@@ -17,8 +17,9 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from pipeline import dlq
-from pipeline.config import SOURCES, Settings
+from pipeline.config import Settings
+from pipeline.ops import dlq
+from pipeline.sources import SOURCES
 
 NOTHING = "no dead letters match"
 F = TypeVar("F", bound=Callable[..., Any])
@@ -67,7 +68,7 @@ def make_filters(
     include_redriven: bool = False,
     limit: int | None = None,
 ) -> dlq.Filters:
-    from pipeline.replay import parse_time
+    from pipeline.ops.times import parse_time
 
     return dlq.Filters(
         source=source,
@@ -312,7 +313,7 @@ def page(obj: _CliContext, host: str | None, port: int | None) -> None:
     """Serve the read-only DLQ web page until Ctrl-C."""
     from aiohttp import web
 
-    from pipeline.dlq_page import make_app
+    from pipeline.ops.dlq_page import make_app
 
     settings = obj.settings(**{"dlq.page_host": host, "dlq.page_port": port})
     web.run_app(

@@ -19,15 +19,19 @@ So an id is emitted at most once within the window, and never lost.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
+import os
 import shutil
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator
-from pathlib import Path
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import IO, Any, Protocol, cast
 
 import orjson
+
+from pipeline.errors import HeadwaterError
 
 log = logging.getLogger(__name__)
 
@@ -39,18 +43,38 @@ Candidate = tuple[bytes, bytes, bytes]
 Send = Callable[[str, bytes | None, bytes | None, int | None], Awaitable[Awaitable[Any]]]
 
 
+class Store(Protocol):
+    """The dict operations the Deduplicator and the dedup stage use on the table."""
+
+    def get(self, key: bytes, default: Any = None, /) -> Any: ...
+    def __setitem__(self, key: bytes, value: Any, /) -> None: ...
+    def __delitem__(self, key: bytes, /) -> None: ...
+    def pop(self, key: bytes, default: Any = None, /) -> Any: ...
+    def items(self) -> Iterable[tuple[bytes, Any]]: ...
+    def __len__(self) -> int: ...
+
+
+class StoreLocked(HeadwaterError):
+    """Another process holds this dedup store's directory (two workers on one data_dir?)."""
+
+
 class RocksStore:
     """The dedup table in a local RocksDB: the dict operations the Deduplicator uses, values as JSON.
 
-    The changelog is the source of truth, so the database starts empty at every start (the worker
-    restores what its partitions need); it only moves the table out of the heap.
+    The changelog is the source of truth, so the table starts empty at every open (the worker restores
+    what its partitions need); RocksDB only moves it out of the heap. The directory is owned by one
+    process at a time: `open` takes an exclusive lock next to it, so a second worker or tool on the same
+    data_dir fails with StoreLocked instead of deleting a live table. Only the lock holder clears the
+    directory, and only the database it is about to create.
     """
 
     def __init__(self, path: Path) -> None:
         import rocksdict  # optional: pip install 'headwater[rocksdb]'
 
-        shutil.rmtree(path, ignore_errors=True)
         path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = _lock_exclusively(path.with_name(path.name + ".lock"))
+        shutil.rmtree(path, ignore_errors=True)  # a table left by an earlier holder of the lock
+        self.path = path
         self.db = rocksdict.Rdict(str(path))
 
     def get(self, key: bytes, default: Any = None) -> Any:
@@ -71,22 +95,47 @@ class RocksStore:
 
     def items(self) -> Iterator[tuple[bytes, Any]]:
         for key, value in self.db.items():
-            yield key, orjson.loads(value)
+            yield cast(bytes, key), orjson.loads(value)
 
     def __len__(self) -> int:
         return sum(1 for _ in self.db.keys())
 
     def close(self) -> None:
         self.db.close()
+        self._lock.close()  # releases the flock
 
 
-def make_store(url: str, data_dir: Path) -> Any:
+def _lock_exclusively(path: Path) -> IO[str]:
+    """An exclusive, non-blocking flock on `path`, held while the returned file is open."""
+    handle = path.open("a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise StoreLocked(f"the dedup store {path.with_suffix('')} is in use by {holder}; "
+                          "give each worker its own worker.data_dir") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()}")
+    handle.flush()
+    return handle
+
+
+def open_store(url: str, data_dir: Path) -> Store:
     """"memory://" -> a dict; "rocksdb://" -> a RocksStore under the worker's data dir."""
     if url.startswith("rocksdb:"):
         return RocksStore(data_dir / "dedup.rocksdb")
     if url.startswith("memory:"):
-        return {}
+        table: dict[bytes, Any] = {}
+        return cast(Store, table)  # a dict has every Store operation; its overloaded get() defeats the check
     raise ValueError(f"dedup.store must be memory:// or rocksdb://, not {url!r}")
+
+
+def entry_partition(entry: Any) -> int | None:
+    """The keyed partition an entry belongs to (its third field)."""
+    return int(entry[2]) if isinstance(entry, list) and len(entry) >= 3 else None
 
 
 @dataclass
@@ -123,7 +172,7 @@ class Deduplicator:
                 verdicts.duplicates += 1
                 continue
             entry = None if reemit else self.store.get(key)
-            if self._live(entry, now_ms):
+            if entry is not None and self._live(entry, now_ms):
                 if entry[0] == DONE:
                     verdicts.duplicates += 1
                     continue
@@ -160,10 +209,10 @@ class Deduplicator:
             log.info("resolved %d ids left PENDING by a crash: %d already emitted",
                      len(verdicts.unresolved), len(emitted_before))
         if verdicts.emit:
-            keys = [(c[0], p) for c, p in verdicts.emit]
-            await asyncio.gather(*await self.mark(keys, PENDING, now_ms))
+            marks = [(c[0], p) for c, p in verdicts.emit]
+            await asyncio.gather(*await self.mark(marks, PENDING, now_ms))
             await emit([c for c, _ in verdicts.emit])
-            await asyncio.gather(*await self.mark(keys, DONE, now_ms))  # acked before the offset commit
+            await asyncio.gather(*await self.mark(marks, DONE, now_ms))  # acked before the offset commit
         self.dropped += verdicts.duplicates
         return len(verdicts.emit), verdicts.duplicates
 
@@ -177,7 +226,7 @@ class Deduplicator:
                 if len(expired) >= limit:
                     break
         for key, entry in expired:
-            partition = int(entry[2]) if isinstance(entry, list) and len(entry) == 3 else None
+            partition = entry_partition(entry)
             del self.store[key]
             await self.send(self.changelog_topic, key, None, partition)
         return len(expired)

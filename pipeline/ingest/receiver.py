@@ -9,116 +9,28 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import hmac
 import logging
-import os
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Mapping
 
 import orjson
 from aiohttp import web
 from aiokafka import AIOKafkaProducer
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import generate_latest
 
-from pipeline.config import SOURCES, Settings, Tenant
+from adapters import ADAPTERS
+from pipeline.adapting import AdapterModule, Header, RequestValue
+from pipeline.config import Settings
 from pipeline.errors import AuthError, BrokerUnavailable, PayloadTooLarge
-from pipeline.kafka import broker_errors, ensure_topics, make_producer
-from pipeline.records import RawHeaders, utc_now
-from pipeline.rewards import split_rewards
+from pipeline.ingest.auth import Credentials, TenantDirectory, verify_body
+from pipeline.ingest.metrics import ReceiverMetrics
+from pipeline.kafka.clients import broker_errors, ensure_topics, make_producer
+from pipeline.records import RawHeaders, new_request_id, utc_now
+from pipeline.rewards.records import split_rewards
 
 log = logging.getLogger(__name__)
 
-# source id -> path (architecture.md "Sources"); a single trailing slash is the same route.
-PATHS = {
-    "customerglu": "/server/v4",
-    "segment": "/segment/v4",
-    "moengage": "/v3/moengage",
-    "amplitude": "/amplitude/v4",
-    "clevertap": "/clevertap/v4",
-    "webengage": "/webengage/v4",
-    "usermaven": "/api/v1/s2s/event",
-}
-WRITE_KEY_SOURCES = frozenset({"customerglu", "segment", "moengage", "amplitude", "clevertap", "rewards"})
 OK_BODY = b'{"status":"ok"}'
-
-_CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
-
-
-def new_request_id() -> str:
-    """A ULID: 48-bit millisecond time + 80 random bits, Crockford base32; unique and sortable by time."""
-    value = (time.time_ns() // 1_000_000) << 80 | int.from_bytes(os.urandom(10), "big")
-    return "".join(_CROCKFORD[(value >> shift) & 31] for shift in range(125, -1, -5))
-
-
-@dataclass(frozen=True)
-class Credentials:
-    """Which tenant sent a request, plus the non-secret parts adapters need."""
-
-    tenant: Tenant
-    usermaven_api_key: str | None = None
-
-
-class TenantDirectory:
-    """Credential -> tenant lookups, built once from Settings (sources.md §1.1). Never derives from key text."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.by_write_key: dict[bytes, Tenant] = {}
-        self.by_usermaven_token: dict[bytes, Tenant] = {}
-        self.by_license_code: dict[str, Tenant] = {}
-        for tenant in settings.tenants:
-            for key in tenant.write_keys:
-                self.by_write_key[key.get_secret_value().encode()] = tenant
-            for token in tenant.usermaven_tokens:
-                self.by_usermaven_token[token.get_secret_value().encode()] = tenant
-            if tenant.webengage:
-                self.by_license_code[tenant.webengage.license_code] = tenant
-
-    def authenticate(self, source: str, request: web.Request) -> Credentials:
-        if source in WRITE_KEY_SOURCES:
-            key = request.headers.get("X-API-KEY")
-            tenant = self.by_write_key.get(key.encode()) if key else None
-            if tenant is None:
-                raise AuthError("missing or unknown X-API-KEY")
-            return Credentials(tenant)
-        if source == "webengage":
-            license_code = request.query.get("licenseCode", "")
-            secret = request.query.get("secret", "")
-            tenant = self.by_license_code.get(license_code)
-            if tenant is None or tenant.webengage is None or not tenant.webengage.accepts(secret):
-                raise AuthError("unknown licenseCode or wrong secret")
-            return Credentials(tenant)
-        if source == "usermaven":
-            token = request.query.get("token") or request.headers.get("X-Auth-Token") or ""
-            tenant = self.by_usermaven_token.get(token.encode())
-            if tenant is None or "." not in token:
-                raise AuthError("missing or unknown token (expected API_KEY.SERVER_TOKEN)")
-            return Credentials(tenant, usermaven_api_key=token.split(".", 1)[0])
-        raise AuthError(f"unknown source {source}")
-
-
-class ReceiverMetrics:
-    """Prometheus metrics of one receiver instance (its own registry, so tests can run several)."""
-
-    def __init__(self) -> None:
-        self.registry = CollectorRegistry()
-        self.requests = Counter(
-            "headwater_receiver_requests", "HTTP requests by source, tenant and status",
-            ["source", "tenant", "status"], registry=self.registry,
-        )
-        self.bytes = Counter(
-            "headwater_receiver_body_bytes", "Body bytes written to Kafka", ["source", "tenant"],
-            registry=self.registry,
-        )
-        self.produce_latency = Histogram(
-            "headwater_receiver_produce_seconds", "Time from send() to the broker's ack", ["source"],
-            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
-            registry=self.registry,
-        )
-        self.in_flight = Gauge("headwater_receiver_in_flight", "Sends awaiting the broker's ack",
-                               registry=self.registry)
-
 
 def _json_error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
     body = orjson.dumps({"status": "error", "error": message})
@@ -128,8 +40,9 @@ def _json_error(status: int, message: str, headers: dict[str, str] | None = None
 class Receiver:
     """The aiohttp application plus its producer; `start()` binds the port, `stop()` drains and closes."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, adapters: Mapping[str, AdapterModule] | None = None) -> None:
         self.settings = settings
+        self.adapters = dict(adapters or ADAPTERS)
         self.directory = TenantDirectory(settings)
         self.metrics = ReceiverMetrics()
         self.producer: AIOKafkaProducer | None = None
@@ -144,10 +57,11 @@ class Receiver:
     def application(self) -> web.Application:
         limit = self.settings.receiver.max_body_bytes
         app = web.Application(client_max_size=limit + 1)
-        for source, path in PATHS.items():
-            handler = self._handler(source)
-            app.router.add_post(path, handler)
-            app.router.add_post(path + "/", handler)  # one trailing slash is the same route (sources.md)
+        for adapter in self.adapters.values():
+            handler = self._handler(adapter)
+            for path in adapter.ROUTES:
+                app.router.add_post(path, handler)
+                app.router.add_post(path + "/", handler)  # one trailing slash is the same route (sources.md)
         app.router.add_post("/rewards/v1", self._rewards)  # issue 5: rewards in, for systems without Kafka
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
@@ -157,7 +71,7 @@ class Receiver:
         return app
 
     async def start(self) -> int:
-        topics = [self.settings.topics.raw(s) for s in SOURCES] + [self.settings.topics.rewards]
+        topics = [self.settings.topics.raw(s) for s in self.adapters] + [self.settings.topics.rewards]
         try:
             await ensure_topics(self.settings, topics)
         except BrokerUnavailable as exc:  # start anyway: answer 503 until Kafka is back
@@ -170,7 +84,8 @@ class Receiver:
         site = web.TCPSite(self._runner, self.settings.receiver.host, self.settings.receiver.port,
                            reuse_address=True, backlog=1024)
         await site.start()
-        sockets = site._server.sockets if site._server else []  # type: ignore[union-attr]
+        server = site._server
+        sockets = server.sockets if isinstance(server, asyncio.Server) else []
         self.port = sockets[0].getsockname()[1] if sockets else self.settings.receiver.port
         log.info("receiver listening on http://%s:%s", self.settings.receiver.host, self.port)
         return self.port
@@ -202,16 +117,17 @@ class Receiver:
 
     # --- handlers ---------------------------------------------------------------------------------------
 
-    def _handler(self, source: str) -> Callable[[web.Request], Awaitable[web.Response]]:
+    def _handler(self, adapter: AdapterModule) -> Callable[[web.Request], Awaitable[web.Response]]:
+        source = adapter.SOURCE
+
         async def handle(request: web.Request) -> web.Response:
             tenant_id = "-"
             try:
-                credentials = self.directory.authenticate(source, request)
+                credentials = self.directory.authenticate(adapter.AUTH, request)
                 tenant_id = credentials.tenant.id
                 body = await self._read_body(request)
-                if source == "segment":
-                    _verify_segment_signature(credentials.tenant, request, body)
-                headers = self._raw_headers(source, credentials, request)
+                verify_body(adapter.AUTH, credentials.tenant, request, body)
+                headers = self._raw_headers(source, credentials, request, adapter.REQUEST_META)
                 await self.write(self.settings.topics.raw(source), body, headers, source)
             except AuthError as exc:
                 response = _json_error(401, str(exc))
@@ -239,10 +155,10 @@ class Receiver:
         """
         tenant_id = "-"
         try:
-            credentials = self.directory.authenticate("rewards", request)
+            credentials = self.directory.write_key(request)
             tenant_id = credentials.tenant.id
             records, invalid = split_rewards(await self._read_body(request))
-            headers = self._raw_headers("rewards", credentials, request)
+            headers = self._raw_headers("rewards", credentials, request, {})
             await asyncio.gather(*(self.write(self.settings.topics.rewards, record, headers, "rewards")
                                    for record in records))
         except AuthError as exc:
@@ -270,18 +186,20 @@ class Receiver:
         except web.HTTPRequestEntityTooLarge:
             raise PayloadTooLarge(f"body is over the limit of {limit} bytes") from None
 
-    def _raw_headers(self, source: str, credentials: Credentials, request: web.Request) -> RawHeaders:
-        webengage = source == "webengage"
+    def _raw_headers(self, source: str, credentials: Credentials, request: web.Request,
+                     wanted: Mapping[str, RequestValue]) -> RawHeaders:
+        vendor = dict(credentials.vendor)
+        for name, where in wanted.items():
+            value = request.headers.get(where.name) if isinstance(where, Header) else request.query.get(where.name)
+            if value is not None:
+                vendor[name] = value
         return RawHeaders(
             tenant=credentials.tenant.id,
             source=source,
             received_at=utc_now(),
             request_id=new_request_id(),
             content_type=request.headers.get("Content-Type"),
-            webengage_request_id=request.headers.get("x-request-id") if webengage else None,
-            webengage_event_type=request.query.get("eventType") if webengage else None,
-            webengage_license_code=request.query.get("licenseCode") if webengage else None,
-            usermaven_api_key=credentials.usermaven_api_key,
+            vendor=vendor,
         )
 
     async def write(self, topic: str, body: bytes, headers: RawHeaders, source: str) -> None:
@@ -324,18 +242,6 @@ class Receiver:
     async def _metrics(self, request: web.Request) -> web.Response:
         return web.Response(body=generate_latest(self.metrics.registry),
                             headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
-
-
-def _verify_segment_signature(tenant: Tenant, request: web.Request, body: bytes) -> None:
-    """With a shared secret configured, X-Signature = hex HMAC-SHA1(secret, body) (sources.md §4.2).
-
-    Segment's batched sends sign only the first element, so a JSON array body is not checked.
-    """
-    if tenant.segment_shared_secret is None or body.lstrip()[:1] == b"[":
-        return
-    expected = hmac.new(tenant.segment_shared_secret.get_secret_value().encode(), body, hashlib.sha1).hexdigest()
-    if not hmac.compare_digest(expected, request.headers.get("X-Signature", "").lower()):
-        raise AuthError("X-Signature does not match the body")
 
 
 async def serve(settings: Settings, stop: asyncio.Event) -> None:

@@ -15,10 +15,9 @@ from rich.table import Table
 
 from pipeline.config import Settings
 from pipeline.errors import NotFound
-from pipeline.kafka import broker_errors, ensure_topics, make_producer, read_topic
-from pipeline.receiver import new_request_id
-from pipeline.records import RawHeaders, utc_now
-from pipeline.rewards import RewardDeadLetter
+from pipeline.kafka.clients import broker_errors, ensure_topics, make_producer, read_topic
+from pipeline.records import RawHeaders, new_request_id, utc_now
+from pipeline.rewards.records import RewardDeadLetter
 from pipeline.signing import canonical_body, cg_signature
 
 
@@ -43,7 +42,7 @@ def rewards_command(ctx: click.Context) -> None:
 @click.pass_obj
 def run(obj: _CliContext, exit_after: float | None) -> None:
     """Deliver rewards.outbound to each tenant's rewards_webhook until Ctrl-C (a Faust worker)."""
-    from pipeline.delivery import run_dispatcher
+    from pipeline.rewards.dispatcher import run_dispatcher
 
     run_dispatcher(obj.settings(), exit_after_s=exit_after, debug=obj.debug)
 

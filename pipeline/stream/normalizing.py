@@ -22,6 +22,7 @@ from pipeline import reasons
 from pipeline.adapting import AdapterModule, Draft, Reject
 from pipeline.config import DEFAULT_REDRIVE_LIMIT
 from pipeline.fingerprint import fingerprint
+from pipeline.reasons import Reason
 from pipeline.records import (
     CanonicalEvent,
     DeadLetter,
@@ -48,7 +49,7 @@ def outcomes(
     """
     count = raw.headers.redrive_count
     if count > redrive_limit:
-        yield dead_letter(raw, "parse", reasons.REDRIVE_LIMIT.code,
+        yield dead_letter(raw, "parse", reasons.REDRIVE_LIMIT,
                           f"redriven {count} times, more than the limit of {redrive_limit}; parked "
                           "(fix the cause, then `headwater dlq redrive --reset-count`)")
         return
@@ -59,7 +60,7 @@ def outcomes(
         return
     except Exception as exc:  # noqa: BLE001 - an adapter bug must not lose the record
         log.exception("adapter %s crashed in parse", adapter.SOURCE)
-        yield dead_letter(raw, "parse", reasons.ADAPTER_CRASHED.code, f"{type(exc).__name__}: {exc}")
+        yield dead_letter(raw, "parse", reasons.ADAPTER_CRASHED, f"{type(exc).__name__}: {exc}")
         return
     for index, record in enumerate(records):
         position = index if adapter.BATCHED else None
@@ -71,7 +72,7 @@ def outcomes(
             continue
         except Exception as exc:  # noqa: BLE001
             log.exception("adapter %s crashed in normalize", adapter.SOURCE)
-            yield dead_letter(raw, "normalize", reasons.ADAPTER_CRASHED.code, f"{type(exc).__name__}: {exc}",
+            yield dead_letter(raw, "normalize", reasons.ADAPTER_CRASHED, f"{type(exc).__name__}: {exc}",
                               element=record, index=position)
             continue
         yield validate(raw, canonical_fields(raw, draft), element=record, index=position)
@@ -118,14 +119,14 @@ def validate(raw: RawRecord, fields: dict[str, Any], element: Any = None, index:
             for error in exc.errors()
         )
         summary = "; ".join(f"{e.path}: {e.message}" for e in errors)
-        return dead_letter(raw, "validate", reasons.VALIDATION_FAILED.code, summary, errors,
+        return dead_letter(raw, "validate", reasons.VALIDATION_FAILED, summary, errors,
                            element=element, index=index)
 
 
 def dead_letter(
     raw: RawRecord,
     stage: Stage,
-    reason: str,
+    reason: Reason,
     detail: str,
     errors: tuple[FieldError, ...] = (),
     element: Any = None,
@@ -136,8 +137,8 @@ def dead_letter(
     return DeadLetter(
         id=DeadLetter.make_id(origin, index),
         stage=stage,
-        reason=reason,
-        message=detail or reasons.lookup(reason).summary,
+        reason=reason.code,
+        message=detail or reason.summary,
         errors=errors,
         tenant=raw.headers.tenant,
         source=raw.headers.source,
@@ -152,5 +153,5 @@ def dead_letter(
 
 
 def _errors(rejection: Reject) -> tuple[FieldError, ...]:
-    path = rejection.path or rejection.reason.partition(":")[2] or None
+    path = rejection.path or rejection.reason.code.partition(":")[2] or None
     return (FieldError(path=path, message=rejection.detail),) if path else ()

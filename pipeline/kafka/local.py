@@ -21,7 +21,7 @@ from pathlib import Path
 from pipeline.config import LocalKafkaSettings
 from pipeline.errors import LocalKafkaError
 
-POM = Path(__file__).with_name("kafka") / "pom.xml"
+POM = Path(__file__).with_name("pom.xml")
 KAFKA_VERSION = "4.1.1"
 
 _LOG4J2 = """\

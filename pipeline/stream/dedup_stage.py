@@ -1,0 +1,201 @@
+"""Stage 2, dedup: the keyed topic -> events.canonical, dropping repeats of (tenant, event_id) in the window.
+
+The stage owns the dedup table's entries of the keyed partitions it is assigned: restored from the
+compacted changelog on assignment, written through to it by `Deduplicator` (pipeline.stream.dedup).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import Any
+
+import mode
+import orjson
+from aiokafka import ConsumerRebalanceListener, TopicPartition
+
+from pipeline.config import Settings
+from pipeline.kafka.clients import make_consumer, offsets_at, read_topic
+from pipeline.records import KeyedBatch, ReplayTag
+from pipeline.stream.consuming import process_then_commit, record_lag, stage_consumer
+from pipeline.stream.dedup import Candidate, Deduplicator, Send, Store, entry_partition, open_store
+from pipeline.stream.metrics import WorkerMetrics
+
+log = logging.getLogger(__name__)
+
+
+class DedupStage(mode.Service):
+    """Stage 2: the keyed topic, a plain aiokafka consumer, and the dedup table's partitions it owns.
+
+    The rules (docs/decisions/0001-explicit-stage-loops.md, 0003-dedup-state.md):
+    - on assignment, the table entries of newly assigned partitions are restored from the changelog
+      (partition p of the changelog holds the entries of keyed partition p); entries of partitions no
+      longer owned are dropped;
+    - records fetched across a rebalance are not processed but fetched again under the new assignment;
+    - a batch's changelog writes and canonical events are acknowledged before its offsets are committed.
+    """
+
+    def __init__(self, settings: Settings, send: Send, metrics: WorkerMetrics, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.settings = settings
+        self.send = send
+        self.metrics = metrics
+        self.changelog_topic = changelog_topic(settings)
+        self.store: Store = open_store(settings.dedup.store, settings.worker.data_dir / settings.worker.app_id)
+        self.dedup = Deduplicator(self.store, self.changelog_topic, settings.dedup.window.total_seconds(),
+                                  send, self._find_emitted)
+        self.lock = asyncio.Lock()  # one batch, restore or expiry at a time
+        self.owned: set[int] = set()
+        self.generation = 0
+
+    async def on_start(self) -> None:
+        self.add_future(self._consume())
+        self.add_future(self._expire_periodically())
+
+    async def on_stop(self) -> None:
+        close = getattr(self.store, "close", None)
+        if close is not None:
+            close()
+
+    async def _expire_periodically(self) -> None:
+        """Delete ids older than the window every dedup.expire_every (Faust tables have no TTL)."""
+        every_s = self.settings.dedup.expire_every.total_seconds()
+        while not self.should_stop:
+            await self.sleep(every_s)
+            try:
+                async with self.lock:
+                    removed = await self.dedup.expire()
+                if removed:
+                    log.info("dedup: expired %d ids older than %s", removed, self.settings.dedup.window)
+            except Exception:  # noqa: BLE001 - expiry is housekeeping; try again next tick
+                log.exception("dedup expiry failed")
+
+    async def _consume(self) -> None:
+        settings = self.settings
+        consumer = stage_consumer(settings, "dedup", "dedup")
+        consumer.subscribe([settings.topics.keyed], listener=_Rebalance(self))
+        await consumer.start()
+        try:
+            while not self.should_stop:
+                generation = self.generation
+                batch = await consumer.getmany(timeout_ms=int(settings.worker.batch_within_s * 1000) or 1,
+                                               max_records=settings.worker.batch_max)
+                if not batch:
+                    continue
+                async with self.lock:
+                    if generation != self.generation:
+                        # A rebalance happened during the fetch: these records may be from before or after
+                        # it. Fetch them again under the current assignment (a repeat is only a duplicate).
+                        assignment = consumer.assignment()
+                        for tp, part in batch.items():
+                            if tp in assignment:
+                                consumer.seek(tp, part[0].offset)
+                        continue
+                    record_lag(self.metrics, consumer, batch)
+                    records = [r for part in batch.values() for r in part]
+                    await process_then_commit(consumer, batch, self.dedup_batch(records), "dedup batch")
+        finally:
+            await consumer.stop()
+
+    async def dedup_batch(self, records: Sequence[Any]) -> None:
+        """Dedup per keyed partition; a replay's batches run alone so their outcome can be reported."""
+        groups: dict[tuple[int, ReplayTag | None], list[Any]] = defaultdict(list)
+        for record in records:
+            groups[(record.partition, ReplayTag.from_headers(record.headers))].append(record)
+        for (partition, replay), group in groups.items():
+            batch: list[tuple[Candidate, int]] = []
+            for record in group:
+                batch.extend((entry, partition) for entry in KeyedBatch.entries(record.value))
+            emitted, dropped = await self.dedup.run(batch, self._emit, reemit=bool(replay and replay.reemit))
+            self.metrics.canonical.inc(emitted)
+            self.metrics.duplicates.inc(dropped)
+            if replay is not None:
+                report = orjson.dumps({"replay_id": replay.replay_id, "batches": len(group),
+                                       "canonical": emitted, "duplicates": dropped})
+                await self.send(self.settings.topics.replay_results, replay.replay_id.encode(), report, None)
+
+    async def _emit(self, candidates: list[Candidate]) -> None:
+        topic = self.settings.topics.canonical
+        acks = [await self.send(topic, canonical_key, event, None) for _, canonical_key, event in candidates]
+        await asyncio.gather(*acks)
+
+    async def _find_emitted(self, keys: list[bytes], since_ms: int) -> set[bytes]:
+        """Which of these dedup keys are already on events.canonical, looking from `since_ms` on."""
+        wanted = set(keys)
+        starts = await offsets_at(self.settings, self.settings.topics.canonical, since_ms - 5_000)
+        found = set()
+        for record in await read_topic(self.settings, self.settings.topics.canonical, start=starts):
+            try:
+                event = orjson.loads(record.value)
+                key = f"{event['tenant']}/{event['event_id']}".encode()
+            except (orjson.JSONDecodeError, KeyError, TypeError):
+                continue
+            if key in wanted:
+                found.add(key)
+        return found
+
+    async def assigned(self, partitions: set[int]) -> None:
+        """Own exactly these keyed partitions: restore the new ones, forget the others."""
+        async with self.lock:
+            self.generation += 1
+            new = partitions - self.owned
+            store = self.store
+            for key in [k for k, entry in store.items() if entry_partition(entry) not in partitions - new]:
+                del store[key]
+            started = time.monotonic()
+            restored = await self._restore(new) if new else 0
+            self.owned = set(partitions)
+            log.info("dedup: own keyed partitions %s; restored %d entries of %s in %.1fs",
+                     sorted(partitions), restored, sorted(new), time.monotonic() - started)
+
+    async def _restore(self, partitions: set[int]) -> int:
+        """Read the changelog partitions from the beginning to their current end into the store."""
+        topic = self.changelog_topic
+        consumer = make_consumer(self.settings)
+        await consumer.start()
+        try:
+            tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+            consumer.assign(tps)
+            await consumer.seek_to_beginning(*tps)
+            ends = await consumer.end_offsets(tps)
+            remaining = {tp for tp in tps if ends[tp] > 0}
+            store = self.store
+            count = 0
+            while remaining:
+                for tp, part in (await consumer.getmany(*remaining, timeout_ms=500, max_records=50_000)).items():
+                    for record in part:
+                        if record.offset >= ends[tp]:
+                            break
+                        if record.value is None:
+                            store.pop(record.key, None)
+                        else:
+                            store[record.key] = orjson.loads(record.value)
+                        count += 1
+                    if part and part[-1].offset + 1 >= ends[tp]:
+                        remaining.discard(tp)
+                for tp in list(remaining):
+                    if await consumer.position(tp) >= ends[tp]:
+                        remaining.discard(tp)
+            return count
+        finally:
+            await consumer.stop()
+
+
+def changelog_topic(settings: Settings) -> str:
+    """The compacted topic that holds the dedup table of one app id."""
+    return f"{settings.worker.app_id}-dedup-changelog"
+
+
+class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, stage: DedupStage) -> None:
+        self.stage = stage
+
+    async def on_partitions_revoked(self, revoked: Any) -> None:
+        async with self.stage.lock:  # wait for the batch in flight (it commits)
+            self.stage.generation += 1
+
+    async def on_partitions_assigned(self, assigned: Any) -> None:
+        await self.stage.assigned({tp.partition for tp in assigned})

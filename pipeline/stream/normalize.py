@@ -1,0 +1,119 @@
+"""Stage 1, normalize: raw.<source> records -> dead letters on events.dlq and KeyedBatch records on the
+keyed topic, partitioned by (tenant, event_id) so that every copy of an id meets one dedup owner.
+
+`normalize_batch` is a plain function over consumed records, an adapter and a send callable: the worker's
+`NormalizeStage`, `headwater replay` and the benchmarks all call it, none of them needs a worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import defaultdict
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from aiokafka import ConsumerRecord
+from aiokafka.partitioner import murmur2
+
+from pipeline import reasons
+from pipeline.adapting import AdapterModule
+from pipeline.config import Settings
+from pipeline.records import (
+    CanonicalEvent,
+    DeadLetter,
+    KafkaHeaders,
+    KeyedBatch,
+    Origin,
+    RawHeaders,
+    RawRecord,
+    ReplayTag,
+)
+from pipeline.stream.metrics import WorkerMetrics
+from pipeline.stream.normalizing import dead_letter, outcomes
+
+# Hand one record to a producer: (topic, key, value, partition, headers) -> the future of its ack.
+Send = Callable[[str, bytes | None, bytes, int | None, KafkaHeaders | None], Awaitable[Awaitable[Any]]]
+
+
+@dataclass(frozen=True, slots=True)
+class NormalizeTargets:
+    """Where the normalize stage writes, and the one setting the driver needs."""
+
+    keyed_topic: str
+    dlq_topic: str
+    keyed_partitions: int
+    redrive_limit: int
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> NormalizeTargets:
+        return cls(settings.topics.keyed, settings.topics.dlq, settings.kafka.partitions,
+                   settings.dlq.redrive_limit)
+
+
+def keyed_partition(dedup_key: bytes, partitions: int) -> int:
+    """The keyed-topic partition of an id: Kafka's default murmur2 partitioner, so tools agree."""
+    return int(murmur2(dedup_key) & 0x7FFFFFFF) % partitions
+
+
+def raw_record(message: ConsumerRecord[bytes, bytes]) -> RawRecord:
+    """A consumed Kafka record as a RawRecord; missing headers raise pydantic.ValidationError."""
+    origin = Origin(topic=message.topic, partition=message.partition, offset=message.offset,
+                    timestamp_ms=message.timestamp)
+    return RawRecord(body=message.value or b"", headers=RawHeaders.from_kafka(message.headers or ()), origin=origin)
+
+
+async def normalize_batch(messages: Sequence[Any], adapter: AdapterModule, send: Send, targets: NormalizeTargets,
+                          metrics: WorkerMetrics | None = None, replay: ReplayTag | None = None) -> tuple[int, int]:
+    """Adapter outcomes of every message: dead letters to the DLQ, events packed per keyed partition.
+
+    Returns (keyed records sent, dead letters sent) once every send is acknowledged. A replay tags its
+    keyed records so that the dedup stage reports on them.
+    """
+    acks: list[Awaitable[Any]] = []
+    packs: dict[int, KeyedBatch] = defaultdict(KeyedBatch)
+    full: list[tuple[int, KeyedBatch]] = []
+    letters: list[DeadLetter] = []
+    for message in messages:
+        if metrics:
+            metrics.raw_records.labels(adapter.SOURCE).inc()
+        try:
+            raw = raw_record(message)
+        except Exception as exc:  # noqa: BLE001 - a record without our headers is still kept
+            letters.append(foreign_record(message, adapter.SOURCE, exc))
+            continue
+        for outcome in outcomes(raw, adapter, targets.redrive_limit):
+            if isinstance(outcome, CanonicalEvent):
+                partition = keyed_partition(outcome.dedup_key(), targets.keyed_partitions)
+                pack = packs[partition]
+                pack.add(outcome)
+                if pack.size >= KeyedBatch.MAX_BYTES:  # keep keyed records well under any size limit
+                    full.append((partition, packs.pop(partition)))
+            else:
+                letters.append(outcome)
+    for letter in letters:
+        acks.append(await send(targets.dlq_topic, letter.id.encode(), letter.to_json(), None, None))
+        if metrics:
+            metrics.dead_letters.labels(letter.source, letter.reason.partition(":")[0]).inc()
+    headers = replay.to_headers() if replay else None
+    for partition, pack in [*full, *packs.items()]:
+        acks.append(await send(targets.keyed_topic, None, pack.to_bytes(), partition, headers))
+    await asyncio.gather(*acks)
+    return len(full) + len(packs), len(letters)
+
+
+def foreign_record(message: Any, source: str, exc: Exception) -> DeadLetter:
+    """The dead letter of a raw record without Headwater's headers (not written by our receiver)."""
+    headers = RawHeaders(tenant="unknown", source=source, received_at=_utc_from_ms(message.timestamp),
+                         request_id=f"{message.topic}:{message.partition}:{message.offset}")
+    origin = Origin(topic=message.topic, partition=message.partition, offset=message.offset)
+    raw = RawRecord(body=message.value or b"", headers=headers, origin=origin)
+    return dead_letter(raw, "parse", reasons.INVALID_RAW_HEADERS,
+                       f"the record lacks Headwater's raw headers ({type(exc).__name__}); "
+                       "was it written by the receiver?")
+
+
+def _utc_from_ms(timestamp_ms: int | None) -> datetime:
+    return datetime.fromtimestamp(timestamp_ms / 1000 if timestamp_ms else time.time(), UTC)
