@@ -39,7 +39,10 @@ def parse(body: bytes, meta: RawMeta) -> list[VendorRecord]:
     if isinstance(profiles, dict):
         profiles = [profiles]
     if not isinstance(profiles, list):
-        reject(reasons.UNEXPECTED_BODY_SHAPE, f"profiles must be an object or an array, got {read.kind(profiles)}")
+        reject(
+            reasons.UNEXPECTED_BODY_SHAPE,
+            f"profiles must be an object or an array, got {read.kind(profiles)}",
+        )
     envelope = read.leftovers(doc, {"profiles"})
     return [{"envelope": envelope, "profile": profile} for profile in profiles]
 
@@ -57,7 +60,9 @@ def normalize(record: VendorRecord, meta: RawMeta) -> Draft:
     user_id = read.identifier(profile, "identity")
     anonymous_id = read.identifier(profile, "objectId")
     if user_id is None and anonymous_id is None:
-        reject(reasons.MISSING_USER_IDENTITY, "the profile has neither identity nor objectId", path="identity")
+        reject(
+            reasons.MISSING_USER_IDENTITY, "the profile has neither identity nor objectId", path="identity"
+        )
     vendor_id = read.event_id(key_values, "event_id")
     # Without the reserved key-value the core falls back to received_at (§6.7).
     when = read.timestamp(key_values, "timestamp", required=False)

@@ -30,7 +30,8 @@ def normalize(record: VendorRecord, meta: RawMeta) -> Draft:
     name = read.event_name(event, "event_name")
     user_id = read.identifier(event, "user_id")
     if user_id is None:
-        reject(reasons.MISSING_USER_IDENTITY,
+        reject(
+            reasons.MISSING_USER_IDENTITY,
             "CustomerGlu v4 requires user_id (it has no anonymous id)",
             path="user_id",
         )

@@ -41,7 +41,9 @@ def parse(body: bytes, meta: RawMeta) -> list[VendorRecord]:
     doc = read.as_object(read.json_body(body), "the body")
     events = doc.get("events")
     if not isinstance(events, list):
-        reject(reasons.UNEXPECTED_BODY_SHAPE, f"events must be an array, got {read.kind(events)}", path="events")
+        reject(
+            reasons.UNEXPECTED_BODY_SHAPE, f"events must be an array, got {read.kind(events)}", path="events"
+        )
     envelope = read.leftovers(doc, {"events"})
     return [{"envelope": envelope, "event": event} for event in events]
 
@@ -57,7 +59,8 @@ def normalize(record: VendorRecord, meta: RawMeta) -> Draft:
     # Only present when the moengage_device_id attribute is exported (§6.4 Decision).
     anonymous_id = read.identifier(event, "device_attributes.moengage_device_id")
     if user_id is None and anonymous_id is None:
-        reject(reasons.MISSING_USER_IDENTITY,
+        reject(
+            reasons.MISSING_USER_IDENTITY,
             "neither uid nor device_attributes.moengage_device_id is present",
             path="uid",
         )

@@ -79,7 +79,9 @@ def _call_type(message: dict[str, JSONValue]) -> str:
             reject(reasons.UNSUPPORTED_TYPE, "the message has neither a type nor an event", path="type")
         return "track"
     if not isinstance(call, str) or call not in TYPES:
-        reject(reasons.UNSUPPORTED_TYPE, f"type {call!r} is not one of {', '.join(sorted(TYPES))}", path="type")
+        reject(
+            reasons.UNSUPPORTED_TYPE, f"type {call!r} is not one of {', '.join(sorted(TYPES))}", path="type"
+        )
     return call
 
 

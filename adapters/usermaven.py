@@ -44,12 +44,16 @@ def normalize(record: VendorRecord, meta: RawMeta) -> Draft:
     event = read.as_object(record, "a Usermaven event")
     api_key = event.get("api_key")
     if api_key not in (None, "") and api_key != meta.vendor.get("api_key"):
-        reject(reasons.API_KEY_MISMATCH, "body api_key is not the API key of the request's token", path="api_key")
+        reject(
+            reasons.API_KEY_MISMATCH, "body api_key is not the API key of the request's token", path="api_key"
+        )
     name = read.event_name(event, "event_type")
     user_id = read.identifier(event, "user.id")  # the Python SDK may send an integer
     anonymous_id = read.identifier(event, "user.anonymous_id")
     if user_id is None and anonymous_id is None:
-        reject(reasons.MISSING_USER_IDENTITY, "neither user.id nor user.anonymous_id is present", path="user.id")
+        reject(
+            reasons.MISSING_USER_IDENTITY, "neither user.id nor user.anonymous_id is present", path="user.id"
+        )
     # Clients send event_id "" and Jitsu would assign a random UUID; we fingerprint so retries collapse.
     vendor_id = read.event_id(event, "event_id", "eventn_ctx.event_id", "eventn_ctx_event_id")
     # Optional (historical imports only); None makes the core fall back to received_at.

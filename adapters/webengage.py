@@ -36,7 +36,8 @@ def normalize(record: VendorRecord, meta: RawMeta) -> Draft:
     body_license = event.get("license_code")
     license_code = meta.vendor.get("license_code")
     if body_license is not None and body_license != license_code:
-        reject(reasons.LICENSE_CODE_MISMATCH,
+        reject(
+            reasons.LICENSE_CODE_MISMATCH,
             f"body license_code {body_license!r} is not the licenseCode {license_code!r}",
             path="license_code",
         )

@@ -61,10 +61,10 @@ class Draft:
 
 # How the receiver authenticates a source's requests (sources.md §1.1); pipeline.ingest.auth implements each.
 AuthScheme = Literal[
-    "write_key",          # X-API-KEY header = a tenant's write key
+    "write_key",  # X-API-KEY header = a tenant's write key
     "segment_write_key",  # the same, plus X-Signature over the body when the tenant has a shared secret
     "webengage_license",  # ?licenseCode=...&secret=md5(licenseCode:secret_key)
-    "usermaven_token",    # ?token= or X-Auth-Token: API_KEY.SERVER_TOKEN; the API-key half is kept as api_key
+    "usermaven_token",  # ?token= or X-Auth-Token: API_KEY.SERVER_TOKEN; the API-key half is kept as api_key
 ]
 
 

@@ -52,15 +52,22 @@ class HeadwaterGroup(click.Group):
 
 
 @click.group(cls=HeadwaterGroup)
-@click.option("--config", envvar="HEADWATER_CONFIG", show_envvar=True, type=click.Path(dir_okay=False),
-              help="TOML config file (default: the shipped example).")
+@click.option(
+    "--config",
+    envvar="HEADWATER_CONFIG",
+    show_envvar=True,
+    type=click.Path(dir_okay=False),
+    help="TOML config file (default: the shipped example).",
+)
 @click.option("--debug", is_flag=True, help="Show tracebacks and debug logs.")
 @click.pass_context
 def main(ctx: click.Context, config: str | None, debug: bool) -> None:
     """Headwater: vendor events in, one clean deduplicated stream out."""
     ctx.obj = Context(config, debug)
-    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     logging.getLogger("aiokafka").setLevel(logging.WARNING if not debug else logging.DEBUG)
 
 
@@ -96,8 +103,11 @@ def _local_kafka(ctx: Context, port: int | None, data_dir: str | None) -> LocalK
 
 def _broker_options(command: F) -> F:
     """--port and --data-dir, shared by kafka up, down and status."""
-    command = click.option("--data-dir", type=click.Path(file_okay=False),
-                           help="Storage directory (default local_kafka.data_dir).")(command)
+    command = click.option(
+        "--data-dir",
+        type=click.Path(file_okay=False),
+        help="Storage directory (default local_kafka.data_dir).",
+    )(command)
     return click.option("--port", type=int, help="Broker port (default local_kafka.port).")(command)
 
 
@@ -148,7 +158,9 @@ def receiver(ctx: Context, host: str | None, port: int | None) -> None:
 
 
 @main.command()
-@click.option("--workers", type=int, default=1, show_default=True, help="Worker processes (one consumer group).")
+@click.option(
+    "--workers", type=int, default=1, show_default=True, help="Worker processes (one consumer group)."
+)
 @click.option("--port", type=int, help="Receiver port.")
 @click.option("--no-workers", is_flag=True, help="Run only Kafka and the receiver.")
 @click.option("--no-rewards", is_flag=True, help="Do not run the reward webhook dispatcher.")
@@ -173,10 +185,12 @@ def up(ctx: Context, workers: int, port: int | None, no_workers: bool, no_reward
     if not no_rewards:
         commands.append(base + ["rewards", "run"])
     children = [subprocess.Popen(command) for command in commands]
-    click.echo(f"receiver on http://{settings.receiver.host}:{port or settings.receiver.port}, "
-               f"{0 if no_workers else workers} worker process(es) (metrics from :{settings.worker.web_port}), "
-               f"rewards dispatcher {'off' if no_rewards else f'(metrics :{settings.rewards.web_port})'}; "
-               "Ctrl-C stops everything")
+    click.echo(
+        f"receiver on http://{settings.receiver.host}:{port or settings.receiver.port}, "
+        f"{0 if no_workers else workers} worker process(es) (metrics from :{settings.worker.web_port}), "
+        f"rewards dispatcher {'off' if no_rewards else f'(metrics :{settings.rewards.web_port})'}; "
+        "Ctrl-C stops everything"
+    )
     stopping = False
 
     def request_stop(signum: int, frame: object) -> None:
@@ -211,8 +225,13 @@ def up(ctx: Context, workers: int, port: int | None, no_workers: bool, no_reward
 
 
 @main.command("worker")
-@click.option("--source", "sources", multiple=True, type=click.Choice(SOURCES),
-              help="Only these sources (repeatable; default all). Workers of one group must share the set.")
+@click.option(
+    "--source",
+    "sources",
+    multiple=True,
+    type=click.Choice(SOURCES),
+    help="Only these sources (repeatable; default all). Workers of one group must share the set.",
+)
 @click.option("--web-port", type=int, help="Port of /metrics (default worker.web_port; 0 = off).")
 @click.pass_obj
 def worker(ctx: Context, sources: tuple[str, ...], web_port: int | None) -> None:

@@ -83,7 +83,9 @@ class TopicSettings(_Frozen):
     replay_results: str = "headwater.replay-results"
     rewards: str = "rewards.outbound"
     rewards_dlq: str = "rewards.dlq"
-    rewards_deliveries: str = "rewards.deliveries"  # internal: jobs and attempt outcomes, keyed tenant/rewardId
+    rewards_deliveries: str = (
+        "rewards.deliveries"  # internal: jobs and attempt outcomes, keyed tenant/rewardId
+    )
 
     def raw(self, source: str) -> str:
         return f"{self.raw_prefix}{source}"
@@ -151,16 +153,16 @@ class RewardsSettings(_Frozen):
     retry_delays: tuple[Duration, ...] = tuple(
         timedelta(seconds=s) for s in (5, 300, 1800, 7200, 18000, 36000, 36000)
     )
-    jitter: float = Field(0.1, ge=0, le=0.5)             # each delay is scaled by uniform(1-j, 1+j)
-    max_retry_after: Duration = timedelta(hours=24)      # cap on a receiver's Retry-After
-    breaker_failures: int = Field(5, ge=1)               # consecutive failed attempts that open a tenant's breaker
-    breaker_open: Duration = timedelta(seconds=30)       # open this long, then one probe (half-open)
-    tick: Duration = timedelta(seconds=1)                # how often due retries are looked for
-    dedup_window: Duration = timedelta(days=30)          # delivered (tenant, rewardId) markers kept this long
-    store: str = "memory://"                             # Faust table store; "rocksdb://" in production
-    session_timeout: Duration = timedelta(seconds=30)    # a dead worker's partitions move after this
+    jitter: float = Field(0.1, ge=0, le=0.5)  # each delay is scaled by uniform(1-j, 1+j)
+    max_retry_after: Duration = timedelta(hours=24)  # cap on a receiver's Retry-After
+    breaker_failures: int = Field(5, ge=1)  # consecutive failed attempts that open a tenant's breaker
+    breaker_open: Duration = timedelta(seconds=30)  # open this long, then one probe (half-open)
+    tick: Duration = timedelta(seconds=1)  # how often due retries are looked for
+    dedup_window: Duration = timedelta(days=30)  # delivered (tenant, rewardId) markers kept this long
+    store: str = "memory://"  # Faust table store; "rocksdb://" in production
+    session_timeout: Duration = timedelta(seconds=30)  # a dead worker's partitions move after this
     web_host: str = "127.0.0.1"
-    web_port: int = Field(6067, ge=0, le=65535)          # /metrics of the dispatcher
+    web_port: int = Field(6067, ge=0, le=65535)  # /metrics of the dispatcher
 
 
 DEFAULT_REDRIVE_LIMIT = 3

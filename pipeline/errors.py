@@ -1,12 +1,12 @@
 """System failures, as exceptions. Data failures are not here: they are reason codes (pipeline.reasons).
 
-    HeadwaterError
-    ├── ConfigError          start-up; the message names the key and the file
-    ├── AuthError            receiver -> 401; never carries the credential
-    ├── PayloadTooLarge      receiver -> 413
-    ├── BrokerUnavailable    retry_after_s; receiver -> 503 + Retry-After; CLI -> one line, exit 1
-    ├── LocalKafkaError      `headwater kafka up/down`: Java or Maven missing, port taken, start timed out
-    └── NotFound             CLI: an id that names nothing (exit 2)
+HeadwaterError
+├── ConfigError          start-up; the message names the key and the file
+├── AuthError            receiver -> 401; never carries the credential
+├── PayloadTooLarge      receiver -> 413
+├── BrokerUnavailable    retry_after_s; receiver -> 503 + Retry-After; CLI -> one line, exit 1
+├── LocalKafkaError      `headwater kafka up/down`: Java or Maven missing, port taken, start timed out
+└── NotFound             CLI: an id that names nothing (exit 2)
 """
 
 from __future__ import annotations

@@ -89,7 +89,11 @@ def identifier(record: Mapping[str, JSONValue], field: str) -> str | None:
         return value.strip() or None
     if isinstance(value, int) and not isinstance(value, bool):
         return str(value)
-    reject(reasons.WRONG_TYPE.about(field), f"{field} must be a string or an integer, got {kind(value)}", path=field)
+    reject(
+        reasons.WRONG_TYPE.about(field),
+        f"{field} must be a string or an integer, got {kind(value)}",
+        path=field,
+    )
 
 
 def event_id(record: Mapping[str, JSONValue], *fields: str) -> str | None:
@@ -98,7 +102,8 @@ def event_id(record: Mapping[str, JSONValue], *fields: str) -> str | None:
         found = identifier(record, field)
         if found is not None:
             if len(found) > MAX_EVENT_ID_CHARS:
-                reject(reasons.INVALID_EVENT_ID,
+                reject(
+                    reasons.INVALID_EVENT_ID,
                     f"{field} is {len(found)} characters long, the limit is {MAX_EVENT_ID_CHARS}",
                     path=field,
                 )
@@ -117,7 +122,9 @@ def event_name(record: Mapping[str, JSONValue], *fields: str) -> str:
         if value is None:
             continue
         if not isinstance(value, str):
-            reject(reasons.WRONG_TYPE.about(field), f"{field} must be a string, got {kind(value)}", path=field)
+            reject(
+                reasons.WRONG_TYPE.about(field), f"{field} must be a string, got {kind(value)}", path=field
+            )
         if value.strip():
             return value
     reject(reasons.MISSING_EVENT_NAME, f"no event name in {' / '.join(fields)}", path=fields[0])
@@ -145,7 +152,9 @@ def timestamp(record: Mapping[str, JSONValue], *fields: str, required: bool) -> 
             continue
         moment = parse_timestamp(value)
         if moment is None:
-            reject(reasons.INVALID_TIMESTAMP, f"{field} is not a supported time: {_preview(value)}", path=field)
+            reject(
+                reasons.INVALID_TIMESTAMP, f"{field} is not a supported time: {_preview(value)}", path=field
+            )
         return moment
     if required:
         reject(reasons.MISSING_TIMESTAMP, f"none of {' / '.join(fields)} is present", path=fields[0])
@@ -211,7 +220,9 @@ def _get(record: Mapping[str, JSONValue], field: str) -> JSONValue:
             return _MISSING
         if not isinstance(node, Mapping):
             parent = ".".join(walked)
-            reject(reasons.WRONG_TYPE.about(parent), f"{parent} must be an object, got {kind(node)}", path=parent)
+            reject(
+                reasons.WRONG_TYPE.about(parent), f"{parent} must be an object, got {kind(node)}", path=parent
+            )
         node = node.get(step, _MISSING)
         walked.append(step)
     return node

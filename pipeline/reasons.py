@@ -130,17 +130,30 @@ def lookup(code: str) -> Reason:
 
 REWARD_INVALID_JSON = Reason("invalid_json", "intake", "The record is not JSON (or not UTF-8).")
 REWARD_NOT_AN_OBJECT = Reason("not_an_object", "intake", "The record is JSON but not one object.")
-REWARD_MISSING_FIELD = Reason("missing_field", "intake", "campaignId, userId or rewardId is absent, null or "
-                              "blank; the code names it, as missing_field:<field>.")
+REWARD_MISSING_FIELD = Reason(
+    "missing_field",
+    "intake",
+    "campaignId, userId or rewardId is absent, null or blank; the code names it, as missing_field:<field>.",
+)
 REWARD_WRONG_TYPE = Reason("wrong_type", "intake", "A field has the wrong JSON type (wrong_type:<field>).")
-REWARD_INVALID_ID = Reason("invalid_id", "intake", "rewardId is over 256 characters or not printable ASCII: "
-                           "it travels in the X-Reward-Id header (invalid_id:rewardId).")
+REWARD_INVALID_ID = Reason(
+    "invalid_id",
+    "intake",
+    "rewardId is over 256 characters or not printable ASCII: "
+    "it travels in the X-Reward-Id header (invalid_id:rewardId).",
+)
 REWARD_MISSING_TENANT = Reason("missing_tenant", "intake", "The Kafka record has no hw-tenant header.")
 REWARD_UNKNOWN_TENANT = Reason("unknown_tenant", "intake", "The hw-tenant header names no configured tenant.")
 REWARD_NO_WEBHOOK = Reason("no_webhook", "intake", "The tenant has no rewards_webhook configured.")
-REWARD_REJECTED = Reason("rejected", "delivery", "The endpoint answered a status that is not retried "
-                         "(4xx other than 408 and 429, or 3xx); no further attempts.")
-REWARD_ATTEMPTS_EXHAUSTED = Reason("attempts_exhausted", "delivery", "Every attempt of the retry schedule failed.")
+REWARD_REJECTED = Reason(
+    "rejected",
+    "delivery",
+    "The endpoint answered a status that is not retried "
+    "(4xx other than 408 and 429, or 3xx); no further attempts.",
+)
+REWARD_ATTEMPTS_EXHAUSTED = Reason(
+    "attempts_exhausted", "delivery", "Every attempt of the retry schedule failed."
+)
 
 REWARD_CATALOGUE: dict[str, Reason] = {
     r.code: r

@@ -71,7 +71,7 @@ class RawHeaders(_Record):
     request_id: ShortText
     content_type: ShortText | None = None
     redrive_count: int = 0
-    replay_of: ShortText | None = None                # "topic:partition:offset" of the record replayed
+    replay_of: ShortText | None = None  # "topic:partition:offset" of the record replayed
     # What the source's adapter declared it needs from the request (adapting.RequestValue), by name:
     # e.g. WebEngage's request_id (header x-request-id), Usermaven's api_key (the token's API-key half).
     # Stored as hw-<source>-<name> headers; credentials never get one.
@@ -100,8 +100,11 @@ class RawHeaders(_Record):
             if raw is not None:
                 doc[field] = raw.decode("utf-8", "replace")
         prefix = _vendor_prefix(doc.get("source", ""))
-        vendor = {name[len(prefix):].replace("-", "_"): raw.decode("utf-8", "replace")
-                  for name, raw in by_name.items() if name.startswith(prefix) and raw is not None}
+        vendor = {
+            name[len(prefix) :].replace("-", "_"): raw.decode("utf-8", "replace")
+            for name, raw in by_name.items()
+            if name.startswith(prefix) and raw is not None
+        }
         if vendor:
             doc["vendor"] = vendor
         return cls.model_validate(doc)
@@ -180,21 +183,23 @@ class CanonicalEvent(_Record):
     def to_json(self) -> bytes:
         """The event as JSON, fields in declaration order; equal to model_dump(mode="json") serialized,
         without pydantic's per-field serializer calls (the worker's hottest path)."""
-        return orjson.dumps({
-            "event_id": self.event_id,
-            "event_id_derived": self.event_id_derived,
-            "event_name": self.event_name,
-            "tenant": self.tenant,
-            "source": self.source,
-            "user_id": self.user_id,
-            "anonymous_id": self.anonymous_id,
-            "timestamp": format_utc(self.timestamp),
-            "received_at": format_utc(self.received_at),
-            "properties": self.properties,
-            "user_traits": self.user_traits,
-            "context": self.context,
-            "schema_version": self.schema_version,
-        })
+        return orjson.dumps(
+            {
+                "event_id": self.event_id,
+                "event_id_derived": self.event_id_derived,
+                "event_name": self.event_name,
+                "tenant": self.tenant,
+                "source": self.source,
+                "user_id": self.user_id,
+                "anonymous_id": self.anonymous_id,
+                "timestamp": format_utc(self.timestamp),
+                "received_at": format_utc(self.received_at),
+                "properties": self.properties,
+                "user_traits": self.user_traits,
+                "context": self.context,
+                "schema_version": self.schema_version,
+            }
+        )
 
     def dedup_key(self) -> bytes:
         """Kafka key of the re-keyed record: dedup is per (tenant, event_id). Tenant ids contain no '/'."""

@@ -43,7 +43,7 @@ def canonical_body(reward: Mapping[str, Any]) -> bytes:
 
 
 def _normalize(value: Any) -> Any:
-    """Integral floats become ints (`15.0` -> `15`, as `JSON.stringify` writes it); objects get JS key order."""
+    """Integral floats become ints (`15.0` -> `15`, as `JSON.stringify` does); objects get JS key order."""
     if isinstance(value, bool) or value is None or isinstance(value, int | str):
         return value
     if isinstance(value, float):
@@ -92,7 +92,7 @@ def whsec_key(secret: str) -> bytes:
     if not secret.startswith(WHSEC_PREFIX):
         raise ValueError("a Standard Webhooks secret has the form whsec_<base64>")
     try:
-        key = base64.b64decode(secret[len(WHSEC_PREFIX):], validate=True)
+        key = base64.b64decode(secret[len(WHSEC_PREFIX) :], validate=True)
     except binascii.Error:
         raise ValueError("the part after whsec_ is not valid base64") from None
     if not 24 <= len(key) <= 64:
@@ -107,7 +107,9 @@ def standard_signature(msg_id: str, timestamp: int, body: bytes, secret: str) ->
     return "v1," + base64.b64encode(digest).decode("ascii")
 
 
-def standard_headers(msg_id: str, body: bytes, secrets: Iterable[str], timestamp: int | None = None) -> dict[str, str]:
+def standard_headers(
+    msg_id: str, body: bytes, secrets: Iterable[str], timestamp: int | None = None
+) -> dict[str, str]:
     """webhook-id, webhook-timestamp and webhook-signature (one space-separated `v1,...` per secret)."""
     when = int(time.time()) if timestamp is None else timestamp
     signatures = " ".join(standard_signature(msg_id, when, body, s) for s in secrets)

@@ -89,6 +89,8 @@ def verify_segment_signature(tenant: Tenant, request: web.Request, body: bytes) 
     """
     if tenant.segment_shared_secret is None or body.lstrip()[:1] == b"[":
         return
-    expected = hmac.new(tenant.segment_shared_secret.get_secret_value().encode(), body, hashlib.sha1).hexdigest()
+    expected = hmac.new(
+        tenant.segment_shared_secret.get_secret_value().encode(), body, hashlib.sha1
+    ).hexdigest()
     if not hmac.compare_digest(expected, request.headers.get("X-Signature", "").lower()):
         raise AuthError("X-Signature does not match the body")

@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 OK_BODY = b'{"status":"ok"}'
 
+
 def _json_error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
     body = orjson.dumps({"status": "error", "error": message})
     return web.Response(status=status, body=body, content_type="application/json", headers=headers)
@@ -81,8 +82,13 @@ class Receiver:
             await asyncio.wait_for(asyncio.shield(self._connecting), 15)
         self._runner = web.AppRunner(self.application(), access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.settings.receiver.host, self.settings.receiver.port,
-                           reuse_address=True, backlog=1024)
+        site = web.TCPSite(
+            self._runner,
+            self.settings.receiver.host,
+            self.settings.receiver.port,
+            reuse_address=True,
+            backlog=1024,
+        )
         await site.start()
         server = site._server
         sockets = server.sockets if isinstance(server, asyncio.Server) else []
@@ -136,12 +142,16 @@ class Receiver:
             except BrokerUnavailable as exc:
                 retry = str(int(max(1, exc.retry_after_s)))
                 log.warning("503 for %s: %s", source, exc)
-                response = _json_error(503, "temporarily unable to store the event; retry later",
-                                       {"Retry-After": retry})
+                response = _json_error(
+                    503, "temporarily unable to store the event; retry later", {"Retry-After": retry}
+                )
             else:
                 self.metrics.bytes.labels(source, tenant_id).inc(len(body))
-                response = web.Response(body=OK_BODY, content_type="application/json",
-                                        headers={"X-Request-Id": headers.request_id})
+                response = web.Response(
+                    body=OK_BODY,
+                    content_type="application/json",
+                    headers={"X-Request-Id": headers.request_id},
+                )
             self.metrics.requests.labels(source, tenant_id, str(response.status)).inc()
             return response
 
@@ -159,38 +169,52 @@ class Receiver:
             tenant_id = credentials.tenant.id
             records, invalid = split_rewards(await self._read_body(request))
             headers = self._raw_headers("rewards", credentials, request, {})
-            await asyncio.gather(*(self.write(self.settings.topics.rewards, record, headers, "rewards")
-                                   for record in records))
+            await asyncio.gather(
+                *(self.write(self.settings.topics.rewards, record, headers, "rewards") for record in records)
+            )
         except AuthError as exc:
             response = _json_error(401, str(exc))
         except PayloadTooLarge as exc:
             response = _json_error(413, str(exc))
         except BrokerUnavailable as exc:  # some may be stored: a retry is safe, delivery dedups on rewardId
-            response = _json_error(503, "temporarily unable to store the rewards; retry later",
-                                   {"Retry-After": str(int(max(1, exc.retry_after_s)))})
+            response = _json_error(
+                503,
+                "temporarily unable to store the rewards; retry later",
+                {"Retry-After": str(int(max(1, exc.retry_after_s)))},
+            )
         else:
             answer: dict[str, object] = {"status": "ok", "count": len(records)}
             if invalid:
                 answer["invalid"] = invalid
-            response = web.Response(body=orjson.dumps(answer), content_type="application/json",
-                                    headers={"X-Request-Id": headers.request_id})
+            response = web.Response(
+                body=orjson.dumps(answer),
+                content_type="application/json",
+                headers={"X-Request-Id": headers.request_id},
+            )
         self.metrics.requests.labels("rewards", tenant_id, str(response.status)).inc()
         return response
 
     async def _read_body(self, request: web.Request) -> bytes:
         limit = self.settings.receiver.max_body_bytes
         if request.content_length is not None and request.content_length > limit:
-            raise PayloadTooLarge(f"body of {request.content_length} bytes is over the limit of {limit} bytes")
+            raise PayloadTooLarge(
+                f"body of {request.content_length} bytes is over the limit of {limit} bytes"
+            )
         try:
             return await request.read()
         except web.HTTPRequestEntityTooLarge:
             raise PayloadTooLarge(f"body is over the limit of {limit} bytes") from None
 
-    def _raw_headers(self, source: str, credentials: Credentials, request: web.Request,
-                     wanted: Mapping[str, RequestValue]) -> RawHeaders:
+    def _raw_headers(
+        self, source: str, credentials: Credentials, request: web.Request, wanted: Mapping[str, RequestValue]
+    ) -> RawHeaders:
         vendor = dict(credentials.vendor)
         for name, where in wanted.items():
-            value = request.headers.get(where.name) if isinstance(where, Header) else request.query.get(where.name)
+            value = (
+                request.headers.get(where.name)
+                if isinstance(where, Header)
+                else request.query.get(where.name)
+            )
             if value is not None:
                 vendor[name] = value
         return RawHeaders(
@@ -237,11 +261,15 @@ class Receiver:
                 ready = False
         if ready:
             return web.json_response({"status": "ready"})
-        return _json_error(503, "Kafka is not reachable", {"Retry-After": str(self.settings.receiver.retry_after_s)})
+        return _json_error(
+            503, "Kafka is not reachable", {"Retry-After": str(self.settings.receiver.retry_after_s)}
+        )
 
     async def _metrics(self, request: web.Request) -> web.Response:
-        return web.Response(body=generate_latest(self.metrics.registry),
-                            headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+        return web.Response(
+            body=generate_latest(self.metrics.registry),
+            headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"},
+        )
 
 
 async def serve(settings: Settings, stop: asyncio.Event) -> None:

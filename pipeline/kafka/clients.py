@@ -72,7 +72,10 @@ async def broker_errors(what: str, retry_after_s: float = 2.0) -> AsyncIterator[
 
 
 async def ensure_topics(
-    settings: Settings, names: Iterable[str], partitions: int | None = None, config: dict[str, str] | None = None
+    settings: Settings,
+    names: Iterable[str],
+    partitions: int | None = None,
+    config: dict[str, str] | None = None,
 ) -> list[str]:
     """Create the topics that do not exist yet (partition count from kafka.partitions). Returns those created.
 
@@ -88,8 +91,12 @@ async def ensure_topics(
             missing = [n for n in wanted if n not in existing]
             if missing:
                 new = [
-                    NewTopic(n, partitions or settings.kafka.partitions, settings.kafka.replication_factor,
-                             topic_configs=config)
+                    NewTopic(
+                        n,
+                        partitions or settings.kafka.partitions,
+                        settings.kafka.replication_factor,
+                        topic_configs=config,
+                    )
                     for n in missing
                 ]
                 try:

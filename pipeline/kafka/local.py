@@ -49,7 +49,9 @@ class BrokerStatus:
 
     def describe(self) -> str:
         if self.running:
-            return f"kafka {KAFKA_VERSION} running (pid {self.pid}) on {self.bootstrap}, data in {self.data_dir}"
+            return (
+                f"kafka {KAFKA_VERSION} running (pid {self.pid}) on {self.bootstrap}, data in {self.data_dir}"
+            )
         return f"kafka not running (would listen on {self.bootstrap}, data in {self.data_dir})"
 
 
@@ -61,8 +63,8 @@ class LocalKafka:
         self.data_dir = settings.data_dir.expanduser().resolve()
         self.jars_dir = settings.jars_dir.expanduser().resolve() / KAFKA_VERSION
         self.pid_file = self.data_dir / "broker.pid"
-        self.log_file = self.data_dir / "server.log"      # log4j2 output
-        self.stdout_file = self.data_dir / "broker.out"   # JVM stdout/stderr
+        self.log_file = self.data_dir / "server.log"  # log4j2 output
+        self.stdout_file = self.data_dir / "broker.out"  # JVM stdout/stderr
 
     @property
     def bootstrap(self) -> str:
@@ -78,8 +80,15 @@ class LocalKafka:
         mvn = _require("mvn", "Maven")
         _require("java", "Java (17 or newer)")
         self.jars_dir.mkdir(parents=True, exist_ok=True)
-        command = [mvn, "-q", "-B", "-f", str(POM), "dependency:copy-dependencies",
-                   f"-DoutputDirectory={self.jars_dir}"]
+        command = [
+            mvn,
+            "-q",
+            "-B",
+            "-f",
+            str(POM),
+            "dependency:copy-dependencies",
+            f"-DoutputDirectory={self.jars_dir}",
+        ]
         result = subprocess.run(command, capture_output=True, text=True, check=False)
         if result.returncode != 0:
             tail = (result.stdout + result.stderr).strip().splitlines()[-5:]
@@ -108,8 +117,9 @@ class LocalKafka:
                 f"our broker (data dir {self.data_dir}); choose another with --port"
             )
         if _port_open(self.settings.host, self.settings.controller_port):
-            raise LocalKafkaError(f"controller port {self.settings.controller_port} is taken; "
-                                  "set local_kafka.controller_port")
+            raise LocalKafkaError(
+                f"controller port {self.settings.controller_port} is taken; set local_kafka.controller_port"
+            )
         jars = self.ensure_jars()
         java = _require("java", "Java (17 or newer)")
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -118,9 +128,20 @@ class LocalKafka:
         if not (self.data_dir / "kraft" / "meta.properties").exists():
             cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
             fmt = subprocess.run(
-                [java, "-cp", classpath, "kafka.tools.StorageTool", "format", "-t", cluster_id,
-                 "-c", str(properties)],
-                capture_output=True, text=True, check=False,
+                [
+                    java,
+                    "-cp",
+                    classpath,
+                    "kafka.tools.StorageTool",
+                    "format",
+                    "-t",
+                    cluster_id,
+                    "-c",
+                    str(properties),
+                ],
+                capture_output=True,
+                text=True,
+                check=False,
             )
             if fmt.returncode != 0:
                 raise LocalKafkaError(f"formatting KRaft storage failed: {fmt.stdout}{fmt.stderr}".strip())
@@ -128,13 +149,25 @@ class LocalKafka:
             self.log_file.replace(self.log_file.with_suffix(".log.1"))
         log = self.stdout_file.open("ab")
         command = [
-            java, f"-Xms{self.settings.heap}", f"-Xmx{self.settings.heap}", "-XX:+UseG1GC",
-            "-XX:TieredStopAtLevel=1", f"-Dlog4j2.configurationFile={self.data_dir / 'log4j2.properties'}",
-            "-Dkafka.logs.dir=" + str(self.data_dir), "-cp", classpath, "kafka.Kafka", str(properties),
+            java,
+            f"-Xms{self.settings.heap}",
+            f"-Xmx{self.settings.heap}",
+            "-XX:+UseG1GC",
+            "-XX:TieredStopAtLevel=1",
+            f"-Dlog4j2.configurationFile={self.data_dir / 'log4j2.properties'}",
+            "-Dkafka.logs.dir=" + str(self.data_dir),
+            "-cp",
+            classpath,
+            "kafka.Kafka",
+            str(properties),
         ]
         process = subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=not bound_to_parent, preexec_fn=_die_with_parent if bound_to_parent else None,
+            command,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=not bound_to_parent,
+            preexec_fn=_die_with_parent if bound_to_parent else None,
         )
         log.close()
         self.pid_file.write_text(str(process.pid))
@@ -143,7 +176,8 @@ class LocalKafka:
             if process.poll() is not None:
                 self.pid_file.unlink(missing_ok=True)
                 raise LocalKafkaError(
-                    f"broker exited with code {process.returncode}; see {self.log_file} and {self.stdout_file}"
+                    f"broker exited with code {process.returncode}; "
+                    f"see {self.log_file} and {self.stdout_file}"
                 )
             if _port_open(self.settings.host, self.settings.port) and self._log_says_started():
                 return self.status()
@@ -193,35 +227,41 @@ class LocalKafka:
         s = self.settings
         (self.data_dir / "log4j2.properties").write_text(_LOG4J2.format(log=self.log_file))
         properties = self.data_dir / "server.properties"
-        properties.write_text("\n".join([
-            "process.roles=broker,controller",
-            "node.id=1",
-            f"controller.quorum.voters=1@{s.host}:{s.controller_port}",
-            f"listeners=PLAINTEXT://{s.host}:{s.port},CONTROLLER://{s.host}:{s.controller_port}",
-            f"advertised.listeners=PLAINTEXT://{s.host}:{s.port}",
-            "controller.listener.names=CONTROLLER",
-            "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
-            "inter.broker.listener.name=PLAINTEXT",
-            f"log.dirs={self.data_dir / 'kraft'}",
-            "num.network.threads=2",
-            "num.io.threads=4",
-            "offsets.topic.replication.factor=1",
-            "offsets.topic.num.partitions=10",
-            "transaction.state.log.replication.factor=1",
-            "transaction.state.log.min.isr=1",
-            "group.initial.rebalance.delay.ms=0",
-            "auto.create.topics.enable=true",
-            "num.partitions=1",
-            "log.retention.hours=168",
-            "",
-        ]))
+        properties.write_text(
+            "\n".join(
+                [
+                    "process.roles=broker,controller",
+                    "node.id=1",
+                    f"controller.quorum.voters=1@{s.host}:{s.controller_port}",
+                    f"listeners=PLAINTEXT://{s.host}:{s.port},CONTROLLER://{s.host}:{s.controller_port}",
+                    f"advertised.listeners=PLAINTEXT://{s.host}:{s.port}",
+                    "controller.listener.names=CONTROLLER",
+                    "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+                    "inter.broker.listener.name=PLAINTEXT",
+                    f"log.dirs={self.data_dir / 'kraft'}",
+                    "num.network.threads=2",
+                    "num.io.threads=4",
+                    "offsets.topic.replication.factor=1",
+                    "offsets.topic.num.partitions=10",
+                    "transaction.state.log.replication.factor=1",
+                    "transaction.state.log.min.isr=1",
+                    "group.initial.rebalance.delay.ms=0",
+                    "auto.create.topics.enable=true",
+                    "num.partitions=1",
+                    "log.retention.hours=168",
+                    "",
+                ]
+            )
+        )
         return properties
 
 
 def _require(command: str, name: str) -> str:
     found = shutil.which(command)
     if not found:
-        raise LocalKafkaError(f"{name} is required to run the local Kafka broker: `{command}` not found on PATH")
+        raise LocalKafkaError(
+            f"{name} is required to run the local Kafka broker: `{command}` not found on PATH"
+        )
     return found
 
 

@@ -55,8 +55,12 @@ class ReplaySummary:
 
 
 async def offset_range(
-    settings: Settings, topic: str, start: datetime | None, end: datetime | None,
-    start_offset: int | None = None, end_offset: int | None = None,
+    settings: Settings,
+    topic: str,
+    start: datetime | None,
+    end: datetime | None,
+    start_offset: int | None = None,
+    end_offset: int | None = None,
 ) -> dict[int, tuple[int, int]]:
     """partition -> [first, last) offsets covering the time (or offset) range."""
     consumer = make_consumer(settings)
@@ -70,7 +74,9 @@ async def offset_range(
             firsts = await consumer.beginning_offsets(tps)
             ends = await consumer.end_offsets(tps)
 
-            async def at(moment: datetime | None, default: dict[TopicPartition, int]) -> dict[TopicPartition, int]:
+            async def at(
+                moment: datetime | None, default: dict[TopicPartition, int]
+            ) -> dict[TopicPartition, int]:
                 if moment is None:
                     return default
                 found = await consumer.offsets_for_times({tp: int(moment.timestamp() * 1000) for tp in tps})
@@ -89,8 +95,13 @@ async def offset_range(
 
 
 async def replay(
-    settings: Settings, source: str, ranges: dict[int, tuple[int, int]], tenant: str | None = None,
-    reemit: bool = False, adapter: AdapterModule | None = None, wait_s: float = 120.0,
+    settings: Settings,
+    source: str,
+    ranges: dict[int, tuple[int, int]],
+    tenant: str | None = None,
+    reemit: bool = False,
+    adapter: AdapterModule | None = None,
+    wait_s: float = 120.0,
     progress: Callable[[int, int], None] | None = None,
 ) -> ReplaySummary:
     """Normalize the range again and wait for the dedup stage's report on every batch sent."""
@@ -115,7 +126,9 @@ async def replay(
             for tp in remaining:
                 consumer.seek(tp, ranges[tp.partition][0])
             while remaining:
-                batch = await consumer.getmany(*remaining, timeout_ms=1000, max_records=settings.worker.batch_max)
+                batch = await consumer.getmany(
+                    *remaining, timeout_ms=1000, max_records=settings.worker.batch_max
+                )
                 records = []
                 for tp, part in batch.items():
                     for record in part:
@@ -143,10 +156,12 @@ async def replay(
 
 
 def _sender(producer: AIOKafkaProducer) -> Send:
-    async def send(topic: str, key: bytes | None, value: bytes, partition: int | None,
-                   headers: KafkaHeaders | None) -> Awaitable[Any]:
-        ack: Awaitable[Any] = await producer.send(topic, value, key=key, partition=partition,
-                                                  headers=list(headers) if headers else None)
+    async def send(
+        topic: str, key: bytes | None, value: bytes, partition: int | None, headers: KafkaHeaders | None
+    ) -> Awaitable[Any]:
+        ack: Awaitable[Any] = await producer.send(
+            topic, value, key=key, partition=partition, headers=list(headers) if headers else None
+        )
         return ack
 
     return send
@@ -159,7 +174,9 @@ def _tenant_of(headers: Any) -> str | None:
         return None
 
 
-async def _collect_reports(settings: Settings, summary: ReplaySummary, start: dict[int, int], wait_s: float) -> None:
+async def _collect_reports(
+    settings: Settings, summary: ReplaySummary, start: dict[int, int], wait_s: float
+) -> None:
     """Sum the dedup stage's reports for this replay until every keyed batch is accounted for."""
     if summary.keyed_batches == 0:
         summary.complete = True
@@ -194,13 +211,28 @@ async def _collect_reports(settings: Settings, summary: ReplaySummary, start: di
 @click.option("--from-offset", type=int, help="Start offset in every partition (instead of --from).")
 @click.option("--to-offset", type=int, help="End offset (exclusive) in every partition.")
 @click.option("--reemit", is_flag=True, help="Emit replayed events even if their ids were already emitted.")
-@click.option("--wait", "wait_s", type=float, default=120.0, show_default=True,
-              help="Seconds to wait for the workers' dedup reports.")
+@click.option(
+    "--wait",
+    "wait_s",
+    type=float,
+    default=120.0,
+    show_default=True,
+    help="Seconds to wait for the workers' dedup reports.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.pass_obj
-def replay_command(ctx: Any, source: str, tenant: str | None, start: str | None, end: str | None,
-                   from_offset: int | None, to_offset: int | None, reemit: bool, wait_s: float,
-                   as_json: bool) -> None:
+def replay_command(
+    ctx: Any,
+    source: str,
+    tenant: str | None,
+    start: str | None,
+    end: str | None,
+    from_offset: int | None,
+    to_offset: int | None,
+    reemit: bool,
+    wait_s: float,
+    as_json: bool,
+) -> None:
     """Feed a range of raw.<source> through the pipeline again (needs running workers for dedup)."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -211,13 +243,24 @@ def replay_command(ctx: Any, source: str, tenant: str | None, start: str | None,
     console = Console(stderr=True)
 
     async def run() -> ReplaySummary:
-        ranges = await offset_range(settings, settings.topics.raw(source),
-                                    parse_time(start) if start else None, parse_time(end) if end else None,
-                                    from_offset, to_offset)
+        ranges = await offset_range(
+            settings,
+            settings.topics.raw(source),
+            parse_time(start) if start else None,
+            parse_time(end) if end else None,
+            from_offset,
+            to_offset,
+        )
         total = sum(h - lo for lo, h in ranges.values())
-        with Progress(TextColumn("replay"), BarColumn(), MofNCompleteColumn(),
-                      TextColumn("{task.fields[rate]:>8.0f} rec/s"), TimeRemainingColumn(),
-                      console=console, disable=as_json) as bar:
+        with Progress(
+            TextColumn("replay"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]:>8.0f} rec/s"),
+            TimeRemainingColumn(),
+            console=console,
+            disable=as_json,
+        ) as bar:
             task = bar.add_task("replay", total=total, rate=0.0)
             began = time.monotonic()
 
@@ -230,10 +273,16 @@ def replay_command(ctx: Any, source: str, tenant: str | None, start: str | None,
     if as_json:
         click.echo(orjson.dumps(summary.as_dict()).decode())
     else:
-        click.echo(f"read {summary.read} records ({summary.skipped_other_tenants} of other tenants skipped) "
-                   f"in {summary.seconds:.1f}s: {summary.canonical} canonical, {summary.duplicates} duplicates "
-                   f"dropped, {summary.dead_lettered} dead-lettered")
+        click.echo(
+            f"read {summary.read} records ({summary.skipped_other_tenants} of other tenants skipped) "
+            f"in {summary.seconds:.1f}s: {summary.canonical} canonical, {summary.duplicates} duplicates "
+            f"dropped, {summary.dead_lettered} dead-lettered"
+        )
     if not summary.complete:
-        click.secho(f"warning: the workers reported on {summary.reported_batches} of {summary.keyed_batches} "
-                    f"batches within {wait_s:.0f}s; are `headwater worker` processes running?", fg="yellow", err=True)
+        click.secho(
+            f"warning: the workers reported on {summary.reported_batches} of {summary.keyed_batches} "
+            f"batches within {wait_s:.0f}s; are `headwater worker` processes running?",
+            fg="yellow",
+            err=True,
+        )
         raise SystemExit(1)

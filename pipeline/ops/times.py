@@ -17,5 +17,7 @@ def parse_time(text: str, now: datetime | None = None) -> datetime:
         try:
             return now - parse_duration(text)
         except ValueError:
-            raise HeadwaterError(f"cannot read {text!r} as a time (ISO-8601, or a duration ago like '2h')") from None
+            raise HeadwaterError(
+                f"cannot read {text!r} as a time (ISO-8601, or a duration ago like '2h')"
+            ) from None
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)

@@ -48,10 +48,18 @@ def run(obj: _CliContext, exit_after: float | None) -> None:
 
 
 @rewards_command.command("sign")
-@click.option("--token", required=True, envvar="HEADWATER_REWARDS_TOKEN", show_envvar=True,
-              help="The tenant's rewards_webhook token.")
-@click.option("--canonical", is_flag=True,
-              help="Sign the body as the dispatcher would send it (re-serialized), not the bytes as given.")
+@click.option(
+    "--token",
+    required=True,
+    envvar="HEADWATER_REWARDS_TOKEN",
+    show_envvar=True,
+    help="The tenant's rewards_webhook token.",
+)
+@click.option(
+    "--canonical",
+    is_flag=True,
+    help="Sign the body as the dispatcher would send it (re-serialized), not the bytes as given.",
+)
 def sign(token: str, canonical: bool) -> None:
     """Print the X-CG-SIGNATURE value of the body on stdin (exact bytes: mind a trailing newline)."""
     body = click.get_binary_stream("stdin").read()
@@ -64,8 +72,10 @@ def sign(token: str, canonical: bool) -> None:
             raise click.BadParameter("stdin is not one JSON object")
         body = canonical_body(doc)
     elif body.endswith(b"\n"):
-        click.echo("note: the body ends with a newline, which is signed too (use printf '%s', or --canonical)",
-                   err=True)
+        click.echo(
+            "note: the body ends with a newline, which is signed too (use printf '%s', or --canonical)",
+            err=True,
+        )
     click.echo(cg_signature(body, token))
 
 
@@ -85,12 +95,16 @@ def dead_letters(settings: Settings) -> list[RewardDeadLetter]:
 
 
 def select(letters: list[RewardDeadLetter], tenant: str | None, reason: str | None) -> list[RewardDeadLetter]:
-    return [d for d in letters if (tenant is None or d.tenant == tenant)
-            and (reason is None or d.reason == reason or d.reason.startswith(reason + ":"))]
+    return [
+        d
+        for d in letters
+        if (tenant is None or d.tenant == tenant)
+        and (reason is None or d.reason == reason or d.reason.startswith(reason + ":"))
+    ]
 
 
 def redeliver(settings: Settings, letters: list[RewardDeadLetter]) -> int:
-    """Write each reward back to rewards.outbound (hw-redrive-count + 1); the dispatcher's dedup still applies."""
+    """Write each reward back to rewards.outbound (hw-redrive-count + 1); the dispatcher still dedups."""
 
     async def send() -> int:
         await ensure_topics(settings, [settings.topics.rewards])
@@ -101,11 +115,18 @@ def redeliver(settings: Settings, letters: list[RewardDeadLetter]) -> int:
                 acks = []
                 for letter in letters:
                     assert letter.tenant is not None
-                    headers = RawHeaders(tenant=letter.tenant, source="rewards", received_at=utc_now(),
-                                         request_id=new_request_id(), content_type="application/json",
-                                         redrive_count=letter.redelivery_count + 1, replay_of=letter.origin)
-                    acks.append(await producer.send(settings.topics.rewards, letter.body,
-                                                    headers=headers.to_kafka()))
+                    headers = RawHeaders(
+                        tenant=letter.tenant,
+                        source="rewards",
+                        received_at=utc_now(),
+                        request_id=new_request_id(),
+                        content_type="application/json",
+                        redrive_count=letter.redelivery_count + 1,
+                        replay_of=letter.origin,
+                    )
+                    acks.append(
+                        await producer.send(settings.topics.rewards, letter.body, headers=headers.to_kafka())
+                    )
                 await asyncio.gather(*acks)
                 return len(acks)
             finally:
@@ -129,8 +150,15 @@ def dlq_ls(obj: _CliContext, tenant: str | None, reason: str | None, as_json: bo
     table = Table("id", "failed at", "tenant", "rewardId", "reason", "attempts", "last error")
     for d in letters:
         last = d.attempts[-1].error if d.attempts else d.message
-        table.add_row(d.id, d.failed_at.strftime("%Y-%m-%d %H:%M:%S"), d.tenant or "-", d.reward_id or "-",
-                      d.reason, str(len(d.attempts)), (last or "")[:60])
+        table.add_row(
+            d.id,
+            d.failed_at.strftime("%Y-%m-%d %H:%M:%S"),
+            d.tenant or "-",
+            d.reward_id or "-",
+            d.reason,
+            str(len(d.attempts)),
+            (last or "")[:60],
+        )
     Console().print(table)
     click.echo(f"{len(letters)} dead letter(s)")
 
@@ -152,8 +180,9 @@ def dlq_show(obj: _CliContext, letter_id: str) -> None:
 @click.option("--tenant", help="Only this tenant.")
 @click.option("--reason", help="Only this reason code.")
 @click.pass_obj
-def dlq_redeliver(obj: _CliContext, letter_ids: tuple[str, ...], everything: bool, tenant: str | None,
-                  reason: str | None) -> None:
+def dlq_redeliver(
+    obj: _CliContext, letter_ids: tuple[str, ...], everything: bool, tenant: str | None, reason: str | None
+) -> None:
     """Send dead-lettered rewards through the dispatcher again (a delivered rewardId is still not resent)."""
     if not letter_ids and not everything:
         raise click.UsageError("give dead letter ids, or --all")
@@ -173,4 +202,3 @@ def _find(letters: list[RewardDeadLetter], ids: list[str]) -> list[RewardDeadLet
     if missing:
         raise NotFound(f"no dead letter with id {', '.join(missing)} in the rewards DLQ")
     return [by_id[i] for i in ids]
-

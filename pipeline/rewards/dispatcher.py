@@ -1,6 +1,6 @@
 """The reward webhook dispatcher: one Faust app, two agents and a timer (issue 5; sources.md §5).
 
-    rewards.outbound   --intake-->  rewards.deliveries  DeliveryJob, keyed tenant/rewardId (invalid: rewards.dlq)
+    rewards.outbound   --intake-->  rewards.deliveries  DeliveryJob, keyed tenant/rewardId (else rewards.dlq)
     rewards.deliveries --deliver--> state table         pending (the durable retry queue) | delivered (dedup)
     timer and deliver  --------->   attempt tasks       HTTP off the stream, per-tenant slots and breaker
     attempt task       --------->   rewards.deliveries  AttemptOutcome, to the partition that owns the key
@@ -51,9 +51,9 @@ from pipeline.rewards.webhooks import Breaker, Schedule, Sender
 from pipeline.signing import canonical_body
 
 log = logging.getLogger(__name__)
-HOLD_MAX_S = 15.0            # after a rebalance, retries wait at most this long for the agent to catch up
-UNRECORDED_RETRY_S = 5.0     # an attempt whose outcome could not be written to Kafka runs again after this
-SWEEP_EVERY_S = 60.0         # how often a partition's expired delivered-markers are deleted
+HOLD_MAX_S = 15.0  # after a rebalance, retries wait at most this long for the agent to catch up
+UNRECORDED_RETRY_S = 5.0  # an attempt whose outcome could not be written to Kafka runs again after this
+SWEEP_EVERY_S = 60.0  # how often a partition's expired delivered-markers are deleted
 
 
 class RewardMetrics:
@@ -62,24 +62,47 @@ class RewardMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self.deliveries = Counter(
-            "headwater_rewards_deliveries", "Rewards by tenant and outcome: delivered, dead_lettered, "
+            "headwater_rewards_deliveries",
+            "Rewards by tenant and outcome: delivered, dead_lettered, "
             "duplicate (already pending or delivered: not sent again), invalid (intake dead letter)",
-            ["tenant", "outcome"], registry=self.registry)
+            ["tenant", "outcome"],
+            registry=self.registry,
+        )
         self.attempts = Counter(
-            "headwater_rewards_attempts", "Attempts by tenant and result: 2xx, 3xx, 4xx, 429, 5xx, timeout, "
-            "connection_error, circuit_open, no_webhook", ["tenant", "result"], registry=self.registry)
+            "headwater_rewards_attempts",
+            "Attempts by tenant and result: 2xx, 3xx, 4xx, 429, 5xx, timeout, "
+            "connection_error, circuit_open, no_webhook",
+            ["tenant", "result"],
+            registry=self.registry,
+        )
         self.latency = Histogram(
-            "headwater_rewards_attempt_seconds", "Webhook request latency", ["tenant"], registry=self.registry,
-            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+            "headwater_rewards_attempt_seconds",
+            "Webhook request latency",
+            ["tenant"],
+            registry=self.registry,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+        )
         self.queue_depth = Gauge(
-            "headwater_rewards_retry_queue_depth", "Pending rewards: waiting for a retry, for a slot, or in flight",
-            ["tenant"], registry=self.registry)
-        self.in_flight = Gauge("headwater_rewards_in_flight", "Webhook requests in flight", ["tenant"],
-                               registry=self.registry)
-        self.breaker_open = Gauge("headwater_rewards_breaker_open", "1 while the tenant's breaker is not closed",
-                                  ["tenant"], registry=self.registry)
-        self.errors = Counter("headwater_rewards_agent_errors", "Records an agent failed to handle (logged)",
-                              ["agent"], registry=self.registry)
+            "headwater_rewards_retry_queue_depth",
+            "Pending rewards: waiting for a retry, for a slot, or in flight",
+            ["tenant"],
+            registry=self.registry,
+        )
+        self.in_flight = Gauge(
+            "headwater_rewards_in_flight", "Webhook requests in flight", ["tenant"], registry=self.registry
+        )
+        self.breaker_open = Gauge(
+            "headwater_rewards_breaker_open",
+            "1 while the tenant's breaker is not closed",
+            ["tenant"],
+            registry=self.registry,
+        )
+        self.errors = Counter(
+            "headwater_rewards_agent_errors",
+            "Records an agent failed to handle (logged)",
+            ["agent"],
+            registry=self.registry,
+        )
 
 
 def attempt_result(attempt: Attempt) -> str:
@@ -136,8 +159,13 @@ class Dispatcher:
         self.outbound = app.topic(s.topics.rewards, **raw)
         self.deliveries = app.topic(s.topics.rewards_deliveries, partitions=s.kafka.partitions, **raw)
         self.dlq = app.topic(s.topics.rewards_dlq, **raw)
-        self.state = app.Table("rewards_state", partitions=s.kafka.partitions, key_type=bytes, value_type=bytes,
-                               on_recover=self._on_recover)
+        self.state = app.Table(
+            "rewards_state",
+            partitions=s.kafka.partitions,
+            key_type=bytes,
+            value_type=bytes,
+            on_recover=self._on_recover,
+        )
         app.agent(self.outbound, name="headwater.rewards.intake")(self._intake_agent)
         app.agent(self.deliveries, name="headwater.rewards.deliver")(self._deliver_agent)
         app.timer(self.cfg.tick.total_seconds(), name="headwater.rewards.tick")(self._on_tick)
@@ -160,8 +188,12 @@ class Dispatcher:
             try:
                 await self._intake(event.message)
             except Exception:  # an escaping exception ends the agent and acks the record anyway
-                log.exception("intake failed for %s:%s:%s", event.message.topic, event.message.partition,
-                              event.message.offset)
+                log.exception(
+                    "intake failed for %s:%s:%s",
+                    event.message.topic,
+                    event.message.partition,
+                    event.message.offset,
+                )
                 self.metrics.errors.labels("intake").inc()
 
     async def _intake(self, message: Message) -> None:
@@ -182,16 +214,31 @@ class Dispatcher:
                 raise RewardRejected(reasons.REWARD_NO_WEBHOOK, f"tenant {tenant!r} has no rewards_webhook")
         except RewardRejected as rejected:
             letter = RewardDeadLetter(
-                id=RewardDeadLetter.make_id(origin, "intake"), stage="intake", reason=rejected.reason.code,
-                message=rejected.detail, tenant=tenant, reward_id=reward_id or peek_reward_id(body), origin=origin,
+                id=RewardDeadLetter.make_id(origin, "intake"),
+                stage="intake",
+                reason=rejected.reason.code,
+                message=rejected.detail,
+                tenant=tenant,
+                reward_id=reward_id or peek_reward_id(body),
+                origin=origin,
                 body_b64=b64(body),
-                failed_at=utc_now(), redelivery_count=redelivery)
-            await self.dlq.send(key=message.key, value=letter.to_json(), headers=_header_list(message.headers))
+                failed_at=utc_now(),
+                redelivery_count=redelivery,
+            )
+            await self.dlq.send(
+                key=message.key, value=letter.to_json(), headers=_header_list(message.headers)
+            )
             self.metrics.deliveries.labels(tenant or "-", "invalid").inc()
             log.info("reward %s dead-lettered at intake: %s", origin, rejected)
             return
-        job = DeliveryJob(tenant=tenant, reward_id=reward_id, body=canonical_body(reward).decode(),
-                          origin=origin, redelivery_count=redelivery, enqueued_at=utc_now())
+        job = DeliveryJob(
+            tenant=tenant,
+            reward_id=reward_id,
+            body=canonical_body(reward).decode(),
+            origin=origin,
+            redelivery_count=redelivery,
+            enqueued_at=utc_now(),
+        )
         await self.deliveries.send(key=delivery_key(tenant, reward_id), value=job.to_json())
 
     # --- deliver: jobs and outcomes -> state table ------------------------------------------------------
@@ -201,7 +248,9 @@ class Dispatcher:
             partition, offset = event.message.partition, event.message.offset
             try:
                 message = parse_message(event.value)
-                log.debug("event %s:%s %s %s", partition, offset, message.kind, getattr(message, "reward_id", ""))
+                log.debug(
+                    "event %s:%s %s %s", partition, offset, message.kind, getattr(message, "reward_id", "")
+                )
                 if isinstance(message, DeliveryJob):
                     self._on_job(message, partition)
                 elif isinstance(message, AttemptOutcome):
@@ -219,13 +268,25 @@ class Dispatcher:
         if current is not None:  # at most one successful delivery per (tenant, rewardId)
             self.state[key] = current.model_copy(update={"duplicates": current.duplicates + 1}).to_json()
             self.metrics.deliveries.labels(job.tenant, "duplicate").inc()
-            log.info("reward %s of tenant %s is already %s; not sent again", job.reward_id, job.tenant,
-                     current.status)
+            log.info(
+                "reward %s of tenant %s is already %s; not sent again",
+                job.reward_id,
+                job.tenant,
+                current.status,
+            )
             return
         now = time.time()
-        state = DeliveryState(status="pending", tenant=job.tenant, reward_id=job.reward_id, partition=partition,
-                              origin=job.origin, body=job.body, due_at=now, first_seen_at=utc_now(),
-                              redelivery_count=job.redelivery_count)
+        state = DeliveryState(
+            status="pending",
+            tenant=job.tenant,
+            reward_id=job.reward_id,
+            partition=partition,
+            origin=job.origin,
+            body=job.body,
+            due_at=now,
+            first_seen_at=utc_now(),
+            redelivery_count=job.redelivery_count,
+        )
         self.state[key] = state.to_json()
         self.schedule.put(key, now, job.tenant, partition)
         self._dispatch(now)
@@ -240,9 +301,16 @@ class Dispatcher:
         attempts = (*state.attempts, outcome.attempt)
         now = time.time()
         if outcome.verdict == "delivered":
-            marker = state.model_copy(update={"status": "delivered", "body": None, "attempts": (),
-                                              "attempts_made": len(attempts), "due_at": None,
-                                              "finished_at": utc_now()})
+            marker = state.model_copy(
+                update={
+                    "status": "delivered",
+                    "body": None,
+                    "attempts": (),
+                    "attempts_made": len(attempts),
+                    "due_at": None,
+                    "finished_at": utc_now(),
+                }
+            )
             self.state[key] = marker.to_json()
             self.schedule.drop(key)
             self.expiry[partition].append((now + self.cfg.dedup_window.total_seconds(), key))
@@ -250,11 +318,18 @@ class Dispatcher:
             return
         if outcome.verdict == "reject":
             # no status: the tenant lost its rewards_webhook while the reward was pending
-            reason = reasons.REWARD_REJECTED if outcome.attempt.status is not None else reasons.REWARD_NO_WEBHOOK
+            reason = (
+                reasons.REWARD_REJECTED if outcome.attempt.status is not None else reasons.REWARD_NO_WEBHOOK
+            )
             await self._dead_letter(key, state, attempts, reason, outcome.attempt.error or "rejected")
             return
-        delay = retry_delay_s(len(attempts), self.delays_s, self.cfg.jitter, outcome.attempt.retry_after_s,
-                              self.cfg.max_retry_after.total_seconds())
+        delay = retry_delay_s(
+            len(attempts),
+            self.delays_s,
+            self.cfg.jitter,
+            outcome.attempt.retry_after_s,
+            self.cfg.max_retry_after.total_seconds(),
+        )
         if delay is None:
             message = f"{len(attempts)} attempts failed; last: {outcome.attempt.error}"
             await self._dead_letter(key, state, attempts, reasons.REWARD_ATTEMPTS_EXHAUSTED, message)
@@ -262,19 +337,33 @@ class Dispatcher:
         self.state[key] = state.model_copy(update={"attempts": attempts, "due_at": now + delay}).to_json()
         self.schedule.put(key, now + delay, outcome.tenant, partition)
 
-    async def _dead_letter(self, key: bytes, state: DeliveryState, attempts: tuple[Attempt, ...],
-                           reason: Reason, message: str) -> None:
+    async def _dead_letter(
+        self, key: bytes, state: DeliveryState, attempts: tuple[Attempt, ...], reason: Reason, message: str
+    ) -> None:
         letter = RewardDeadLetter(
-            id=RewardDeadLetter.make_id(state.origin, "delivery"), stage="delivery", reason=reason.code,
-            message=message, tenant=state.tenant, reward_id=state.reward_id, origin=state.origin,
-            body_b64=b64((state.body or "").encode()), attempts=attempts, failed_at=utc_now(),
-            redelivery_count=state.redelivery_count)
+            id=RewardDeadLetter.make_id(state.origin, "delivery"),
+            stage="delivery",
+            reason=reason.code,
+            message=message,
+            tenant=state.tenant,
+            reward_id=state.reward_id,
+            origin=state.origin,
+            body_b64=b64((state.body or "").encode()),
+            attempts=attempts,
+            failed_at=utc_now(),
+            redelivery_count=state.redelivery_count,
+        )
         await self.dlq.send(key=key, value=letter.to_json(), headers=[("hw-tenant", state.tenant.encode())])
         del self.state[key]
         self.schedule.drop(key)
         self.metrics.deliveries.labels(state.tenant, "dead_lettered").inc()
-        log.warning("reward %s of tenant %s dead-lettered (%s): %s", state.reward_id, state.tenant, reason.code,
-                    message)
+        log.warning(
+            "reward %s of tenant %s dead-lettered (%s): %s",
+            state.reward_id,
+            state.tenant,
+            reason.code,
+            message,
+        )
 
     def _sweep(self, partition: int, now: float) -> None:
         """Delete delivered markers older than rewards.dedup_window (Faust tables have no TTL)."""
@@ -303,7 +392,11 @@ class Dispatcher:
         hook = self.hooks.get(tenant)
         breaker = self._breaker(tenant)
         while self.schedule.has_ready(tenant):
-            if hook is not None and breaker.state == "closed" and self.schedule.in_flight[tenant] >= hook.max_concurrency:
+            if (
+                hook is not None
+                and breaker.state == "closed"
+                and self.schedule.in_flight[tenant] >= hook.max_concurrency
+            ):
                 return
             key = self.schedule.next_ready(tenant)
             if key is None:
@@ -322,25 +415,40 @@ class Dispatcher:
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
 
-    async def _attempt(self, key: bytes, state: DeliveryState, hook: RewardsWebhook | None,
-                       mode: Literal["send", "skip", "no_webhook"]) -> None:
+    async def _attempt(
+        self,
+        key: bytes,
+        state: DeliveryState,
+        hook: RewardsWebhook | None,
+        mode: Literal["send", "skip", "no_webhook"],
+    ) -> None:
         tenant, number = state.tenant, len(state.attempts) + 1
         try:
             if mode == "send" and hook is not None:
-                attempt = await self.sender.post(tenant, hook, state.reward_id, (state.body or "").encode(), number)
+                attempt = await self.sender.post(
+                    tenant, hook, state.reward_id, (state.body or "").encode(), number
+                )
                 verdict = classify(attempt.status)
                 self._breaker(tenant).record(alive=verdict != "retry", now=time.time())
                 self.metrics.latency.labels(tenant).observe(attempt.latency_ms / 1000)
             elif mode == "skip":
                 breaker = self._breaker(tenant)
-                attempt = Attempt(number=number, at=utc_now(), error=f"circuit open: {breaker.consecutive} "
-                                  "consecutive failures; the endpoint was not called")
+                attempt = Attempt(
+                    number=number,
+                    at=utc_now(),
+                    error=f"circuit open: {breaker.consecutive} "
+                    "consecutive failures; the endpoint was not called",
+                )
                 verdict = "retry"
             else:
-                attempt = Attempt(number=number, at=utc_now(), error="no rewards_webhook configured for the tenant")
+                attempt = Attempt(
+                    number=number, at=utc_now(), error="no rewards_webhook configured for the tenant"
+                )
                 verdict = "reject"
             self.metrics.attempts.labels(tenant, attempt_result(attempt)).inc()
-            outcome = AttemptOutcome(tenant=tenant, reward_id=state.reward_id, attempt=attempt, verdict=verdict)
+            outcome = AttemptOutcome(
+                tenant=tenant, reward_id=state.reward_id, attempt=attempt, verdict=verdict
+            )
             ack = await self.deliveries.send(key=key, value=outcome.to_json(), partition=state.partition)
             await ack  # the slot frees only once the outcome is durable: a crash after this re-sends nothing
         except Exception:  # Kafka unreachable: run the same attempt again later (same idempotency headers)
@@ -396,14 +504,19 @@ class Dispatcher:
         await self._rewind_uncommitted()
         for tp in actives:  # hold each partition until the agent has read past what is there now
             try:
-                ack = await self.deliveries.send(value=CatchUpMarker(written_at=utc_now()).to_json(),
-                                                 partition=tp.partition)
+                ack = await self.deliveries.send(
+                    value=CatchUpMarker(written_at=utc_now()).to_json(), partition=tp.partition
+                )
                 self.schedule.hold(tp.partition, (await ack).offset, now + HOLD_MAX_S)
             except Exception:  # no marker: the hold cannot be released early; retries wait HOLD_MAX_S
                 log.exception("could not write the catch-up marker to partition %d", tp.partition)
                 self.schedule.hold(tp.partition, 2**62, now + HOLD_MAX_S)
-        log.info("schedule rebuilt for partitions %s: %d pending, held %s", sorted(partitions),
-                 sum(self.schedule.depth(t) for t in self.hooks), self.schedule.held())
+        log.info(
+            "schedule rebuilt for partitions %s: %d pending, held %s",
+            sorted(partitions),
+            sum(self.schedule.depth(t) for t in self.hooks),
+            self.schedule.held(),
+        )
 
     async def _rewind_uncommitted(self) -> None:
         """Seek source partitions that have no committed offset yet back to their first record.

@@ -59,19 +59,35 @@ def validate_reward(doc: object) -> dict[str, Any]:
         if value is None or (isinstance(value, str) and not value.strip()):
             raise RewardRejected(reasons.REWARD_MISSING_FIELD.about(field), f"{field} is required")
         if not isinstance(value, str):
-            raise RewardRejected(reasons.REWARD_WRONG_TYPE.about(field), f"{field} must be a string, got {_kind(value)}")
+            raise RewardRejected(
+                reasons.REWARD_WRONG_TYPE.about(field), f"{field} must be a string, got {_kind(value)}"
+            )
     reward_id: str = doc["rewardId"]
     if len(reward_id) > MAX_ID_CHARS or not all("!" <= c <= "~" for c in reward_id):
-        raise RewardRejected(reasons.REWARD_INVALID_ID.about("rewardId"), "rewardId must be 1-256 printable ASCII characters")
+        raise RewardRejected(
+            reasons.REWARD_INVALID_ID.about("rewardId"), "rewardId must be 1-256 printable ASCII characters"
+        )
     for field in OPTIONAL_STRINGS:
         if doc.get(field) is not None and not isinstance(doc[field], str):
-            raise RewardRejected(reasons.REWARD_WRONG_TYPE.about(field), f"{field} must be a string, got {_kind(doc[field])}")
+            raise RewardRejected(
+                reasons.REWARD_WRONG_TYPE.about(field), f"{field} must be a string, got {_kind(doc[field])}"
+            )
     amount = doc.get("rewardAmount")
     if amount is not None and (isinstance(amount, bool) or not isinstance(amount, int | float)):
-        raise RewardRejected(reasons.REWARD_WRONG_TYPE.about("rewardAmount"), f"rewardAmount must be a number, got {_kind(amount)}")
+        raise RewardRejected(
+            reasons.REWARD_WRONG_TYPE.about("rewardAmount"),
+            f"rewardAmount must be a number, got {_kind(amount)}",
+        )
     if doc.get("details") is not None and not isinstance(doc["details"], dict):
-        raise RewardRejected(reasons.REWARD_WRONG_TYPE.about("details"), f"details must be an object, got {_kind(doc['details'])}")
-    return {k: v for k, v in doc.items() if v is not None or k not in (*OPTIONAL_STRINGS, "rewardAmount", "details")}
+        raise RewardRejected(
+            reasons.REWARD_WRONG_TYPE.about("details"),
+            f"details must be an object, got {_kind(doc['details'])}",
+        )
+    return {
+        k: v
+        for k, v in doc.items()
+        if v is not None or k not in (*OPTIONAL_STRINGS, "rewardAmount", "details")
+    }
 
 
 def peek_reward_id(body: bytes) -> str | None:
@@ -131,8 +147,12 @@ def classify(status: int | None) -> Verdict:
 
 
 def retry_delay_s(
-    attempts_made: int, delays_s: tuple[float, ...], jitter: float, retry_after_s: float | None,
-    max_retry_after_s: float, rng: random.Random | None = None,
+    attempts_made: int,
+    delays_s: tuple[float, ...],
+    jitter: float,
+    retry_after_s: float | None,
+    max_retry_after_s: float,
+    rng: random.Random | None = None,
 ) -> float | None:
     """Seconds until the next attempt, or None when the schedule is used up.
 
@@ -191,7 +211,7 @@ class DeliveryJob(_Record):
     tenant: str
     reward_id: str
     body: str
-    origin: str                       # topic:partition:offset of the rewards.outbound record
+    origin: str  # topic:partition:offset of the rewards.outbound record
     redelivery_count: int = 0
     enqueued_at: UtcDatetime
 
@@ -237,7 +257,7 @@ class DeliveryState(_Record):
     origin: str
     body: str | None = None
     attempts: tuple[Attempt, ...] = ()
-    attempts_made: int = 0            # kept when `attempts` is dropped from a delivered marker
+    attempts_made: int = 0  # kept when `attempts` is dropped from a delivered marker
     due_at: float | None = None
     first_seen_at: UtcDatetime
     finished_at: UtcDatetime | None = None

@@ -1,6 +1,6 @@
 """The dispatcher's moving parts without Faust: the HTTP sender, per-tenant breakers, the retry schedule.
 
-pipeline.rewards.dispatcher wires them into agents. Nothing here awaits anything but the webhook request itself,
+pipeline.rewards.dispatcher wires them into agents. Nothing here awaits anything but the webhook request,
 so none of it can stall a partition.
 """
 
@@ -60,7 +60,9 @@ class Sender:
             self._sessions[tenant] = session
         return session
 
-    async def post(self, tenant: str, hook: RewardsWebhook, reward_id: str, body: bytes, number: int) -> Attempt:
+    async def post(
+        self, tenant: str, hook: RewardsWebhook, reward_id: str, body: bytes, number: int
+    ) -> Attempt:
         """One attempt; never raises for network trouble: the Attempt carries the status or the error."""
         at = utc_now()
         started = time.perf_counter()
@@ -69,8 +71,11 @@ class Sender:
         retry_after: float | None = None
         try:
             async with self._session(tenant, hook).post(
-                hook.url, data=body, headers=request_headers(hook, reward_id, body, number),
-                allow_redirects=False, timeout=aiohttp.ClientTimeout(total=hook.timeout_s),
+                hook.url,
+                data=body,
+                headers=request_headers(hook, reward_id, body, number),
+                allow_redirects=False,
+                timeout=aiohttp.ClientTimeout(total=hook.timeout_s),
             ) as response:
                 status = response.status
                 snippet = await response.content.read(ERROR_SNIPPET_BYTES)
@@ -82,8 +87,9 @@ class Sender:
         except (aiohttp.ClientError, OSError) as exc:
             error = f"{type(exc).__name__}: {exc}"[:300]
         latency_ms = round((time.perf_counter() - started) * 1000, 3)
-        return Attempt(number=number, at=at, status=status, latency_ms=latency_ms, error=error,
-                       retry_after_s=retry_after)
+        return Attempt(
+            number=number, at=at, status=status, latency_ms=latency_ms, error=error, retry_after_s=retry_after
+        )
 
     async def close(self) -> None:
         for session in self._sessions.values():
@@ -92,6 +98,7 @@ class Sender:
 
 
 # --- circuit breaker ------------------------------------------------------------------------------------
+
 
 class Breaker:
     """Per-tenant circuit breaker over consecutive retriable failures.
@@ -130,8 +137,12 @@ class Breaker:
         self.consecutive += 1
         if self.state == "half_open" or self.consecutive >= self.failures:
             if self.state != "open":
-                log.warning("circuit breaker of tenant %s opens after %d consecutive failures for %.0f s",
-                            self.tenant, self.consecutive, self.open_s)
+                log.warning(
+                    "circuit breaker of tenant %s opens after %d consecutive failures for %.0f s",
+                    self.tenant,
+                    self.consecutive,
+                    self.open_s,
+                )
             self.state, self.opened_at, self.probing = "open", now, False
 
 
@@ -206,8 +217,9 @@ class Schedule:
             if held is not None:
                 if now < held[1]:
                     continue
-                log.warning("partition %d still not read up to offset %d; releasing its retries", partition,
-                            held[0])
+                log.warning(
+                    "partition %d still not read up to offset %d; releasing its retries", partition, held[0]
+                )
                 del self._hold[partition]
             while heap and heap[0][0] <= now:
                 due_at, _, key = heapq.heappop(heap)

@@ -20,16 +20,19 @@ log = logging.getLogger(__name__)
 def stage_consumer(settings: Settings, stage: str, name: str, *topics: str) -> AIOKafkaConsumer:
     """The consumer of one worker stage: group <app_id>-<stage>, manual commits, the worker's timeouts."""
     return make_consumer(
-        settings, *topics,
-        group_id=f"{settings.worker.app_id}-{stage}", client_id=f"{settings.kafka.client_id}-{name}",
+        settings,
+        *topics,
+        group_id=f"{settings.worker.app_id}-{stage}",
+        client_id=f"{settings.kafka.client_id}-{name}",
         max_poll_records=settings.worker.max_poll_records,
         session_timeout_ms=int(settings.worker.session_timeout_s * 1000),
         heartbeat_interval_ms=int(max(1.0, settings.worker.session_timeout_s / 4) * 1000),
     )
 
 
-async def process_then_commit(consumer: AIOKafkaConsumer, batch: dict[TopicPartition, list[Any]],
-                              processing: Awaitable[Any], what: str) -> None:
+async def process_then_commit(
+    consumer: AIOKafkaConsumer, batch: dict[TopicPartition, list[Any]], processing: Awaitable[Any], what: str
+) -> None:
     """Await the batch's processing (its outputs acknowledged), then commit exactly its offsets.
 
     If the outputs were not acknowledged, seek back so the batch is processed again, never skipped. A
@@ -49,9 +52,13 @@ async def process_then_commit(consumer: AIOKafkaConsumer, batch: dict[TopicParti
         log.warning("commit of a %s failed (%s); the batch will be replayed", what, exc)
 
 
-def record_lag(metrics: WorkerMetrics, consumer: AIOKafkaConsumer, batch: dict[TopicPartition, list[Any]]) -> None:
+def record_lag(
+    metrics: WorkerMetrics, consumer: AIOKafkaConsumer, batch: dict[TopicPartition, list[Any]]
+) -> None:
     """headwater_worker_consumer_lag: high watermark - position after this batch, per partition."""
     for tp, part in batch.items():
         highwater = consumer.highwater(tp)
         if highwater is not None and part:
-            metrics.consumer_lag.labels(tp.topic, str(tp.partition)).set(max(0, highwater - part[-1].offset - 1))
+            metrics.consumer_lag.labels(tp.topic, str(tp.partition)).set(
+                max(0, highwater - part[-1].offset - 1)
+            )

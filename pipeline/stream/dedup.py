@@ -1,4 +1,4 @@
-"""Deduplication on (tenant, event_id), crash-safe without Kafka transactions (architecture.md "Deduplication").
+"""Deduplication on (tenant, event_id), crash-safe without transactions (architecture.md "Deduplication").
 
 State is a table of the keyed partitions a worker owns, one entry per id: `[state, first_seen_ms,
 partition]`, written through to a compacted changelog topic (so it survives restarts and rebalances:
@@ -114,8 +114,10 @@ def _lock_exclusively(path: Path) -> IO[str]:
         handle.seek(0)
         holder = handle.read().strip() or "another process"
         handle.close()
-        raise StoreLocked(f"the dedup store {path.with_suffix('')} is in use by {holder}; "
-                          "give each worker its own worker.data_dir") from None
+        raise StoreLocked(
+            f"the dedup store {path.with_suffix('')} is in use by {holder}; "
+            "give each worker its own worker.data_dir"
+        ) from None
     handle.seek(0)
     handle.truncate()
     handle.write(f"pid {os.getpid()}")
@@ -124,7 +126,7 @@ def _lock_exclusively(path: Path) -> IO[str]:
 
 
 def open_store(url: str, data_dir: Path) -> Store:
-    """"memory://" -> a dict; "rocksdb://" -> a RocksStore under the worker's data dir."""
+    """ "memory://" -> a dict; "rocksdb://" -> a RocksStore under the worker's data dir."""
     if url.startswith("rocksdb:"):
         return RocksStore(data_dir / "dedup.rocksdb")
     if url.startswith("memory:"):
@@ -150,9 +152,15 @@ class DedupVerdicts:
 class Deduplicator:
     """Check-and-set on the dedup table. Single-threaded per keyed partition, so check-and-set is atomic."""
 
-    def __init__(self, store: Any, changelog_topic: str, window_s: float, send: Send,
-                 find_emitted: Callable[[list[bytes], int], Awaitable[set[bytes]]]) -> None:
-        self.store = store              # the table's data (Faust store: dict-like)
+    def __init__(
+        self,
+        store: Any,
+        changelog_topic: str,
+        window_s: float,
+        send: Send,
+        find_emitted: Callable[[list[bytes], int], Awaitable[set[bytes]]],
+    ) -> None:
+        self.store = store  # the table's data (Faust store: dict-like)
         self.changelog_topic = changelog_topic
         self.window_ms = int(window_s * 1000)
         self.send = send
@@ -162,7 +170,9 @@ class Deduplicator:
     def _live(self, entry: Any, now_ms: int) -> bool:
         return isinstance(entry, list) and len(entry) == 3 and now_ms - int(entry[1]) < self.window_ms
 
-    def decide(self, batch: Iterable[tuple[Candidate, int]], now_ms: int, reemit: bool = False) -> DedupVerdicts:
+    def decide(
+        self, batch: Iterable[tuple[Candidate, int]], now_ms: int, reemit: bool = False
+    ) -> DedupVerdicts:
         """Split a batch; with `reemit` (a deliberate replay) ids already seen are emitted again, once."""
         verdicts = DedupVerdicts()
         claimed: set[bytes] = set()
@@ -191,8 +201,12 @@ class Deduplicator:
             acks.append(await self.send(self.changelog_topic, key, orjson.dumps(value), partition))
         return acks
 
-    async def run(self, batch: list[tuple[Candidate, int]],
-                  emit: Callable[[list[Candidate]], Awaitable[None]], reemit: bool = False) -> tuple[int, int]:
+    async def run(
+        self,
+        batch: list[tuple[Candidate, int]],
+        emit: Callable[[list[Candidate]], Awaitable[None]],
+        reemit: bool = False,
+    ) -> tuple[int, int]:
         """Dedup one batch and emit the survivors. Returns (emitted, duplicates dropped)."""
         now_ms = int(time.time() * 1000)
         verdicts = self.decide(batch, now_ms, reemit)
@@ -206,8 +220,11 @@ class Deduplicator:
                     await asyncio.gather(*await self.mark([(candidate[0], partition)], DONE, now_ms))
                 else:
                     verdicts.emit.append((candidate, partition))
-            log.info("resolved %d ids left PENDING by a crash: %d already emitted",
-                     len(verdicts.unresolved), len(emitted_before))
+            log.info(
+                "resolved %d ids left PENDING by a crash: %d already emitted",
+                len(verdicts.unresolved),
+                len(emitted_before),
+            )
         if verdicts.emit:
             marks = [(c[0], p) for c, p in verdicts.emit]
             await asyncio.gather(*await self.mark(marks, PENDING, now_ms))

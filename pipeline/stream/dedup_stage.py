@@ -44,9 +44,12 @@ class DedupStage(mode.Service):
         self.send = send
         self.metrics = metrics
         self.changelog_topic = changelog_topic(settings)
-        self.store: Store = open_store(settings.dedup.store, settings.worker.data_dir / settings.worker.app_id)
-        self.dedup = Deduplicator(self.store, self.changelog_topic, settings.dedup.window.total_seconds(),
-                                  send, self._find_emitted)
+        self.store: Store = open_store(
+            settings.dedup.store, settings.worker.data_dir / settings.worker.app_id
+        )
+        self.dedup = Deduplicator(
+            self.store, self.changelog_topic, settings.dedup.window.total_seconds(), send, self._find_emitted
+        )
         self.lock = asyncio.Lock()  # one batch, restore or expiry at a time
         self.owned: set[int] = set()
         self.generation = 0
@@ -81,8 +84,10 @@ class DedupStage(mode.Service):
         try:
             while not self.should_stop:
                 generation = self.generation
-                batch = await consumer.getmany(timeout_ms=int(settings.worker.batch_within_s * 1000) or 1,
-                                               max_records=settings.worker.batch_max)
+                batch = await consumer.getmany(
+                    timeout_ms=int(settings.worker.batch_within_s * 1000) or 1,
+                    max_records=settings.worker.batch_max,
+                )
                 if not batch:
                     continue
                 async with self.lock:
@@ -113,8 +118,14 @@ class DedupStage(mode.Service):
             self.metrics.canonical.inc(emitted)
             self.metrics.duplicates.inc(dropped)
             if replay is not None:
-                report = orjson.dumps({"replay_id": replay.replay_id, "batches": len(group),
-                                       "canonical": emitted, "duplicates": dropped})
+                report = orjson.dumps(
+                    {
+                        "replay_id": replay.replay_id,
+                        "batches": len(group),
+                        "canonical": emitted,
+                        "duplicates": dropped,
+                    }
+                )
                 await self.send(self.settings.topics.replay_results, replay.replay_id.encode(), report, None)
 
     async def _emit(self, candidates: list[Candidate]) -> None:
@@ -148,8 +159,13 @@ class DedupStage(mode.Service):
             started = time.monotonic()
             restored = await self._restore(new) if new else 0
             self.owned = set(partitions)
-            log.info("dedup: own keyed partitions %s; restored %d entries of %s in %.1fs",
-                     sorted(partitions), restored, sorted(new), time.monotonic() - started)
+            log.info(
+                "dedup: own keyed partitions %s; restored %d entries of %s in %.1fs",
+                sorted(partitions),
+                restored,
+                sorted(new),
+                time.monotonic() - started,
+            )
 
     async def _restore(self, partitions: set[int]) -> int:
         """Read the changelog partitions from the beginning to their current end into the store."""
@@ -165,7 +181,9 @@ class DedupStage(mode.Service):
             store = self.store
             count = 0
             while remaining:
-                for tp, part in (await consumer.getmany(*remaining, timeout_ms=500, max_records=50_000)).items():
+                for tp, part in (
+                    await consumer.getmany(*remaining, timeout_ms=500, max_records=50_000)
+                ).items():
                     for record in part:
                         if record.offset >= ends[tp]:
                             break

@@ -49,8 +49,9 @@ class NormalizeTargets:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> NormalizeTargets:
-        return cls(settings.topics.keyed, settings.topics.dlq, settings.kafka.partitions,
-                   settings.dlq.redrive_limit)
+        return cls(
+            settings.topics.keyed, settings.topics.dlq, settings.kafka.partitions, settings.dlq.redrive_limit
+        )
 
 
 def keyed_partition(dedup_key: bytes, partitions: int) -> int:
@@ -60,13 +61,25 @@ def keyed_partition(dedup_key: bytes, partitions: int) -> int:
 
 def raw_record(message: ConsumerRecord[bytes, bytes]) -> RawRecord:
     """A consumed Kafka record as a RawRecord; missing headers raise pydantic.ValidationError."""
-    origin = Origin(topic=message.topic, partition=message.partition, offset=message.offset,
-                    timestamp_ms=message.timestamp)
-    return RawRecord(body=message.value or b"", headers=RawHeaders.from_kafka(message.headers or ()), origin=origin)
+    origin = Origin(
+        topic=message.topic,
+        partition=message.partition,
+        offset=message.offset,
+        timestamp_ms=message.timestamp,
+    )
+    return RawRecord(
+        body=message.value or b"", headers=RawHeaders.from_kafka(message.headers or ()), origin=origin
+    )
 
 
-async def normalize_batch(messages: Sequence[Any], adapter: AdapterModule, send: Send, targets: NormalizeTargets,
-                          metrics: WorkerMetrics | None = None, replay: ReplayTag | None = None) -> tuple[int, int]:
+async def normalize_batch(
+    messages: Sequence[Any],
+    adapter: AdapterModule,
+    send: Send,
+    targets: NormalizeTargets,
+    metrics: WorkerMetrics | None = None,
+    replay: ReplayTag | None = None,
+) -> tuple[int, int]:
     """Adapter outcomes of every message: dead letters to the DLQ, events packed per keyed partition.
 
     Returns (keyed records sent, dead letters sent) once every send is acknowledged. A replay tags its
@@ -106,13 +119,20 @@ async def normalize_batch(messages: Sequence[Any], adapter: AdapterModule, send:
 
 def foreign_record(message: Any, source: str, exc: Exception) -> DeadLetter:
     """The dead letter of a raw record without Headwater's headers (not written by our receiver)."""
-    headers = RawHeaders(tenant="unknown", source=source, received_at=_utc_from_ms(message.timestamp),
-                         request_id=f"{message.topic}:{message.partition}:{message.offset}")
+    headers = RawHeaders(
+        tenant="unknown",
+        source=source,
+        received_at=_utc_from_ms(message.timestamp),
+        request_id=f"{message.topic}:{message.partition}:{message.offset}",
+    )
     origin = Origin(topic=message.topic, partition=message.partition, offset=message.offset)
     raw = RawRecord(body=message.value or b"", headers=headers, origin=origin)
-    return dead_letter(raw, "parse", reasons.INVALID_RAW_HEADERS,
-                       f"the record lacks Headwater's raw headers ({type(exc).__name__}); "
-                       "was it written by the receiver?")
+    return dead_letter(
+        raw,
+        "parse",
+        reasons.INVALID_RAW_HEADERS,
+        f"the record lacks Headwater's raw headers ({type(exc).__name__}); was it written by the receiver?",
+    )
 
 
 def _utc_from_ms(timestamp_ms: int | None) -> datetime:

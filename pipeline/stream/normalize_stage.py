@@ -21,8 +21,9 @@ class NormalizeStage(mode.Service):
     (at-least-once); dedup and deterministic dead-letter ids absorb the copies.
     """
 
-    def __init__(self, settings: Settings, adapter: AdapterModule, send: Send, metrics: WorkerMetrics,
-                 **kwargs: Any) -> None:
+    def __init__(
+        self, settings: Settings, adapter: AdapterModule, send: Send, metrics: WorkerMetrics, **kwargs: Any
+    ) -> None:
         super().__init__(**kwargs)
         self.settings = settings
         self.adapter = adapter
@@ -40,8 +41,10 @@ class NormalizeStage(mode.Service):
         await consumer.start()
         try:
             while not self.should_stop:
-                batch = await consumer.getmany(timeout_ms=int(settings.worker.batch_within_s * 1000) or 1,
-                                               max_records=settings.worker.batch_max)
+                batch = await consumer.getmany(
+                    timeout_ms=int(settings.worker.batch_within_s * 1000) or 1,
+                    max_records=settings.worker.batch_max,
+                )
                 record_lag(self.metrics, consumer, batch)
                 records = [r for part in batch.values() for r in part]
                 if records:

@@ -49,9 +49,13 @@ def outcomes(
     """
     count = raw.headers.redrive_count
     if count > redrive_limit:
-        yield dead_letter(raw, "parse", reasons.REDRIVE_LIMIT,
-                          f"redriven {count} times, more than the limit of {redrive_limit}; parked "
-                          "(fix the cause, then `headwater dlq redrive --reset-count`)")
+        yield dead_letter(
+            raw,
+            "parse",
+            reasons.REDRIVE_LIMIT,
+            f"redriven {count} times, more than the limit of {redrive_limit}; parked "
+            "(fix the cause, then `headwater dlq redrive --reset-count`)",
+        )
         return
     try:
         records = adapter.parse(raw.body, raw.headers)
@@ -67,13 +71,26 @@ def outcomes(
         try:
             draft = adapter.normalize(record, raw.headers)
         except Reject as rejection:
-            yield dead_letter(raw, "normalize", rejection.reason, rejection.detail, _errors(rejection),
-                              element=record, index=position)
+            yield dead_letter(
+                raw,
+                "normalize",
+                rejection.reason,
+                rejection.detail,
+                _errors(rejection),
+                element=record,
+                index=position,
+            )
             continue
         except Exception as exc:  # noqa: BLE001
             log.exception("adapter %s crashed in normalize", adapter.SOURCE)
-            yield dead_letter(raw, "normalize", reasons.ADAPTER_CRASHED, f"{type(exc).__name__}: {exc}",
-                              element=record, index=position)
+            yield dead_letter(
+                raw,
+                "normalize",
+                reasons.ADAPTER_CRASHED,
+                f"{type(exc).__name__}: {exc}",
+                element=record,
+                index=position,
+            )
             continue
         yield validate(raw, canonical_fields(raw, draft), element=record, index=position)
 
@@ -88,9 +105,14 @@ def canonical_fields(raw: RawRecord, draft: Draft) -> dict[str, Any]:
     event_id = draft.vendor_event_id
     if event_id is None:
         event_id = fingerprint(
-            tenant=headers.tenant, source=headers.source, event_name=draft.event_name,
-            user_id=draft.user_id, anonymous_id=draft.anonymous_id, timestamp=draft.timestamp,
-            properties=draft.properties, extra=draft.fingerprint_extra,
+            tenant=headers.tenant,
+            source=headers.source,
+            event_name=draft.event_name,
+            user_id=draft.user_id,
+            anonymous_id=draft.anonymous_id,
+            timestamp=draft.timestamp,
+            properties=draft.properties,
+            extra=draft.fingerprint_extra,
         )
     return {
         "event_id": event_id,
@@ -109,7 +131,9 @@ def canonical_fields(raw: RawRecord, draft: Draft) -> dict[str, Any]:
     }
 
 
-def validate(raw: RawRecord, fields: dict[str, Any], element: Any = None, index: int | None = None) -> Outcome:
+def validate(
+    raw: RawRecord, fields: dict[str, Any], element: Any = None, index: int | None = None
+) -> Outcome:
     """The canonical model's verdict: the event, or a dead letter listing every error by field path."""
     try:
         return CanonicalEvent.model_validate(fields)
@@ -119,8 +143,9 @@ def validate(raw: RawRecord, fields: dict[str, Any], element: Any = None, index:
             for error in exc.errors()
         )
         summary = "; ".join(f"{e.path}: {e.message}" for e in errors)
-        return dead_letter(raw, "validate", reasons.VALIDATION_FAILED, summary, errors,
-                           element=element, index=index)
+        return dead_letter(
+            raw, "validate", reasons.VALIDATION_FAILED, summary, errors, element=element, index=index
+        )
 
 
 def dead_letter(

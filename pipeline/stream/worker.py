@@ -33,16 +33,21 @@ from pipeline.stream.normalize_stage import NormalizeStage
 class Worker:
     """The Faust app and its services, built from Settings: one NormalizeStage per adapter, one DedupStage."""
 
-    def __init__(self, settings: Settings, sources: Sequence[str] | None = None,
-                 adapters: Mapping[str, AdapterModule] | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        sources: Sequence[str] | None = None,
+        adapters: Mapping[str, AdapterModule] | None = None,
+    ) -> None:
         self.settings = settings
         self.adapters = dict(adapters or ADAPTERS)
         self.sources = list(sources or self.adapters)
         self.metrics = WorkerMetrics()
         self.app = self._app()
         for source in self.sources:
-            self.app.service(_bind(NormalizeStage, settings, self.adapters[source], self._send_with_headers,
-                                   self.metrics))
+            self.app.service(
+                _bind(NormalizeStage, settings, self.adapters[source], self._send_with_headers, self.metrics)
+            )
         self.app.service(_bind(DedupStage, settings, self._send, self.metrics))
         if settings.worker.web_port:
             self.app.service(_bind(WebService, settings, self.metrics))
@@ -66,22 +71,32 @@ class Worker:
             logging_config=None,
         )
 
-    async def _send(self, topic: str, key: bytes | None, value: bytes | None,
-                    partition: int | None) -> Awaitable[Any]:
-        """Hand a record to the producer; returns the future of its ack (awaited per batch, not per record)."""
+    async def _send(
+        self, topic: str, key: bytes | None, value: bytes | None, partition: int | None
+    ) -> Awaitable[Any]:
+        """Hand a record to the producer; returns the future of its ack (awaited per batch, not per send)."""
         return await self.app.producer.send(topic, key, value, partition, None, None)
 
-    async def _send_with_headers(self, topic: str, key: bytes | None, value: bytes, partition: int | None,
-                                 headers: KafkaHeaders | None) -> Awaitable[Any]:
-        return await self.app.producer.send(topic, key, value, partition, None, list(headers) if headers else None)
+    async def _send_with_headers(
+        self, topic: str, key: bytes | None, value: bytes, partition: int | None, headers: KafkaHeaders | None
+    ) -> Awaitable[Any]:
+        return await self.app.producer.send(
+            topic, key, value, partition, None, list(headers) if headers else None
+        )
 
     async def prepare_topics(self) -> None:
         topics = self.settings.topics
-        await ensure_topics(self.settings, [topics.raw(s) for s in self.sources] + [topics.keyed, topics.canonical,
-                                                                                       topics.dlq])
+        await ensure_topics(
+            self.settings,
+            [topics.raw(s) for s in self.sources] + [topics.keyed, topics.canonical, topics.dlq],
+        )
         await ensure_topics(self.settings, [topics.replay_results], partitions=1)
-        await ensure_topics(self.settings, [changelog_topic(self.settings)], partitions=self.settings.kafka.partitions,
-                            config={"cleanup.policy": "compact"})
+        await ensure_topics(
+            self.settings,
+            [changelog_topic(self.settings)],
+            partitions=self.settings.kafka.partitions,
+            config={"cleanup.policy": "compact"},
+        )
 
     def run(self) -> None:
         """Run the worker until SIGINT/SIGTERM."""
