@@ -2,7 +2,9 @@
 
 What is checked is what would break a `docker compose up` silently: a service command that `headwater`
 would refuse, a healthcheck or published port that is not the port the mounted config listens on, a
-config that does not load, an unpinned image, a container running as root (README "Deployment").
+config that does not load, an unpinned image, a container running as root (README "Deployment"), a
+port published beyond this host that should not be, a secret written into the repository instead of
+taken from the environment (README "Dashboards").
 """
 
 from __future__ import annotations
@@ -80,6 +82,29 @@ def published_container_ports(service: dict[str, Any]) -> set[int]:
     return {int(str(p).split(":")[-1].split("/")[0]) for p in service.get("ports", [])}
 
 
+def published_ports(service: dict[str, Any]) -> list[tuple[str | None, str, int]]:
+    """(host IP or None for every interface, host port, container port) of each published port.
+
+    Short syntax `[HOST_IP:]HOST:CONTAINER[/PROTO]` and long syntax (`host_ip`, `published`, `target`).
+    """
+    out: list[tuple[str | None, str, int]] = []
+    for port in service.get("ports", []):
+        if isinstance(port, dict):
+            out.append((port.get("host_ip"), str(port.get("published", "")), int(port["target"])))
+            continue
+        parts = str(port).split("/")[0].split(":")
+        host_ip = parts[0] if len(parts) == 3 else None
+        host_port = parts[-2] if len(parts) >= 2 else ""
+        out.append((host_ip, host_port, int(parts[-1])))
+    return out
+
+
+def required_from_environment(value: Any, variable: str) -> bool:
+    """`${VARIABLE:?message}` or `${VARIABLE?message}`: compose takes it from the environment and refuses to
+    start when it is unset, so there is no default to leak."""
+    return re.fullmatch(r"\$\{" + re.escape(variable) + r":?\?[^}]*\}", str(value)) is not None
+
+
 def config_mount(service: dict[str, Any]) -> tuple[Path, str]:
     """(host file, container path) of the mounted TOML config."""
     for volume in service.get("volumes", []):
@@ -152,12 +177,14 @@ class TestCommands:
             resolve(args)
 
     def test_the_stack_is_kafka_one_receiver_two_workers_the_dispatcher_and_a_console(self) -> None:
-        """By default: one receiver, two workers in one consumer group, one dispatcher, Kafka, a console."""
+        """By default: one receiver, two workers in one consumer group, one dispatcher, Kafka, a console,
+        Prometheus and Grafana."""
         running = [resolve(headwater_args(s)) for s in LONG_RUNNING.values()
                    if s.get("image") == HEADWATER_IMAGE]
         assert sorted(running) == [("receiver",), ("rewards", "run"), ("worker",), ("worker",)]
         images = [s["image"].split(":")[0] for s in LONG_RUNNING.values()]
         assert "apache/kafka" in images and "docker.redpanda.com/redpandadata/console" in images
+        assert "prom/prometheus" in images and "grafana/grafana" in images
 
 
 class TestConfig:
@@ -254,6 +281,11 @@ class TestImages:
         assert SERVICES["kafka"]["image"] == f"apache/kafka:{version.group(1)}"
         assert SERVICES["kafka"]["environment"]["KAFKA_PROCESS_ROLES"] == "broker,controller"  # KRaft
 
+    def test_prometheus_and_grafana_are_pinned_to_a_release(self) -> None:
+        """Prometheus is a v3 release and Grafana a 12.x release, each pinned to its patch version."""
+        assert re.fullmatch(r"prom/prometheus:v3\.\d+\.\d+", SERVICES["prometheus"]["image"])
+        assert re.fullmatch(r"grafana/grafana:12\.\d+\.\d+", SERVICES["grafana"]["image"])
+
     def test_headwater_services_share_one_image_built_from_this_repository(self) -> None:
         """Receiver, workers, dispatcher and CLI are one image, tagged with the package version."""
         assert set(HEADWATER) == set(EXPECTED_COMMANDS)
@@ -290,3 +322,52 @@ class TestImages:
         assert {".venv", ".git"} <= set(patterns)
         for source in copy_sources():
             assert not any(fnmatch.fnmatch(source, p) for p in patterns), source
+
+
+class TestExposure:
+    def test_every_published_port_but_the_receivers_is_bound_to_loopback(self) -> None:
+        """Kafka's host listener, the console, Prometheus and Grafana are published on 127.0.0.1 only; the
+        receiver, which authenticates every request, is the one service on every interface."""
+        published = {name: published_ports(s) for name, s in SERVICES.items() if s.get("ports")}
+        assert {"kafka", "console", "prometheus", "grafana", "receiver"} <= set(published)
+        for name, ports in published.items():
+            for host_ip, _, _ in ports:
+                if name == "receiver":
+                    assert host_ip in (None, "0.0.0.0"), ports
+                else:
+                    assert host_ip == "127.0.0.1", (name, ports)
+
+    def test_kafka_and_the_console_keep_their_host_ports_on_loopback(self) -> None:
+        """Host clients still bootstrap at localhost:29092 and open the console at localhost:8081."""
+        assert published_ports(SERVICES["kafka"]) == [("127.0.0.1", "29092", 29092)]
+        assert published_ports(SERVICES["console"]) == [("127.0.0.1", "8081", 8080)]
+
+    @pytest.mark.parametrize("name", ["worker-1", "worker-2", "rewards"])
+    def test_worker_and_dispatcher_web_ports_stay_on_the_compose_network(self, name: str) -> None:
+        """Workers (/metrics, DLQ page) and the dispatcher (/metrics) publish no port at all."""
+        assert "ports" not in SERVICES[name]
+
+    @pytest.mark.parametrize("name", ["worker-1", "worker-2"])
+    def test_a_worker_takes_the_dlq_page_token_from_the_environment(self, name: str) -> None:
+        """HEADWATER_DLQ_PAGE_TOKEN is passed through from the host, required, with no default."""
+        environment = SERVICES[name]["environment"]
+        assert required_from_environment(environment["HEADWATER_DLQ_PAGE_TOKEN"], "HEADWATER_DLQ_PAGE_TOKEN")
+
+    def test_no_dlq_page_token_is_written_into_the_repository(self) -> None:
+        """The mounted config sets no dlq.page_token: the token lives only in the host's environment."""
+        host_file, _ = config_mount(HEADWATER["worker-1"])
+        assert "page_token" not in tomllib.loads(host_file.read_text()).get("dlq", {})
+
+    def test_the_env_check_rejects_a_default_or_a_literal(self) -> None:
+        """The environment check above is not vacuous: a default value or a literal token fails it."""
+        variable = "HEADWATER_DLQ_PAGE_TOKEN"
+        assert not required_from_environment("${HEADWATER_DLQ_PAGE_TOKEN:-changeme}", variable)
+        assert not required_from_environment("s3cret", variable)
+        assert required_from_environment("${HEADWATER_DLQ_PAGE_TOKEN?set it}", variable)
+
+    def test_grafana_needs_a_login_with_a_password_from_the_environment(self) -> None:
+        """Grafana: anonymous access and sign-up off, the admin password required from the environment."""
+        environment = SERVICES["grafana"]["environment"]
+        assert environment["GF_AUTH_ANONYMOUS_ENABLED"] == "false"
+        assert environment["GF_USERS_ALLOW_SIGN_UP"] == "false"
+        assert required_from_environment(environment["GF_SECURITY_ADMIN_PASSWORD"], "GRAFANA_ADMIN_PASSWORD")
