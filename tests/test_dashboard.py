@@ -31,7 +31,7 @@ from rewards_rig import Customer, start_customer
 from test_compose import HEADWATER, SERVICES, headwater_args, published_ports, resolve, settings_of
 
 from pipeline.config import Settings
-from pipeline.localkafka import free_port
+from pipeline.kafka.local import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMETHEUS_FILE = ROOT / "deploy" / "prometheus.yml"
