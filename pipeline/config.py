@@ -256,7 +256,9 @@ def _validate(doc: Mapping[str, Any], origin: str) -> Settings:
     try:
         return Settings.model_validate(doc)
     except ValidationError as exc:
-        first = exc.errors()[0]
+        errors = exc.errors()
+        # An unknown key is usually the misspelling of a missing one: name it first.
+        first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
         where = _dotted(first["loc"])
         if first["type"] == "extra_forbidden":
             raise ConfigError(f"unknown key {where} in {origin}") from None

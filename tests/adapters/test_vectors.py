@@ -1,6 +1,7 @@
-"""Every vector under vectors/<source>/ through its adapter: body (+ meta) -> drafts and dead letters.
+"""Every vector under vectors/<source>/ through its adapter and through the real driver.
 
-One runner for all sources (sources.md §4). A vector holds `body` (a JSON value), `raw_body` (text
+One runner for all sources (sources.md §4): the adapter alone gives drafts and rejections; the driver
+(`pipeline.stream.normalizing.outcomes`) adds validation, fingerprinting and the dead letters themselves. A vector holds `body` (a JSON value), `raw_body` (text
 sent as is, for invalid JSON) or `raw_body_b64` (bytes), optional `meta` overrides, and the
 `expected` outcomes in order: the draft fields it lists, or {"reason", "index"[, "path"]}.
 """
@@ -19,7 +20,8 @@ import pytest
 from adapters import ADAPTERS
 from pipeline.adapting import AdapterModule, Draft, Reject
 from pipeline.reasons import UNKNOWN, lookup
-from pipeline.records import RawHeaders, format_utc
+from pipeline.records import CanonicalEvent, DeadLetter, Origin, RawHeaders, RawRecord, format_utc
+from pipeline.stream.normalizing import outcomes as driver_outcomes
 
 VECTORS = Path(__file__).parent / "vectors"
 CASES = sorted(VECTORS.glob("*/*.json"))
@@ -114,3 +116,48 @@ def test_vectors_state_their_rule() -> None:
         vector = load(path)
         assert vector["rule"] and vector["spec"].startswith("§"), path
         assert sum(key in vector for key in ("body", "raw_body", "raw_body_b64")) == 1, path
+
+
+def driver_view(outcome: CanonicalEvent | DeadLetter) -> dict[str, Any]:
+    """What the real driver (pipeline.stream.normalizing.outcomes) made of an item, in a vector's terms."""
+    if isinstance(outcome, DeadLetter):
+        path = outcome.errors[0].path if outcome.errors else None
+        return {"reason": outcome.reason, "index": outcome.index, "path": path}
+    context = dict(outcome.context)
+    timestamp: str | None = format_utc(outcome.timestamp)
+    if context.pop("timestamp_source", None) == "received_at":
+        assert outcome.timestamp == outcome.received_at
+        timestamp = None
+    return {
+        "event_name": outcome.event_name,
+        "user_id": outcome.user_id,
+        "anonymous_id": outcome.anonymous_id,
+        "vendor_event_id": None if outcome.event_id_derived else outcome.event_id,
+        "timestamp": timestamp,
+        "properties": outcome.properties,
+        "user_traits": outcome.user_traits,
+        "context": context,
+    }
+
+
+@pytest.mark.parametrize("path", CASES, ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_vector_through_the_driver(path: Path) -> None:
+    """The driver turns a vector's body into its expected outcomes: validated canonical events (with ids
+    fingerprinted where the vendor sent none) and dead letters that keep the exact body (style.md §2.3)."""
+    vector = load(path)
+    source = path.parent.name
+    body = body_bytes(vector)
+    origin = Origin(topic=f"raw.{source}", partition=0, offset=7)
+    raw = RawRecord(body=body, headers=meta(source, **vector.get("meta", {})), origin=origin)
+    made = list(driver_outcomes(raw, ADAPTERS[source]))
+    actual = [driver_view(outcome) for outcome in made]
+    expected = [{k: v for k, v in want.items() if k != "fingerprint_extra"} for want in vector["expected"]]
+    assert [{key: got.get(key, "<absent>") for key in want} for want, got in zip(expected, actual, strict=False)] == (
+        expected
+    )
+    assert len(actual) == len(expected), actual
+    for outcome in made:
+        if isinstance(outcome, DeadLetter):
+            assert outcome.body == body and outcome.origin == origin
+        else:
+            assert outcome.event_id and outcome.tenant == "demo" and outcome.source == source
