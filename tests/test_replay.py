@@ -85,8 +85,9 @@ def test_after_an_adapter_fix_a_time_range_replay_emits_what_was_dead_lettered(
     """The weekly story: records rejected by an adapter are replayed from a time on with the fixed
     adapter; they become canonical events, records before --from are not read, nothing is emitted twice."""
     produce_raw(settings, "customerglu", [event(i) for i in range(10)])
-    time.sleep(1.1)
-    since = datetime.now(UTC)
+    last_ms = max(r.timestamp for r in read_records(settings, settings.topics.raw("customerglu")))
+    since = datetime.fromtimestamp((last_ms + 1) / 1000, UTC)  # --from: just after the first ten
+    wait_for(lambda: time.time() * 1000 > last_ms + 1, interval=0.001)  # later records are stamped after it
     # Events without a user are rejected today (missing_user_identity)...
     anonymous = [orjson.dumps({"event_id": f"anon_{i}", "event_name": "visit", "device_id": f"d{i}",
                                "timestamp": 1709294400}) for i in range(5)]
