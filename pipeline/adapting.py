@@ -10,13 +10,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Literal, NoReturn, Protocol
+from typing import Literal, NoReturn, Protocol
 
 from pipeline.reasons import Reason
+from pipeline.records import JSONObject as JSONObject  # re-exported: the adapter contract's JSON types
+from pipeline.records import JSONValue as JSONValue
 from pipeline.records import RawHeaders
 
-# Vendor JSON, as orjson decodes it. Narrowed only in pipeline.reading.
-JSONValue = Any
+# Vendor JSON (pipeline.records.JSONValue), narrowed only in pipeline.reading.
 VendorRecord = JSONValue
 RawMeta = RawHeaders
 
@@ -53,10 +54,10 @@ class Draft:
     anonymous_id: str | None
     vendor_event_id: str | None
     timestamp: datetime | None
-    properties: dict[str, Any] = field(default_factory=dict)
-    user_traits: dict[str, Any] = field(default_factory=dict)
-    context: dict[str, Any] = field(default_factory=dict)
-    fingerprint_extra: Mapping[str, Any] | None = None
+    properties: JSONObject = field(default_factory=dict)
+    user_traits: JSONObject = field(default_factory=dict)
+    context: JSONObject = field(default_factory=dict)
+    fingerprint_extra: Mapping[str, JSONValue] | None = None
 
 
 # How the receiver authenticates a source's requests (sources.md §1.1); pipeline.ingest.auth implements each.

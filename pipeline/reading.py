@@ -17,13 +17,16 @@ from typing import Final
 import orjson
 
 from pipeline import reasons
-from pipeline.adapting import JSONValue, reject
-
-JSONObject = dict[str, JSONValue]
+from pipeline.adapting import JSONObject, JSONValue, reject
 
 MAX_EVENT_ID_CHARS: Final = 256
 
-_MISSING: Final = object()
+
+class _Missing:
+    """A path step that is absent (distinct from an explicit JSON null)."""
+
+
+_MISSING: Final = _Missing()
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 # §3.4 rule 1: the unit is chosen by the magnitude of |n|, in this order.
 _EPOCH_UNITS: Final = ((Decimal("1e11"), 10**6), (Decimal("1e14"), 10**3), (Decimal("1e17"), 1))
@@ -40,9 +43,10 @@ _ISO = re.compile(
 def json_body(body: bytes) -> JSONValue:
     """Decode a request body; anything orjson refuses (bad JSON, bad UTF-8, a BOM) is invalid_json."""
     try:
-        return orjson.loads(body)
+        doc: JSONValue = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         reject(reasons.INVALID_JSON, f"body is not valid JSON: {exc}")
+    return doc
 
 
 def kind(value: JSONValue) -> str:
@@ -77,7 +81,7 @@ def get(record: Mapping[str, JSONValue], field: str) -> JSONValue:
     A step that is present but not an object is wrong_type:<that step>, rather than silently absent.
     """
     value = _get(record, field)
-    return None if value is _MISSING else value
+    return None if isinstance(value, _Missing) else value
 
 
 def identifier(record: Mapping[str, JSONValue], field: str) -> str | None:
@@ -212,13 +216,14 @@ def _folded_key(record: Mapping[str, JSONValue], key: str) -> str | None:
     return next((k for k in record if k.casefold() == wanted), None)
 
 
-def _get(record: Mapping[str, JSONValue], field: str) -> JSONValue:
-    node: JSONValue = record
-    walked: list[str] = []
-    for step in field.split("."):
-        if node is None or node is _MISSING:
+def _get(record: Mapping[str, JSONValue], field: str) -> JSONValue | _Missing:
+    first, *rest = field.split(".")
+    node: JSONValue | _Missing = record.get(first, _MISSING)
+    walked = [first]
+    for step in rest:
+        if node is None or isinstance(node, _Missing):
             return _MISSING
-        if not isinstance(node, Mapping):
+        if not isinstance(node, dict):
             parent = ".".join(walked)
             reject(
                 reasons.WRONG_TYPE.about(parent), f"{parent} must be an object, got {kind(node)}", path=parent
