@@ -181,7 +181,13 @@ def up(ctx: Context, workers: int, port: int | None, no_workers: bool, no_reward
     if not no_workers:
         # One /metrics port per worker process: worker.web_port, +1, +2, ...
         web = settings.worker.web_port
-        commands += [base + ["worker", "--web-port", str(web + i if web else 0)] for i in range(workers)]
+        # ...and one data dir each: a RocksDB dedup store has one owner (pipeline.stream.dedup.StoreLocked).
+        data = settings.worker.data_dir
+        commands += [
+            base
+            + ["worker", "--web-port", str(web + i if web else 0), "--data-dir", str(data / f"worker-{i}")]
+            for i in range(workers)
+        ]
     if not no_rewards:
         commands.append(base + ["rewards", "run"])
     children = [subprocess.Popen(command) for command in commands]
@@ -233,12 +239,13 @@ def up(ctx: Context, workers: int, port: int | None, no_workers: bool, no_reward
     help="Only these sources (repeatable; default all). Workers of one group must share the set.",
 )
 @click.option("--web-port", type=int, help="Port of /metrics (default worker.web_port; 0 = off).")
+@click.option("--data-dir", help="Local state (the dedup store) of this worker (default worker.data_dir).")
 @click.pass_obj
-def worker(ctx: Context, sources: tuple[str, ...], web_port: int | None) -> None:
+def worker(ctx: Context, sources: tuple[str, ...], web_port: int | None, data_dir: str | None) -> None:
     """Run the pipeline workers (normalize + dedup) until Ctrl-C."""
     from pipeline.stream.worker import Worker  # imports faust: only for the commands that run it
 
-    settings = ctx.settings(**{"worker.web_port": web_port})
+    settings = ctx.settings(**{"worker.web_port": web_port, "worker.data_dir": data_dir})
     Worker(settings, sources or SOURCES).run()
 
 

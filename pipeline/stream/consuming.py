@@ -3,18 +3,36 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Iterator
 from typing import Any
 
+import mode
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.errors import CommitFailedError, KafkaError
+from aiokafka.errors import CommitFailedError, ConsumerStoppedError, KafkaError
 
 from pipeline.config import Settings
 from pipeline.kafka.clients import make_consumer
 from pipeline.stream.metrics import WorkerMetrics
 
 log = logging.getLogger(__name__)
+
+
+async def stop_consumer(consumer: AIOKafkaConsumer) -> None:
+    """Leave the group and close the consumer; a stage calls it from on_stop, before its loop is cancelled,
+    so the consumer is closed cleanly and a rebalance cannot reach state that is being shut down."""
+    await consumer.stop()
+
+
+@contextlib.contextmanager
+def stopped_quietly(service: mode.Service) -> Iterator[None]:
+    """A stage loop ends without an error when its consumer was stopped because the service is stopping."""
+    try:
+        yield
+    except ConsumerStoppedError:
+        if not service.should_stop:
+            raise
 
 
 def stage_consumer(settings: Settings, stage: str, name: str, *topics: str) -> AIOKafkaConsumer:

@@ -15,12 +15,18 @@ from typing import Any
 
 import mode
 import orjson
-from aiokafka import ConsumerRebalanceListener, TopicPartition
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 
 from pipeline.config import Settings
 from pipeline.kafka.clients import make_consumer, offsets_at, read_topic
 from pipeline.records import KeyedBatch, ReplayTag
-from pipeline.stream.consuming import process_then_commit, record_lag, stage_consumer
+from pipeline.stream.consuming import (
+    process_then_commit,
+    record_lag,
+    stage_consumer,
+    stop_consumer,
+    stopped_quietly,
+)
 from pipeline.stream.dedup import Candidate, Deduplicator, Send, Store, entry_partition, open_store
 from pipeline.stream.metrics import WorkerMetrics
 
@@ -55,10 +61,18 @@ class DedupStage(mode.Service):
         self.generation = 0
 
     async def on_start(self) -> None:
-        self.add_future(self._consume())
+        self.consumer = stage_consumer(self.settings, "dedup", "dedup")
+        self.consumer.subscribe([self.settings.topics.keyed], listener=_Rebalance(self))
+        await self.consumer.start()
+        self.add_future(self._consume(self.consumer))
         self.add_future(self._expire_periodically())
 
     async def on_stop(self) -> None:
+        """Leave the group before the store closes, so no rebalance reaches a closed store."""
+        await stop_consumer(self.consumer)
+
+    async def on_shutdown(self) -> None:
+        """Close the store once the stage's loops have ended (on_stop runs before they are cancelled)."""
         close = getattr(self.store, "close", None)
         if close is not None:
             close()
@@ -68,6 +82,8 @@ class DedupStage(mode.Service):
         every_s = self.settings.dedup.expire_every.total_seconds()
         while not self.should_stop:
             await self.sleep(every_s)
+            if self.should_stop:
+                return
             try:
                 async with self.lock:
                     removed = await self.dedup.expire()
@@ -76,12 +92,9 @@ class DedupStage(mode.Service):
             except Exception:  # noqa: BLE001 - expiry is housekeeping; try again next tick
                 log.exception("dedup expiry failed")
 
-    async def _consume(self) -> None:
+    async def _consume(self, consumer: AIOKafkaConsumer) -> None:
         settings = self.settings
-        consumer = stage_consumer(settings, "dedup", "dedup")
-        consumer.subscribe([settings.topics.keyed], listener=_Rebalance(self))
-        await consumer.start()
-        try:
+        with stopped_quietly(self):
             while not self.should_stop:
                 generation = self.generation
                 batch = await consumer.getmany(
@@ -102,8 +115,6 @@ class DedupStage(mode.Service):
                     record_lag(self.metrics, consumer, batch)
                     records = [r for part in batch.values() for r in part]
                     await process_then_commit(consumer, batch, self.dedup_batch(records), "dedup batch")
-        finally:
-            await consumer.stop()
 
     async def dedup_batch(self, records: Sequence[Any]) -> None:
         """Dedup per keyed partition; a replay's batches run alone so their outcome can be reported."""

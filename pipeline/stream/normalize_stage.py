@@ -5,10 +5,17 @@ from __future__ import annotations
 from typing import Any
 
 import mode
+from aiokafka import AIOKafkaConsumer
 
 from pipeline.adapting import AdapterModule
 from pipeline.config import Settings
-from pipeline.stream.consuming import process_then_commit, record_lag, stage_consumer
+from pipeline.stream.consuming import (
+    process_then_commit,
+    record_lag,
+    stage_consumer,
+    stop_consumer,
+    stopped_quietly,
+)
 from pipeline.stream.metrics import WorkerMetrics
 from pipeline.stream.normalize import NormalizeTargets, Send, normalize_batch
 
@@ -32,14 +39,19 @@ class NormalizeStage(mode.Service):
         self.targets = NormalizeTargets.from_settings(settings)
 
     async def on_start(self) -> None:
-        self.add_future(self._consume())
-
-    async def _consume(self) -> None:
         settings = self.settings
         source = self.adapter.SOURCE
-        consumer = stage_consumer(settings, "normalize", source, settings.topics.raw(source))
-        await consumer.start()
-        try:
+        self.consumer = stage_consumer(settings, "normalize", source, settings.topics.raw(source))
+        await self.consumer.start()
+        self.add_future(self._consume(self.consumer))
+
+    async def on_stop(self) -> None:
+        await stop_consumer(self.consumer)
+
+    async def _consume(self, consumer: AIOKafkaConsumer) -> None:
+        settings = self.settings
+        source = self.adapter.SOURCE
+        with stopped_quietly(self):
             while not self.should_stop:
                 batch = await consumer.getmany(
                     timeout_ms=int(settings.worker.batch_within_s * 1000) or 1,
@@ -50,5 +62,3 @@ class NormalizeStage(mode.Service):
                 if records:
                     processing = normalize_batch(records, self.adapter, self.send, self.targets, self.metrics)
                     await process_then_commit(consumer, batch, processing, f"{source} batch")
-        finally:
-            await consumer.stop()
