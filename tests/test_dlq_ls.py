@@ -20,7 +20,10 @@ WIDE_HEADERS = ["id", "failed at (UTC)", "source", "tenant", "stage", "reason", 
 def ls_at(config: Path, width: int, *args: str) -> Result:
     """`headwater dlq ls` in-process, rendered for a terminal `width` columns wide."""
     return CliRunner().invoke(
-        main, ["--config", str(config), "dlq", "ls", *args], catch_exceptions=False, env={"COLUMNS": str(width)}
+        main,
+        ["--config", str(config), "dlq", "ls", *args],
+        catch_exceptions=False,
+        env={"COLUMNS": str(width)},
     )
 
 
@@ -35,7 +38,9 @@ def wide_letters(settings: Settings) -> list[DeadLetter]:
     return [made[0].model_copy(update={"message": long_message}), *made[1:]]
 
 
-def test_ls_at_80_columns_shows_whole_headers_and_ids_and_cuts_the_message(settings: Settings, tmp_path: Path) -> None:
+def test_ls_at_80_columns_shows_whole_headers_and_ids_and_cuts_the_message(
+    settings: Settings, tmp_path: Path
+) -> None:
     """At 80 columns ls shows id, age, source, reason, and the message on its own line: no header cut,
     every id whole (so it can be pasted into `dlq show`), no line wider than 80, a long message cut with an
     ellipsis; with room enough the message is a column of the row."""
