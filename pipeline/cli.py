@@ -276,7 +276,7 @@ def worker(ctx: Context, sources: tuple[str, ...], web_port: int | None) -> None
     from pipeline.stream.worker import Worker  # imports faust: only for the commands that run it
 
     settings = ctx.settings(**{"worker.web_port": web_port})
-    ctx.announce_config(f"worker ({', '.join(sources or SOURCES)})")
+    ctx.announce_config(f"worker ({', '.join(sources)})" if sources else "worker")
     Worker(settings, sources or SOURCES).run()
 
 
