@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import orjson
 from click.testing import CliRunner, Result
 from test_dlq import config_file, letter, put
 
@@ -87,3 +88,12 @@ def test_age_uses_the_largest_unit_that_fits() -> None:
         "9d",
     ]
     assert age(now + timedelta(seconds=5), now) == "0s"
+
+
+def test_ids_only_prints_one_id_a_line_newest_first(settings: Settings, tmp_path: Path) -> None:
+    """`ls -q` prints only the ids, in the order `ls --json` lists them (for `dlq show $(dlq ls -q ...)`)."""
+    put(settings, wide_letters(settings))
+    config = config_file(settings, tmp_path)
+    as_json = [orjson.loads(line)["id"] for line in ls_at(config, 80, "--json").stdout.splitlines()]
+    assert ls_at(config, 80, "-q").stdout.splitlines() == as_json
+    assert ls_at(config, 80, "--ids-only", "--limit", "1").stdout.splitlines() == as_json[:1]

@@ -105,18 +105,19 @@ def _when(moment: datetime) -> str:
     "--wide", is_flag=True, help="Every column: time, tenant, stage, item, redrives, whole message."
 )
 @click.option("--json", "as_json", is_flag=True, help="One dead letter per line, as stored (for scripts).")
+@click.option("-q", "--ids-only", is_flag=True, help="Only the ids, one per line (for $(...) in a shell).")
 @click.pass_obj
-def ls(obj: _CliContext, /, limit: int, wide: bool, as_json: bool, **options: Any) -> None:
+def ls(obj: _CliContext, /, limit: int, wide: bool, as_json: bool, ids_only: bool, **options: Any) -> None:
     """List dead letters, newest first: id, age, source, reason and the message cut to fit (--wide: all)."""
     filters = make_filters(**options, limit=limit)
     snapshot = _snapshot(obj.settings(), filters)
     letters = filters.apply(snapshot)
     if not letters:
-        click.echo(NOTHING, err=as_json)
+        click.echo(NOTHING, err=as_json or ids_only)
         return
-    if as_json:
+    if as_json or ids_only:
         for letter in letters:
-            click.echo(snapshot.stored[letter.id].decode())
+            click.echo(letter.id if ids_only else snapshot.stored[letter.id].decode())
         return
     console = _console()
     if wide:
