@@ -58,6 +58,21 @@ class RoutineRetriesToDebug(logging.Filter):
         return True
 
 
+class StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever sys.stderr is when a record comes (click's test runner swaps it per command)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+
+    @property
+    def stream(self) -> IO[str]:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: IO[str]) -> None:
+        pass  # always sys.stderr
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: time (UTC, ISO-8601), level, logger, message, and the traceback if any."""
 
@@ -80,7 +95,7 @@ class JsonFormatter(logging.Formatter):
 def configure(level: Level = "info", fmt: Format = "text", stream: IO[str] | None = None) -> None:
     """Install (or replace) Headwater's one stderr handler; safe to call again once settings are known."""
     number = logging.getLevelNamesMapping()[level.upper()]
-    handler = logging.StreamHandler(stream or sys.stderr)
+    handler = logging.StreamHandler(stream) if stream else StderrHandler()
     handler.set_name(_HANDLER_NAME)
     handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
     handler.addFilter(RoutineRetriesToDebug(show_debug=number <= logging.DEBUG))
