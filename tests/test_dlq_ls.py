@@ -11,7 +11,7 @@ from test_dlq import config_file, letter, put
 
 from pipeline.cli import main
 from pipeline.config import Settings
-from pipeline.ops.dlq_cli import age
+from pipeline.ops.dlq_listing import age
 from pipeline.records import DeadLetter
 
 NARROW_HEADERS = ["id", "age", "source", "reason", "message"]
