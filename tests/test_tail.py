@@ -20,6 +20,7 @@ from realkafka import produce_raw, toml_text, wait_for
 from pipeline.cli import main
 from pipeline.config import Settings
 from pipeline.kafka.clients import ensure_topics, make_producer
+from pipeline.kafka.local import free_port
 from pipeline.ops.tail import json_value, resolve_topic
 
 
@@ -204,3 +205,15 @@ def test_shipped_topic_names_map_to_the_configured_ones(settings: Settings) -> N
     assert resolve_topic(settings, "raw.segment") == topics.raw("segment")
     assert resolve_topic(settings, "raw.nothing") == "raw.nothing"
     assert resolve_topic(settings, "orders") == "orders"
+
+
+def test_an_unreachable_broker_is_one_error_line_and_exit_1(make_settings: Any, tmp_path: Path) -> None:
+    """With no broker at the bootstrap address, tail prints one error line, exits 1, and leaves no
+    consumer unclosed."""
+    settings = make_settings(kafka={"bootstrap_servers": f"127.0.0.1:{free_port()}"})
+    result = CliRunner().invoke(
+        main, ["--config", str(config_file(settings, tmp_path)), "tail", "events.dlq"]
+    )
+    assert result.exit_code == 1
+    assert f"error: reading {settings.topics.dlq}: " in result.output
+    assert "Traceback" not in result.output and "Unclosed" not in result.output

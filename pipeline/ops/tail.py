@@ -191,8 +191,8 @@ async def tail(settings: Settings, options: TailOptions, write: Write, stop: asy
     topic = resolve_topic(settings, options.topic)
     consumer = make_consumer(settings, isolation_level="read_committed", auto_offset_reset="latest")
     async with broker_errors(f"reading {topic}"):
-        await consumer.start()
         try:
+            await consumer.start()  # inside the try: a failed start must still close the consumer
             tps = await _partitions(consumer, topic, settings.kafka.bootstrap_servers)
             consumer.assign(tps)
             if options.from_beginning:
