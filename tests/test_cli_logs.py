@@ -234,3 +234,16 @@ def test_up_without_local_kafka_starts_quietly(make_settings: Any, tmp_path: Pat
     assert up.stop(signal.SIGINT) == 0
     assert "up: config " in up.output() and "Ctrl-C stops everything" in up.output()
     assert_quiet(up.output(), most_lines=12)
+
+
+def test_every_routine_retry_template_is_one_aiokafka_really_logs() -> None:
+    """The messages moved to DEBUG are aiokafka's own templates, word for word, so an upgrade that rewords
+    them shows up here instead of as ERROR lines on a normal start."""
+    import inspect
+
+    from aiokafka.consumer import group_coordinator
+
+    source = inspect.getsource(group_coordinator)
+    for logger, template in logs.ROUTINE_RETRIES:
+        assert logger == group_coordinator.__name__
+        assert f'"{template}"' in source, template
