@@ -17,7 +17,8 @@ from typing import Any, TypeVar
 
 import click
 
-from pipeline.config import Settings, load_settings
+from pipeline import logs
+from pipeline.config import EXAMPLE_CONFIG, Settings, load_settings
 from pipeline.errors import HeadwaterError
 from pipeline.kafka.local import LocalKafka
 from pipeline.ops.dlq_cli import dlq_command
@@ -27,15 +28,34 @@ from pipeline.sources import SOURCES
 
 T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Any])
+log = logging.getLogger("pipeline.cli")
 
 
 class Context:
-    def __init__(self, config: str | None, debug: bool) -> None:
+    def __init__(
+        self, config: str | None, debug: bool, log_level: logs.Level | None, log_format: logs.Format | None
+    ) -> None:
         self.config = config
         self.debug = debug
+        self.log_level: logs.Level | None = "debug" if debug else log_level
+        self.log_format = log_format
 
     def settings(self, **overrides: Any) -> Settings:
-        return load_settings(self.config, overrides=overrides)
+        """Load the settings, then log as they say unless a flag said otherwise."""
+        settings = load_settings(self.config, overrides=overrides)
+        logs.configure(self.log_level or settings.logging.level, self.log_format or settings.logging.format)
+        return settings
+
+    def global_options(self) -> list[str]:
+        """The global options this process got, for the `headwater` processes it starts."""
+        options = ["--config", self.config] if self.config else []
+        options += ["--debug"] if self.debug else []
+        options += ["--log-level", self.log_level] if self.log_level and not self.debug else []
+        return options + (["--log-format", self.log_format] if self.log_format else [])
+
+    def announce_config(self, command: str) -> None:
+        """The one start-up line that says which config a long-running command runs on."""
+        log.info("%s: config %s", command, self.config or f"{EXAMPLE_CONFIG} (the shipped example)")
 
 
 class HeadwaterGroup(click.Group):
@@ -59,16 +79,28 @@ class HeadwaterGroup(click.Group):
     type=click.Path(dir_okay=False),
     help="TOML config file (default: the shipped example).",
 )
-@click.option("--debug", is_flag=True, help="Show tracebacks and debug logs.")
+@click.option("--debug", is_flag=True, help="Show tracebacks and debug logs (same as --log-level debug).")
+@click.option(
+    "--log-level",
+    type=click.Choice(logs.LEVELS),
+    help="Headwater's log level (default logging.level: info); libraries log warnings unless debug.",
+)
+@click.option(
+    "--log-format",
+    type=click.Choice(logs.FORMATS),
+    help="text, or json: one JSON object per line (default logging.format).",
+)
 @click.pass_context
-def main(ctx: click.Context, config: str | None, debug: bool) -> None:
+def main(
+    ctx: click.Context,
+    config: str | None,
+    debug: bool,
+    log_level: logs.Level | None,
+    log_format: logs.Format | None,
+) -> None:
     """Headwater: vendor events in, one clean deduplicated stream out."""
-    ctx.obj = Context(config, debug)
-    logging.basicConfig(
-        level=logging.DEBUG if debug else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    logging.getLogger("aiokafka").setLevel(logging.WARNING if not debug else logging.DEBUG)
+    ctx.obj = Context(config, debug, log_level, log_format)
+    logs.configure(ctx.obj.log_level or "info", log_format or "text")  # until the settings are read
 
 
 def run_async(factory: Callable[[asyncio.Event], Coroutine[Any, Any, T]]) -> T:
@@ -151,6 +183,7 @@ def receiver(ctx: Context, host: str | None, port: int | None) -> None:
     from pipeline.ingest.receiver import serve
 
     settings = ctx.settings(**{"receiver.host": host, "receiver.port": port})
+    ctx.announce_config("receiver")
     run_async(lambda stop: serve(settings, stop))
 
 
@@ -169,14 +202,15 @@ def up(ctx: Context, workers: int, port: int | None, no_workers: bool, no_reward
     """Run everything: local Kafka (unless disabled), the receiver, the workers and the reward webhook
     dispatcher. Ctrl-C stops all."""
     settings = ctx.settings(**{"receiver.port": port})
+    ctx.announce_config("up")
     broker: LocalKafka | None = None
     if settings.local_kafka.enabled:
         broker = LocalKafka(settings.local_kafka)
         started_here = not broker.status().running
-        click.echo(broker.up().describe())
+        log.info("%s", broker.up().describe())
         if not started_here:
             broker = None  # not ours to stop
-    base = [sys.executable, "-m", "pipeline.cli"] + (["--config", ctx.config] if ctx.config else [])
+    base = [sys.executable, "-m", "pipeline.cli", *ctx.global_options()]
     commands = [base + ["receiver"] + (["--port", str(port)] if port else [])]
     if not no_workers:
         # One /metrics port per worker process: worker.web_port, +1, +2, ...
@@ -191,11 +225,14 @@ def up(ctx: Context, workers: int, port: int | None, no_workers: bool, no_reward
     if not no_rewards:
         commands.append(base + ["rewards", "run"])
     children = [subprocess.Popen(command) for command in commands]
-    click.echo(
-        f"receiver on http://{settings.receiver.host}:{port or settings.receiver.port}, "
-        f"{0 if no_workers else workers} worker process(es) (metrics from :{settings.worker.web_port}), "
-        f"rewards dispatcher {'off' if no_rewards else f'(metrics :{settings.rewards.web_port})'}; "
-        "Ctrl-C stops everything"
+    log.info(
+        "receiver on http://%s:%s, %d worker process(es) (metrics from :%s), rewards dispatcher %s; "
+        "Ctrl-C stops everything",
+        settings.receiver.host,
+        port or settings.receiver.port,
+        0 if no_workers else workers,
+        settings.worker.web_port,
+        "off" if no_rewards else f"(metrics :{settings.rewards.web_port})",
     )
     stopping = False
 
@@ -209,8 +246,8 @@ def up(ctx: Context, workers: int, port: int | None, no_workers: bool, no_reward
         while not stopping:
             for child in children:
                 if child.poll() is not None:
-                    what = " ".join(str(arg) for arg in child.args[3:])  # type: ignore[index]
-                    click.secho(f"{what} exited with {child.returncode}", fg="red", err=True)
+                    what = " ".join(str(arg) for arg in child.args[len(base) :])  # type: ignore[index]
+                    log.error("%s exited with %s", what, child.returncode)
                     stopping = True
             time.sleep(0.2)
     finally:
@@ -224,7 +261,7 @@ def up(ctx: Context, workers: int, port: int | None, no_workers: bool, no_reward
                 child.kill()
         if broker is not None:
             broker.down()
-            click.echo("kafka stopped")
+            log.info("kafka stopped")
 
 
 # --- worker ---------------------------------------------------------------------------------------------
@@ -246,7 +283,49 @@ def worker(ctx: Context, sources: tuple[str, ...], web_port: int | None, data_di
     from pipeline.stream.worker import Worker  # imports faust: only for the commands that run it
 
     settings = ctx.settings(**{"worker.web_port": web_port, "worker.data_dir": data_dir})
+    ctx.announce_config(f"worker ({', '.join(sources)})" if sources else "worker")
     Worker(settings, sources or SOURCES).run()
+
+
+# --- tail -----------------------------------------------------------------------------------------------
+
+
+@main.command("tail")
+@click.argument("topic")
+@click.option(
+    "-n",
+    "count",
+    type=click.IntRange(min=0),
+    help="How many records (default 10; all with --from-beginning).",
+)
+@click.option("-f", "--follow", is_flag=True, help="Keep printing new records until Ctrl-C.")
+@click.option("--from-beginning", is_flag=True, help="Start at the oldest record instead of the newest N.")
+@click.option(
+    "--meta", is_flag=True, help="Wrap each value with topic, partition, offset, timestamp, key, headers."
+)
+@click.pass_obj
+def tail(ctx: Context, topic: str, count: int | None, follow: bool, from_beginning: bool, meta: bool) -> None:
+    """Print the newest records of TOPIC, one JSON value a line (committed records only).
+
+    TOPIC is a name as the shipped config spells it (events.canonical, events.dlq, raw.segment, ...),
+    mapped to this config's topics, or any literal topic name. A value that is not JSON is printed as a
+    JSON string.
+    """
+    from pipeline.ops.tail import TailOptions
+    from pipeline.ops.tail import tail as run_tail
+
+    options = TailOptions(topic, count, follow, from_beginning, meta)
+    settings = ctx.settings()
+    out = click.get_binary_stream("stdout")
+
+    def write(lines: list[bytes]) -> None:
+        out.write(b"".join(line + b"\n" for line in lines))
+        out.flush()
+
+    try:
+        run_async(lambda stop: run_tail(settings, options, write, stop))
+    except BrokenPipeError:  # `headwater tail ... | head`: the reader has what it wanted
+        sys.stderr.close()
 
 
 main.add_command(dlq_command)

@@ -14,7 +14,7 @@ import tomllib
 from collections.abc import Mapping
 from datetime import timedelta
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -176,6 +176,13 @@ class DlqSettings(_Frozen):
     page_port: int = Field(6068, ge=0, le=65535)
 
 
+class LoggingSettings(_Frozen):
+    """What every `headwater` process logs to stderr; --log-level, --log-format and --debug override it."""
+
+    level: Literal["debug", "info", "warning", "error"] = "info"  # Headwater's own lines; libraries: warnings
+    format: Literal["text", "json"] = "text"  # json: one object per line, for log shippers
+
+
 class Tenant(_Frozen):
     id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$")
     write_keys: tuple[SecretStr, ...] = ()
@@ -201,6 +208,7 @@ class Settings(_Frozen):
     worker: WorkerSettings = WorkerSettings()
     rewards: RewardsSettings = RewardsSettings()
     dlq: DlqSettings = DlqSettings()
+    logging: LoggingSettings = LoggingSettings()
     tenants: tuple[Tenant, ...] = ()
 
     @property
@@ -249,6 +257,8 @@ ENV_OVERRIDES = {
     "HEADWATER_DEDUP_WINDOW": "dedup.window",
     "HEADWATER_DEDUP_STORE": "dedup.store",
     "HEADWATER_LOCAL_KAFKA": "local_kafka.enabled",
+    "HEADWATER_LOG_LEVEL": "logging.level",
+    "HEADWATER_LOG_FORMAT": "logging.format",
 }
 
 

@@ -19,6 +19,7 @@ from rich.text import Text
 
 from pipeline.config import Settings
 from pipeline.ops import dlq
+from pipeline.ops.dlq_listing import narrow_lines, wide_table
 from pipeline.sources import SOURCES
 
 NOTHING = "no dead letters match"
@@ -100,40 +101,33 @@ def _when(moment: datetime) -> str:
 @dlq_command.command("ls")
 @filter_options
 @click.option("--limit", type=int, default=50, show_default=True, help="At most this many (newest first).")
+@click.option(
+    "--wide", is_flag=True, help="Every column: time, tenant, stage, item, redrives, whole message."
+)
 @click.option("--json", "as_json", is_flag=True, help="One dead letter per line, as stored (for scripts).")
+@click.option("-q", "--ids-only", is_flag=True, help="Only the ids, one per line (for $(...) in a shell).")
 @click.pass_obj
-def ls(obj: _CliContext, /, limit: int, as_json: bool, **options: Any) -> None:
-    """List dead letters, newest first."""
+def ls(obj: _CliContext, /, limit: int, wide: bool, as_json: bool, ids_only: bool, **options: Any) -> None:
+    """List dead letters, newest first: id, age, source, reason and the message cut to fit (--wide: all)."""
     filters = make_filters(**options, limit=limit)
     snapshot = _snapshot(obj.settings(), filters)
     letters = filters.apply(snapshot)
     if not letters:
-        click.echo(NOTHING, err=as_json)
+        click.echo(NOTHING, err=as_json or ids_only)
         return
-    if as_json:
+    if as_json or ids_only:
         for letter in letters:
-            click.echo(snapshot.stored[letter.id].decode())
+            click.echo(letter.id if ids_only else snapshot.stored[letter.id].decode())
         return
-    table = Table(
-        "id", "failed at (UTC)", "source", "tenant", "stage", "reason", "item", "redrives", "message"
-    )
-    table.columns[0].no_wrap = True
-    for d in letters:
-        count = str(d.redrive_count) + (" (redriven)" if d.id in snapshot.redrives else "")
-        table.add_row(
-            d.id,
-            _when(d.failed_at),
-            d.source,
-            d.tenant,
-            d.stage,
-            d.reason,
-            "-" if d.index is None else str(d.index),
-            count,
-            Text(d.message[:80]),
-        )
     console = _console()
-    console.print(table)
-    console.print(f"{len(letters)} dead letter(s)", markup=False)
+    if wide:
+        console.print(wide_table(letters, set(snapshot.redrives)))
+    else:
+        for line in narrow_lines(letters, set(snapshot.redrives), console.width):
+            console.print(line, no_wrap=True, overflow="ellipsis")
+    redriven = sum(1 for d in letters if d.id in snapshot.redrives)
+    note = f", {redriven} already redriven (--wide marks them)" if redriven and not wide else ""
+    console.print(f"{len(letters)} dead letter(s){note}", markup=False)
 
 
 @dlq_command.command("show")

@@ -559,10 +559,8 @@ def run_dispatcher(settings: Settings, exit_after_s: float | None = None, debug:
     asyncio.set_event_loop(asyncio.new_event_loop())
     (settings.worker.data_dir / "rewards").mkdir(parents=True, exist_ok=True)
     dispatcher = Dispatcher(settings, exit_after_s)
-    worker = faust.Worker(dispatcher.app, loglevel="DEBUG" if debug else "INFO", quiet=True)
-    if not debug:  # our INFO lines, but only warnings from the libraries
-        for name in ("faust", "mode", "aiokafka", "aiohttp"):
-            logging.getLogger(name).setLevel(logging.WARNING)
+    worker = faust.Worker(dispatcher.app, quiet=True, override_logging=False)  # levels: pipeline.logs
+    worker.spinner = None  # its cursor codes would land in the logs
     worker.execute_from_commandline()
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import Awaitable, Mapping, Sequence
 from typing import Any
 
@@ -106,7 +107,9 @@ class Worker:
             import uvloop
 
             asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-        worker = faust.Worker(self.app, loglevel="INFO", quiet=True, redirect_stdouts=False)
+        # Logging is set up by pipeline.logs (the CLI), not by Faust.
+        worker = faust.Worker(self.app, quiet=True, redirect_stdouts=False, override_logging=False)
+        worker.spinner = None  # its cursor codes would land in the logs
         worker.execute_from_commandline()
 
 
@@ -127,6 +130,8 @@ class WebService(mode.Service):
         self.runner = web.AppRunner(app, access_log=None)
         await self.runner.setup()
         await web.TCPSite(self.runner, self.settings.worker.web_host, self.settings.worker.web_port).start()
+        where = f"http://{self.settings.worker.web_host}:{self.settings.worker.web_port}"
+        logging.getLogger(__name__).info("worker listening on %s (/metrics, DLQ page)", where)
 
     async def on_stop(self) -> None:
         if self.runner is not None:
