@@ -70,7 +70,7 @@ class BatchWriter:
 
     def write_all(self, topic: str, records: Sequence[tuple[bytes, KafkaHeaders]]) -> asyncio.Future[None]:
         """All records in one batch on one partition: the broker appends all of them or none."""
-        builder = BatchBuilder(self.max_request_bytes, None, is_transactional=False)
+        builder = BatchBuilder(self.max_request_bytes, 0, is_transactional=False)  # 0: uncompressed
         for value, headers in records:
             if builder.append(timestamp=None, key=None, value=value, headers=headers) is None:
                 raise PayloadTooLarge("the records of this request do not fit in one Kafka request")

@@ -57,6 +57,17 @@ def refusal(exc: Exception) -> web.Response:
     return _json_error(503, "temporarily unable to store the request; retry later", retry)
 
 
+async def expect_continue_only(request: web.Request) -> web.StreamResponse | None:
+    """`Expect: 100-continue` is answered as aiohttp does; any other expectation is a 400, not a 417."""
+    expect = request.headers.get("Expect", "")
+    if request.version != (1, 1) or not expect:
+        return None
+    if expect.lower() == "100-continue":
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        return None
+    return _json_error(400, "the Expect header supports only 100-continue")
+
+
 REFUSED = (AuthError, BadRequest, PayloadTooLarge, OverShare, BrokerUnavailable)
 
 
@@ -93,12 +104,14 @@ class Receiver:
         for adapter in self.adapters.values():
             handler = self._handler(adapter)
             for path in adapter.ROUTES:
-                app.router.add_post(path, handler)
-                app.router.add_post(path + "/", handler)  # one trailing slash is the same route (sources.md)
-        app.router.add_post("/rewards/v1", self._rewards)  # issue 5: rewards in, for systems without Kafka
-        app.router.add_get("/healthz", self._healthz)
-        app.router.add_get("/readyz", self._readyz)
-        app.router.add_get("/metrics", self._metrics)
+                app.router.add_post(path, handler, expect_handler=expect_continue_only)
+                # one trailing slash is the same route (sources.md)
+                app.router.add_post(path + "/", handler, expect_handler=expect_continue_only)
+        # issue 5: rewards in, for systems without Kafka
+        app.router.add_post("/rewards/v1", self._rewards, expect_handler=expect_continue_only)
+        app.router.add_get("/healthz", self._healthz, expect_handler=expect_continue_only)
+        app.router.add_get("/readyz", self._readyz, expect_handler=expect_continue_only)
+        app.router.add_get("/metrics", self._metrics, expect_handler=expect_continue_only)
         for add in self.extra_routes:
             add(app)
         return app
