@@ -89,6 +89,8 @@ class Receiver:
         self.reuse_port = reuse_port
         self.producer: AIOKafkaProducer | None = None
         self.writer: BatchWriter | None = None
+        self.rewards_producer: AIOKafkaProducer | None = None
+        self.rewards_writer: BatchWriter | None = None
         self.port: int | None = None
         self._runner: web.AppRunner | None = None
         self._connecting: asyncio.Task[None] | None = None
@@ -145,41 +147,61 @@ class Receiver:
         return self.port
 
     async def _start_producer(self) -> None:
-        """Connect in the background: until Kafka answers, writes get 503 and /readyz says not ready."""
+        """Connect in the background: until Kafka answers, writes get 503 and /readyz says not ready.
+
+        Two producers: the idempotent one of every write (retries never duplicate a record), and one for
+        reward arrays whose batches expire at 80% of ack_timeout_s instead of being retried forever
+        (an idempotent aiokafka producer never expires a batch). A reward array refused with a 503 is
+        therefore not written later, unless the broker already had it when its answer was lost; then it
+        is there whole, and delivery deduplicates the sender's retry on rewardId.
+        """
         cfg = self.settings.receiver
+        expiring = int(cfg.ack_timeout_s * 800)
         while True:
             producer = make_producer(self.settings)
+            rewards_producer = make_producer(
+                self.settings, enable_idempotence=False, request_timeout_ms=expiring
+            )
             try:
                 await producer.start()
+                await rewards_producer.start()
             except asyncio.CancelledError:
                 await producer.stop()
+                await rewards_producer.stop()
                 raise
             except Exception as exc:  # noqa: BLE001 - Kafka down at boot: keep serving 503s and retry
                 log.warning("Kafka not reachable at start-up (%s); retrying", exc)
                 await producer.stop()
+                await rewards_producer.stop()
                 await asyncio.sleep(1.0)
             else:
-                self.writer = BatchWriter(
-                    producer,
-                    cfg.ack_timeout_s,
-                    cfg.retry_after_s,
-                    self.settings.max_record_bytes,
-                    lambda topic, seconds: self.metrics.observe_ack(
-                        self._source_of.get(topic, topic), seconds
-                    ),
-                )
+                self.writer = self._writer(producer)
+                self.rewards_writer = self._writer(rewards_producer)
                 self.producer = producer
+                self.rewards_producer = rewards_producer
                 return
+
+    def _writer(self, producer: AIOKafkaProducer) -> BatchWriter:
+        cfg = self.settings.receiver
+        return BatchWriter(
+            producer,
+            cfg.ack_timeout_s,
+            cfg.retry_after_s,
+            self.settings.max_record_bytes,
+            lambda topic, seconds: self.metrics.observe_ack(self._source_of.get(topic, topic), seconds),
+        )
 
     async def stop(self) -> None:
         if self._connecting is not None:
             self._connecting.cancel()
         if self._runner is not None:
             await self._runner.cleanup()
-        if self.writer is not None:
-            await self.writer.close()
-        if self.producer is not None:
-            await self.producer.stop()
+        for writer in (self.writer, self.rewards_writer):
+            if writer is not None:
+                await writer.close()
+        for producer in (self.producer, self.rewards_producer):
+            if producer is not None:
+                await producer.stop()
 
     # --- handlers ---------------------------------------------------------------------------------------
 
@@ -289,8 +311,8 @@ class Receiver:
         await asyncio.shield(self.writer.write(topic, body, headers))
 
     async def _write_all(self, topic: str, records: Sequence[tuple[bytes, KafkaHeaders]]) -> None:
-        assert self.writer is not None
-        await asyncio.shield(self.writer.write_all(topic, records))
+        assert self.rewards_writer is not None
+        await asyncio.shield(self.rewards_writer.write_all(topic, records))
 
     async def _healthz(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok", "pid": os.getpid()})
