@@ -107,7 +107,7 @@ class ReceiverSettings(_Frozen):
     # may use everything. "Active" = a request in flight, waiting, or seen within fair_window_s.
     fair_shares: bool = True
     fair_window_s: float = Field(1.0, gt=0)
-    admission_wait_s: float = Field(0.05, ge=0)  # a request within its share waits this long for a slot
+    admission_wait_s: float = Field(0.5, ge=0)  # a request within its share waits this long for a slot
     processes: int = Field(1, ge=1, le=256)  # receiver processes sharing the port (SO_REUSEPORT)
 
     @model_validator(mode="after")

@@ -3,8 +3,8 @@
 A slot is taken before the body is read, so the bound limits memory too (issue 11, items 3 and 4).
 While other tenants are active, a tenant may hold at most max_in_flight / active tenants slots; beyond
 that it gets 429 + Retry-After (its own excess, not an outage). Alone, a tenant may use every slot. A
-request within its share that finds no free slot waits a short while (waiters are served first, in
-order), then gets 503 + Retry-After.
+request within its share that finds no free slot waits a short while (free slots go to the waiting
+tenant holding the fewest slots first), then gets 503 + Retry-After.
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ class Admission:
             raise OverShare(
                 "this tenant is over its share of the receiver's in-flight writes", self.cfg.retry_after_s
             )
-        if not self._queue and self._fits(nbytes):
+        if self._fits(nbytes):
             self._take(tenant, nbytes)
             return
         if self.cfg.admission_wait_s <= 0:
@@ -135,8 +135,22 @@ class Admission:
         self._grant()
 
     def _grant(self) -> None:
-        while self._queue and self._fits(self._queue[0].nbytes):
-            waiter = self._queue.popleft()
-            if not waiter.granted.done():
-                self._take(waiter.tenant, waiter.nbytes)
-                waiter.granted.set_result(None)
+        """Free slots go to the waiter whose tenant holds the fewest; one over its share by now gets 429."""
+        while self._queue:
+            waiter = min(self._queue, key=lambda w: self.by_tenant.get(w.tenant, 0))
+            if not self._fits(waiter.nbytes):
+                return
+            self._queue.remove(waiter)
+            if waiter.granted.done():
+                continue
+            if self.cfg.fair_shares and self.over_share(waiter.tenant, time.monotonic()):
+                self._refused(waiter.tenant, "over_share")
+                waiter.granted.set_exception(
+                    OverShare(
+                        "this tenant is over its share of the receiver's in-flight writes",
+                        self.cfg.retry_after_s,
+                    )
+                )
+                continue
+            self._take(waiter.tenant, waiter.nbytes)
+            waiter.granted.set_result(None)
