@@ -24,11 +24,11 @@ from pipeline.errors import AuthError, BrokerUnavailable, PayloadTooLarge
 from pipeline.ingest.admission import Admission
 from pipeline.ingest.auth import TenantDirectory, verify_body
 from pipeline.ingest.batching import BatchWriter
+from pipeline.ingest.headers import HeaderTemplates, KafkaHeaderList
 from pipeline.ingest.inputs import request_meta, short_text
 from pipeline.ingest.metrics import ReceiverMetrics
 from pipeline.ingest.refusals import BadRequest, OverShare
 from pipeline.kafka.clients import ensure_topics, make_producer
-from pipeline.records import RawHeaders, new_request_id, utc_now
 from pipeline.rewards.records import split_rewards
 
 log = logging.getLogger(__name__)
@@ -86,6 +86,7 @@ class Receiver:
         self.directory = TenantDirectory(settings)
         self.metrics = ReceiverMetrics(multiprocess_metrics)
         self.admission = Admission(settings.receiver, self.metrics.refused)
+        self.header_templates = HeaderTemplates()
         self.reuse_port = reuse_port
         self.producer: AIOKafkaProducer | None = None
         self.writer: BatchWriter | None = None
@@ -215,11 +216,12 @@ class Receiver:
             try:
                 credentials = self.directory.authenticate(adapter.AUTH, request)
                 tenant_id = credentials.tenant.id
-                vendor = {**credentials.vendor, **request_meta(request, adapter.REQUEST_META)}
-                headers = self._raw_headers(source, credentials.tenant.id, request, vendor)
+                meta = request_meta(request, adapter.REQUEST_META) if adapter.REQUEST_META else {}
+                vendor = {**credentials.vendor, **meta} if meta else credentials.vendor
+                request_id, headers = self._headers(source, tenant_id, request, vendor)
                 async with self._slot(tenant_id, request) as body:
                     verify_body(adapter.AUTH, credentials.tenant, request, body)
-                    await self._write(topic, body, headers.to_kafka())
+                    await self._write(topic, body, headers)
                     stored = len(body)
             except REFUSED as exc:
                 response = refusal(exc)
@@ -227,7 +229,7 @@ class Receiver:
                 response = web.Response(
                     body=OK_BODY,
                     content_type="application/json",
-                    headers={"X-Request-Id": headers.request_id},
+                    headers={"X-Request-Id": request_id},
                 )
             self.metrics.request(source, tenant_id, response.status, stored)
             return response
@@ -246,10 +248,9 @@ class Receiver:
         try:
             credentials = self.directory.rewards_key(request)
             tenant_id = credentials.tenant.id
-            headers = self._raw_headers("rewards", tenant_id, request, {})
+            request_id, kafka_headers = self._headers("rewards", tenant_id, request, {})
             async with self._slot(tenant_id, request) as body:
                 records, invalid = _split_rewards(body)
-                kafka_headers = headers.to_kafka()
                 if records:
                     await self._write_all(self.settings.topics.rewards, [(r, kafka_headers) for r in records])
         except REFUSED as exc:
@@ -261,7 +262,7 @@ class Receiver:
             response = web.Response(
                 body=orjson.dumps(answer),
                 content_type="application/json",
-                headers={"X-Request-Id": headers.request_id},
+                headers={"X-Request-Id": request_id},
             )
         self.metrics.request("rewards", tenant_id, response.status)
         return response
@@ -290,20 +291,11 @@ class Receiver:
             self.metrics.in_flight.dec()
             self.admission.leave(tenant, reserved)
 
-    def _raw_headers(
+    def _headers(
         self, source: str, tenant: str, request: web.Request, vendor: Mapping[str, str]
-    ) -> RawHeaders:
-        """The record's headers; every value is checked already (short_text), so no model validation here."""
-        return RawHeaders.model_construct(
-            tenant=tenant,
-            source=source,
-            received_at=utc_now(),
-            request_id=new_request_id(),
-            content_type=short_text(request.headers.get("Content-Type"), "header Content-Type"),
-            redrive_count=0,
-            replay_of=None,
-            vendor=dict(vendor),
-        )
+    ) -> tuple[str, KafkaHeaderList]:
+        content_type = short_text(request.headers.get("Content-Type"), "header Content-Type")
+        return self.header_templates.build(tenant, source, content_type, vendor)
 
     async def _write(self, topic: str, body: bytes, headers: KafkaHeaders) -> None:
         """One record, batched with the others of this moment; returns after the broker's ack."""
