@@ -1,7 +1,14 @@
-"""Receiver throughput and latency vs a bare aiokafka producer loop (issue: receiver load test).
+"""Receiver throughput and latency vs a bare aiohttp server and a bare aiokafka producer (issues 2, 11).
 
     .venv/bin/python bench/receiver.py [--bootstrap HOST:PORT] [--concurrency 32] [--duration 10]
-                                       [--warmup 2] [--profile]
+                                       [--warmup 2] [--profile] [--loadgen wrk|python] [--processes N]
+
+With --loadgen wrk (the default when Debian's `wrk` is installed: `apt-get install -y wrk`), wrk drives
+three servers from one run on the same load: the receiver, the bare aiohttp server of bench/bare_http.py
+(reads the body, answers 200), and, for Kafka's share, the bare producer loop below. It prints each, the
+ratio receiver / bare HTTP (target >= 0.5) and receiver / bare producer, CPU per request, and p50/p99 at
+70% of the receiver's peak (Python open loop, latency from the scheduled send time). The description
+below is the --loadgen python mode (an aiohttp client in this process).
 
 Starts a broker (or uses --bootstrap) and `headwater receiver --port P` in its own process; this process
 is the load generator (aiohttp client, keep-alive, TCPConnector limit = concurrency).
@@ -49,6 +56,8 @@ from common import (
     topic_size,
     write_config,
 )
+
+from wrk import WrkResult, available, lua_script, run_wrk
 
 from pipeline.config import Settings
 from pipeline.kafka.clients import make_producer
@@ -316,7 +325,12 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=2.0, help="Seconds of warm-up before each closed loop.")
     parser.add_argument("--load", type=float, default=0.7, help="Open-loop rate as a share of the single peak.")
     parser.add_argument("--profile", action="store_true", help="py-spy the receiver in the single closed loop.")
+    parser.add_argument("--loadgen", choices=("wrk", "python"), default="wrk" if available() else "python")
+    parser.add_argument("--processes", type=int, default=1, help="Receiver processes (--processes of the CLI).")
     args = parser.parse_args()
+    if args.loadgen == "wrk":
+        wrk_main(args)
+        return
     c, d, w = args.concurrency, args.duration, args.warmup
     with broker(args.bootstrap) as bootstrap, tempfile.TemporaryDirectory(prefix="headwater-bench-") as tmp_name:
         tmp = Path(tmp_name)
@@ -397,6 +411,106 @@ def main() -> None:
             print("py-spy, receiver: top pipeline/aiohttp/aiokafka/prometheus functions by inclusive time")
             for share, frame in inclusive:
                 print(f"  {share:6.1%}  {frame}")
+
+
+def wrk_main(args: argparse.Namespace) -> None:
+    """Receiver, bare aiohttp server and bare producer on the same load, from one run (issue 11)."""
+    c, d, w = args.concurrency, args.duration, args.warmup
+    with broker(args.bootstrap) as bootstrap, tempfile.TemporaryDirectory(prefix="headwater-bench-") as tmp_name:
+        tmp = Path(tmp_name)
+        settings = bench_settings(bootstrap, tmp)
+        port = settings.receiver.port
+        config = write_config(settings, tmp / "receiver.toml")
+        log = tmp / "receiver.log"
+        print(f"broker {bootstrap}; wrk -t1 -c{c}, {d:.0f}s per phase (+{w:.0f}s warm-up); receiver processes "
+              f"{args.processes}; {os.cpu_count()} CPUs shared by broker, servers and wrk; load average "
+              f"{os.getloadavg()[0]:.1f} before the run")
+        receiver = headwater(config, "receiver", "--port", str(port), "--processes", str(args.processes), log=log)
+        base = f"http://127.0.0.1:{port}"
+        bare_port = port + 1
+        bare = subprocess.Popen([sys.executable, str(Path(__file__).with_name("bare_http.py")), str(bare_port)],
+                                stdin=subprocess.DEVNULL)
+        results: dict[str, WrkResult] = {}
+        spy = None
+        try:
+            run(wait_ready(base, receiver, log))
+            run(wait_ready(f"http://127.0.0.1:{bare_port}", bare, log))
+            receiver_pids = receiver_processes(receiver.pid, args.processes)
+            for case, name in ((SINGLE, "single"), (BULK, "bulk x100")):
+                source, per_request = case
+                path, params, headers = endpoint(source)
+                query = ("?" + "&".join(f"{k}={v}" for k, v in params.items())) if params else ""
+                script = lua_script(tmp / f"{source}.lua", bodies(source, per_request)[0], headers)
+                for label, url, pids in (
+                    (f"receiver {name}", base + path + query, receiver_pids),
+                    (f"bare aiohttp {name}", f"http://127.0.0.1:{bare_port}{path}{query}", {"bare_http": bare.pid}),
+                ):
+                    run_wrk(url, script, c, w, "warm-up")
+                    meter = CpuMeter({**pids, "wrk+broker": os.getpid()})
+                    if args.profile and label == "receiver single":
+                        spy = subprocess.Popen([py_spy(), "record", "--pid", str(receiver.pid), "--rate", "250",
+                                                "--format", "raw", "--output", str(tmp / "receiver.folded"),
+                                                "--nonblocking", "--duration", str(int(d))],
+                                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                    result = run_wrk(url, script, c, d, label)
+                    shares = meter.shares()
+                    shares.pop("wrk+broker")
+                    result.cpu = {"servers": sum(shares.values())}
+                    result.events_per_request = per_request
+                    results[label] = result
+                    print(result.line())
+                    if spy is not None:
+                        spy.wait(60)
+            bare_single = run(bare_loop(settings, SINGLE, c, w, d, "bare producer single", {"bare": os.getpid()}))
+            print(bare_single.line())
+            peak = results["receiver single"].rate
+            opened = run(open_loop(base, SINGLE, args.load * peak, d, max(256, 4 * c),
+                                   f"receiver single (open {args.load:.0%})", receiver_pids))
+            print(opened.line() + f"  (target {args.load * peak:,.0f} req/s, scheduled {opened.sent})")
+            stored = run(topic_size(settings, settings.topics.raw(SINGLE[0])))
+        finally:
+            if spy is not None and spy.poll() is None:
+                spy.kill()
+            stop(receiver)
+            stop(bare)
+        single, bare_http = results["receiver single"], results["bare aiohttp single"]
+        bulk, bare_http_bulk = results["receiver bulk x100"], results["bare aiohttp bulk x100"]
+        ratio = single.rate / bare_http.rate if bare_http.rate else float("nan")
+        print(f"\nload average at the end {os.getloadavg()[0]:.1f}")
+        print("summary")
+        print(f"  receiver single {single.rate:,.0f} req/s vs bare aiohttp {bare_http.rate:,.0f} req/s: "
+              f"ratio {ratio:.2f} (target >= 0.5: {'MET' if ratio >= 0.5 else 'NOT MET'})")
+        print(f"  receiver bulk x100 {bulk.rate:,.0f} req/s vs bare aiohttp {bare_http_bulk.rate:,.0f} req/s: "
+              f"ratio {bulk.rate / bare_http_bulk.rate if bare_http_bulk.rate else float('nan'):.2f}")
+        print(f"  receiver single vs bare producer {bare_single.rate:,.0f} rec/s: "
+              f"ratio {single.rate / bare_single.rate if bare_single.rate else float('nan'):.2f}")
+        cpu = single.cpu["servers"]
+        print(f"  receiver CPU per request {1e6 * cpu / single.rate:,.0f} us; {single.rate / cpu:,.0f} req/s per core"
+              if single.rate and cpu else "  receiver CPU per request: n/a")
+        p99_ok = opened.pct(0.99) < 50 and opened.failures == 0
+        print(f"  at {args.load:.0%} of peak: p50 {opened.pct(.5):.1f} ms, p99 {opened.pct(.99):.1f} ms "
+              f"(target p99 < 50 ms: {'MET' if p99_ok else 'NOT MET'}); achieved {opened.rate:,.0f} req/s")
+        expected = sum(r.ok for r in results.values() if r.label.endswith("single") and r.label.startswith("receiver"))
+        print(f"  records on raw.{SINGLE[0]}: {stored} (>= measured 200s {expected} + warm-up + open loop "
+              f"{opened.total_ok} + bare producer {bare_single.total_ok})")  # type: ignore[attr-defined]
+        report_failures(opened)
+        if (tmp / "receiver.folded").exists():
+            own, inclusive = profile_top(tmp / "receiver.folded", 20,
+                                         ("pipeline/", "aiohttp/", "aiokafka/", "prometheus_client/", "pydantic"))
+            print("\npy-spy, receiver, single closed loop: top functions by own time")
+            for share, frame in own:
+                print(f"  {share:6.1%}  {frame}")
+            print("by inclusive time")
+            for share, frame in inclusive:
+                print(f"  {share:6.1%}  {frame}")
+
+
+def receiver_processes(pid: int, processes: int) -> dict[str, int]:
+    """The process(es) serving: the receiver itself, or its --processes children."""
+    if processes == 1:
+        return {"receiver": pid}
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return {"supervisor": pid, **{f"receiver{i}": int(child) for i, child in enumerate(children)}}
 
 
 def run(coro):  # type: ignore[no-untyped-def]

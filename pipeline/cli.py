@@ -177,14 +177,35 @@ def kafka_status(ctx: Context, port: int | None, data_dir: str | None) -> None:
 @main.command()
 @click.option("--host", help="Listen address (default receiver.host).")
 @click.option("--port", type=int, help="Listen port (default receiver.port).")
+@click.option(
+    "--processes",
+    type=click.IntRange(1, 256),
+    help="Receiver processes sharing the port, one per core (default receiver.processes).",
+)
+@click.option("--child", is_flag=True, hidden=True, help="Internal: one of the --processes children.")
 @click.pass_obj
-def receiver(ctx: Context, host: str | None, port: int | None) -> None:
+def receiver(ctx: Context, host: str | None, port: int | None, processes: int | None, child: bool) -> None:
     """Run the HTTP receiver until Ctrl-C."""
-    from pipeline.ingest.receiver import serve
+    settings = ctx.settings(**{"receiver.host": host, "receiver.port": port, "receiver.processes": processes})
+    if child or settings.receiver.processes == 1:
+        from pipeline.ingest.receiver import serve
 
-    settings = ctx.settings(**{"receiver.host": host, "receiver.port": port})
-    ctx.announce_config("receiver")
-    run_async(lambda stop: serve(settings, stop))
+        ctx.announce_config("receiver")
+        run_async(lambda stop: serve(settings, stop, reuse_port=child, multiprocess_metrics=child))
+        return
+    from pipeline.ingest.processes import ReceiverProcesses
+
+    command = [sys.executable, "-m", "pipeline.cli", *ctx.global_options()]
+    supervisor = ReceiverProcesses(
+        [*command, "receiver"], settings.receiver.host, settings.receiver.port, settings.receiver.processes
+    )
+    log.info(
+        "receiver on http://%s:%s (%d processes, SO_REUSEPORT)",
+        settings.receiver.host,
+        supervisor.port,
+        settings.receiver.processes,
+    )
+    supervisor.run()
 
 
 # --- up -------------------------------------------------------------------------------------------------
@@ -195,13 +216,20 @@ def receiver(ctx: Context, host: str | None, port: int | None) -> None:
     "--workers", type=int, default=1, show_default=True, help="Worker processes (one consumer group)."
 )
 @click.option("--port", type=int, help="Receiver port.")
+@click.option(
+    "--processes",
+    type=click.IntRange(1, 256),
+    help="Receiver processes, one per core (default receiver.processes).",
+)
 @click.option("--no-workers", is_flag=True, help="Run only Kafka and the receiver.")
 @click.option("--no-rewards", is_flag=True, help="Do not run the reward webhook dispatcher.")
 @click.pass_obj
-def up(ctx: Context, workers: int, port: int | None, no_workers: bool, no_rewards: bool) -> None:
+def up(
+    ctx: Context, workers: int, port: int | None, processes: int | None, no_workers: bool, no_rewards: bool
+) -> None:
     """Run everything: local Kafka (unless disabled), the receiver, the workers and the reward webhook
     dispatcher. Ctrl-C stops all."""
-    settings = ctx.settings(**{"receiver.port": port})
+    settings = ctx.settings(**{"receiver.port": port, "receiver.processes": processes})
     ctx.announce_config("up")
     broker: LocalKafka | None = None
     if settings.local_kafka.enabled:
@@ -211,7 +239,10 @@ def up(ctx: Context, workers: int, port: int | None, no_workers: bool, no_reward
         if not started_here:
             broker = None  # not ours to stop
     base = [sys.executable, "-m", "pipeline.cli", *ctx.global_options()]
-    commands = [base + ["receiver"] + (["--port", str(port)] if port else [])]
+    receiver_args = ["--processes", str(settings.receiver.processes)] + (
+        ["--port", str(port)] if port else []
+    )
+    commands = [base + ["receiver", *receiver_args]]
     if not no_workers:
         # One /metrics port per worker process: worker.web_port, +1, +2, ...
         web = settings.worker.web_port
@@ -226,10 +257,11 @@ def up(ctx: Context, workers: int, port: int | None, no_workers: bool, no_reward
         commands.append(base + ["rewards", "run"])
     children = [subprocess.Popen(command) for command in commands]
     log.info(
-        "receiver on http://%s:%s, %d worker process(es) (metrics from :%s), rewards dispatcher %s; "
-        "Ctrl-C stops everything",
+        "receiver on http://%s:%s (%d process(es)), %d worker process(es) (metrics from :%s), "
+        "rewards dispatcher %s; Ctrl-C stops everything",
         settings.receiver.host,
         port or settings.receiver.port,
+        settings.receiver.processes,
         0 if no_workers else workers,
         settings.worker.web_port,
         "off" if no_rewards else f"(metrics :{settings.rewards.web_port})",

@@ -99,6 +99,22 @@ class ReceiverSettings(_Frozen):
     ack_timeout_s: float = Field(10.0, gt=0)
     retry_after_s: int = Field(2, ge=1)
     linger_ms: int = Field(2, ge=0)
+    # Bodies held in memory at once (read or awaiting the ack), counted before a body is read: a request
+    # without Content-Length counts as max_body_bytes until read. Beyond this: 503 + Retry-After.
+    max_bytes_in_flight: int = Field(268_435_456, ge=1)
+    # Fair shares (issue 11): while other tenants are active, a tenant may hold only its share
+    # (max_in_flight / active tenants) of the in-flight bound; over it: 429 + Retry-After. Alone, a tenant
+    # may use everything. "Active" = a request in flight, waiting, or seen within fair_window_s.
+    fair_shares: bool = True
+    fair_window_s: float = Field(1.0, gt=0)
+    admission_wait_s: float = Field(0.5, ge=0)  # a request within its share waits this long for a slot
+    processes: int = Field(1, ge=1, le=256)  # receiver processes sharing the port (SO_REUSEPORT)
+
+    @model_validator(mode="after")
+    def _one_body_fits_in_flight(self) -> ReceiverSettings:
+        if self.max_body_bytes > self.max_bytes_in_flight:
+            raise ValueError("receiver.max_bytes_in_flight must be at least receiver.max_body_bytes")
+        return self
 
 
 class DedupSettings(_Frozen):
@@ -186,6 +202,7 @@ class LoggingSettings(_Frozen):
 class Tenant(_Frozen):
     id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$")
     write_keys: tuple[SecretStr, ...] = ()
+    rewards_keys: tuple[SecretStr, ...] = ()  # X-API-KEY of POST /rewards/v1; none = no reward intake
     usermaven_tokens: tuple[SecretStr, ...] = ()
     webengage: WebEngageCredentials | None = None
     segment_shared_secret: SecretStr | None = None
@@ -223,6 +240,11 @@ class Settings(_Frozen):
         seen: dict[tuple[str, str], str] = {}
         for tenant in self.tenants:
             pairs = [("write key", k.get_secret_value()) for k in tenant.write_keys]
+            # one namespace with the write keys: a key a vendor holds must never open /rewards/v1
+            rewards = {k.get_secret_value() for k in tenant.rewards_keys}
+            if rewards & {k.get_secret_value() for k in tenant.write_keys}:
+                raise ValueError(f"tenant {tenant.id!r}: a rewards key must not also be a write key")
+            pairs += [("write key", k) for k in sorted(rewards)]
             pairs += [("usermaven token", t.get_secret_value()) for t in tenant.usermaven_tokens]
             if tenant.webengage:
                 pairs.append(("webengage license_code", tenant.webengage.license_code))

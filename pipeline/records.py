@@ -55,12 +55,16 @@ def utc_now() -> datetime:
 
 
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+_PAIRS = [a + b for a in _CROCKFORD for b in _CROCKFORD]  # 10 bits -> 2 characters
+_PAIR_SHIFTS = tuple(range(120, -1, -10))
 
 
 def new_request_id() -> str:
-    """A ULID: 48-bit millisecond time + 80 random bits, Crockford base32; unique and sortable by time."""
+    """A ULID: 48-bit millisecond time + 80 random bits, Crockford base32; unique and sortable by time.
+
+    Two characters per lookup (the receiver makes one id per request)."""
     value = (time.time_ns() // 1_000_000) << 80 | int.from_bytes(os.urandom(10), "big")
-    return "".join(_CROCKFORD[(value >> shift) & 31] for shift in range(125, -1, -5))
+    return "".join([_PAIRS[(value >> shift) & 1023] for shift in _PAIR_SHIFTS])
 
 
 class _Record(BaseModel):

@@ -22,12 +22,14 @@ TENANTS: list[dict[str, Any]] = [
     {
         "id": "acme",
         "write_keys": ["wk_acme_1"],
+        "rewards_keys": ["rk_acme_1"],
         "usermaven_tokens": ["ak_acme.st_acme"],
         "webengage": {"license_code": "~acme1234", "secret_key": "whsec_acme"},
     },
     {
         "id": "globex",
         "write_keys": ["wk_globex_1"],
+        "rewards_keys": ["rk_globex_1"],
         "usermaven_tokens": ["ak_globex.st_globex"],
         "webengage": {"license_code": "~globex99", "secret_key": "whsec_globex"},
     },

@@ -293,7 +293,7 @@ def stack(make_settings: Callable[..., Settings], customer: Customer,
         receiver={"port": free_port()},
         worker={"web_port": free_port()},
         rewards={"web_port": free_port(), "tick": "0.2s"},
-        tenants=[{"id": "acme", "write_keys": ["wk_acme_1"],
+        tenants=[{"id": "acme", "write_keys": ["wk_acme_1"], "rewards_keys": ["rk_acme_1"],
                   "rewards_webhook": {"url": customer.url("acme"), "token": "whk_acme"}}],
     )
     cwd = tmp_path / "cwd"
@@ -352,7 +352,7 @@ def test_every_metric_the_dashboard_and_prometheus_query_is_exported(
     assert post(base + "/server/v4", json.dumps(event).encode(), "wk_acme_1") == 200   # a duplicate
     assert post(base + "/server/v4", b"{not json", "wk_acme_1") == 200   # stored; dead-lettered by the worker
     assert post(base + "/server/v4", json.dumps(event).encode(), "wk_nobody") == 401
-    assert post(base + "/rewards/v1", json.dumps(reward).encode(), "wk_acme_1") == 200
+    assert post(base + "/rewards/v1", json.dumps(reward).encode(), "rk_acme_1") == 200
 
     # The positive signal: the series (labels, least value) this traffic must produce, in each process.
     expected: dict[str, list[tuple[str, dict[str, str], float]]] = {

@@ -193,7 +193,7 @@ def rig(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
         return {"url": customer.url(tenant), **options}
 
     tenants: list[dict[str, Any]] = [
-        {"id": "acme", "write_keys": ["wk_rw_acme"],
+        {"id": "acme", "write_keys": ["wk_rw_acme"], "rewards_keys": ["rk_rw_acme"],
          "rewards_webhook": hook("acme", token=WORKED_TOKEN, standard_webhooks_secrets=[SW_SECRET, SW_SECRET_2])},
         {"id": "flaky", "rewards_webhook": hook("flaky", token="tok_flaky")},
         {"id": "bad", "rewards_webhook": hook("bad")},
@@ -332,8 +332,8 @@ def test_invalid_records_reach_the_dlq_with_reasons_and_their_bytes(rig: Rig) ->
 def test_receiver_route_takes_one_reward_or_an_array(
     rig: Rig, start_receiver: Callable[[Settings], str]
 ) -> None:
-    """POST /rewards/v1 (X-API-KEY): an array is split; valid rewards are delivered, the invalid one is named
-    in the 200 answer and dead-lettered; a wrong key gets 401."""
+    """POST /rewards/v1 (X-API-KEY = a rewards key): an array is split; valid rewards are delivered, the
+    invalid one is named in the 200 answer and dead-lettered; a wrong key, or a vendor write key, gets 401."""
     base = start_receiver(rig.settings)
     good = [reward(), reward()]
     bad = {**reward(), "userId": None}
@@ -346,7 +346,8 @@ def test_receiver_route_takes_one_reward_or_an_array(
             return response.status, await response.json()
 
     assert asyncio.run(post("wk_nope"))[0] == 401
-    status, answer = asyncio.run(post("wk_rw_acme"))
+    assert asyncio.run(post("wk_rw_acme"))[0] == 401
+    status, answer = asyncio.run(post("rk_rw_acme"))
     assert (status, answer["count"], answer["invalid"]) == (200, 3, [{"index": 2, "reason": "missing_field:userId"}])
     for doc in good:
         wait_for(lambda doc=doc: rig.customer.seen("acme", doc["rewardId"]))

@@ -2,21 +2,26 @@
 
 The dispatch table `SCHEMES` is the only place that knows how a scheme reads a request; the receiver
 looks a source's scheme up in its adapter (`AUTH`), so a new source with an existing scheme needs no
-change here. Lookups never derive a tenant from key text, and compare secrets in constant time.
+change here. Lookups never derive a tenant from key text, and compare secrets in constant time: a secret
+is looked up by its SHA-256 digest, then compared with `hmac.compare_digest`. Rewards keys are a
+credential of their own (issue 12): a vendor write key never opens /rewards/v1.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from aiohttp import web
+from pydantic import SecretStr
 
 from pipeline.adapting import AuthScheme
 from pipeline.config import Settings, Tenant
 from pipeline.errors import AuthError
+from pipeline.ingest.inputs import is_text, secret_bytes
+from pipeline.ingest.jsonspan import first_element
 
 
 @dataclass(frozen=True)
@@ -27,18 +32,42 @@ class Credentials:
     vendor: Mapping[str, str] = field(default_factory=dict)
 
 
+class SecretIndex:
+    """Secret -> tenant by digest, confirmed with a constant-time comparison of the digests."""
+
+    def __init__(self) -> None:
+        self._by_digest: dict[bytes, Tenant] = {}
+        self._digest_of: dict[bytes, bytes] = {}
+
+    def add(self, secrets: Iterable[SecretStr], tenant: Tenant) -> None:
+        for secret in secrets:
+            digest = hashlib.sha256(secret.get_secret_value().encode()).digest()
+            self._by_digest[digest] = tenant
+            self._digest_of[digest] = digest
+
+    def find(self, presented: bytes) -> Tenant | None:
+        """The tenant whose secret this is; the dict probe sees only a digest, so timing says nothing."""
+        if not presented:
+            return None
+        digest = hashlib.sha256(presented).digest()
+        tenant = self._by_digest.get(digest)
+        if tenant is None or not hmac.compare_digest(digest, self._digest_of[digest]):
+            return None
+        return tenant
+
+
 class TenantDirectory:
     """Credential -> tenant lookups, built once from Settings."""
 
     def __init__(self, settings: Settings) -> None:
-        self.by_write_key: dict[bytes, Tenant] = {}
-        self.by_usermaven_token: dict[bytes, Tenant] = {}
+        self.by_write_key = SecretIndex()
+        self.by_rewards_key = SecretIndex()
+        self.by_usermaven_token = SecretIndex()
         self.by_license_code: dict[str, Tenant] = {}
         for tenant in settings.tenants:
-            for key in tenant.write_keys:
-                self.by_write_key[key.get_secret_value().encode()] = tenant
-            for token in tenant.usermaven_tokens:
-                self.by_usermaven_token[token.get_secret_value().encode()] = tenant
+            self.by_write_key.add(tenant.write_keys, tenant)
+            self.by_rewards_key.add(tenant.rewards_keys, tenant)
+            self.by_usermaven_token.add(tenant.usermaven_tokens, tenant)
             if tenant.webengage:
                 self.by_license_code[tenant.webengage.license_code] = tenant
 
@@ -46,23 +75,34 @@ class TenantDirectory:
         return SCHEMES[scheme](self, request)
 
     def write_key(self, request: web.Request) -> Credentials:
-        key = request.headers.get("X-API-KEY")
-        tenant = self.by_write_key.get(key.encode()) if key else None
+        tenant = self.by_write_key.find(secret_bytes(request.headers.get("X-API-KEY")))
         if tenant is None:
             raise AuthError("missing or unknown X-API-KEY")
+        return Credentials(tenant)
+
+    def rewards_key(self, request: web.Request) -> Credentials:
+        """POST /rewards/v1: X-API-KEY must be one of a tenant's rewards_keys (a write key is not)."""
+        tenant = self.by_rewards_key.find(secret_bytes(request.headers.get("X-API-KEY")))
+        if tenant is None:
+            raise AuthError("missing or unknown rewards key in X-API-KEY")
         return Credentials(tenant)
 
     def webengage_license(self, request: web.Request) -> Credentials:
         license_code = request.query.get("licenseCode", "")
         secret = request.query.get("secret", "")
         tenant = self.by_license_code.get(license_code)
-        if tenant is None or tenant.webengage is None or not tenant.webengage.accepts(secret):
+        if (
+            tenant is None
+            or tenant.webengage is None
+            or not is_text(secret)
+            or not tenant.webengage.accepts(secret)
+        ):
             raise AuthError("unknown licenseCode or wrong secret")
         return Credentials(tenant)
 
     def usermaven_token(self, request: web.Request) -> Credentials:
         token = request.query.get("token") or request.headers.get("X-Auth-Token") or ""
-        tenant = self.by_usermaven_token.get(token.encode())
+        tenant = self.by_usermaven_token.find(secret_bytes(token))
         if tenant is None or "." not in token:
             raise AuthError("missing or unknown token (expected API_KEY.SERVER_TOKEN)")
         return Credentials(tenant, vendor={"api_key": token.split(".", 1)[0]})
@@ -83,14 +123,24 @@ def verify_body(scheme: AuthScheme, tenant: Tenant, request: web.Request, body: 
 
 
 def verify_segment_signature(tenant: Tenant, request: web.Request, body: bytes) -> None:
-    """With a shared secret configured, X-Signature = hex HMAC-SHA1(secret, body) (sources.md §4.2).
+    """With a shared secret configured, no body gets in unchecked (sources.md §4.2, issue 11 item 6).
 
-    Segment's batched sends sign only the first element, so a JSON array body is not checked.
+    X-Signature = hex HMAC-SHA1(secret, signed bytes), where the signed bytes are the whole body, or, for
+    an array, the exact bytes of its first element: Segment's Webhook destination signs
+    `JSON.stringify(data[0])` and sends `JSON.stringify(data)`. The other elements of such an array are
+    not covered by the signature; that is Segment's design and cannot be checked here.
     """
-    if tenant.segment_shared_secret is None or body.lstrip()[:1] == b"[":
+    if tenant.segment_shared_secret is None:
         return
-    expected = hmac.new(
-        tenant.segment_shared_secret.get_secret_value().encode(), body, hashlib.sha1
-    ).hexdigest()
-    if not hmac.compare_digest(expected, request.headers.get("X-Signature", "").lower()):
-        raise AuthError("X-Signature does not match the body")
+    secret = tenant.segment_shared_secret.get_secret_value().encode()
+    presented = secret_bytes(request.headers.get("X-Signature")).lower()
+    candidates = [body]
+    element = first_element(body)
+    if element is not None:
+        candidates.append(element)
+    matched = False
+    for signed in candidates:
+        expected = hmac.new(secret, signed, hashlib.sha1).hexdigest().encode()
+        matched |= hmac.compare_digest(expected, presented)
+    if not matched:
+        raise AuthError("X-Signature does not match the body (nor, for an array, its first element)")

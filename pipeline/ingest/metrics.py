@@ -1,14 +1,20 @@
-"""The receiver's Prometheus metrics (GET /metrics on the receiver's port)."""
+"""The receiver's Prometheus metrics (GET /metrics on the receiver's port).
+
+With `--processes N` every process writes its values to prometheus_client's multiprocess directory and
+/metrics, on any process, answers the sum over all of them (issue 11, item 2).
+"""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 
 
 class ReceiverMetrics:
     """Prometheus metrics of one receiver instance (its own registry, so tests can run several)."""
 
-    def __init__(self) -> None:
+    def __init__(self, multiprocess: bool = False) -> None:
+        self.multiprocess = multiprocess
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "headwater_receiver_requests",
@@ -22,13 +28,52 @@ class ReceiverMetrics:
             ["source", "tenant"],
             registry=self.registry,
         )
+        self.refusals = Counter(
+            "headwater_receiver_refusals",
+            "Requests refused before a write, by tenant and reason (over_share: 429, in_flight_bound: 503)",
+            ["tenant", "reason"],
+            registry=self.registry,
+        )
         self.produce_latency = Histogram(
             "headwater_receiver_produce_seconds",
-            "Time from send() to the broker's ack",
+            "Time from a record batch's first record to the broker's ack (one observation per batch)",
             ["source"],
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
             registry=self.registry,
         )
         self.in_flight = Gauge(
-            "headwater_receiver_in_flight", "Sends awaiting the broker's ack", registry=self.registry
+            "headwater_receiver_in_flight",
+            "Requests holding an in-flight slot (body being read or awaiting the ack)",
+            registry=self.registry,
+            multiprocess_mode="livesum",
         )
+        self._request_counters: dict[tuple[str, str, int], Counter] = {}
+        self._byte_counters: dict[tuple[str, str], Counter] = {}
+
+    def request(self, source: str, tenant: str, status: int, nbytes: int = 0) -> None:
+        """Count one answered request (label children cached: no label lookup per request)."""
+        key = (source, tenant, status)
+        counter = self._request_counters.get(key)
+        if counter is None:
+            counter = self._request_counters[key] = self.requests.labels(source, tenant, str(status))
+        counter.inc()
+        if nbytes:
+            byte_key = (source, tenant)
+            byte_counter = self._byte_counters.get(byte_key)
+            if byte_counter is None:
+                byte_counter = self._byte_counters[byte_key] = self.bytes.labels(source, tenant)
+            byte_counter.inc(nbytes)
+
+    def refused(self, tenant: str, reason: str) -> None:
+        self.refusals.labels(tenant, reason).inc()
+
+    def observe_ack(self, source: str, seconds: float) -> None:
+        self.produce_latency.labels(source).observe(seconds)
+
+    def render(self) -> bytes:
+        """The text exposition: this process's registry, or the sum over every receiver process."""
+        if not self.multiprocess:
+            return generate_latest(self.registry)
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        return generate_latest(registry)

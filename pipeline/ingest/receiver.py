@@ -10,27 +10,31 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
-from collections.abc import Awaitable, Callable, Mapping
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 
 import orjson
 from aiohttp import web
 from aiokafka import AIOKafkaProducer
-from prometheus_client import generate_latest
 
 from adapters import ADAPTERS
-from pipeline.adapting import AdapterModule, Header, RequestValue
+from pipeline.adapting import AdapterModule
 from pipeline.config import Settings
 from pipeline.errors import AuthError, BrokerUnavailable, PayloadTooLarge
-from pipeline.ingest.auth import Credentials, TenantDirectory, verify_body
+from pipeline.ingest.admission import Admission
+from pipeline.ingest.auth import TenantDirectory, verify_body
+from pipeline.ingest.batching import BatchWriter
+from pipeline.ingest.headers import HeaderTemplates, KafkaHeaderList
+from pipeline.ingest.inputs import request_meta, short_text
 from pipeline.ingest.metrics import ReceiverMetrics
-from pipeline.kafka.clients import broker_errors, ensure_topics, make_producer
-from pipeline.records import RawHeaders, new_request_id, utc_now
+from pipeline.ingest.refusals import BadRequest, OverShare
+from pipeline.kafka.clients import ensure_topics, make_producer
 from pipeline.rewards.records import split_rewards
 
 log = logging.getLogger(__name__)
 
 OK_BODY = b'{"status":"ok"}'
+KafkaHeaders = Sequence[tuple[str, bytes]]
 
 
 def _json_error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
@@ -38,19 +42,61 @@ def _json_error(status: int, message: str, headers: dict[str, str] | None = None
     return web.Response(status=status, body=body, content_type="application/json", headers=headers)
 
 
+def refusal(exc: Exception) -> web.Response:
+    """The answer to a refused request: 400/401/413/429/503, each with a JSON reason."""
+    if isinstance(exc, AuthError):
+        return _json_error(401, str(exc))
+    if isinstance(exc, BadRequest):
+        return _json_error(400, str(exc))
+    if isinstance(exc, PayloadTooLarge):
+        return _json_error(413, str(exc))
+    retry = {"Retry-After": str(int(max(1, getattr(exc, "retry_after_s", 1))))}
+    if isinstance(exc, OverShare):
+        return _json_error(429, str(exc), retry)
+    log.warning("503: %s", exc)
+    return _json_error(503, "temporarily unable to store the request; retry later", retry)
+
+
+async def expect_continue_only(request: web.Request) -> web.StreamResponse | None:
+    """`Expect: 100-continue` is answered as aiohttp does; any other expectation is a 400, not a 417."""
+    expect = request.headers.get("Expect", "")
+    if request.version != (1, 1) or not expect:
+        return None
+    if expect.lower() == "100-continue":
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        return None
+    return _json_error(400, "the Expect header supports only 100-continue")
+
+
+REFUSED = (AuthError, BadRequest, PayloadTooLarge, OverShare, BrokerUnavailable)
+
+
 class Receiver:
     """The aiohttp application plus its producer; `start()` binds the port, `stop()` drains and closes."""
 
-    def __init__(self, settings: Settings, adapters: Mapping[str, AdapterModule] | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        adapters: Mapping[str, AdapterModule] | None = None,
+        reuse_port: bool = False,
+        multiprocess_metrics: bool = False,
+    ) -> None:
         self.settings = settings
         self.adapters = dict(adapters or ADAPTERS)
         self.directory = TenantDirectory(settings)
-        self.metrics = ReceiverMetrics()
+        self.metrics = ReceiverMetrics(multiprocess_metrics)
+        self.admission = Admission(settings.receiver, self.metrics.refused)
+        self.header_templates = HeaderTemplates()
+        self.reuse_port = reuse_port
         self.producer: AIOKafkaProducer | None = None
-        self.in_flight = 0
+        self.writer: BatchWriter | None = None
+        self.rewards_producer: AIOKafkaProducer | None = None
+        self.rewards_writer: BatchWriter | None = None
         self.port: int | None = None
         self._runner: web.AppRunner | None = None
         self._connecting: asyncio.Task[None] | None = None
+        self._source_of: dict[str, str] = {settings.topics.rewards: "rewards"}
+        self._source_of.update({settings.topics.raw(s): s for s in self.adapters})
         self.extra_routes: list[Callable[[web.Application], None]] = []
 
     # --- lifecycle --------------------------------------------------------------------------------------
@@ -61,12 +107,14 @@ class Receiver:
         for adapter in self.adapters.values():
             handler = self._handler(adapter)
             for path in adapter.ROUTES:
-                app.router.add_post(path, handler)
-                app.router.add_post(path + "/", handler)  # one trailing slash is the same route (sources.md)
-        app.router.add_post("/rewards/v1", self._rewards)  # issue 5: rewards in, for systems without Kafka
-        app.router.add_get("/healthz", self._healthz)
-        app.router.add_get("/readyz", self._readyz)
-        app.router.add_get("/metrics", self._metrics)
+                app.router.add_post(path, handler, expect_handler=expect_continue_only)
+                # one trailing slash is the same route (sources.md)
+                app.router.add_post(path + "/", handler, expect_handler=expect_continue_only)
+        # issue 5: rewards in, for systems without Kafka
+        app.router.add_post("/rewards/v1", self._rewards, expect_handler=expect_continue_only)
+        app.router.add_get("/healthz", self._healthz, expect_handler=expect_continue_only)
+        app.router.add_get("/readyz", self._readyz, expect_handler=expect_continue_only)
+        app.router.add_get("/metrics", self._metrics, expect_handler=expect_continue_only)
         for add in self.extra_routes:
             add(app)
         return app
@@ -87,101 +135,126 @@ class Receiver:
             self.settings.receiver.host,
             self.settings.receiver.port,
             reuse_address=True,
+            reuse_port=self.reuse_port or None,
             backlog=1024,
         )
         await site.start()
         server = site._server
         sockets = server.sockets if isinstance(server, asyncio.Server) else []
         self.port = sockets[0].getsockname()[1] if sockets else self.settings.receiver.port
-        log.info("receiver listening on http://%s:%s", self.settings.receiver.host, self.port)
+        log.info(
+            "receiver listening on http://%s:%s (pid %s)", self.settings.receiver.host, self.port, os.getpid()
+        )
         return self.port
 
     async def _start_producer(self) -> None:
-        """Connect in the background: until Kafka answers, writes get 503 and /readyz says not ready."""
+        """Connect in the background: until Kafka answers, writes get 503 and /readyz says not ready.
+
+        Two producers: the idempotent one of every write (retries never duplicate a record), and one for
+        reward arrays whose batches expire at 80% of ack_timeout_s instead of being retried forever
+        (an idempotent aiokafka producer never expires a batch). A reward array refused with a 503 is
+        therefore not written later, unless the broker already had it when its answer was lost; then it
+        is there whole, and delivery deduplicates the sender's retry on rewardId.
+        """
+        cfg = self.settings.receiver
+        expiring = int(cfg.ack_timeout_s * 800)
         while True:
             producer = make_producer(self.settings)
+            rewards_producer = make_producer(
+                self.settings, enable_idempotence=False, request_timeout_ms=expiring
+            )
             try:
                 await producer.start()
+                await rewards_producer.start()
             except asyncio.CancelledError:
                 await producer.stop()
+                await rewards_producer.stop()
                 raise
             except Exception as exc:  # noqa: BLE001 - Kafka down at boot: keep serving 503s and retry
                 log.warning("Kafka not reachable at start-up (%s); retrying", exc)
                 await producer.stop()
+                await rewards_producer.stop()
                 await asyncio.sleep(1.0)
             else:
+                self.writer = self._writer(producer)
+                self.rewards_writer = self._writer(rewards_producer)
                 self.producer = producer
+                self.rewards_producer = rewards_producer
                 return
+
+    def _writer(self, producer: AIOKafkaProducer) -> BatchWriter:
+        cfg = self.settings.receiver
+        return BatchWriter(
+            producer,
+            cfg.ack_timeout_s,
+            cfg.retry_after_s,
+            self.settings.max_record_bytes,
+            lambda topic, seconds: self.metrics.observe_ack(self._source_of.get(topic, topic), seconds),
+        )
 
     async def stop(self) -> None:
         if self._connecting is not None:
             self._connecting.cancel()
         if self._runner is not None:
             await self._runner.cleanup()
-        if self.producer is not None:
-            await self.producer.stop()
+        for writer in (self.writer, self.rewards_writer):
+            if writer is not None:
+                await writer.close()
+        for producer in (self.producer, self.rewards_producer):
+            if producer is not None:
+                await producer.stop()
 
     # --- handlers ---------------------------------------------------------------------------------------
 
     def _handler(self, adapter: AdapterModule) -> Callable[[web.Request], Awaitable[web.Response]]:
         source = adapter.SOURCE
+        topic = self.settings.topics.raw(source)
 
         async def handle(request: web.Request) -> web.Response:
             tenant_id = "-"
+            stored = 0
             try:
                 credentials = self.directory.authenticate(adapter.AUTH, request)
                 tenant_id = credentials.tenant.id
-                body = await self._read_body(request)
-                verify_body(adapter.AUTH, credentials.tenant, request, body)
-                headers = self._raw_headers(source, credentials, request, adapter.REQUEST_META)
-                await self.write(self.settings.topics.raw(source), body, headers, source)
-            except AuthError as exc:
-                response = _json_error(401, str(exc))
-            except PayloadTooLarge as exc:
-                response = _json_error(413, str(exc))
-            except BrokerUnavailable as exc:
-                retry = str(int(max(1, exc.retry_after_s)))
-                log.warning("503 for %s: %s", source, exc)
-                response = _json_error(
-                    503, "temporarily unable to store the event; retry later", {"Retry-After": retry}
-                )
+                meta = request_meta(request, adapter.REQUEST_META) if adapter.REQUEST_META else {}
+                vendor = {**credentials.vendor, **meta} if meta else credentials.vendor
+                request_id, headers = self._headers(source, tenant_id, request, vendor)
+                async with self._slot(tenant_id, request) as body:
+                    verify_body(adapter.AUTH, credentials.tenant, request, body)
+                    await self._write(topic, body, headers)
+                    stored = len(body)
+            except REFUSED as exc:
+                response = refusal(exc)
             else:
-                self.metrics.bytes.labels(source, tenant_id).inc(len(body))
                 response = web.Response(
                     body=OK_BODY,
                     content_type="application/json",
-                    headers={"X-Request-Id": headers.request_id},
+                    headers={"X-Request-Id": request_id},
                 )
-            self.metrics.requests.labels(source, tenant_id, str(response.status)).inc()
+            self.metrics.request(source, tenant_id, response.status, stored)
             return response
 
         return handle
 
     async def _rewards(self, request: web.Request) -> web.Response:
-        """POST /rewards/v1: one reward or an array -> one record per reward on topics.rewards (issue 5).
+        """POST /rewards/v1 (a rewards key): one reward or an array -> one record per reward, all or none.
 
         Like the other routes it stores what it is given; invalid rewards are dead-lettered by the
-        dispatcher's intake, and listed in the 200 answer so the sender learns about them at once.
+        dispatcher's intake, and listed in the 200 answer so the sender learns about them at once. The
+        records of one request go to Kafka as one record batch on one partition, which the broker appends
+        whole or not at all: a 200 means every reward is stored, a 503 that none is (issue 12).
         """
         tenant_id = "-"
         try:
-            credentials = self.directory.write_key(request)
+            credentials = self.directory.rewards_key(request)
             tenant_id = credentials.tenant.id
-            records, invalid = split_rewards(await self._read_body(request))
-            headers = self._raw_headers("rewards", credentials, request, {})
-            await asyncio.gather(
-                *(self.write(self.settings.topics.rewards, record, headers, "rewards") for record in records)
-            )
-        except AuthError as exc:
-            response = _json_error(401, str(exc))
-        except PayloadTooLarge as exc:
-            response = _json_error(413, str(exc))
-        except BrokerUnavailable as exc:  # some may be stored: a retry is safe, delivery dedups on rewardId
-            response = _json_error(
-                503,
-                "temporarily unable to store the rewards; retry later",
-                {"Retry-After": str(int(max(1, exc.retry_after_s)))},
-            )
+            request_id, kafka_headers = self._headers("rewards", tenant_id, request, {})
+            async with self._slot(tenant_id, request) as body:
+                records, invalid = _split_rewards(body)
+                if records:
+                    await self._write_all(self.settings.topics.rewards, [(r, kafka_headers) for r in records])
+        except REFUSED as exc:
+            response = refusal(exc)
         else:
             answer: dict[str, object] = {"status": "ok", "count": len(records)}
             if invalid:
@@ -189,68 +262,52 @@ class Receiver:
             response = web.Response(
                 body=orjson.dumps(answer),
                 content_type="application/json",
-                headers={"X-Request-Id": headers.request_id},
+                headers={"X-Request-Id": request_id},
             )
-        self.metrics.requests.labels("rewards", tenant_id, str(response.status)).inc()
+        self.metrics.request("rewards", tenant_id, response.status)
         return response
 
-    async def _read_body(self, request: web.Request) -> bytes:
+    @contextlib.asynccontextmanager
+    async def _slot(self, tenant: str, request: web.Request) -> AsyncIterator[bytes]:
+        """Take an in-flight slot (count and bytes) before reading the body; yield the body; give it back."""
+        if self.writer is None:
+            raise BrokerUnavailable("not connected to Kafka yet", self.settings.receiver.retry_after_s)
         limit = self.settings.receiver.max_body_bytes
-        if request.content_length is not None and request.content_length > limit:
-            raise PayloadTooLarge(
-                f"body of {request.content_length} bytes is over the limit of {limit} bytes"
-            )
+        declared = request.content_length
+        if declared is not None and declared > limit:
+            raise PayloadTooLarge(f"body of {declared} bytes is over the limit of {limit} bytes")
+        reserved = limit if declared is None else declared
+        await self.admission.enter(tenant, reserved)
+        self.metrics.in_flight.inc()
         try:
-            return await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            raise PayloadTooLarge(f"body is over the limit of {limit} bytes") from None
-
-    def _raw_headers(
-        self, source: str, credentials: Credentials, request: web.Request, wanted: Mapping[str, RequestValue]
-    ) -> RawHeaders:
-        vendor = dict(credentials.vendor)
-        for name, where in wanted.items():
-            value = (
-                request.headers.get(where.name)
-                if isinstance(where, Header)
-                else request.query.get(where.name)
-            )
-            if value is not None:
-                vendor[name] = value
-        return RawHeaders(
-            tenant=credentials.tenant.id,
-            source=source,
-            received_at=utc_now(),
-            request_id=new_request_id(),
-            content_type=request.headers.get("Content-Type"),
-            vendor=vendor,
-        )
-
-    async def write(self, topic: str, body: bytes, headers: RawHeaders, source: str) -> None:
-        """Send one record and wait for the ack, bounded in count (in-flight limit) and time (ack timeout)."""
-        cfg = self.settings.receiver
-        if self.producer is None:
-            raise BrokerUnavailable("not connected to Kafka yet", cfg.retry_after_s)
-        if self.in_flight >= cfg.max_in_flight:
-            raise BrokerUnavailable("too many writes in flight", cfg.retry_after_s)
-        self.in_flight += 1
-        self.metrics.in_flight.set(self.in_flight)
-        started = time.perf_counter()
-        try:
-            async with broker_errors(f"writing to {topic}", cfg.retry_after_s):
-                await asyncio.wait_for(self._send(topic, body, headers), cfg.ack_timeout_s)
+            try:
+                body = await request.read()
+            except web.HTTPRequestEntityTooLarge:
+                raise PayloadTooLarge(f"body is over the limit of {limit} bytes") from None
+            self.admission.resize(reserved, len(body))
+            reserved = len(body)
+            yield body
         finally:
-            self.in_flight -= 1
-            self.metrics.in_flight.set(self.in_flight)
-        self.metrics.produce_latency.labels(source).observe(time.perf_counter() - started)
+            self.metrics.in_flight.dec()
+            self.admission.leave(tenant, reserved)
 
-    async def _send(self, topic: str, body: bytes, headers: RawHeaders) -> None:
-        assert self.producer is not None
-        ack = await self.producer.send(topic, body, headers=headers.to_kafka())
-        await ack
+    def _headers(
+        self, source: str, tenant: str, request: web.Request, vendor: Mapping[str, str]
+    ) -> tuple[str, KafkaHeaderList]:
+        content_type = short_text(request.headers.get("Content-Type"), "header Content-Type")
+        return self.header_templates.build(tenant, source, content_type, vendor)
+
+    async def _write(self, topic: str, body: bytes, headers: KafkaHeaders) -> None:
+        """One record, batched with the others of this moment; returns after the broker's ack."""
+        assert self.writer is not None
+        await asyncio.shield(self.writer.write(topic, body, headers))
+
+    async def _write_all(self, topic: str, records: Sequence[tuple[bytes, KafkaHeaders]]) -> None:
+        assert self.rewards_writer is not None
+        await asyncio.shield(self.rewards_writer.write_all(topic, records))
 
     async def _healthz(self, request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok"})
+        return web.json_response({"status": "ok", "pid": os.getpid()})
 
     async def _readyz(self, request: web.Request) -> web.Response:
         ready = False
@@ -267,14 +324,25 @@ class Receiver:
 
     async def _metrics(self, request: web.Request) -> web.Response:
         return web.Response(
-            body=generate_latest(self.metrics.registry),
+            body=self.metrics.render(),
             headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"},
         )
 
 
-async def serve(settings: Settings, stop: asyncio.Event) -> None:
+def _split_rewards(body: bytes) -> tuple[list[bytes], list[dict[str, object]]]:
+    """split_rewards, but a body it cannot split (nesting too deep to re-encode) is kept whole: intake
+    dead-letters it, and the sender never sees a 5xx for what it sent."""
+    try:
+        return split_rewards(body)
+    except (TypeError, ValueError, RecursionError):
+        return [body], [{"index": None, "reason": "invalid_json"}]
+
+
+async def serve(
+    settings: Settings, stop: asyncio.Event, reuse_port: bool = False, multiprocess_metrics: bool = False
+) -> None:
     """Run a receiver until `stop` is set."""
-    receiver = Receiver(settings)
+    receiver = Receiver(settings, reuse_port=reuse_port, multiprocess_metrics=multiprocess_metrics)
     await receiver.start()
     try:
         await stop.wait()
