@@ -16,7 +16,9 @@ from pipeline.kafka.local import LocalKafka, free_port
 
 def start_local_broker(data_dir: Path) -> LocalKafka:
     """A LocalKafka on free ports that dies with this process."""
-    broker = LocalKafka(LocalKafkaSettings(port=free_port(), controller_port=free_port(), data_dir=data_dir))
+    # 2 GiB of heap: a whole session creates hundreds of topics and some tests write 100k records.
+    settings = LocalKafkaSettings(port=free_port(), controller_port=free_port(), data_dir=data_dir, heap="2g")
+    broker = LocalKafka(settings)
     broker.up(bound_to_parent=True)
     return broker
 
