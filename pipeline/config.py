@@ -178,7 +178,7 @@ class DlqSettings(_Frozen):
     page_token: SecretStr | None = Field(None, min_length=16)
     page_window: Duration = timedelta(hours=24)  # the list shows dead letters failed this recently...
     page_limit: int = Field(100, ge=1, le=1000)  # ...at most this many, newest first (the form may ask fewer)
-    page_scan_limit: int = Field(20_000, ge=100)  # records one page request reads at most
+    page_scan_limit: int = Field(10_000, ge=100)  # records one page request reads at most
 
 
 class Tenant(_Frozen):

@@ -10,6 +10,7 @@ since, until, all, limit) and `/letters/{id}`.
 
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
 from html import escape
 from urllib.parse import urlencode
@@ -21,7 +22,7 @@ from pipeline import reasons
 from pipeline.config import DlqSettings, Settings
 from pipeline.errors import HeadwaterError
 from pipeline.ops import dlq
-from pipeline.ops.dlq_window import At, Window, read_letter, read_window
+from pipeline.ops.dlq_window import At, DlqReader, Window
 from pipeline.ops.page_guard import guarded, headers_middleware, is_loopback, refusal
 from pipeline.ops.times import parse_time
 from pipeline.records import DeadLetter, utc_now
@@ -29,6 +30,7 @@ from pipeline.sources import SOURCES
 
 __all__ = ["is_loopback", "make_app", "refusal"]
 SETTINGS = web.AppKey("settings", Settings)
+READER = web.AppKey("reader", DlqReader)
 STAGES = ("parse", "normalize", "validate")
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 1.5rem; color: #222; }
@@ -53,6 +55,20 @@ def make_app(settings: Settings, serve_page: bool = True) -> web.Application:
     """
     app = web.Application(middlewares=[headers_middleware(STYLE)])
     app[SETTINGS] = settings
+    app[READER] = reader = DlqReader(settings)
+
+    async def start_reader(_: web.Application) -> None:
+        warming.append(asyncio.ensure_future(reader.warm()))
+
+    async def stop_reader(_: web.Application) -> None:
+        for task in warming:
+            task.cancel()
+        await reader.stop()
+
+    warming: list[asyncio.Future[None]] = []
+    if serve_page:
+        app.on_startup.append(start_reader)
+    app.on_cleanup.append(stop_reader)
     if serve_page:
         app.router.add_get("/", guarded(settings.dlq, list_view))
         app.router.add_get("/letters/{id}", guarded(settings.dlq, detail_view))
@@ -107,7 +123,7 @@ async def list_view(request: web.Request) -> web.Response:
             "Dead letters", f"<h1>Dead letters</h1><p class=reason>{escape(str(exc))}</p>", status=400
         )
     try:
-        window = await read_window(settings, filters, limit, page.page_scan_limit)
+        window = await request.app[READER].window(filters, limit, page.page_scan_limit)
     except HeadwaterError as exc:  # Kafka unreachable: say so, like the CLI's one red line
         return _unavailable(exc)
     form = (
@@ -193,10 +209,10 @@ async def detail_view(request: web.Request) -> web.Response:
         return _not_found(letter_id)
     try:
         if at is not None:
-            letter, redrive = await read_letter(settings, at)
+            letter, redrive = await request.app[READER].letter(at)
         else:
             filters = dlq.Filters(since=utc_now() - settings.dlq.page_window, include_redriven=True)
-            window = await read_window(settings, filters, 1, settings.dlq.page_scan_limit, letter_id)
+            window = await request.app[READER].window(filters, 1, settings.dlq.page_scan_limit, letter_id)
             letter = window.letters[0][0] if window.letters else None
             redrive = window.redrives.get(letter_id)
     except HeadwaterError as exc:

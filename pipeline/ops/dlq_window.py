@@ -1,7 +1,7 @@
 """Bounded reads of events.dlq for the DLQ page (issue 12): a time window, a limit, a scan cap.
 
-    read_window(settings, filters, limit, scan_limit) -> Window    the newest matches, read backwards
-    read_letter(settings, at) -> (DeadLetter | None, Redrive | None)  one record, by its DLQ coordinates
+    DlqReader(settings).window(filters, limit, scan_limit) -> Window   the newest matches, read backwards
+    DlqReader(settings).letter(at) -> (DeadLetter | None, Redrive)     one record, by its DLQ coordinates
 
 Unlike pipeline.ops.dlq.read_snapshot (the CLI's whole-topic read), no request here reads more than
 `scan_limit` records, however large the topic: each partition is read backwards in chunks from the end
@@ -10,20 +10,27 @@ Unlike pipeline.ops.dlq.read_snapshot (the CLI's whole-topic read), no request h
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import orjson
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 
 from pipeline.config import Settings
+from pipeline.errors import HeadwaterError
 from pipeline.kafka.clients import broker_errors, make_consumer
 from pipeline.ops import dlq
 from pipeline.records import DeadLetter
 
+log = logging.getLogger(__name__)
 FIRST_CHUNK = 64  # records per partition in the first backward step; each further step doubles it
 MAX_CHUNK = 4096
+METADATA_EVERY_S = 5.0  # an unknown topic (no redrive yet) is looked up again at most this often
 IDLE_POLLS = 3  # empty fetches in a row before a range counts as read (transaction markers, compaction)
 
 
@@ -56,22 +63,60 @@ class Window:
     elapsed_s: float = 0.0
 
 
-async def read_window(
-    settings: Settings, filters: dlq.Filters, limit: int, scan_limit: int, letter_id: str | None = None
-) -> Window:
-    """The newest `limit` dead letters matching `filters` (whose `since` bounds the read), at most
-    `scan_limit` records read in all; `letter_id` narrows it to one id (a link without coordinates)."""
-    started = time.monotonic()
-    window = Window()
-    consumer = make_consumer(settings, max_partition_fetch_bytes=4 * 1024 * 1024)
-    async with broker_errors(f"reading {settings.topics.dlq}"):
-        await consumer.start()
+class DlqReader:
+    """One long-lived consumer (no group) for the page's requests, one request at a time.
+
+    Starting a consumer and learning the topics' metadata is most of a small read's cost, so both are
+    paid once; a broker failure drops the consumer and the next request starts a new one.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.consumer: AIOKafkaConsumer | None = None
+        self.lock = asyncio.Lock()
+        self.metadata_at = 0.0
+
+    async def warm(self) -> None:
+        """Start the consumer and learn the DLQ topic's partitions now, so the first request is quick."""
         try:
-            window.redrives = await _redrives(consumer, settings, filters.since, scan_limit)
+            async with self._session() as consumer:
+                await self._ranges(consumer, self.settings.topics.dlq, None, None)
+        except HeadwaterError as exc:  # Kafka not there yet: the first request tries again
+            log.warning("DLQ page: %s", exc)
+
+    async def stop(self) -> None:
+        if self.consumer is not None:
+            consumer, self.consumer = self.consumer, None
+            await consumer.stop()
+
+    @contextlib.asynccontextmanager
+    async def _session(self) -> AsyncIterator[AIOKafkaConsumer]:
+        async with self.lock, broker_errors(f"reading {self.settings.topics.dlq}"):
+            try:
+                if self.consumer is None:
+                    consumer = make_consumer(  # short long-polls: a read at the end must not wait
+                        self.settings, max_partition_fetch_bytes=1024 * 1024, fetch_max_wait_ms=20
+                    )
+                    await consumer.start()
+                    self.consumer = consumer
+                yield self.consumer
+            except BaseException:
+                await self.stop()
+                raise
+
+    async def window(
+        self, filters: dlq.Filters, limit: int, scan_limit: int, letter_id: str | None = None
+    ) -> Window:
+        """The newest `limit` dead letters matching `filters` (whose `since` bounds the read), at most
+        `scan_limit` records read in all; `letter_id` narrows it to one id (a link without coordinates)."""
+        started = time.monotonic()
+        window = Window()
+        async with self._session() as consumer:
+            window.redrives = await self._redrives(consumer, filters.since, scan_limit)
             budget = max(0, scan_limit - len(window.redrives))
-            ranges = await _ranges(consumer, settings.topics.dlq, filters.since, filters.until)
+            ranges = await self._ranges(consumer, self.settings.topics.dlq, filters.since, filters.until)
             found: dict[int, list[tuple[DeadLetter, At]]] = {tp.partition: [] for tp in ranges}
-            chunk = FIRST_CHUNK
+            chunk = max(FIRST_CHUNK, limit)  # one step when the newest records match
             while ranges and budget > 0:
                 step = {}
                 for tp, (low, high) in ranges.items():
@@ -92,66 +137,82 @@ async def read_window(
                 }
                 chunk = min(chunk * 2, MAX_CHUNK)
             window.complete = not ranges
-            newest: dict[str, tuple[DeadLetter, At]] = {}  # a record processed twice: two letters, one id
-            for matches in found.values():
-                for match in matches[:limit]:
-                    newest.setdefault(match[0].id, match)
-            merged = sorted(newest.values(), key=lambda m: m[0].failed_at, reverse=True)
-            window.letters = merged[:limit]
-        finally:
-            await consumer.stop()
-    window.elapsed_s = time.monotonic() - started
-    return window
+        newest: dict[str, tuple[DeadLetter, At]] = {}  # a record processed twice: two letters, one id
+        for matches in found.values():
+            for match in matches[:limit]:
+                newest.setdefault(match[0].id, match)
+        window.letters = sorted(newest.values(), key=lambda m: m[0].failed_at, reverse=True)[:limit]
+        window.elapsed_s = time.monotonic() - started
+        return window
 
-
-async def read_letter(settings: Settings, at: At) -> tuple[DeadLetter | None, dlq.Redrive | None]:
-    """The dead letter stored at `at` (None if there is none), and its redrive if one is logged after it."""
-    consumer = make_consumer(settings, max_partition_fetch_bytes=4 * 1024 * 1024)
-    async with broker_errors(f"reading {settings.topics.dlq}"):
-        await consumer.start()
-        try:
-            tp = TopicPartition(settings.topics.dlq, at.partition)
-            if at.partition not in (await _partitions(consumer, tp.topic)):
+    async def letter(self, at: At) -> tuple[DeadLetter | None, dlq.Redrive | None]:
+        """The dead letter stored at `at` (None if there is none), and its redrive if one is logged."""
+        async with self._session() as consumer:
+            tp = TopicPartition(self.settings.topics.dlq, at.partition)
+            if at.partition not in await self._partitions(consumer, tp.topic):
                 return None, None
             records = await _fetch(consumer, {tp: (at.offset, at.offset + 1)})
             record = next((r for r in records.get(tp, []) if r.offset == at.offset), None)
             letter = _letter(record) if record is not None else None
             if letter is None:
                 return None, None
-            redrives = await _redrives(consumer, settings, letter.failed_at, settings.dlq.page_scan_limit)
+            redrives = await self._redrives(consumer, letter.failed_at, self.settings.dlq.page_scan_limit)
             return letter, redrives.get(letter.id)
-        finally:
-            await consumer.stop()
+
+    async def _partitions(self, consumer: AIOKafkaConsumer, topic: str) -> list[int]:
+        """The topic's partitions. An unknown DLQ topic refreshes the metadata on every request; an unknown
+        redrive log (no redrive yet) at most every few seconds, so it does not tax every list."""
+        parts = consumer.partitions_for_topic(topic)
+        if not parts:
+            throttled = topic != self.settings.topics.dlq
+            if not throttled or time.monotonic() - self.metadata_at > METADATA_EVERY_S:
+                self.metadata_at = time.monotonic()
+                await consumer._client.force_metadata_update()  # as pipeline.kafka.clients does
+                parts = consumer.partitions_for_topic(topic)
+        return sorted(parts or ())
+
+    async def _ranges(
+        self, consumer: AIOKafkaConsumer, topic: str, since: datetime | None, until: datetime | None
+    ) -> dict[TopicPartition, tuple[int, int]]:
+        """Partition -> [first offset at or after `since`, first at or after `until` (else the end))."""
+        tps = [TopicPartition(topic, p) for p in await self._partitions(consumer, topic)]
+        if not tps:
+            return {}
+        ends = await consumer.end_offsets(tps)
+        if since is None:
+            lows = await consumer.beginning_offsets(tps)
+        else:  # a dead letter is written after it failed: its record is never older
+            lows = await _offsets_at(consumer, tps, since, ends)
+        highs = ends
+        if until is not None:  # ...but may be written a little later: stop a minute past `until`
+            highs = await _offsets_at(consumer, tps, until + timedelta(minutes=1), ends)
+        return {tp: (lows[tp], highs[tp]) for tp in tps if highs[tp] > lows[tp]}
+
+    async def _redrives(
+        self, consumer: AIOKafkaConsumer, since: datetime | None, scan_limit: int
+    ) -> dict[str, dlq.Redrive]:
+        """Redrives logged at or after `since` (a redrive follows its letter), at most `scan_limit` read."""
+        ranges = await self._ranges(consumer, dlq.redrive_log_topic(self.settings), since, None)
+        ranges = {tp: (low, min(high, low + scan_limit)) for tp, (low, high) in ranges.items()}
+        redrives: dict[str, dlq.Redrive] = {}
+        for records in (await _fetch(consumer, ranges)).values():
+            for record in records:
+                try:
+                    entry = dlq.Redrive.model_validate_json(record.value or b"")
+                except ValueError:
+                    continue
+                redrives[entry.id] = entry
+        return redrives
 
 
 # --- reading ranges ------------------------------------------------------------------------------------
 
 
-async def _partitions(consumer: AIOKafkaConsumer, topic: str) -> list[int]:
-    parts = consumer.partitions_for_topic(topic)
-    if not parts:  # as pipeline.kafka.clients does: the topic may be new to this consumer's metadata
-        await consumer._client.force_metadata_update()
-        parts = consumer.partitions_for_topic(topic)
-    return sorted(parts or ())
-
-
-async def _ranges(
-    consumer: AIOKafkaConsumer, topic: str, since: datetime | None, until: datetime | None
-) -> dict[TopicPartition, tuple[int, int]]:
-    """Partition -> [first offset at or after `since`, first offset at or after `until` (else the end))."""
-    tps = [TopicPartition(topic, p) for p in await _partitions(consumer, topic)]
-    if not tps:
-        return {}
-    ends = await consumer.end_offsets(tps)
-    starts = await consumer.beginning_offsets(tps)
-    lows, highs = dict(starts), dict(ends)
-    if since is not None:  # a dead letter is written after it failed: its record is never older
-        found = await consumer.offsets_for_times({tp: int(since.timestamp() * 1000) for tp in tps})
-        lows = {tp: (found[tp].offset if found.get(tp) else ends[tp]) for tp in tps}
-    if until is not None:  # ...but may be written a little later: stop a minute past `until`
-        found = await consumer.offsets_for_times({tp: int(until.timestamp() * 1000) + 60_000 for tp in tps})
-        highs = {tp: (found[tp].offset if found.get(tp) else ends[tp]) for tp in tps}
-    return {tp: (max(lows[tp], starts[tp]), highs[tp]) for tp in tps if highs[tp] > max(lows[tp], starts[tp])}
+async def _offsets_at(
+    consumer: AIOKafkaConsumer, tps: list[TopicPartition], when: datetime, ends: dict[TopicPartition, int]
+) -> dict[TopicPartition, int]:
+    found = await consumer.offsets_for_times({tp: int(when.timestamp() * 1000) for tp in tps})
+    return {tp: (found[tp].offset if found.get(tp) else ends[tp]) for tp in tps}
 
 
 async def _fetch(
@@ -177,23 +238,6 @@ async def _fetch(
                 del wanted[tp]
                 consumer.pause(tp)
     return out
-
-
-async def _redrives(
-    consumer: AIOKafkaConsumer, settings: Settings, since: datetime | None, scan_limit: int
-) -> dict[str, dlq.Redrive]:
-    """Redrives logged at or after `since` (a redrive follows its dead letter), at most `scan_limit` read."""
-    ranges = await _ranges(consumer, dlq.redrive_log_topic(settings), since, None)
-    ranges = {tp: (low, min(high, low + scan_limit)) for tp, (low, high) in ranges.items()}
-    redrives: dict[str, dlq.Redrive] = {}
-    for records in (await _fetch(consumer, ranges)).values():
-        for record in records:
-            try:
-                entry = dlq.Redrive.model_validate_json(record.value or b"")
-            except ValueError:
-                continue
-            redrives[entry.id] = entry
-    return redrives
 
 
 # --- matching -------------------------------------------------------------------------------------------
