@@ -11,9 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from click.testing import CliRunner
 from realkafka import LoopThread, wait_for
 from rewards_rig import Dispatcher, dead_letters, produce_with_headers, render_toml, settings_doc, start_customer
 
+from pipeline.cli import main
 from pipeline.config import Settings
 from pipeline.kafka.local import free_port
 from pipeline.rewards.records import MAX_REWARD_BYTES, DeliveryJob, RewardDeadLetter, read_intake
@@ -119,6 +121,12 @@ def test_hostile_rewards_on_the_broker_each_end_as_one_dead_letter_and_the_next_
         for letter in letters:
             assert letter.stage == "intake" and marker.encode() in letter.body[:200]
         assert "intake crashed" not in dispatcher.output() and "intake failed" not in dispatcher.output()
+        redelivered = CliRunner().invoke(
+            main, ["--config", str(config), "rewards", "dlq", "redeliver", "--all", "--reason", "too_large"]
+        )
+        assert redelivered.exit_code == 0, redelivered.output
+        # the record over the limit is kept cut and skipped; the one whose job was too large is kept whole
+        assert "skipping 1 too large" in redelivered.output and "redelivered 1 " in redelivered.output
     finally:
         dispatcher.stop()
         loop.run(customer.stop())
