@@ -149,6 +149,8 @@ class WebService(mode.Service):
         await web.TCPSite(self.runner, host, port).start()
 
     async def on_stop(self) -> None:
+        if self.thread.ident is None:  # never started
+            return
         if self.runner is not None and self.thread.is_alive():
             done = asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop)
             await asyncio.wrap_future(done)
