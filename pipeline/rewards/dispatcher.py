@@ -7,8 +7,10 @@
     deliver applies outcomes:       delivered | retry at its due time | rewards.dlq with every attempt
 
 Every table write happens in the deliver agent while it handles a record of the partition that owns the
-key, so table changelog, outputs and consumer offsets move together: Faust flushes the producer before
-it commits (at-least-once). No agent awaits a webhook: a retry is parked as a due time in the table.
+key, so table changelog, outputs and consumer offsets move together (at-least-once). Each output is
+awaited on its own ack before its record is acknowledged (Faust's flush before a commit does not look at
+the results; issue 12). No agent awaits a webhook: a retry is parked as a due time in the table. After
+a rebalance a partition's retries wait, without a time cap, until its catch-up marker has been read.
 """
 
 from __future__ import annotations
