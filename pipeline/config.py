@@ -190,6 +190,11 @@ class DlqSettings(_Frozen):
     redrive_limit: int = Field(DEFAULT_REDRIVE_LIMIT, ge=0)  # redriven more often than this: parked
     page_host: str = "127.0.0.1"
     page_port: int = Field(6068, ge=0, le=65535)
+    # Bearer token, or HTTP basic auth password; without it the page is served on loopback only
+    page_token: SecretStr | None = Field(None, min_length=16)
+    page_window: Duration = timedelta(hours=24)  # the list shows dead letters failed this recently...
+    page_limit: int = Field(100, ge=1, le=1000)  # ...at most this many, newest first (the form may ask fewer)
+    page_scan_limit: int = Field(10_000, ge=100)  # records one page request reads at most
 
 
 class LoggingSettings(_Frozen):
@@ -281,6 +286,7 @@ ENV_OVERRIDES = {
     "HEADWATER_LOCAL_KAFKA": "local_kafka.enabled",
     "HEADWATER_LOG_LEVEL": "logging.level",
     "HEADWATER_LOG_FORMAT": "logging.format",
+    "HEADWATER_DLQ_PAGE_TOKEN": "dlq.page_token",
 }
 
 

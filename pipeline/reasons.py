@@ -145,6 +145,25 @@ REWARD_INVALID_ID = Reason(
 REWARD_MISSING_TENANT = Reason("missing_tenant", "intake", "The Kafka record has no hw-tenant header.")
 REWARD_UNKNOWN_TENANT = Reason("unknown_tenant", "intake", "The hw-tenant header names no configured tenant.")
 REWARD_NO_WEBHOOK = Reason("no_webhook", "intake", "The tenant has no rewards_webhook configured.")
+REWARD_TOO_LARGE = Reason(
+    "too_large",
+    "intake",
+    "The record, or the delivery job built from it, is over the reward size limit (256 KiB); "
+    "the dead letter keeps the first 256 KiB, the whole record stays at its origin.",
+)
+REWARD_TOO_DEEP = Reason(
+    "too_deep", "intake", "The reward nests objects or arrays deeper than 64 levels (e.g. in details)."
+)
+REWARD_INVALID_HEADER = Reason(
+    "invalid_header",
+    "intake",
+    "A Headwater header of the record is unreadable (invalid_header:<name>, e.g. hw-redrive-count).",
+)
+REWARD_INTAKE_CRASHED = Reason(
+    "intake_crashed",
+    "intake",
+    "Reading the record raised an unexpected error (a bug, logged with its traceback); the record is kept.",
+)
 REWARD_REJECTED = Reason(
     "rejected",
     "delivery",
@@ -166,6 +185,10 @@ REWARD_CATALOGUE: dict[str, Reason] = {
         REWARD_MISSING_TENANT,
         REWARD_UNKNOWN_TENANT,
         REWARD_NO_WEBHOOK,
+        REWARD_TOO_LARGE,
+        REWARD_TOO_DEEP,
+        REWARD_INVALID_HEADER,
+        REWARD_INTAKE_CRASHED,
         REWARD_REJECTED,
         REWARD_ATTEMPTS_EXHAUSTED,
     )

@@ -175,6 +175,13 @@ def start_customer(loop: LoopThread, behaviour: dict[str, str]) -> Customer:
 
 def produce(settings: Settings, records: list[tuple[str | None, bytes]]) -> list[float]:
     """Write (tenant, body) records to the rewards topic as an upstream system would; returns ack times."""
+    return produce_with_headers(
+        settings, [([("hw-tenant", tenant.encode())] if tenant is not None else [], body) for tenant, body in records]
+    )
+
+
+def produce_with_headers(settings: Settings, records: list[tuple[list[tuple[str, bytes]], bytes | None]]) -> list[float]:
+    """Write (headers, value) records to the rewards topic, headers as given (hostile ones too)."""
 
     async def run() -> list[float]:
         await ensure_topics(settings, [settings.topics.rewards])
@@ -182,8 +189,7 @@ def produce(settings: Settings, records: list[tuple[str | None, bytes]]) -> list
         await producer.start()
         try:
             acked = []
-            for tenant, body in records:
-                headers = [("hw-tenant", tenant.encode())] if tenant is not None else []
+            for headers, body in records:
                 await producer.send_and_wait(settings.topics.rewards, body, headers=headers)
                 acked.append(time.time())
             return acked

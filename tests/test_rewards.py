@@ -227,7 +227,7 @@ def test_worked_example_is_delivered_with_its_signature(rig: Rig) -> None:
     doc = json.loads(WORKED_BODY)
     shuffled = json.dumps(dict(reversed(list(doc.items()))), indent=1).encode()
     produce(rig.settings, [("acme", shuffled)])
-    [seen] = wait_for(lambda: rig.customer.seen("acme", doc["rewardId"]))
+    [seen] = wait_for(lambda: rig.customer.seen("acme", doc["rewardId"]), timeout=120)  # first: includes start-up
     assert seen.body == WORKED_BODY
     assert seen.headers["X-CG-SIGNATURE"] == WORKED_DIGEST
     assert seen.headers["Content-Type"] == "application/json"

@@ -304,12 +304,16 @@ def redrive(
 @click.option("--port", type=int, help="Listen port (default dlq.page_port).")
 @click.pass_obj
 def page(obj: _CliContext, host: str | None, port: int | None) -> None:
-    """Serve the read-only DLQ web page until Ctrl-C."""
+    """Serve the read-only DLQ web page until Ctrl-C (beyond loopback only with dlq.page_token set)."""
     from aiohttp import web
 
-    from pipeline.ops.dlq_page import make_app
+    from pipeline.errors import ConfigError
+    from pipeline.ops.dlq_page import make_app, refusal
 
     settings = obj.settings(**{"dlq.page_host": host, "dlq.page_port": port})
+    withheld = refusal(settings.dlq.page_host, settings.dlq)
+    if withheld is not None:
+        raise ConfigError(withheld)
     web.run_app(
         make_app(settings),
         host=settings.dlq.page_host,

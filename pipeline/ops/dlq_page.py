@@ -1,12 +1,17 @@
 """A read-only web page over events.dlq: recent dead letters, a filter form, one page per dead letter.
 
 Plain server-rendered HTML, no scripts; every value a vendor or a config controls is HTML-escaped.
-Each request reads the topic again (pipeline.ops.dlq), so the page is as fresh as `headwater dlq ls`.
-Routes: `/` (query: source, tenant, reason, stage, since, until, all, limit) and `/letters/{id}`.
+Each request reads the topic again, bounded (pipeline.ops.dlq_window): the list covers `dlq.page_window`
+(default 24 h) and at most `dlq.page_limit` letters (default 100), reading at most `dlq.page_scan_limit`
+records; a detail link carries the letter's coordinates (`?at=<partition>-<offset>`), so it reads one
+record. Who may see it: pipeline.ops.page_guard. Routes: `/` (query: source, tenant, reason, stage,
+since, until, all, limit) and `/letters/{id}`.
 """
 
 from __future__ import annotations
 
+import asyncio
+from datetime import timedelta
 from html import escape
 from urllib.parse import urlencode
 
@@ -14,15 +19,19 @@ import orjson
 from aiohttp import web
 
 from pipeline import reasons
-from pipeline.config import Settings
+from pipeline.config import DlqSettings, Settings
 from pipeline.errors import HeadwaterError
 from pipeline.ops import dlq
-from pipeline.records import DeadLetter
+from pipeline.ops.dlq_window import At, DlqReader, Window
+from pipeline.ops.page_guard import guarded, headers_middleware, is_loopback, refusal
+from pipeline.ops.times import parse_time
+from pipeline.records import DeadLetter, utc_now
 from pipeline.sources import SOURCES
 
+__all__ = ["is_loopback", "make_app", "refusal"]
 SETTINGS = web.AppKey("settings", Settings)
+READER = web.AppKey("reader", DlqReader)
 STAGES = ("parse", "normalize", "validate")
-DEFAULT_LIMIT = 100
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 1.5rem; color: #222; }
 h1 { font-size: 1.4rem; overflow-wrap: anywhere; }
@@ -38,12 +47,31 @@ pre { background: #f7f7f7; padding: 0.8rem; overflow-x: auto; }
 """
 
 
-def make_app(settings: Settings) -> web.Application:
-    """The DLQ page as an aiohttp application (serve it with web.run_app or an AppRunner)."""
-    app = web.Application()
+def make_app(settings: Settings, serve_page: bool = True) -> web.Application:
+    """The DLQ page as an aiohttp application (serve it with web.run_app or an AppRunner).
+
+    `serve_page=False` gives the same application without the page's routes (a worker on a non-loopback
+    address without `dlq.page_token` adds only /metrics to it). Every answer has the security headers.
+    """
+    app = web.Application(middlewares=[headers_middleware(STYLE)])
     app[SETTINGS] = settings
-    app.router.add_get("/", list_view)
-    app.router.add_get("/letters/{id}", detail_view)
+    app[READER] = reader = DlqReader(settings)
+
+    async def start_reader(_: web.Application) -> None:
+        warming.append(asyncio.ensure_future(reader.warm()))
+
+    async def stop_reader(_: web.Application) -> None:
+        for task in warming:
+            task.cancel()
+        await reader.stop()
+
+    warming: list[asyncio.Future[None]] = []
+    if serve_page:
+        app.on_startup.append(start_reader)
+    app.on_cleanup.append(stop_reader)
+    if serve_page:
+        app.router.add_get("/", guarded(settings.dlq, list_view))
+        app.router.add_get("/letters/{id}", guarded(settings.dlq, detail_view))
     return app
 
 
@@ -72,19 +100,20 @@ def _text(name: str, value: str | None, placeholder: str = "") -> str:
 
 
 async def list_view(request: web.Request) -> web.Response:
-    """Recent dead letters, newest first, narrowed by the form's fields."""
-    from pipeline.ops.times import parse_time
-
+    """Recent dead letters, newest first, narrowed by the form; bounded by window, limit and scan cap."""
+    settings = request.app[SETTINGS]
+    page = settings.dlq
     query = request.query
     chosen = {k: (query.get(k) or None) for k in ("source", "tenant", "reason", "stage", "since", "until")}
     try:
-        limit = max(1, int(query.get("limit") or DEFAULT_LIMIT))
+        limit = min(page.page_limit, max(1, int(query.get("limit") or page.page_limit)))
+        since = parse_time(chosen["since"]) if chosen["since"] else utc_now() - page.page_window
         filters = dlq.Filters(
             source=chosen["source"],
             tenant=chosen["tenant"],
             reason=chosen["reason"],
             stage=chosen["stage"],
-            since=parse_time(chosen["since"]) if chosen["since"] else None,
+            since=since,
             until=parse_time(chosen["until"]) if chosen["until"] else None,
             include_redriven=bool(query.get("all")),
             limit=limit,
@@ -94,61 +123,103 @@ async def list_view(request: web.Request) -> web.Response:
             "Dead letters", f"<h1>Dead letters</h1><p class=reason>{escape(str(exc))}</p>", status=400
         )
     try:
-        snapshot = await dlq.read_snapshot(request.app[SETTINGS], filters.since)
+        window = await request.app[READER].window(filters, limit, page.page_scan_limit)
     except HeadwaterError as exc:  # Kafka unreachable: say so, like the CLI's one red line
         return _unavailable(exc)
-    letters = filters.apply(snapshot)
     form = (
         '<form method="get" action="/">'
         + _select("source", SOURCES, chosen["source"])
         + _text("tenant", chosen["tenant"])
         + _select("reason", tuple(reasons.CATALOGUE), chosen["reason"])
         + _select("stage", STAGES, chosen["stage"])
-        + _text("since", chosen["since"], "2h or ISO-8601")
+        + _text("since", chosen["since"], f"{_duration(page.page_window)} or ISO-8601")
         + _text("until", chosen["until"], "ISO-8601")
+        + _text("limit", query.get("limit"), str(page.page_limit))
         + "<label>include redriven<input type=checkbox name=all value=1"
         + (" checked" if query.get("all") else "")
         + '></label><button type="submit">Filter</button></form>'
     )
-    if not letters:
-        rows = '<p id="empty">no dead letters match</p>'
-    else:
-        cells = []
-        for d in letters:
-            redriven = " (redriven)" if d.id in snapshot.redrives else ""
-            cells.append(
-                f'<tr class="letter"><td><a href="/letters/{escape(d.id)}">{escape(d.id)}</a></td>'
-                f"<td class=when>{escape(d.failed_at.strftime('%Y-%m-%d %H:%M:%S'))}</td>"
-                f"<td>{escape(d.source)}</td><td>{escape(d.tenant)}</td><td>{escape(d.stage)}</td>"
-                f"<td class=reason>{escape(d.reason)}</td>"
-                f"<td>{'-' if d.index is None else d.index}</td><td>{d.redrive_count}{redriven}</td>"
-                f"<td>{escape(d.message[:160])}</td></tr>"
-            )
-        rows = (
-            "<table><thead><tr><th>id</th><th>failed at (UTC)</th><th>source</th><th>tenant</th>"
-            "<th>stage</th><th>reason</th><th>item</th><th>redrives</th><th>message</th></tr></thead><tbody>"
-            + "".join(cells)
-            + f"</tbody></table><p class=muted>{len(letters)} dead letter(s)"
-            + (f" (showing the newest {limit})" if len(letters) == limit else "")
-            + "</p>"
+    title = f"Dead letters on {settings.topics.dlq}"
+    return _page(
+        "Dead letters",
+        f"<h1>{escape(title)}</h1>{form}{_bounds(window, filters, limit, page)}{_rows(window)}",
+    )
+
+
+def _bounds(window: Window, filters: dlq.Filters, limit: int, page: DlqSettings) -> str:
+    """What the list covers, with the defaults stated (issue 12: a bounded read says where its bounds are)."""
+    since = filters.since.strftime("%Y-%m-%d %H:%M:%S") if filters.since else "-"
+    until = filters.until.strftime("%Y-%m-%d %H:%M:%S") if filters.until else "now"
+    text = (
+        f"Showing the newest {limit} dead letters that failed from {since} to {until} UTC "
+        f"(defaults: the last {_duration(page.page_window)}, at most {page.page_limit}; "
+        f"read {window.scanned} records in {window.elapsed_s * 1000:.0f} ms)."
+    )
+    if not window.complete:
+        text += (
+            f" The read stopped at its cap of {page.page_scan_limit} records before the start of the"
+            " window: older matches were not searched; narrow the filters or the window."
         )
-    title = f"Dead letters on {request.app[SETTINGS].topics.dlq}"
-    return _page("Dead letters", f"<h1>{escape(title)}</h1>{form}{rows}")
+    return f'<p class=muted id="bounds">{escape(text)}</p>'
+
+
+def _rows(window: Window) -> str:
+    if not window.letters:
+        return '<p id="empty">no dead letters match</p>'
+    cells = []
+    for d, at in window.letters:
+        redriven = " (redriven)" if d.id in window.redrives else ""
+        link = f"/letters/{d.id}?{urlencode({'at': str(at)})}"
+        cells.append(
+            f'<tr class="letter"><td><a href="{escape(link)}">{escape(d.id)}</a></td>'
+            f"<td class=when>{escape(d.failed_at.strftime('%Y-%m-%d %H:%M:%S'))}</td>"
+            f"<td>{escape(d.source)}</td><td>{escape(d.tenant)}</td><td>{escape(d.stage)}</td>"
+            f"<td class=reason>{escape(d.reason)}</td>"
+            f"<td>{'-' if d.index is None else d.index}</td><td>{d.redrive_count}{redriven}</td>"
+            f"<td>{escape(d.message[:160])}</td></tr>"
+        )
+    return (
+        "<table><thead><tr><th>id</th><th>failed at (UTC)</th><th>source</th><th>tenant</th>"
+        "<th>stage</th><th>reason</th><th>item</th><th>redrives</th><th>message</th></tr></thead><tbody>"
+        + "".join(cells)
+        + f"</tbody></table><p class=muted>{len(window.letters)} dead letter(s)</p>"
+    )
+
+
+def _duration(value: timedelta) -> str:
+    seconds = int(value.total_seconds())
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds % size == 0:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
 
 
 async def detail_view(request: web.Request) -> web.Response:
-    """One dead letter in full: reason, field errors, headers, the failed item and the original body."""
+    """One dead letter in full: reason, field errors, headers, the failed item and the original body.
+
+    With `?at=<partition>-<offset>` (the list's links) one record is read; without it (an id from the
+    CLI) the default window is searched, within the scan cap.
+    """
+    settings = request.app[SETTINGS]
     letter_id = request.match_info["id"]
     if not dlq.ID_PATTERN.match(letter_id):
         return _not_found(letter_id)
+    at = At.parse(request.query.get("at", "")) if "at" in request.query else None
+    if "at" in request.query and at is None:
+        return _not_found(letter_id)
     try:
-        snapshot = await dlq.read_snapshot(request.app[SETTINGS])
+        if at is not None:
+            letter, redrive = await request.app[READER].letter(at)
+        else:
+            filters = dlq.Filters(since=utc_now() - settings.dlq.page_window, include_redriven=True)
+            window = await request.app[READER].window(filters, 1, settings.dlq.page_scan_limit, letter_id)
+            letter = window.letters[0][0] if window.letters else None
+            redrive = window.redrives.get(letter_id)
     except HeadwaterError as exc:
         return _unavailable(exc)
-    letter = next((d for d in snapshot.letters if d.id == letter_id), None)
-    if letter is None:
-        return _not_found(letter_id)
-    return _page(f"Dead letter {letter.id}", _detail(letter, snapshot.redrives.get(letter.id)))
+    if letter is None or letter.id != letter_id:
+        return _not_found(letter_id, searched=at is None)
+    return _page(f"Dead letter {letter.id}", _detail(letter, redrive))
 
 
 def _detail(letter: DeadLetter, redrive: dlq.Redrive | None) -> str:
@@ -202,10 +273,12 @@ def _detail(letter: DeadLetter, redrive: dlq.Redrive | None) -> str:
     return "".join(html)
 
 
-def _not_found(letter_id: str) -> web.Response:
+def _not_found(letter_id: str, searched: bool = False) -> web.Response:
+    where = " in the default window (follow a link from the list to open an older one)" if searched else ""
     return _page(
         "Not found",
-        f'<p><a href="/">&larr; all dead letters</a></p><h1>No dead letter with id {escape(letter_id)}</h1>',
+        f'<p><a href="/">&larr; all dead letters</a></p><h1>No dead letter with id {escape(letter_id)}'
+        f"{escape(where)}</h1>",
         status=404,
     )
 

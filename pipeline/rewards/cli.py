@@ -192,7 +192,10 @@ def dlq_redeliver(
     without_tenant = [d.id for d in chosen if d.tenant is None]
     if without_tenant:
         click.echo(f"skipping {len(without_tenant)} without a tenant: {', '.join(without_tenant)}", err=True)
-    count = redeliver(settings, [d for d in chosen if d.tenant is not None])
+    cut = [d.id for d in chosen if d.original_bytes is not None]  # only the first bytes are stored
+    if cut:
+        click.echo(f"skipping {len(cut)} too large to redeliver (kept cut): {', '.join(cut)}", err=True)
+    count = redeliver(settings, [d for d in chosen if d.tenant is not None and d.original_bytes is None])
     click.echo(f"redelivered {count} reward(s) to {settings.topics.rewards}")
 
 

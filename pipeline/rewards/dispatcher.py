@@ -7,8 +7,10 @@
     deliver applies outcomes:       delivered | retry at its due time | rewards.dlq with every attempt
 
 Every table write happens in the deliver agent while it handles a record of the partition that owns the
-key, so table changelog, outputs and consumer offsets move together: Faust flushes the producer before
-it commits (at-least-once). No agent awaits a webhook: a retry is parked as a due time in the table.
+key, so table changelog, outputs and consumer offsets move together (at-least-once). Each output is
+awaited on its own ack before its record is acknowledged (Faust's flush before a commit does not look at
+the results; issue 12). No agent awaits a webhook: a retry is parked as a due time in the table. After
+a rebalance a partition's retries wait, without a time cap, until its catch-up marker has been read.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import os
 import signal
 import time
 from collections import defaultdict, deque
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Literal
 
 import faust
@@ -42,16 +44,15 @@ from pipeline.rewards.records import (
     b64,
     classify,
     delivery_key,
+    intake_dead_letter,
     parse_message,
-    parse_reward,
-    peek_reward_id,
+    read_intake,
     retry_delay_s,
 )
 from pipeline.rewards.webhooks import Breaker, Schedule, Sender
-from pipeline.signing import canonical_body
 
 log = logging.getLogger(__name__)
-HOLD_MAX_S = 15.0  # after a rebalance, retries wait at most this long for the agent to catch up
+WRITE_RETRY_MAX_S = 5.0  # longest pause between two tries of an output write that failed
 UNRECORDED_RETRY_S = 5.0  # an attempt whose outcome could not be written to Kafka runs again after this
 SWEEP_EVERY_S = 60.0  # how often a partition's expired delivered-markers are deleted
 
@@ -123,6 +124,8 @@ class Dispatcher:
         self.settings = settings
         self.cfg = settings.rewards
         self.hooks: dict[str, RewardsWebhook | None] = {t.id: t.rewards_webhook for t in settings.tenants}
+        self.webhooks = {tenant: hook is not None for tenant, hook in self.hooks.items()}
+        self.generation = 0  # counts rebalances: a catch-up marker task of an older one stops
         self.delays_s = tuple(d.total_seconds() for d in self.cfg.retry_delays)
         self.metrics = RewardMetrics()
         self.schedule = Schedule()
@@ -187,59 +190,61 @@ class Dispatcher:
         async for event in stream.events():
             try:
                 await self._intake(event.message)
-            except Exception:  # an escaping exception ends the agent and acks the record anyway
-                log.exception(
-                    "intake failed for %s:%s:%s",
-                    event.message.topic,
-                    event.message.partition,
-                    event.message.offset,
-                )
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # the dead-letter path itself failed: write the plainest letter there is
+                message = event.message
+                log.exception("intake failed for %s:%s", message.partition, message.offset)
                 self.metrics.errors.labels("intake").inc()
+                letter = _last_resort(message)
+                await self._write(message, lambda: self.dlq.send(key=None, value=letter))  # noqa: B023
 
     async def _intake(self, message: Message) -> None:
+        """One record -> a durable job or dead letter, then (by returning) its ack; never raises for input."""
         origin = f"{message.topic}:{message.partition}:{message.offset}"
-        headers = _headers(message.headers)
-        tenant = headers.get("hw-tenant") or None
-        redelivery = int(headers.get("hw-redrive-count", "0") or 0)
         body: bytes = message.value or b""
-        reward_id: str | None = None
+        headers = _headers(message.headers)
         try:
-            if tenant is None:
-                raise RewardRejected(reasons.REWARD_MISSING_TENANT, "the record has no hw-tenant header")
-            if tenant not in self.hooks:
-                raise RewardRejected(reasons.REWARD_UNKNOWN_TENANT, f"tenant {tenant!r} is not configured")
-            reward = parse_reward(body)
-            reward_id = reward["rewardId"]
-            if self.hooks[tenant] is None:
-                raise RewardRejected(reasons.REWARD_NO_WEBHOOK, f"tenant {tenant!r} has no rewards_webhook")
-        except RewardRejected as rejected:
-            letter = RewardDeadLetter(
-                id=RewardDeadLetter.make_id(origin, "intake"),
-                stage="intake",
-                reason=rejected.reason.code,
-                message=rejected.detail,
-                tenant=tenant,
-                reward_id=reward_id or peek_reward_id(body),
-                origin=origin,
-                body_b64=b64(body),
-                failed_at=utc_now(),
-                redelivery_count=redelivery,
+            outcome = read_intake(body, headers, self.webhooks, origin, utc_now())
+        except Exception as exc:  # a bug in intake: the record still gets an outcome (issue 12)
+            log.exception("intake crashed on %s; dead-lettering it", origin)
+            self.metrics.errors.labels("intake").inc()
+            crashed = RewardRejected(reasons.REWARD_INTAKE_CRASHED, f"{type(exc).__name__}: {exc}")
+            outcome = intake_dead_letter(
+                body, headers.get("hw-tenant") or None, None, crashed, origin, 0, utc_now()
             )
-            await self.dlq.send(
-                key=message.key, value=letter.to_json(), headers=_header_list(message.headers)
-            )
-            self.metrics.deliveries.labels(tenant or "-", "invalid").inc()
-            log.info("reward %s dead-lettered at intake: %s", origin, rejected)
+        if isinstance(outcome, DeliveryJob):
+            key, value = delivery_key(outcome.tenant, outcome.reward_id), outcome.to_json()
+            await self._write(message, lambda: self.deliveries.send(key=key, value=value))
             return
-        job = DeliveryJob(
-            tenant=tenant,
-            reward_id=reward_id,
-            body=canonical_body(reward).decode(),
-            origin=origin,
-            redelivery_count=redelivery,
-            enqueued_at=utc_now(),
-        )
-        await self.deliveries.send(key=delivery_key(tenant, reward_id), value=job.to_json())
+        letter = outcome.to_json()
+        kept = _header_list(message.headers)
+        await self._write(message, lambda: self.dlq.send(key=message.key, value=letter, headers=kept))
+        self.metrics.deliveries.labels(outcome.tenant or "-", "invalid").inc()
+        log.info("reward %s dead-lettered at intake: %s: %s", origin, outcome.reason, outcome.message)
+
+    async def _write(self, message: Message, send: Callable[[], Awaitable[Awaitable[Any]]]) -> None:
+        """Send one output and await its own ack, again until it succeeds (issue 12).
+
+        Faust flushes the producer before it commits but never looks at the results: a record whose output
+        failed would be committed over. So the agent stays on the record until its output is durable; if
+        the worker stops meanwhile, the record is marked so that its offset is never committed.
+        """
+        delay_s = 0.2
+        try:
+            while True:
+                try:
+                    await (await send())
+                    return
+                except Exception:
+                    log.exception(
+                        "could not write the outcome of %s:%s; retrying", message.partition, message.offset
+                    )
+                    await asyncio.sleep(delay_s)
+                    delay_s = min(delay_s * 2, WRITE_RETRY_MAX_S)
+        except asyncio.CancelledError:
+            message.acked = True  # Faust acks in a finally; an acked-looking message never reaches the commit
+            raise
 
     # --- deliver: jobs and outcomes -> state table ------------------------------------------------------
 
@@ -248,13 +253,10 @@ class Dispatcher:
             partition, offset = event.message.partition, event.message.offset
             try:
                 message = parse_message(event.value)
-                log.debug(
-                    "event %s:%s %s %s", partition, offset, message.kind, getattr(message, "reward_id", "")
-                )
                 if isinstance(message, DeliveryJob):
                     self._on_job(message, partition)
                 elif isinstance(message, AttemptOutcome):
-                    await self._on_outcome(message, partition)
+                    await self._on_outcome(message, partition, event.message)
                 self._sweep(partition, time.time())
             except Exception:  # an escaping exception ends the agent and acks the record anyway
                 log.exception("deliver failed for %s:%s", partition, offset)
@@ -291,7 +293,7 @@ class Dispatcher:
         self.schedule.put(key, now, job.tenant, partition)
         self._dispatch(now)
 
-    async def _on_outcome(self, outcome: AttemptOutcome, partition: int) -> None:
+    async def _on_outcome(self, outcome: AttemptOutcome, partition: int, source: Message) -> None:
         key = delivery_key(outcome.tenant, outcome.reward_id)
         state = self._get(key)
         number = outcome.attempt.number
@@ -321,7 +323,7 @@ class Dispatcher:
             reason = (
                 reasons.REWARD_REJECTED if outcome.attempt.status is not None else reasons.REWARD_NO_WEBHOOK
             )
-            await self._dead_letter(key, state, attempts, reason, outcome.attempt.error or "rejected")
+            await self._dead_letter(source, key, state, attempts, reason, outcome.attempt.error or "rejected")
             return
         delay = retry_delay_s(
             len(attempts),
@@ -332,13 +334,19 @@ class Dispatcher:
         )
         if delay is None:
             message = f"{len(attempts)} attempts failed; last: {outcome.attempt.error}"
-            await self._dead_letter(key, state, attempts, reasons.REWARD_ATTEMPTS_EXHAUSTED, message)
+            await self._dead_letter(source, key, state, attempts, reasons.REWARD_ATTEMPTS_EXHAUSTED, message)
             return
         self.state[key] = state.model_copy(update={"attempts": attempts, "due_at": now + delay}).to_json()
         self.schedule.put(key, now + delay, outcome.tenant, partition)
 
     async def _dead_letter(
-        self, key: bytes, state: DeliveryState, attempts: tuple[Attempt, ...], reason: Reason, message: str
+        self,
+        source: Message,
+        key: bytes,
+        state: DeliveryState,
+        attempts: tuple[Attempt, ...],
+        reason: Reason,
+        message: str,
     ) -> None:
         letter = RewardDeadLetter(
             id=RewardDeadLetter.make_id(state.origin, "delivery"),
@@ -353,8 +361,9 @@ class Dispatcher:
             failed_at=utc_now(),
             redelivery_count=state.redelivery_count,
         )
-        await self.dlq.send(key=key, value=letter.to_json(), headers=[("hw-tenant", state.tenant.encode())])
-        del self.state[key]
+        value, headers = letter.to_json(), [("hw-tenant", state.tenant.encode())]
+        await self._write(source, lambda: self.dlq.send(key=key, value=value, headers=headers))
+        del self.state[key]  # only once the letter is durable
         self.schedule.drop(key)
         self.metrics.deliveries.labels(state.tenant, "dead_lettered").inc()
         log.warning(
@@ -403,10 +412,8 @@ class Dispatcher:
                 return
             state = self._get(key)
             if state is None or state.status != "pending" or state.body is None:
-                log.debug("drop %s state %s", key, state and state.status)
                 self.schedule.drop(key)
                 continue
-            log.debug("start %s", key)
             mode: Literal["send", "skip", "no_webhook"] = "no_webhook" if hook is None else breaker.admit(now)
             self.schedule.running.add(key)
             if mode == "send":
@@ -481,12 +488,20 @@ class Dispatcher:
             log.exception("rewards tick failed")
 
     async def _on_recover(self) -> None:
-        """After every rebalance: rebuild the schedule from the table for this worker's active partitions."""
+        """After every rebalance: rebuild the schedule from the table for this worker's active partitions.
+
+        Each partition is held before anything is scheduled, and stays held, with no time cap, until the
+        deliver agent has read the catch-up marker written to it now: outcomes recorded before a crash are
+        applied before anything could be re-sent, however slow the restart (issue 12).
+        """
+        self.generation += 1
         topic = self.deliveries.get_topic_name()
         actives = [tp for tp in self.app.assignor.assigned_actives() if tp.topic == topic]
         partitions = {tp.partition for tp in actives}
         self.schedule.clear()
         self.expiry.clear()
+        for partition in partitions:
+            self.schedule.hold(partition)
         now = time.time()
         window = self.cfg.dedup_window.total_seconds()
         for key, raw in list(self.state.items()):
@@ -502,21 +517,34 @@ class Dispatcher:
             queue.clear()
             queue.extend(ordered)
         await self._rewind_uncommitted()
-        for tp in actives:  # hold each partition until the agent has read past what is there now
-            try:
-                ack = await self.deliveries.send(
-                    value=CatchUpMarker(written_at=utc_now()).to_json(), partition=tp.partition
-                )
-                self.schedule.hold(tp.partition, (await ack).offset, now + HOLD_MAX_S)
-            except Exception:  # no marker: the hold cannot be released early; retries wait HOLD_MAX_S
-                log.exception("could not write the catch-up marker to partition %d", tp.partition)
-                self.schedule.hold(tp.partition, 2**62, now + HOLD_MAX_S)
+        for partition in sorted(partitions):
+            task = asyncio.ensure_future(self._mark_caught_up(partition, self.generation))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
         log.info(
-            "schedule rebuilt for partitions %s: %d pending, held %s",
+            "schedule rebuilt for partitions %s: %d pending, held until their catch-up markers are read",
             sorted(partitions),
             sum(self.schedule.depth(t) for t in self.hooks),
-            self.schedule.held(),
         )
+
+    async def _mark_caught_up(self, partition: int, generation: int) -> None:
+        """Append the catch-up marker to `partition` (again until it is written), then hold up to it."""
+        delay_s = 0.2
+        while generation == self.generation:
+            try:
+                ack = await self.deliveries.send(
+                    value=CatchUpMarker(written_at=utc_now()).to_json(), partition=partition
+                )
+                offset = (await ack).offset
+            except Exception:  # no marker, no release: the partition's retries keep waiting
+                log.exception("could not write the catch-up marker to partition %d; retrying", partition)
+                await asyncio.sleep(delay_s)
+                delay_s = min(delay_s * 2, WRITE_RETRY_MAX_S)
+                continue
+            if generation == self.generation:
+                self.schedule.hold(partition, offset)
+                log.info("partition %d held until offset %d is read", partition, offset)
+            return
 
     async def _rewind_uncommitted(self) -> None:
         """Seek source partitions that have no committed offset yet back to their first record.
@@ -533,6 +561,7 @@ class Dispatcher:
                 await self.app.consumer.seek(tp, earliest.get(tp) or 0)
 
     async def _on_revoked(self, sender: Any, revoked: Any, **kwargs: Any) -> None:
+        self.generation += 1
         self.schedule.clear()
 
     async def _on_shutdown(self, sender: Any, **kwargs: Any) -> None:
@@ -545,6 +574,12 @@ class Dispatcher:
         await asyncio.sleep(self.exit_after_s)
         log.info("--exit-after %.0f s reached; stopping", self.exit_after_s)
         os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _last_resort(message: Message) -> bytes:
+    origin = f"{message.topic}:{message.partition}:{message.offset}"
+    crashed = RewardRejected(reasons.REWARD_INTAKE_CRASHED, "the dead letter could not be written")
+    return intake_dead_letter(message.value or b"", None, None, crashed, origin, 0, utc_now()).to_json()
 
 
 def _headers(raw: Any) -> dict[str, str]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import random
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Annotated, Any, Literal, Self
@@ -19,10 +20,14 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 from pipeline import reasons
 from pipeline.reasons import Reason
 from pipeline.records import Processor, UtcDatetime
+from pipeline.signing import canonical_body
 
 REQUIRED = ("campaignId", "userId", "rewardId")
 OPTIONAL_STRINGS = ("type", "rewardName", "code")
 MAX_ID_CHARS = 256
+MAX_REWARD_BYTES = 256 * 1024  # record and job; the state value and the dead letter then fit Kafka's 1 MB
+MAX_DEPTH = 64  # nesting of objects and arrays; the signing encoder recurses, orjson writes only 254 deep
+MAX_TENANT_CHARS = 128  # as config's tenant ids: a longer hw-tenant header names no tenant anyway
 
 
 class RewardRejected(Exception):  # noqa: N818 - a verdict, not an error (like adapting.Reject)
@@ -39,11 +44,31 @@ class RewardRejected(Exception):  # noqa: N818 - a verdict, not an error (like a
 
 def parse_reward(body: bytes) -> dict[str, Any]:
     """Bytes of one rewards.outbound record -> the reward object, or RewardRejected."""
+    if len(body) > MAX_REWARD_BYTES:
+        raise RewardRejected(
+            reasons.REWARD_TOO_LARGE, f"the record is {len(body)} bytes; the limit is {MAX_REWARD_BYTES}"
+        )
     try:
         doc = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise RewardRejected(reasons.REWARD_INVALID_JSON, f"not JSON: {exc}") from None
+    if _depth_over(doc, MAX_DEPTH):
+        raise RewardRejected(reasons.REWARD_TOO_DEEP, f"nested deeper than {MAX_DEPTH} levels")
     return validate_reward(doc)
+
+
+def _depth_over(doc: object, limit: int) -> bool:
+    """Does `doc` nest objects/arrays deeper than `limit`? Iterative: a hostile depth cannot recurse."""
+    stack: list[tuple[object, int]] = [(doc, 1)]
+    while stack:
+        value, depth = stack.pop()
+        children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+        for child in children:
+            if isinstance(child, dict | list):
+                if depth + 1 > limit:
+                    return True
+                stack.append((child, depth + 1))
+    return False
 
 
 def validate_reward(doc: object) -> dict[str, Any]:
@@ -90,6 +115,84 @@ def validate_reward(doc: object) -> dict[str, Any]:
     }
 
 
+def read_intake(
+    body: bytes, headers: Mapping[str, str], webhooks: Mapping[str, bool], origin: str, now: datetime
+) -> DeliveryJob | RewardDeadLetter:
+    """One rewards.outbound record -> its delivery job, or its dead letter when RewardRejected says why.
+
+    `webhooks` maps each configured tenant to whether it has a rewards_webhook. Any other exception is a
+    bug here: the caller turns it into an intake_crashed dead letter (intake_dead_letter), so no record
+    is acknowledged without an outcome (issue 12).
+    """
+    tenant = headers.get("hw-tenant") or None
+    reward_id: str | None = None
+    redelivery = 0
+    try:
+        if tenant is None:
+            raise RewardRejected(reasons.REWARD_MISSING_TENANT, "the record has no hw-tenant header")
+        if tenant not in webhooks:
+            shown = tenant[:MAX_TENANT_CHARS]
+            raise RewardRejected(reasons.REWARD_UNKNOWN_TENANT, f"tenant {shown!r} is not configured")
+        redelivery = _redrive_count(headers.get("hw-redrive-count"))
+        reward = parse_reward(body)
+        reward_id = reward["rewardId"]
+        if not webhooks[tenant]:
+            raise RewardRejected(reasons.REWARD_NO_WEBHOOK, f"tenant {tenant!r} has no rewards_webhook")
+        job = DeliveryJob(
+            tenant=tenant,
+            reward_id=reward["rewardId"],
+            body=canonical_body(reward).decode(),
+            origin=origin,
+            redelivery_count=redelivery,
+            enqueued_at=now,
+        )
+        size = len(job.to_json())
+        if size > MAX_REWARD_BYTES:  # escaping can make the job several times the record
+            raise RewardRejected(
+                reasons.REWARD_TOO_LARGE, f"the delivery job is {size} bytes; the limit is {MAX_REWARD_BYTES}"
+            )
+        return job
+    except RewardRejected as rejected:
+        return intake_dead_letter(body, tenant, reward_id, rejected, origin, redelivery, now)
+
+
+def intake_dead_letter(
+    body: bytes,
+    tenant: str | None,
+    reward_id: str | None,
+    rejected: RewardRejected,
+    origin: str,
+    redelivery: int,
+    now: datetime,
+) -> RewardDeadLetter:
+    """The intake dead letter of one record; an oversize body is cut (the record stays at `origin`)."""
+    kept = body[:MAX_REWARD_BYTES]
+    return RewardDeadLetter(
+        id=RewardDeadLetter.make_id(origin, "intake"),
+        stage="intake",
+        reason=rejected.reason.code,
+        message=rejected.detail[:1000],
+        tenant=tenant[:MAX_TENANT_CHARS] if tenant else None,
+        reward_id=reward_id or peek_reward_id(kept),
+        origin=origin,
+        body_b64=b64(kept),
+        failed_at=now,
+        redelivery_count=redelivery,
+        original_bytes=len(body) if len(kept) < len(body) else None,
+    )
+
+
+def _redrive_count(value: str | None) -> int:
+    if not value:
+        return 0
+    if not (value.isascii() and value.isdigit() and len(value) <= 9):
+        raise RewardRejected(
+            reasons.REWARD_INVALID_HEADER.about("hw-redrive-count"),
+            f"hw-redrive-count must be a non-negative integer, got {value[:40]!r}",
+        )
+    return int(value)
+
+
 def peek_reward_id(body: bytes) -> str | None:
     """The rewardId of a record that failed validation, when it has a usable one (for the dead letter)."""
     try:
@@ -97,7 +200,7 @@ def peek_reward_id(body: bytes) -> str | None:
     except orjson.JSONDecodeError:
         return None
     value = doc.get("rewardId") if isinstance(doc, dict) else None
-    return value[:MAX_ID_CHARS] if isinstance(value, str) else None
+    return value[:MAX_ID_CHARS] if isinstance(value, str) and value else None
 
 
 def split_rewards(body: bytes) -> tuple[list[bytes], list[dict[str, Any]]]:
@@ -283,6 +386,7 @@ class RewardDeadLetter(_Record):
     attempts: tuple[Attempt, ...] = ()
     failed_at: UtcDatetime
     redelivery_count: int = 0
+    original_bytes: int | None = None  # set when body_b64 holds only the first MAX_REWARD_BYTES
     processor: Processor = Processor()
 
     @staticmethod

@@ -173,7 +173,8 @@ class Schedule:
         self._seq = itertools.count()
         self.running: set[bytes] = set()
         self.in_flight: Counter[str] = Counter()
-        self._hold: dict[int, tuple[int, float]] = {}  # partition -> (offset to have read, give up at)
+        self._hold: dict[int, int | None] = {}  # partition -> offset the agent must have read
+        self._read_up_to: dict[int, int] = {}  # partition -> highest offset the agent has read
         self._depth: Counter[str] = Counter()
 
     def put(self, key: bytes, due_at: float, tenant: str, partition: int) -> None:
@@ -196,31 +197,35 @@ class Schedule:
         self._queued.clear()
         self._hold.clear()
 
-    def hold(self, partition: int, offset: int, give_up_at: float) -> None:
-        """No retries of `partition` run until the agent has read `offset` there (or until give_up_at)."""
-        self._hold[partition] = (offset, give_up_at)
+    def hold(self, partition: int, offset: int | None = None) -> None:
+        """No retries of `partition` run until the agent has read `offset` there (None: not known yet).
 
-    def held(self) -> dict[int, int]:
+        There is no time cap: on a slow restart a capped hold would re-send rewards already delivered
+        (issue 12). An offset the agent has already read releases the partition at once.
+        """
+        if offset is not None and self._read_up_to.get(partition, -1) >= offset:
+            self._hold.pop(partition, None)
+            return
+        self._hold[partition] = offset
+
+    def held(self) -> dict[int, int | None]:
         """Partition -> offset the deliver agent must read before that partition's retries run."""
-        return {partition: offset for partition, (offset, _) in self._hold.items()}
+        return dict(self._hold)
 
     def seen(self, partition: int, offset: int) -> None:
+        """The deliver agent has read `offset` of `partition`."""
+        if offset > self._read_up_to.get(partition, -1):
+            self._read_up_to[partition] = offset
         held = self._hold.get(partition)
-        if held is not None and offset >= held[0]:
+        if held is not None and offset >= held:
             del self._hold[partition]
 
     def move_due(self, now: float) -> set[str]:
         """Move due keys of released partitions to their tenants' ready queues; returns those tenants."""
         tenants: set[str] = set()
         for partition, heap in self._heaps.items():
-            held = self._hold.get(partition)
-            if held is not None:
-                if now < held[1]:
-                    continue
-                log.warning(
-                    "partition %d still not read up to offset %d; releasing its retries", partition, held[0]
-                )
-                del self._hold[partition]
+            if partition in self._hold:
+                continue
             while heap and heap[0][0] <= now:
                 due_at, _, key = heapq.heappop(heap)
                 entry = self._entries.get(key)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 from collections.abc import Awaitable, Mapping, Sequence
 from typing import Any
 
@@ -29,6 +30,8 @@ from pipeline.records import KafkaHeaders
 from pipeline.stream.dedup_stage import DedupStage, changelog_topic
 from pipeline.stream.metrics import WorkerMetrics
 from pipeline.stream.normalize_stage import NormalizeStage
+
+log = logging.getLogger(__name__)
 
 
 class Worker:
@@ -114,28 +117,51 @@ class Worker:
 
 
 class WebService(mode.Service):
-    """/metrics and the read-only DLQ page (/, /letters/{id}) on worker.web_host:worker.web_port."""
+    """/metrics and the read-only DLQ page (/, /letters/{id}) on worker.web_host:worker.web_port.
+
+    The server runs in its own thread with its own event loop: a page request reads Kafka and parses dead
+    letters there, never on the loop that runs the stages and their heartbeats (issue 12). On a
+    non-loopback address the page is served only with `dlq.page_token` set; /metrics always is.
+    """
 
     def __init__(self, settings: Settings, metrics: WorkerMetrics, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.settings = settings
         self.metrics = metrics
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="headwater-web", daemon=True)
         self.runner: web.AppRunner | None = None
 
     async def on_start(self) -> None:
-        from pipeline.ops.dlq_page import make_app
+        from pipeline.ops.dlq_page import make_app, refusal
 
-        app = make_app(self.settings)
+        host, port = self.settings.worker.web_host, self.settings.worker.web_port
+        withheld = self.page_withheld = refusal(host, self.settings.dlq)
+        if withheld is not None:
+            log.warning("DLQ page not served on %s:%d (/metrics is): %s", host, port, withheld)
+        app = make_app(self.settings, serve_page=withheld is None)
         app.router.add_get("/metrics", self.metrics.handle)
         self.runner = web.AppRunner(app, access_log=None)
+        self.thread.start()
+        await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self._serve(host, port), self.loop))
+
+    async def _serve(self, host: str, port: int) -> None:
+        assert self.runner is not None
         await self.runner.setup()
-        await web.TCPSite(self.runner, self.settings.worker.web_host, self.settings.worker.web_port).start()
-        where = f"http://{self.settings.worker.web_host}:{self.settings.worker.web_port}"
-        logging.getLogger(__name__).info("worker listening on %s (/metrics, DLQ page)", where)
+        await web.TCPSite(self.runner, host, port).start()
+        served = "/metrics" if self.page_withheld else "/metrics, DLQ page"
+        log.info("worker listening on http://%s:%s (%s)", host, port, served)
 
     async def on_stop(self) -> None:
-        if self.runner is not None:
-            await self.runner.cleanup()
+        if self.thread.ident is None:  # never started
+            return
+        if self.runner is not None and self.thread.is_alive():
+            done = asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop)
+            await asyncio.wrap_future(done)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        await asyncio.to_thread(self.thread.join, 10)
+        if not self.thread.is_alive():
+            self.loop.close()
 
 
 def _bind(service: type[mode.Service], *args: Any) -> type[mode.Service]:

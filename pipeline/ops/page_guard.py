@@ -1,0 +1,112 @@
+"""Who may see the DLQ page, and the headers every answer carries (issue 12).
+
+Dead letters hold raw bodies: personal data. The page is served without credentials only on a loopback
+address; anywhere else `dlq.page_token` is required. With a token set every page request must carry it,
+as `Authorization: Bearer <token>` (scripts) or as HTTP basic auth with any user name and the token as
+password (browsers ask for it after the 401's `WWW-Authenticate: Basic`).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import ipaddress
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+from aiohttp.typedefs import Middleware
+
+from pipeline.config import DlqSettings
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+REALM = "headwater dlq page"
+
+
+def is_loopback(host: str) -> bool:
+    """Is `host` a loopback listen address? '0.0.0.0', '::', '' and other names are not."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def refusal(host: str, settings: DlqSettings) -> str | None:
+    """Why the page must not be served on `host` with these settings (None: it may)."""
+    if settings.page_token is not None or is_loopback(host):
+        return None
+    return (
+        f"refusing to serve dead letters on {host or 'every address'} without credentials: "
+        "set dlq.page_token (or HEADWATER_DLQ_PAGE_TOKEN), or listen on a loopback address"
+    )
+
+
+def security_headers(style: str) -> dict[str, str]:
+    """A strict CSP (only the page's own inline style, by hash), no framing, no caching, no sniffing."""
+    digest = base64.b64encode(hashlib.sha256(style.encode()).digest()).decode()
+    return {
+        "Content-Security-Policy": (
+            f"default-src 'none'; style-src 'sha256-{digest}'; form-action 'self'; "
+            "frame-ancestors 'none'; base-uri 'none'"
+        ),
+        "X-Frame-Options": "DENY",
+        "Cache-Control": "no-store",
+        "X-Content-Type-Options": "nosniff",
+        "Referrer-Policy": "no-referrer",
+    }
+
+
+def headers_middleware(style: str) -> Middleware:
+    """Every answer, errors included, gets `security_headers`."""
+    headers = security_headers(style)
+
+    @web.middleware
+    async def add_headers(request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            response = await handler(request)
+        except web.HTTPException as exc:  # aiohttp's own 404/405: answer it with our headers too
+            exc.headers.update(headers)
+            raise
+        response.headers.update(headers)
+        return response
+
+    return add_headers
+
+
+def guarded(settings: DlqSettings, handler: Handler) -> Handler:
+    """`handler` behind the page's credentials. With a token: 401 unless the request carries it. Without:
+    404 on a connection to a non-loopback address (the caller should not have routed the page there; this
+    holds even if it did). /metrics is not guarded: Prometheus scrapes it."""
+    token = settings.page_token.get_secret_value().encode() if settings.page_token is not None else None
+
+    async def check(request: web.Request) -> web.StreamResponse:
+        if token is None:
+            local = request.transport.get_extra_info("sockname") if request.transport else None
+            if not (isinstance(local, tuple) and is_loopback(str(local[0]))):
+                raise web.HTTPNotFound()
+        elif not _carries(request.headers.get("Authorization", ""), token):
+            raise web.HTTPUnauthorized(
+                text="the DLQ page needs its token (dlq.page_token)",
+                headers={"WWW-Authenticate": f'Basic realm="{REALM}", charset="UTF-8"'},
+            )
+        return await handler(request)
+
+    return check
+
+
+def _carries(authorization: str, token: bytes) -> bool:
+    """Bearer <token>, or Basic base64(<any user>:<token>); compared in constant time."""
+    scheme, _, value = authorization.strip().partition(" ")
+    scheme = scheme.lower()
+    if scheme == "bearer":
+        return hmac.compare_digest(value.strip().encode(), token)
+    if scheme == "basic":
+        try:
+            decoded = base64.b64decode(value.strip(), validate=True)
+        except (binascii.Error, ValueError):
+            return False
+        return hmac.compare_digest(decoded.partition(b":")[2], token)
+    return False
