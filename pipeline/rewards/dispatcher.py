@@ -21,18 +21,20 @@ import os
 import signal
 import time
 from collections import defaultdict, deque
-from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Literal
 
 import faust
 from faust.types import Message
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import generate_latest
 
 from pipeline import reasons
 from pipeline.config import RewardsWebhook, Settings
 from pipeline.kafka.clients import ensure_topics
 from pipeline.reasons import Reason
 from pipeline.records import utc_now
+from pipeline.rewards.intake import Intake
+from pipeline.rewards.metrics import RewardMetrics, attempt_result
+from pipeline.rewards.outputs import WRITE_RETRY_MAX_S, write_durably
 from pipeline.rewards.records import (
     Attempt,
     AttemptOutcome,
@@ -40,81 +42,17 @@ from pipeline.rewards.records import (
     DeliveryJob,
     DeliveryState,
     RewardDeadLetter,
-    RewardRejected,
     b64,
     classify,
     delivery_key,
-    intake_dead_letter,
     parse_message,
-    read_intake,
     retry_delay_s,
 )
 from pipeline.rewards.webhooks import Breaker, Schedule, Sender
 
 log = logging.getLogger(__name__)
-WRITE_RETRY_MAX_S = 5.0  # longest pause between two tries of an output write that failed
 UNRECORDED_RETRY_S = 5.0  # an attempt whose outcome could not be written to Kafka runs again after this
 SWEEP_EVERY_S = 60.0  # how often a partition's expired delivered-markers are deleted
-
-
-class RewardMetrics:
-    """Prometheus metrics of one dispatcher (its own registry)."""
-
-    def __init__(self) -> None:
-        self.registry = CollectorRegistry()
-        self.deliveries = Counter(
-            "headwater_rewards_deliveries",
-            "Rewards by tenant and outcome: delivered, dead_lettered, "
-            "duplicate (already pending or delivered: not sent again), invalid (intake dead letter)",
-            ["tenant", "outcome"],
-            registry=self.registry,
-        )
-        self.attempts = Counter(
-            "headwater_rewards_attempts",
-            "Attempts by tenant and result: 2xx, 3xx, 4xx, 429, 5xx, timeout, "
-            "connection_error, circuit_open, no_webhook",
-            ["tenant", "result"],
-            registry=self.registry,
-        )
-        self.latency = Histogram(
-            "headwater_rewards_attempt_seconds",
-            "Webhook request latency",
-            ["tenant"],
-            registry=self.registry,
-            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
-        )
-        self.queue_depth = Gauge(
-            "headwater_rewards_retry_queue_depth",
-            "Pending rewards: waiting for a retry, for a slot, or in flight",
-            ["tenant"],
-            registry=self.registry,
-        )
-        self.in_flight = Gauge(
-            "headwater_rewards_in_flight", "Webhook requests in flight", ["tenant"], registry=self.registry
-        )
-        self.breaker_open = Gauge(
-            "headwater_rewards_breaker_open",
-            "1 while the tenant's breaker is not closed",
-            ["tenant"],
-            registry=self.registry,
-        )
-        self.errors = Counter(
-            "headwater_rewards_agent_errors",
-            "Records an agent failed to handle (logged)",
-            ["agent"],
-            registry=self.registry,
-        )
-
-
-def attempt_result(attempt: Attempt) -> str:
-    if attempt.status is not None:
-        return "429" if attempt.status == 429 else f"{attempt.status // 100}xx"
-    error = attempt.error or ""
-    if error.startswith("circuit open"):
-        return "circuit_open"
-    if error.startswith("no rewards_webhook"):
-        return "no_webhook"
-    return "timeout" if error.startswith("timeout") else "connection_error"
 
 
 class Dispatcher:
@@ -169,7 +107,8 @@ class Dispatcher:
             value_type=bytes,
             on_recover=self._on_recover,
         )
-        app.agent(self.outbound, name="headwater.rewards.intake")(self._intake_agent)
+        intake = Intake(self.deliveries, self.dlq, self.webhooks, self.metrics)
+        app.agent(self.outbound, name="headwater.rewards.intake")(intake.agent)
         app.agent(self.deliveries, name="headwater.rewards.deliver")(self._deliver_agent)
         app.timer(self.cfg.tick.total_seconds(), name="headwater.rewards.tick")(self._on_tick)
         app.on_partitions_revoked.connect(self._on_revoked)  # type: ignore[arg-type]
@@ -183,68 +122,6 @@ class Dispatcher:
         if self.exit_after_s:
             app.task(self._exit_later)
         return app
-
-    # --- intake: rewards.outbound -> DeliveryJob | dead letter --------------------------------------
-
-    async def _intake_agent(self, stream: faust.StreamT[bytes]) -> None:
-        async for event in stream.events():
-            try:
-                await self._intake(event.message)
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # the dead-letter path itself failed: write the plainest letter there is
-                message = event.message
-                log.exception("intake failed for %s:%s", message.partition, message.offset)
-                self.metrics.errors.labels("intake").inc()
-                letter = _last_resort(message)
-                await self._write(message, lambda: self.dlq.send(key=None, value=letter))  # noqa: B023
-
-    async def _intake(self, message: Message) -> None:
-        """One record -> a durable job or dead letter, then (by returning) its ack; never raises for input."""
-        origin = f"{message.topic}:{message.partition}:{message.offset}"
-        body: bytes = message.value or b""
-        headers = _headers(message.headers)
-        try:
-            outcome = read_intake(body, headers, self.webhooks, origin, utc_now())
-        except Exception as exc:  # a bug in intake: the record still gets an outcome (issue 12)
-            log.exception("intake crashed on %s; dead-lettering it", origin)
-            self.metrics.errors.labels("intake").inc()
-            crashed = RewardRejected(reasons.REWARD_INTAKE_CRASHED, f"{type(exc).__name__}: {exc}")
-            outcome = intake_dead_letter(
-                body, headers.get("hw-tenant") or None, None, crashed, origin, 0, utc_now()
-            )
-        if isinstance(outcome, DeliveryJob):
-            key, value = delivery_key(outcome.tenant, outcome.reward_id), outcome.to_json()
-            await self._write(message, lambda: self.deliveries.send(key=key, value=value))
-            return
-        letter = outcome.to_json()
-        kept = _header_list(message.headers)
-        await self._write(message, lambda: self.dlq.send(key=message.key, value=letter, headers=kept))
-        self.metrics.deliveries.labels(outcome.tenant or "-", "invalid").inc()
-        log.info("reward %s dead-lettered at intake: %s: %s", origin, outcome.reason, outcome.message)
-
-    async def _write(self, message: Message, send: Callable[[], Awaitable[Awaitable[Any]]]) -> None:
-        """Send one output and await its own ack, again until it succeeds (issue 12).
-
-        Faust flushes the producer before it commits but never looks at the results: a record whose output
-        failed would be committed over. So the agent stays on the record until its output is durable; if
-        the worker stops meanwhile, the record is marked so that its offset is never committed.
-        """
-        delay_s = 0.2
-        try:
-            while True:
-                try:
-                    await (await send())
-                    return
-                except Exception:
-                    log.exception(
-                        "could not write the outcome of %s:%s; retrying", message.partition, message.offset
-                    )
-                    await asyncio.sleep(delay_s)
-                    delay_s = min(delay_s * 2, WRITE_RETRY_MAX_S)
-        except asyncio.CancelledError:
-            message.acked = True  # Faust acks in a finally; an acked-looking message never reaches the commit
-            raise
 
     # --- deliver: jobs and outcomes -> state table ------------------------------------------------------
 
@@ -362,7 +239,7 @@ class Dispatcher:
             redelivery_count=state.redelivery_count,
         )
         value, headers = letter.to_json(), [("hw-tenant", state.tenant.encode())]
-        await self._write(source, lambda: self.dlq.send(key=key, value=value, headers=headers))
+        await write_durably(source, lambda: self.dlq.send(key=key, value=value, headers=headers))
         del self.state[key]  # only once the letter is durable
         self.schedule.drop(key)
         self.metrics.deliveries.labels(state.tenant, "dead_lettered").inc()
@@ -576,17 +453,6 @@ class Dispatcher:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def _last_resort(message: Message) -> bytes:
-    origin = f"{message.topic}:{message.partition}:{message.offset}"
-    crashed = RewardRejected(reasons.REWARD_INTAKE_CRASHED, "the dead letter could not be written")
-    return intake_dead_letter(message.value or b"", None, None, crashed, origin, 0, utc_now()).to_json()
-
-
-def _headers(raw: Any) -> dict[str, str]:
-    pairs = raw.items() if isinstance(raw, dict) else (raw or [])
-    return {k: (v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)) for k, v in pairs}
-
-
 def run_dispatcher(settings: Settings, exit_after_s: float | None = None, debug: bool = False) -> None:
     """`headwater rewards run`: create the topics, then run the Faust worker until SIGINT/SIGTERM."""
     topics = settings.topics
@@ -597,9 +463,3 @@ def run_dispatcher(settings: Settings, exit_after_s: float | None = None, debug:
     worker = faust.Worker(dispatcher.app, quiet=True, override_logging=False)  # levels: pipeline.logs
     worker.spinner = None  # its cursor codes would land in the logs
     worker.execute_from_commandline()
-
-
-def _header_list(headers: list[tuple[str, bytes]] | Mapping[str, bytes] | None) -> list[tuple[str, bytes]]:
-    if headers is None:
-        return []
-    return list(headers.items()) if isinstance(headers, Mapping) else list(headers)

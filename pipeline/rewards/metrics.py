@@ -1,0 +1,67 @@
+"""The dispatcher's Prometheus metrics (GET /metrics on rewards.web_port)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from pipeline.rewards.records import Attempt
+
+
+class RewardMetrics:
+    """Prometheus metrics of one dispatcher (its own registry)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.deliveries = Counter(
+            "headwater_rewards_deliveries",
+            "Rewards by tenant and outcome: delivered, dead_lettered, "
+            "duplicate (already pending or delivered: not sent again), invalid (intake dead letter)",
+            ["tenant", "outcome"],
+            registry=self.registry,
+        )
+        self.attempts = Counter(
+            "headwater_rewards_attempts",
+            "Attempts by tenant and result: 2xx, 3xx, 4xx, 429, 5xx, timeout, "
+            "connection_error, circuit_open, no_webhook",
+            ["tenant", "result"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "headwater_rewards_attempt_seconds",
+            "Webhook request latency",
+            ["tenant"],
+            registry=self.registry,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+        )
+        self.queue_depth = Gauge(
+            "headwater_rewards_retry_queue_depth",
+            "Pending rewards: waiting for a retry, for a slot, or in flight",
+            ["tenant"],
+            registry=self.registry,
+        )
+        self.in_flight = Gauge(
+            "headwater_rewards_in_flight", "Webhook requests in flight", ["tenant"], registry=self.registry
+        )
+        self.breaker_open = Gauge(
+            "headwater_rewards_breaker_open",
+            "1 while the tenant's breaker is not closed",
+            ["tenant"],
+            registry=self.registry,
+        )
+        self.errors = Counter(
+            "headwater_rewards_agent_errors",
+            "Records an agent failed to handle (logged)",
+            ["agent"],
+            registry=self.registry,
+        )
+
+
+def attempt_result(attempt: Attempt) -> str:
+    if attempt.status is not None:
+        return "429" if attempt.status == 429 else f"{attempt.status // 100}xx"
+    error = attempt.error or ""
+    if error.startswith("circuit open"):
+        return "circuit_open"
+    if error.startswith("no rewards_webhook"):
+        return "no_webhook"
+    return "timeout" if error.startswith("timeout") else "connection_error"
