@@ -18,6 +18,7 @@ it from then on (`--all` shows it): its fate is now that of the republished reco
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -119,6 +120,8 @@ async def read_snapshot(settings: Settings, since: datetime | None = None) -> Sn
 
     A dead letter is written after it failed, so its record's timestamp is never before `failed_at`:
     starting at the first offset at or after `since` misses nothing that `Filters(since=...)` keeps.
+    Letters that point to their raw record's body (body_ref) are returned with the body filled in, so
+    show, export, redrive and the page see every letter whole.
     """
     topic = settings.topics.dlq
     start = await offsets_at(settings, topic, int(since.timestamp() * 1000)) if since is not None else None
@@ -127,6 +130,7 @@ async def read_snapshot(settings: Settings, since: datetime | None = None) -> Sn
     )
     snapshot = Snapshot()
     by_id: dict[str, DeadLetter] = {}
+    carriers: dict[str, DeadLetter] = {}
     for record in records:
         try:
             letter = DeadLetter.from_json(record.value or b"")
@@ -136,6 +140,20 @@ async def read_snapshot(settings: Settings, since: datetime | None = None) -> Sn
         by_id.pop(letter.id, None)  # a record processed twice (crash) is dead-lettered twice with one id
         by_id[letter.id] = letter
         snapshot.stored[letter.id] = record.value or b""
+    unresolved = {d.body_ref for d in by_id.values() if d.body_ref is not None and d.body_ref not in by_id}
+    if unresolved and start is not None:  # a carrier written just before `since`: look for it everywhere
+        for record in await read_topic(settings, topic):
+            with contextlib.suppress(ValueError):
+                letter = DeadLetter.from_json(record.value or b"")
+                if letter.id in unresolved:
+                    carriers[letter.id] = letter
+    for letter_id, letter in list(by_id.items()):
+        if letter.body_ref is not None:
+            carrier = by_id.get(letter.body_ref) or carriers.get(letter.body_ref)
+            if carrier is None or carrier.body_b64 is None:
+                continue  # its carrier is gone (retention?): the letter is listed, its body unknown
+            by_id[letter_id] = letter.with_body_of(carrier)
+            snapshot.stored[letter_id] = by_id[letter_id].to_json()
     snapshot.letters = sorted(by_id.values(), key=lambda d: d.failed_at)
     for record in log:
         try:

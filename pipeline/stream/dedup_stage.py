@@ -10,19 +10,21 @@ import asyncio
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import mode
 import orjson
 from aiokafka import ConsumerRebalanceListener, TopicPartition
 
+from pipeline import reasons
 from pipeline.config import Settings
 from pipeline.kafka.clients import make_consumer, offsets_at, read_topic
-from pipeline.records import KeyedBatch, ReplayTag
-from pipeline.stream.consuming import process_then_commit, record_lag, stage_consumer
+from pipeline.records import KeyedBatch, Origin, RawHeaders, RawRecord, ReplayTag, utc_now
+from pipeline.stream.consuming import StageProgress, guard, process_then_commit, record_lag, stage_consumer
 from pipeline.stream.dedup import Candidate, Deduplicator, Send, Store, entry_partition, open_store
 from pipeline.stream.metrics import WorkerMetrics
+from pipeline.stream.normalizing import dead_letter
 
 log = logging.getLogger(__name__)
 
@@ -38,11 +40,22 @@ class DedupStage(mode.Service):
     - a batch's changelog writes and canonical events are acknowledged before its offsets are committed.
     """
 
-    def __init__(self, settings: Settings, send: Send, metrics: WorkerMetrics, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        send: Send,
+        metrics: WorkerMetrics,
+        progress: StageProgress,
+        on_death: Callable[[BaseException], None],
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
         self.settings = settings
         self.send = send
         self.metrics = metrics
+        self.progress = progress
+        self.on_death = on_death
+        metrics.watch(progress.name, progress.seconds_since_commit)
         self.changelog_topic = changelog_topic(settings)
         self.store: Store = open_store(
             settings.dedup.store, settings.worker.data_dir / settings.worker.app_id
@@ -55,8 +68,8 @@ class DedupStage(mode.Service):
         self.generation = 0
 
     async def on_start(self) -> None:
-        self.add_future(self._consume())
-        self.add_future(self._expire_periodically())
+        self.add_future(guard(self.progress.name, self._consume(), self.on_death))
+        self.add_future(guard("dedup expiry", self._expire_periodically(), self.on_death))
 
     async def on_stop(self) -> None:
         close = getattr(self.store, "close", None)
@@ -89,6 +102,7 @@ class DedupStage(mode.Service):
                     max_records=settings.worker.batch_max,
                 )
                 if not batch:
+                    record_lag(self.metrics, consumer, batch, self.progress)
                     continue
                 async with self.lock:
                     if generation != self.generation:
@@ -99,9 +113,16 @@ class DedupStage(mode.Service):
                             if tp in assignment:
                                 consumer.seek(tp, part[0].offset)
                         continue
-                    record_lag(self.metrics, consumer, batch)
-                    records = [r for part in batch.values() for r in part]
-                    await process_then_commit(consumer, batch, self.dedup_batch(records), "dedup batch")
+                    record_lag(self.metrics, consumer, batch, self.progress)
+                    await process_then_commit(
+                        consumer,
+                        batch,
+                        self.dedup_batch,
+                        self.progress,
+                        self.metrics,
+                        settings.worker.isolate_after_failures,
+                        self._quarantine,
+                    )
         finally:
             await consumer.stop()
 
@@ -127,6 +148,33 @@ class DedupStage(mode.Service):
                     }
                 )
                 await self.send(self.settings.topics.replay_results, replay.replay_id.encode(), report, None)
+
+    async def _quarantine(self, record: Any, exc: BaseException) -> None:
+        """Dead-letter each event of a keyed record whose canonical sends Kafka refused even alone.
+
+        The letter's body is the canonical event (the raw request went through normalize already); its
+        headers name the keyed record, so `dlq show` explains it and `dlq export` keeps the event.
+        """
+        acks = []
+        for index, (_, _, event) in enumerate(KeyedBatch.entries(record.value)):
+            fields = orjson.loads(event)
+            headers = RawHeaders(
+                tenant=str(fields.get("tenant", "unknown")),
+                source=str(fields.get("source", "unknown")),
+                received_at=fields.get("received_at") or utc_now(),
+                request_id=f"{record.topic}:{record.partition}:{record.offset}",
+            )
+            origin = Origin(topic=record.topic, partition=record.partition, offset=record.offset)
+            letter = dead_letter(
+                RawRecord(body=event, headers=headers, origin=origin),
+                "validate",
+                reasons.OUTPUT_REFUSED,
+                f"Kafka refused this canonical event while the events around it went through: "
+                f"{type(exc).__name__}: {exc}",
+                index=index,
+            )
+            acks.append(await self.send(self.settings.topics.dlq, letter.id.encode(), letter.to_json(), None))
+        await asyncio.gather(*acks)
 
     async def _emit(self, candidates: list[Candidate]) -> None:
         topic = self.settings.topics.canonical

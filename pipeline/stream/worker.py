@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import signal
 from collections.abc import Awaitable, Mapping, Sequence
 from typing import Any
 
@@ -25,9 +27,12 @@ from pipeline.adapting import AdapterModule
 from pipeline.config import Settings
 from pipeline.kafka.clients import ensure_topics, producer_options
 from pipeline.records import KafkaHeaders
+from pipeline.stream.consuming import StageProgress
 from pipeline.stream.dedup_stage import DedupStage, changelog_topic
 from pipeline.stream.metrics import WorkerMetrics
 from pipeline.stream.normalize_stage import NormalizeStage
+
+EXIT_STAGE_DIED = 70  # EX_SOFTWARE: a stage loop raised; the process must be restarted
 
 
 class Worker:
@@ -43,14 +48,30 @@ class Worker:
         self.adapters = dict(adapters or ADAPTERS)
         self.sources = list(sources or self.adapters)
         self.metrics = WorkerMetrics()
+        self.progress = {
+            name: StageProgress(name) for name in [*(f"normalize:{s}" for s in self.sources), "dedup"]
+        }
+        self.exit_code = 0
         self.app = self._app()
         for source in self.sources:
+            progress = self.progress[f"normalize:{source}"]
+            adapter = self.adapters[source]
             self.app.service(
-                _bind(NormalizeStage, settings, self.adapters[source], self._send_with_headers, self.metrics)
+                _bind(
+                    NormalizeStage,
+                    settings,
+                    adapter,
+                    self._send_with_headers,
+                    self.metrics,
+                    progress,
+                    self.died,
+                )
             )
-        self.app.service(_bind(DedupStage, settings, self._send, self.metrics))
+        self.app.service(
+            _bind(DedupStage, settings, self._send, self.metrics, self.progress["dedup"], self.died)
+        )
         if settings.worker.web_port:
-            self.app.service(_bind(WebService, settings, self.metrics))
+            self.app.service(_bind(WebService, settings, self.metrics, self.progress))
 
     def _app(self) -> faust.App:
         s = self.settings
@@ -98,8 +119,13 @@ class Worker:
             config={"cleanup.policy": "compact"},
         )
 
+    def died(self, exc: BaseException) -> None:
+        """A stage loop died: stop the worker, exit with EXIT_STAGE_DIED (so a supervisor restarts it)."""
+        self.exit_code = EXIT_STAGE_DIED
+        os.kill(os.getpid(), signal.SIGTERM)  # Faust's graceful stop; run() turns its exit into ours
+
     def run(self) -> None:
-        """Run the worker until SIGINT/SIGTERM."""
+        """Run the worker until SIGINT/SIGTERM, or until a stage dies (exit code EXIT_STAGE_DIED)."""
         self.settings.worker.data_dir.mkdir(parents=True, exist_ok=True)
         asyncio.run(self.prepare_topics())
         with contextlib.suppress(ImportError):  # uvloop: ~10-20% more events/s for the same CPU
@@ -107,23 +133,51 @@ class Worker:
 
             asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
         worker = faust.Worker(self.app, loglevel="INFO", quiet=True, redirect_stdouts=False)
-        worker.execute_from_commandline()
+        try:
+            worker.execute_from_commandline()
+        except SystemExit as exc:
+            if self.exit_code:
+                raise SystemExit(self.exit_code) from exc
+            raise
+        if self.exit_code:
+            raise SystemExit(self.exit_code)
 
 
 class WebService(mode.Service):
-    """/metrics and the read-only DLQ page (/, /letters/{id}) on worker.web_host:worker.web_port."""
+    """/metrics, /health and the read-only DLQ page (/, /letters/{id}) on worker.web_host:worker.web_port."""
 
-    def __init__(self, settings: Settings, metrics: WorkerMetrics, **kwargs: Any) -> None:
+    def __init__(
+        self, settings: Settings, metrics: WorkerMetrics, progress: Mapping[str, StageProgress], **kwargs: Any
+    ) -> None:
         super().__init__(**kwargs)
         self.settings = settings
         self.metrics = metrics
+        self.progress = progress
         self.runner: web.AppRunner | None = None
+
+    async def health(self, request: web.Request) -> web.Response:
+        """200 while every stage moves; 503 when one has lag and no commit for worker.stall_limit_s."""
+        limit = self.settings.worker.stall_limit_s
+        stages = {
+            name: {
+                "lag": p.lag,
+                "seconds_since_commit": round(p.seconds_since_commit(), 1),
+                "stalled": p.stalled(limit),
+            }
+            for name, p in self.progress.items()
+        }
+        stalled = any(stage["stalled"] for stage in stages.values())
+        return web.json_response(
+            {"status": "stalled" if stalled else "ok", "stall_limit_s": limit, "stages": stages},
+            status=503 if stalled else 200,
+        )
 
     async def on_start(self) -> None:
         from pipeline.ops.dlq_page import make_app
 
         app = make_app(self.settings)
         app.router.add_get("/metrics", self.metrics.handle)
+        app.router.add_get("/health", self.health)
         self.runner = web.AppRunner(app, access_log=None)
         await self.runner.setup()
         await web.TCPSite(self.runner, self.settings.worker.web_host, self.settings.worker.web_port).start()
