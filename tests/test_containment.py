@@ -84,6 +84,7 @@ def test_a_record_whose_output_kafka_refuses_is_isolated_and_dead_lettered(
     assert "e_99" not in canonical_ids(settings)
     assert metric(port, "headwater_worker_batches_retried_total") >= 2
     assert metric(port, "headwater_worker_records_isolated_total") == 1
+    assert metric(port, "headwater_worker_dedup_entries") == 20  # what this worker's table holds
 
 
 def test_health_fails_while_a_stage_has_lag_and_makes_no_progress(

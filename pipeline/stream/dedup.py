@@ -76,21 +76,25 @@ class RocksStore:
         shutil.rmtree(path, ignore_errors=True)  # a table left by an earlier holder of the lock
         self.path = path
         self.db = rocksdict.Rdict(str(path))
+        self._count = 0  # entries held, kept as they are written (a RocksDB count would scan the table)
 
     def get(self, key: bytes, default: Any = None) -> Any:
         value = self.db.get(key)
         return default if value is None else orjson.loads(value)
 
     def __setitem__(self, key: bytes, value: Any) -> None:
+        if key not in self.db:
+            self._count += 1
         self.db[key] = orjson.dumps(value)
 
     def __delitem__(self, key: bytes) -> None:
         del self.db[key]
+        self._count -= 1
 
     def pop(self, key: bytes, default: Any = None) -> Any:
         value = self.get(key, default)
         if key in self.db:
-            del self.db[key]
+            del self[key]
         return value
 
     def items(self) -> Iterator[tuple[bytes, Any]]:
@@ -98,7 +102,7 @@ class RocksStore:
             yield cast(bytes, key), orjson.loads(value)
 
     def __len__(self) -> int:
-        return sum(1 for _ in self.db.keys())
+        return self._count
 
     def close(self) -> None:
         self.db.close()
@@ -149,6 +153,38 @@ class DedupVerdicts:
     unresolved: list[tuple[Candidate, int, int]] = field(default_factory=list)  # + pending_since_ms
 
 
+class ExpiryIndex:
+    """The table's keys by the time bucket of their first sighting, so that expiry visits only the keys
+    that expire (whole buckets older than the window), never the whole table.
+
+    A key whose entry was replaced later sits in an older bucket too; expiry checks the entry's own time
+    before deleting it. Memory: one reference per key plus a set slot (~60 bytes), for either store.
+    """
+
+    def __init__(self, bucket_ms: int) -> None:
+        self.bucket_ms = max(1, bucket_ms)
+        self.buckets: dict[int, set[bytes]] = {}
+
+    def add(self, key: bytes, first_seen_ms: int) -> None:
+        bucket = first_seen_ms // self.bucket_ms
+        keys = self.buckets.get(bucket)
+        if keys is None:
+            self.buckets[bucket] = keys = set()
+        keys.add(key)
+
+    def pop_older_than(self, cutoff_ms: int, limit: int) -> list[bytes]:
+        """Keys of the buckets that end at or before cutoff_ms, whole buckets, until at least `limit`."""
+        out: list[bytes] = []
+        for bucket in sorted(b for b in self.buckets if (b + 1) * self.bucket_ms <= cutoff_ms):
+            if len(out) >= limit:
+                break
+            out.extend(self.buckets.pop(bucket))
+        return out
+
+    def __len__(self) -> int:
+        return sum(len(keys) for keys in self.buckets.values())
+
+
 class Deduplicator:
     """Check-and-set on the dedup table. Single-threaded per keyed partition, so check-and-set is atomic."""
 
@@ -159,6 +195,7 @@ class Deduplicator:
         window_s: float,
         send: Send,
         find_emitted: Callable[[list[bytes], int], Awaitable[set[bytes]]],
+        bucket_s: float = 60.0,
     ) -> None:
         self.store = store  # the table's data (Faust store: dict-like)
         self.changelog_topic = changelog_topic
@@ -166,6 +203,14 @@ class Deduplicator:
         self.send = send
         self.find_emitted = find_emitted
         self.dropped = 0
+        self.index = ExpiryIndex(int(bucket_s * 1000))
+        for key, entry in store.items():  # a store handed over with entries (tests; RocksDB starts empty)
+            self.remember(key, entry)
+
+    def remember(self, key: bytes, entry: Any) -> None:
+        """Index an entry written to the store (by a batch or by the restore from the changelog)."""
+        if isinstance(entry, list) and len(entry) >= 2:
+            self.index.add(key, int(entry[1]))
 
     def _live(self, entry: Any, now_ms: int) -> bool:
         return isinstance(entry, list) and len(entry) == 3 and now_ms - int(entry[1]) < self.window_ms
@@ -198,6 +243,8 @@ class Deduplicator:
         for key, partition in items:
             value = [state, now_ms, partition]
             self.store[key] = value
+            if state == PENDING:
+                self.index.add(key, now_ms)
             acks.append(await self.send(self.changelog_topic, key, orjson.dumps(value), partition))
         return acks
 
@@ -233,17 +280,19 @@ class Deduplicator:
         self.dropped += verdicts.duplicates
         return len(verdicts.emit), verdicts.duplicates
 
-    async def expire(self, now_ms: int | None = None, limit: int = 100_000) -> int:
-        """Delete entries older than the window, locally and in the changelog (tombstones)."""
+    async def expire(self, now_ms: int | None = None, limit: int = 200_000) -> int:
+        """Delete entries older than the window, locally and in the changelog (tombstones).
+
+        The work is proportional to what expires (ExpiryIndex buckets), at most about `limit` keys per
+        call (whole buckets), so the caller can release its lock between calls.
+        """
         now_ms = int(time.time() * 1000) if now_ms is None else now_ms
-        expired = []
-        for key, entry in self.store.items():
-            if not self._live(entry, now_ms):
-                expired.append((key, entry))
-                if len(expired) >= limit:
-                    break
-        for key, entry in expired:
-            partition = entry_partition(entry)
+        expired = 0
+        for key in self.index.pop_older_than(now_ms - self.window_ms, limit):
+            entry = self.store.get(key)
+            if entry is None or self._live(entry, now_ms):
+                continue  # deleted already, or replaced by a newer entry (indexed in its own bucket)
             del self.store[key]
-            await self.send(self.changelog_topic, key, None, partition)
-        return len(expired)
+            await self.send(self.changelog_topic, key, None, entry_partition(entry))
+            expired += 1
+        return expired

@@ -28,6 +28,8 @@ from pipeline.stream.normalizing import dead_letter
 
 log = logging.getLogger(__name__)
 
+EXPIRE_CHUNK = 50_000  # keys expired under the lock at a time
+
 
 class DedupStage(mode.Service):
     """Stage 2: the keyed topic, a plain aiokafka consumer, and the dedup table's partitions it owns.
@@ -61,8 +63,14 @@ class DedupStage(mode.Service):
             settings.dedup.store, settings.worker.data_dir / settings.worker.app_id
         )
         self.dedup = Deduplicator(
-            self.store, self.changelog_topic, settings.dedup.window.total_seconds(), send, self._find_emitted
+            self.store,
+            self.changelog_topic,
+            settings.dedup.window.total_seconds(),
+            send,
+            self._find_emitted,
+            bucket_s=settings.dedup.expire_every.total_seconds(),
         )
+        metrics.dedup_entries.set_function(lambda: len(self.store))
         self.lock = asyncio.Lock()  # one batch, restore or expiry at a time
         self.owned: set[int] = set()
         self.generation = 0
@@ -82,8 +90,13 @@ class DedupStage(mode.Service):
         while not self.should_stop:
             await self.sleep(every_s)
             try:
-                async with self.lock:
-                    removed = await self.dedup.expire()
+                removed = 0
+                while True:  # in chunks, releasing the lock between them so batches go on
+                    async with self.lock:
+                        chunk = await self.dedup.expire(limit=EXPIRE_CHUNK)
+                    removed += chunk
+                    if chunk < EXPIRE_CHUNK:
+                        break
                 if removed:
                     log.info("dedup: expired %d ids older than %s", removed, self.settings.dedup.window)
             except Exception:  # noqa: BLE001 - expiry is housekeeping; try again next tick
@@ -238,7 +251,9 @@ class DedupStage(mode.Service):
                         if record.value is None:
                             store.pop(record.key, None)
                         else:
-                            store[record.key] = orjson.loads(record.value)
+                            entry = orjson.loads(record.value)
+                            store[record.key] = entry
+                            self.dedup.remember(record.key, entry)
                         count += 1
                     if part and part[-1].offset + 1 >= ends[tp]:
                         remaining.discard(tp)
@@ -248,6 +263,13 @@ class DedupStage(mode.Service):
             return count
         finally:
             await consumer.stop()
+
+
+def changelog_config(settings: Settings) -> dict[str, str]:
+    """Compacted (one entry per id) and time-limited: segments older than the window + 1 h are deleted by
+    the broker, so the changelog stays bounded by the window even where a tombstone was never written."""
+    retention_ms = int(settings.dedup.window.total_seconds() * 1000) + 3_600_000
+    return {"cleanup.policy": "compact,delete", "retention.ms": str(retention_ms)}
 
 
 def changelog_topic(settings: Settings) -> str:

@@ -28,7 +28,7 @@ from pipeline.config import Settings
 from pipeline.kafka.clients import ensure_topics, producer_options
 from pipeline.records import KafkaHeaders
 from pipeline.stream.consuming import StageProgress
-from pipeline.stream.dedup_stage import DedupStage, changelog_topic
+from pipeline.stream.dedup_stage import DedupStage, changelog_config, changelog_topic
 from pipeline.stream.metrics import WorkerMetrics
 from pipeline.stream.normalize_stage import NormalizeStage
 
@@ -116,7 +116,7 @@ class Worker:
             self.settings,
             [changelog_topic(self.settings)],
             partitions=self.settings.kafka.partitions,
-            config={"cleanup.policy": "compact"},
+            config=changelog_config(self.settings),
         )
 
     def died(self, exc: BaseException) -> None:

@@ -95,10 +95,12 @@ def test_an_id_left_pending_but_never_emitted_is_emitted() -> None:
 
 
 def test_entries_older_than_the_window_expire_with_a_tombstone() -> None:
-    """Faust tables have no TTL: expire() deletes old ids locally and writes a tombstone to the changelog."""
+    """Faust tables have no TTL: expire() deletes old ids locally and writes a tombstone to the changelog,
+    at most one expiry bucket (dedup.expire_every, 60 s here) after the window."""
     store: dict[bytes, Any] = {b"acme/old": [DONE, 0, 3], b"acme/new": [DONE, 10**15, 1]}
     dedup, changelog = make(store)
-    assert asyncio.run(dedup.expire(now_ms=int(WINDOW_S * 1000) + 1)) == 1
+    assert asyncio.run(dedup.expire(now_ms=int(WINDOW_S * 1000) + 1)) == 0  # its bucket is not over yet
+    assert asyncio.run(dedup.expire(now_ms=int(WINDOW_S * 1000) + 60_000)) == 1
     assert list(store) == [b"acme/new"]
     assert changelog.records == [(b"acme/old", None, 3)]
 
@@ -137,3 +139,44 @@ def test_a_second_opener_of_a_rocksdb_store_fails_and_leaves_the_live_table_alon
     assert owner.get(b"acme/a") == [DONE, 1, 0]
     assert isinstance(owner, RocksStore)
     owner.close()
+
+
+class CountingStore(dict[bytes, Any]):
+    """A memory store that counts the lookups expiry makes and refuses full scans once armed."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.gets = 0
+        self.armed = False
+
+    def get(self, key: bytes, default: Any = None) -> Any:  # type: ignore[override]
+        self.gets += 1
+        return super().get(key, default)
+
+    def items(self) -> Any:
+        assert not self.armed, "expiry scanned the whole table"
+        return super().items()
+
+
+def test_expiry_does_work_proportional_to_what_expires() -> None:
+    """With 100,000 live ids and 1,000 expired ones, expire() looks at the expired ones only, no full scan."""
+    now = 10**13
+    old = {f"acme/old{i}".encode(): [DONE, now - int(WINDOW_S * 1000) - 120_000, 0] for i in range(1000)}
+    live = {f"acme/live{i}".encode(): [DONE, now - i, 1] for i in range(100_000)}
+    store = CountingStore({**old, **live})
+    dedup, changelog = make(store)  # type: ignore[arg-type]
+    store.armed = True
+    assert asyncio.run(dedup.expire(now_ms=now)) == 1000
+    assert store.gets == 1000
+    assert len(store) == 100_000 and len(changelog.records) == 1000
+
+
+def test_new_ids_are_indexed_by_time_and_expire_once_their_bucket_is_past_the_window() -> None:
+    """An id emitted now is expired by a call one window + one bucket later, and only then."""
+    store: dict[bytes, Any] = {}
+    dedup, _ = make(store)
+    run(dedup, [(candidate("a"), 0)])
+    first_seen = store[b"acme/a"][1]
+    assert asyncio.run(dedup.expire(now_ms=first_seen + int(WINDOW_S * 1000) - 1)) == 0
+    assert asyncio.run(dedup.expire(now_ms=first_seen + int(WINDOW_S * 1000) + 60_000)) == 1
+    assert store == {}
