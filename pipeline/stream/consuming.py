@@ -73,12 +73,14 @@ async def process_then_commit(
     metrics: WorkerMetrics,
     isolate_after: int,
     quarantine: Quarantine | None = None,
+    commits_itself: bool = False,
 ) -> None:
     """Process the batch (its outputs acknowledged), then commit exactly its offsets.
 
     If the outputs were not acknowledged, seek back so the batch is processed again, never skipped; from
     the `isolate_after`-th failure on, process it record by record and quarantine the records that fail.
-    A failed commit means the partitions moved to another member, which replays the batch.
+    A failed commit means the partitions moved to another member, which replays the batch. With
+    `commits_itself` the processing commits the offsets (in its transactions) and this step does not.
     """
     records = [r for part in batch.values() for r in part]
     try:
@@ -97,11 +99,12 @@ async def process_then_commit(
             await _replay_later(consumer, batch, progress.failures)
             return
     progress.failures = 0
-    try:
-        await consumer.commit({tp: part[-1].offset + 1 for tp, part in batch.items()})
-    except (CommitFailedError, KafkaError) as exc:
-        log.warning("commit of a %s batch failed (%s); the batch will be replayed", progress.name, exc)
-        return
+    if not commits_itself:
+        try:
+            await consumer.commit({tp: part[-1].offset + 1 for tp, part in batch.items()})
+        except (CommitFailedError, KafkaError) as exc:
+            log.warning("commit of a %s batch failed (%s); the batch will be replayed", progress.name, exc)
+            return
     progress.last_commit = time.monotonic()
     for tp, part in batch.items():
         highwater = consumer.highwater(tp)
