@@ -100,5 +100,6 @@ def test_show_export_and_redrive_rebuild_the_exact_request_from_a_letter_without
     hw_dlq(settings, tmp_path, "redrive", "--ids", referrer.id)
     raw = read_records(settings, settings.topics.raw("segment"))
     assert [r.value for r in raw] == [body, body]
-    assert RawHeaders.from_kafka(raw[1].headers).model_copy(update={"redrive_count": 0}) == \
-        RawHeaders.from_kafka(raw[0].headers)
+    original, redriven = sorted((RawHeaders.from_kafka(r.headers) for r in raw), key=lambda h: h.redrive_count)
+    assert (original.redrive_count, redriven.redrive_count) == (0, 1)
+    assert redriven.model_copy(update={"redrive_count": 0}) == original
