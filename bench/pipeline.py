@@ -32,7 +32,6 @@ from common import (
     profile_top,
     raw_headers,
     stop,
-    topic_size,
     write_config,
 )
 
@@ -82,21 +81,33 @@ async def bare_loop(settings: Settings, sources: tuple[str, ...], events: int, o
         await consumer.stop()
 
 
-async def canonical_span(settings: Settings) -> tuple[int, float]:
-    """(records, seconds between the first and last canonical record's log time)."""
+async def drain_canonical(settings: Settings, events: int, worker: subprocess.Popen[bytes], log: Path,
+                          timeout_s: float = 600) -> tuple[int, float]:
+    """Read events.canonical (read_committed, like every reader of ours) until `events` records are there;
+    (records, seconds between the first and last canonical record's log time).
+
+    Records are counted as read, not by end offsets: transaction markers take offsets too."""
     from aiokafka import TopicPartition
 
     consumer = make_consumer(settings)
     await consumer.start()
+    deadline = time.monotonic() + timeout_s
     try:
         topic = settings.topics.canonical
-        await consumer._client.force_metadata_update()
-        tps = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
+        while not (parts := consumer.partitions_for_topic(topic)):
+            await consumer._client.force_metadata_update()
+            await asyncio.sleep(0.2)
+        tps = [TopicPartition(topic, p) for p in parts]
         consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)
-        ends = await consumer.end_offsets(tps)
         first, last, count = None, None, 0
-        while count < sum(ends.values()):
+        while count < events:
+            if worker.poll() is not None:
+                print(log.read_text(errors="replace")[-3000:])
+                raise SystemExit(f"the worker exited with {worker.returncode}")
+            if time.monotonic() > deadline:
+                print(log.read_text(errors="replace")[-3000:])
+                raise SystemExit(f"the worker did not drain {events} events in {timeout_s:.0f} s ({count})")
             for part in (await consumer.getmany(timeout_ms=500, max_records=10_000)).values():
                 for record in part:
                     first = record.timestamp if first is None else min(first, record.timestamp)
@@ -122,21 +133,12 @@ def run_case(bootstrap: str, tmp: Path, label: str, sources: tuple[str, ...], re
                                 "--pid", str(worker.pid), "--rate", "200", "--format", "raw", "--output",
                                 str(folded), "--nonblocking"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 600
-        while asyncio.run(topic_size(settings, settings.topics.canonical)) < events:
-            if worker.poll() is not None:
-                print(log.read_text(errors="replace")[-3000:])
-                raise SystemExit(f"the worker exited with {worker.returncode}")
-            if time.monotonic() > deadline:
-                print(log.read_text(errors="replace")[-3000:])
-                raise SystemExit(f"the worker did not drain {events} events in 600 s")
-            time.sleep(0.2)
+        count, seconds = asyncio.run(drain_canonical(settings, events, worker, log))
     finally:
         if spy is not None:
             spy.send_signal(subprocess.signal.SIGINT)
             spy.wait(60)
         stop(worker)
-    count, seconds = asyncio.run(canonical_span(settings))
     rate = count / seconds if seconds else float("inf")
     print(f"{label:>7}: {events} events in {records} records/source x {len(sources)} sources | worker "
           f"{rate:>9,.0f} ev/s | bare loop {bare:>9,.0f} ev/s | ratio worker/bare {rate / bare:.2f}")

@@ -132,6 +132,14 @@ class WorkerSettings(_Frozen):
     batch_within_s: float = Field(0.05, gt=0)
     max_poll_records: int = Field(2_000, ge=1)
     session_timeout_s: float = Field(10.0, ge=3)  # a dead worker's partitions move after this
+    # A canonical event larger than this is dead-lettered (output_too_large): Kafka's default record
+    # limit, so any consumer of events.canonical with default settings can read every event.
+    max_event_bytes: int = Field(1_048_576, ge=1024)
+    # /health fails when a stage has lag and has committed nothing for this long.
+    stall_limit_s: float = Field(120.0, gt=0)
+    # A batch whose outputs fail this many times in a row is processed record by record, and a
+    # record whose outputs still fail is dead-lettered (output_refused) if the DLQ takes it.
+    isolate_after_failures: int = Field(3, ge=1)
 
 
 class WebEngageCredentials(_Frozen):

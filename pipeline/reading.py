@@ -20,6 +20,9 @@ from pipeline import reasons
 from pipeline.adapting import JSONObject, JSONValue, reject
 
 MAX_EVENT_ID_CHARS: Final = 256
+# orjson reads ~1,024 levels but refuses to write 255 or more; a canonical event nests a body's values
+# at most 4 levels deeper (context.vendor.extra), a dead letter 1 level: 128 keeps every output writable.
+MAX_JSON_DEPTH: Final = 128
 
 
 class _Missing:
@@ -41,12 +44,36 @@ _ISO = re.compile(
 
 
 def json_body(body: bytes) -> JSONValue:
-    """Decode a request body; anything orjson refuses (bad JSON, bad UTF-8, a BOM) is invalid_json."""
+    """Decode a request body; anything orjson refuses (bad JSON, bad UTF-8, a BOM) is invalid_json, and
+    nesting deeper than MAX_JSON_DEPTH is nesting_too_deep (its outputs could not be written)."""
     try:
         doc: JSONValue = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         reject(reasons.INVALID_JSON, f"body is not valid JSON: {exc}")
+    # Each level needs an opening bracket: a body with few of them cannot be too deep (the common case).
+    if body.count(b"[") + body.count(b"{") > MAX_JSON_DEPTH and json_depth(doc) > MAX_JSON_DEPTH:
+        reject(
+            reasons.NESTING_TOO_DEEP,
+            f"the body nests arrays/objects more than {MAX_JSON_DEPTH} levels deep",
+        )
     return doc
+
+
+def json_depth(value: JSONValue) -> int:
+    """How many arrays/objects deep a value nests (a scalar is 0), without recursion."""
+    deepest = 0
+    stack: list[tuple[JSONValue, int]] = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, dict):
+            children: Iterable[JSONValue] = node.values()
+        elif isinstance(node, list):
+            children = node
+        else:
+            continue
+        deepest = max(deepest, depth)
+        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
+    return deepest
 
 
 def kind(value: JSONValue) -> str:

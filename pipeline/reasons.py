@@ -1,7 +1,8 @@
 """The reason catalogues: every code an adapter, the driver, validation or the rewards side may report.
 
-Event codes are sources.md §3.6 plus four of our own (adapter_crashed, validation_failed,
-invalid_raw_headers, redrive_limit); reward codes are those of rewards.dlq. `reject()` and the dead-letter
+Event codes are sources.md §3.6 plus our own (adapter_crashed, validation_failed,
+invalid_raw_headers, redrive_limit, and the containment codes nesting_too_deep, unserializable_output,
+output_too_large, output_refused); reward codes are those of rewards.dlq. `reject()` and the dead-letter
 constructors take a `Reason`, never a string, so a misspelt code is a name error.
 Modelled on aiokafka's errors.py: one record per code and a lookup table, so the README table and
 the DLQ tooling read the same list.
@@ -93,6 +94,27 @@ INVALID_RAW_HEADERS = Reason(
     "invalid_raw_headers", "parse", "The raw record lacks Headwater's headers (not written by the receiver?)."
 )
 REDRIVE_LIMIT = Reason("redrive_limit", "parse", "The record was redriven too many times and is parked.")
+NESTING_TOO_DEEP = Reason(
+    "nesting_too_deep",
+    "parse",
+    "The body nests arrays/objects deeper than the documented limit (128 levels); the whole request is "
+    "dead-lettered.",
+)
+UNSERIALIZABLE_OUTPUT = Reason(
+    "unserializable_output",
+    "validate",
+    "The canonical event could not be written as JSON (a bug in Headwater, not in the input).",
+)
+OUTPUT_TOO_LARGE = Reason(
+    "output_too_large",
+    "validate",
+    "The canonical event is larger than worker.max_event_bytes; the item is dead-lettered instead.",
+)
+OUTPUT_REFUSED = Reason(
+    "output_refused",
+    "validate",
+    "Kafka kept refusing this record's outputs while the records around it went through; it is parked.",
+)
 
 UNKNOWN = Reason(
     "unknown", "normalize", "A reason code this release does not know (written by another version?)."
@@ -117,6 +139,10 @@ CATALOGUE: dict[str, Reason] = {
         VALIDATION_FAILED,
         INVALID_RAW_HEADERS,
         REDRIVE_LIMIT,
+        NESTING_TOO_DEEP,
+        UNSERIALIZABLE_OUTPUT,
+        OUTPUT_TOO_LARGE,
+        OUTPUT_REFUSED,
     )
 }
 

@@ -11,7 +11,7 @@ import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal, Self
+from typing import Annotated, Any, ClassVar, Literal, Self
 
 import orjson
 from pydantic import (
@@ -241,7 +241,16 @@ class Processor(_Record):
 
 
 class DeadLetter(_Record):
-    """A failure a person can read and the system can replay: reason + exact original bytes."""
+    """A failure a person can read and the system can replay: reason + exact original bytes.
+
+    The body is stored once per raw record: the record's first dead letter carries it in `body_b64`,
+    the others name that letter in `body_ref` (pipeline.ops.dlq.read_snapshot resolves it), so a bulk
+    request whose every item fails costs its body once, not once per item. `element` is the failed item
+    up to ELEMENT_MAX_BYTES of JSON; beyond that it is the start of its JSON text and `element_truncated`.
+    """
+
+    ELEMENT_MAX_BYTES: ClassVar[int] = 2048
+    TEXT_MAX_CHARS: ClassVar[int] = 1024  # message and per-field error messages
 
     id: str
     stage: Stage
@@ -252,12 +261,38 @@ class DeadLetter(_Record):
     source: str
     origin: Origin
     headers: dict[str, str]
-    body_b64: str
+    body_b64: str | None = None
+    body_ref: str | None = None  # the id of the dead letter of the same raw record that carries the body
     element: SkipValidation[JSONValue] = None
+    element_truncated: bool = False
     index: int | None = None
     failed_at: UtcDatetime
     redrive_count: int = 0
     processor: Processor = Processor()
+
+    @model_validator(mode="after")
+    def _body_once(self) -> Self:
+        if (self.body_b64 is None) == (self.body_ref is None):
+            raise ValueError("a dead letter carries either body_b64 or body_ref")
+        return self
+
+    @staticmethod
+    def capped_element(element: Any) -> tuple[Any, bool]:
+        """(element, truncated): the item itself if its JSON fits ELEMENT_MAX_BYTES, else its JSON's start."""
+        if element is None or isinstance(element, bool | int | float):
+            return element, False
+        try:
+            text = orjson.dumps(element)
+        except TypeError:
+            return repr(element)[: DeadLetter.ELEMENT_MAX_BYTES], True
+        if len(text) <= DeadLetter.ELEMENT_MAX_BYTES:
+            return element, False
+        return text[: DeadLetter.ELEMENT_MAX_BYTES].decode("utf-8", "ignore"), True
+
+    @staticmethod
+    def capped_text(text: str) -> str:
+        limit = DeadLetter.TEXT_MAX_CHARS
+        return text if len(text) <= limit else text[: limit - 1] + "\u2026"
 
     @staticmethod
     def make_id(origin: Origin, index: int | None) -> str:
@@ -267,7 +302,14 @@ class DeadLetter(_Record):
 
     @property
     def body(self) -> bytes:
+        """The original bytes; a letter read with only a body_ref must be resolved first (read_snapshot)."""
+        if self.body_b64 is None:
+            raise ValueError(f"dead letter {self.id} stores its body in {self.body_ref}; resolve it first")
         return base64.b64decode(self.body_b64)
+
+    def with_body_of(self, carrier: DeadLetter) -> Self:
+        """This letter with the body of the letter its body_ref names (the body string is shared)."""
+        return self.model_copy(update={"body_b64": carrier.body_b64, "body_ref": None})
 
     def raw_headers(self) -> RawHeaders:
         return RawHeaders.from_kafka({k: v.encode() for k, v in self.headers.items()})
@@ -304,8 +346,15 @@ class KeyedBatch:
         self.size = sum(len(line) + 1 for line in self.lines)
 
     def add(self, event: CanonicalEvent) -> None:
+        self.add_line(self.line(event))
+
+    @staticmethod
+    def line(event: CanonicalEvent) -> bytes:
+        """One event's line; raises orjson.JSONEncodeError if the event cannot be written as JSON."""
         keys = orjson.dumps([event.dedup_key().decode(), event.kafka_key().decode()])
-        line = keys + b"\t" + event.to_json()
+        return keys + b"\t" + event.to_json()
+
+    def add_line(self, line: bytes) -> None:
         self.lines.append(line)
         self.size += len(line) + 1
 

@@ -51,6 +51,9 @@ def make_consumer(settings: Settings, *topics: str, **overrides: Any) -> AIOKafk
         "client_id": settings.kafka.client_id,
         "enable_auto_commit": False,
         "auto_offset_reset": "earliest",
+        # events.canonical and the dedup changelog are written in transactions: our readers see only
+        # committed records (for topics written without transactions this changes nothing).
+        "isolation_level": "read_committed",
         "max_partition_fetch_bytes": 8 * 1024 * 1024,
         "fetch_max_bytes": 64 * 1024 * 1024,
     }

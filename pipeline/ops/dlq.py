@@ -18,9 +18,10 @@ it from then on (`--all` shows it): its fate is now that of the republished reco
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -119,6 +120,9 @@ async def read_snapshot(settings: Settings, since: datetime | None = None) -> Sn
 
     A dead letter is written after it failed, so its record's timestamp is never before `failed_at`:
     starting at the first offset at or after `since` misses nothing that `Filters(since=...)` keeps.
+    Letters that point to their raw record's body (body_ref) are returned with the body filled in (the
+    string is shared, not copied), so show, redrive and the page see every letter whole; `stored` keeps
+    each record as written, so an export stays proportional and holds the carrier its refs name.
     """
     topic = settings.topics.dlq
     start = await offsets_at(settings, topic, int(since.timestamp() * 1000)) if since is not None else None
@@ -127,6 +131,7 @@ async def read_snapshot(settings: Settings, since: datetime | None = None) -> Sn
     )
     snapshot = Snapshot()
     by_id: dict[str, DeadLetter] = {}
+    carriers: dict[str, DeadLetter] = {}
     for record in records:
         try:
             letter = DeadLetter.from_json(record.value or b"")
@@ -136,6 +141,19 @@ async def read_snapshot(settings: Settings, since: datetime | None = None) -> Sn
         by_id.pop(letter.id, None)  # a record processed twice (crash) is dead-lettered twice with one id
         by_id[letter.id] = letter
         snapshot.stored[letter.id] = record.value or b""
+    unresolved = {d.body_ref for d in by_id.values() if d.body_ref is not None and d.body_ref not in by_id}
+    if unresolved and start is not None:  # a carrier written just before `since`: look for it everywhere
+        for record in await read_topic(settings, topic):
+            with contextlib.suppress(ValueError):
+                letter = DeadLetter.from_json(record.value or b"")
+                if letter.id in unresolved:
+                    carriers[letter.id] = letter
+    for letter_id, letter in list(by_id.items()):
+        if letter.body_ref is not None:
+            carrier = by_id.get(letter.body_ref) or carriers.get(letter.body_ref)
+            if carrier is None or carrier.body_b64 is None:
+                continue  # its carrier is gone (retention?): the letter is listed, its body unknown
+            by_id[letter_id] = letter.with_body_of(carrier)  # `stored` keeps the record as written
     snapshot.letters = sorted(by_id.values(), key=lambda d: d.failed_at)
     for record in log:
         try:
@@ -144,6 +162,19 @@ async def read_snapshot(settings: Settings, since: datetime | None = None) -> Sn
             continue
         snapshot.redrives[entry.id] = entry
     return snapshot
+
+
+def export_lines(snapshot: Snapshot, letters: Sequence[DeadLetter]) -> Iterator[bytes]:
+    """Each letter as stored and, once before its first referrer, the carrier of a body_ref not selected."""
+    selected = {d.id for d in letters}
+    added: set[str] = set()
+    for letter in letters:
+        stored = snapshot.stored[letter.id]
+        ref = orjson.loads(stored).get("body_ref") if b'"body_ref":"' in stored else None
+        if ref and ref not in selected and ref not in added and ref in snapshot.stored:
+            added.add(ref)
+            yield snapshot.stored[ref]
+        yield stored
 
 
 # --- summaries -------------------------------------------------------------------------------------------

@@ -215,12 +215,13 @@ def stats(obj: _CliContext, /, as_json: bool, **options: Any) -> None:
 @click.option("--output", "-o", type=click.File("wb"), default="-", help="File to write (default stdout).")
 @click.pass_obj
 def export(obj: _CliContext, /, output: IO[bytes], **options: Any) -> None:
-    """Write the selection as JSON lines, each dead letter exactly as stored (original bytes in body_b64)."""
+    """Write the selection as JSON lines, each dead letter exactly as stored (original bytes in body_b64,
+    once per raw record: the other letters name it in body_ref, and it is exported with them)."""
     filters = make_filters(**options)
     snapshot = _snapshot(obj.settings(), filters)
     letters = filters.apply(snapshot)
-    for letter in letters:
-        output.write(snapshot.stored[letter.id] + b"\n")
+    for line in dlq.export_lines(snapshot, letters):
+        output.write(line + b"\n")
     output.flush()
     click.echo(f"exported {len(letters)} dead letter(s)" if letters else NOTHING, err=True)
 

@@ -1,11 +1,20 @@
-"""The consume -> process -> ack -> commit step that both stream stages share."""
+"""The consume -> process -> ack -> commit step that both stream stages share, and what keeps it honest.
+
+Containment (issue 10): a batch whose outputs fail is retried; after `worker.isolate_after_failures`
+failures in a row it is processed record by record, and a record whose outputs still fail is handed to
+the stage's `quarantine` (its dead letter) so the records behind it flow on. If the quarantine fails too,
+Kafka itself is failing: the batch is retried, the stage's seconds-since-commit grows and /health turns
+red. A stage loop that dies ends the worker process (`guard`), so a supervisor restarts it.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Iterator
+import time
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import mode
@@ -17,6 +26,32 @@ from pipeline.kafka.clients import make_consumer
 from pipeline.stream.metrics import WorkerMetrics
 
 log = logging.getLogger(__name__)
+
+Process = Callable[[Sequence[Any]], Awaitable[Any]]
+Quarantine = Callable[[Any, BaseException], Awaitable[None]]
+
+
+@dataclass
+class StageProgress:
+    """What /metrics and /health know of one stage loop: its lag, its last commit, its failing streak."""
+
+    name: str
+    last_commit: float = field(default_factory=time.monotonic)
+    lags: dict[TopicPartition, int] = field(default_factory=dict)
+    caught_up: float = field(default_factory=time.monotonic)  # when it last had nothing to do
+    failures: int = 0  # failed attempts of the current batch in a row
+
+    @property
+    def lag(self) -> int:
+        return sum(self.lags.values())
+
+    def seconds_since_commit(self) -> float:
+        return time.monotonic() - self.last_commit
+
+    def stalled(self, limit_s: float) -> bool:
+        """Lag and no commit for longer than limit_s: the stage is not keeping up or not moving at all."""
+        busy_for = time.monotonic() - max(self.last_commit, self.caught_up)
+        return self.lag > 0 and busy_for > limit_s
 
 
 async def stop_consumer(consumer: AIOKafkaConsumer) -> None:
@@ -49,34 +84,115 @@ def stage_consumer(settings: Settings, stage: str, name: str, *topics: str) -> A
 
 
 async def process_then_commit(
-    consumer: AIOKafkaConsumer, batch: dict[TopicPartition, list[Any]], processing: Awaitable[Any], what: str
+    consumer: AIOKafkaConsumer,
+    batch: dict[TopicPartition, list[Any]],
+    process: Process,
+    progress: StageProgress,
+    metrics: WorkerMetrics,
+    isolate_after: int,
+    quarantine: Quarantine | None = None,
+    commits_itself: bool = False,
 ) -> None:
-    """Await the batch's processing (its outputs acknowledged), then commit exactly its offsets.
+    """Process the batch (its outputs acknowledged), then commit exactly its offsets.
 
-    If the outputs were not acknowledged, seek back so the batch is processed again, never skipped. A
-    failed commit means the partitions moved to another member, which replays the batch.
+    If the outputs were not acknowledged, seek back so the batch is processed again, never skipped; from
+    the `isolate_after`-th failure on, process it record by record and quarantine the records that fail.
+    A failed commit means the partitions moved to another member, which replays the batch. With
+    `commits_itself` the processing commits the offsets (in its transactions) and this step does not.
     """
+    records = [r for part in batch.values() for r in part]
     try:
-        await processing
-    except Exception:  # noqa: BLE001
-        log.exception("outputs of a %s were not acknowledged; replaying it", what)
-        for tp, part in batch.items():
+        await process(records)
+    except Exception as exc:  # noqa: BLE001 - any failure of the outputs: retry, then isolate
+        progress.failures += 1
+        metrics.batches_retried.labels(progress.name).inc()
+        if quarantine is None or progress.failures < isolate_after:
+            log.warning("outputs of a %s batch were not acknowledged (%r); replaying it", progress.name, exc)
+            await _replay_later(consumer, batch, progress.failures)
+            return
+        try:
+            await _one_by_one(records, process, quarantine, progress, metrics)
+        except Exception:  # noqa: BLE001 - the dead letter failed too: Kafka is failing, not the record
+            log.exception("%s: isolating a failing record failed as well; replaying the batch", progress.name)
+            await _replay_later(consumer, batch, progress.failures)
+            return
+    progress.failures = 0
+    if not commits_itself:
+        try:
+            await consumer.commit({tp: part[-1].offset + 1 for tp, part in batch.items()})
+        except (CommitFailedError, KafkaError) as exc:
+            log.warning("commit of a %s batch failed (%s); the batch will be replayed", progress.name, exc)
+            return
+    progress.last_commit = time.monotonic()
+    for tp, part in batch.items():
+        highwater = consumer.highwater(tp)
+        if highwater is not None:
+            progress.lags[tp] = max(0, highwater - part[-1].offset - 1)
+
+
+async def _one_by_one(
+    records: Sequence[Any],
+    process: Process,
+    quarantine: Quarantine,
+    progress: StageProgress,
+    metrics: WorkerMetrics,
+) -> None:
+    """Each record alone; one whose outputs fail again is quarantined (raises if that fails too)."""
+    for record in records:
+        try:
+            await process([record])
+        except Exception as exc:  # noqa: BLE001
+            log.error(
+                "%s: %s:%s:%s fails alone (%r); dead-lettering it",
+                progress.name,
+                record.topic,
+                record.partition,
+                record.offset,
+                exc,
+            )
+            await quarantine(record, exc)
+            metrics.records_isolated.labels(progress.name).inc()
+
+
+async def _replay_later(
+    consumer: AIOKafkaConsumer, batch: dict[TopicPartition, list[Any]], failures: int
+) -> None:
+    """Seek the still-assigned partitions back to the batch's start and back off (1 s, 2 s, ... 10 s)."""
+    assignment = consumer.assignment()
+    for tp, part in batch.items():
+        if tp in assignment:  # a revoked partition is replayed by its new owner from the committed offset
             consumer.seek(tp, part[0].offset)
-        await asyncio.sleep(1.0)
-        return
-    try:
-        await consumer.commit({tp: part[-1].offset + 1 for tp, part in batch.items()})
-    except (CommitFailedError, KafkaError) as exc:
-        log.warning("commit of a %s failed (%s); the batch will be replayed", what, exc)
+    await asyncio.sleep(min(10.0, float(failures)))
 
 
 def record_lag(
-    metrics: WorkerMetrics, consumer: AIOKafkaConsumer, batch: dict[TopicPartition, list[Any]]
+    metrics: WorkerMetrics,
+    consumer: AIOKafkaConsumer,
+    batch: dict[TopicPartition, list[Any]],
+    progress: StageProgress,
 ) -> None:
-    """headwater_worker_consumer_lag: high watermark - position after this batch, per partition."""
+    """headwater_worker_consumer_lag: high watermark - position after this batch, per partition; the
+    stage's own lag counts the batch too until it is committed (what /health looks at)."""
+    assignment = consumer.assignment()
+    for tp in [tp for tp in progress.lags if tp not in assignment]:
+        del progress.lags[tp]
+    if not batch and progress.lag == 0:
+        progress.caught_up = time.monotonic()
     for tp, part in batch.items():
         highwater = consumer.highwater(tp)
         if highwater is not None and part:
+            progress.lags[tp] = max(0, highwater - part[0].offset)  # not committed until the batch is
             metrics.consumer_lag.labels(tp.topic, str(tp.partition)).set(
                 max(0, highwater - part[-1].offset - 1)
             )
+
+
+async def guard(name: str, loop: Awaitable[None], on_death: Callable[[BaseException], None]) -> None:
+    """Run a stage loop; if it raises, log it and call on_death (the worker exits non-zero)."""
+    try:
+        await loop
+    except asyncio.CancelledError:
+        raise
+    except BaseException as exc:  # noqa: BLE001 - a dead loop must never go unnoticed
+        log.critical("stage %s died; stopping the worker so that it is restarted", name, exc_info=exc)
+        on_death(exc)

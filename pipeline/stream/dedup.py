@@ -1,24 +1,22 @@
-"""Deduplication on (tenant, event_id), crash-safe without transactions (architecture.md "Deduplication").
+"""Deduplication on (tenant, event_id), exactly once with Kafka transactions (architecture.md, "Dedup").
 
 State is a table of the keyed partitions a worker owns, one entry per id: `[state, first_seen_ms,
 partition]`, written through to a compacted changelog topic (so it survives restarts and rebalances:
-the worker restores a partition's entries from it on assignment). The table lives in memory or, with
-dedup.store = "rocksdb://", in a local RocksDB (rocksdict) so a large window does not need the RAM.
-There is no TTL in either, so entries carry their own time and `expire()` deletes old ones, tombstones
-included (pitfalls.md).
+the worker restores a partition's entries from it, read_committed, on assignment). The table lives in
+memory or, with dedup.store = "rocksdb://", in a local RocksDB (rocksdict) so a large window does not
+need the RAM. There is no TTL in either, so entries carry their own time and `expire()` deletes old
+ones through a time-bucketed index (pitfalls.md).
 
-The order of writes per batch closes the gap between "emitted" and "marked seen":
-1. mark every new id PENDING and wait for the changelog's ack;
-2. emit the canonical events and wait for their acks;
-3. mark them DONE.
-A crash after 1 leaves PENDING ids. When such an id comes back (its input was not committed), we look in
-events.canonical from the PENDING time on: found -> it was emitted, drop the copy; not found -> emit.
-So an id is emitted at most once within the window, and never lost.
+One transaction per keyed partition and batch (pipeline.stream.dedup_stage) holds the canonical events,
+the changelog entries of their ids and the batch's input offsets: all or nothing. So a crash can leave
+neither an event without its entry nor an entry without its event, and `Deduplicator` is pure
+check-and-set: `decide` splits a batch, `remember_emitted` writes the table once the transaction has
+committed. (Entries written by the earlier PENDING/DONE design are read as: DONE = seen, PENDING = not
+seen, so one event may be emitted a second time across that upgrade.)
 """
 
 from __future__ import annotations
 
-import asyncio
 import fcntl
 import logging
 import os
@@ -35,7 +33,7 @@ from pipeline.errors import HeadwaterError
 
 log = logging.getLogger(__name__)
 
-PENDING = "p"
+PENDING = "p"  # written only by the earlier design; read as "not seen"
 DONE = "d"
 
 # (dedup_key, canonical_key, canonical_json) of one candidate, and the keyed partition it came from.
@@ -76,21 +74,25 @@ class RocksStore:
         shutil.rmtree(path, ignore_errors=True)  # a table left by an earlier holder of the lock
         self.path = path
         self.db = rocksdict.Rdict(str(path))
+        self._count = 0  # entries held, kept as they are written (a RocksDB count would scan the table)
 
     def get(self, key: bytes, default: Any = None) -> Any:
         value = self.db.get(key)
         return default if value is None else orjson.loads(value)
 
     def __setitem__(self, key: bytes, value: Any) -> None:
+        if key not in self.db:
+            self._count += 1
         self.db[key] = orjson.dumps(value)
 
     def __delitem__(self, key: bytes) -> None:
         del self.db[key]
+        self._count -= 1
 
     def pop(self, key: bytes, default: Any = None) -> Any:
         value = self.get(key, default)
         if key in self.db:
-            del self.db[key]
+            del self[key]
         return value
 
     def items(self) -> Iterator[tuple[bytes, Any]]:
@@ -98,7 +100,7 @@ class RocksStore:
             yield cast(bytes, key), orjson.loads(value)
 
     def __len__(self) -> int:
-        return sum(1 for _ in self.db.keys())
+        return self._count
 
     def close(self) -> None:
         self.db.close()
@@ -142,30 +144,66 @@ def entry_partition(entry: Any) -> int | None:
 
 @dataclass
 class DedupVerdicts:
-    """What one batch decided: events to emit, copies dropped, and ids a crash left PENDING."""
+    """What one batch decided: the events to emit (with their keyed partition) and the copies dropped."""
 
     emit: list[tuple[Candidate, int]] = field(default_factory=list)
     duplicates: int = 0
-    unresolved: list[tuple[Candidate, int, int]] = field(default_factory=list)  # + pending_since_ms
+
+
+class ExpiryIndex:
+    """The table's keys by the time bucket of their first sighting, so that expiry visits only the keys
+    that expire (whole buckets older than the window), never the whole table.
+
+    A key whose entry was replaced later sits in an older bucket too; expiry checks the entry's own time
+    before deleting it. Memory: one reference per key plus a set slot (~60 bytes), for either store.
+    """
+
+    def __init__(self, bucket_ms: int) -> None:
+        self.bucket_ms = max(1, bucket_ms)
+        self.buckets: dict[int, set[bytes]] = {}
+
+    def add(self, key: bytes, first_seen_ms: int) -> None:
+        bucket = first_seen_ms // self.bucket_ms
+        keys = self.buckets.get(bucket)
+        if keys is None:
+            self.buckets[bucket] = keys = set()
+        keys.add(key)
+
+    def pop_older_than(self, cutoff_ms: int, limit: int) -> list[bytes]:
+        """Keys of the buckets that end at or before cutoff_ms, whole buckets, until at least `limit`."""
+        out: list[bytes] = []
+        for bucket in sorted(b for b in self.buckets if (b + 1) * self.bucket_ms <= cutoff_ms):
+            if len(out) >= limit:
+                break
+            out.extend(self.buckets.pop(bucket))
+        return out
+
+    def __len__(self) -> int:
+        return sum(len(keys) for keys in self.buckets.values())
 
 
 class Deduplicator:
     """Check-and-set on the dedup table. Single-threaded per keyed partition, so check-and-set is atomic."""
 
     def __init__(
-        self,
-        store: Any,
-        changelog_topic: str,
-        window_s: float,
-        send: Send,
-        find_emitted: Callable[[list[bytes], int], Awaitable[set[bytes]]],
+        self, store: Any, changelog_topic: str, window_s: float, send: Send, bucket_s: float = 60.0
     ) -> None:
-        self.store = store  # the table's data (Faust store: dict-like)
+        self.store = store  # the table's data (dict-like)
         self.changelog_topic = changelog_topic
         self.window_ms = int(window_s * 1000)
-        self.send = send
-        self.find_emitted = find_emitted
+        self.send = send  # for expiry tombstones (outside any transaction)
         self.dropped = 0
+        self.index = ExpiryIndex(int(bucket_s * 1000))
+        for key, entry in store.items():  # a store handed over with entries (tests; RocksDB starts empty)
+            self.remember(key, entry)
+
+    def remember(self, key: bytes, entry: Any) -> None:
+        """Index an entry written to the store (by a batch or by the restore from the changelog)."""
+        if isinstance(entry, list) and len(entry) >= 2:
+            self.index.add(key, int(entry[1]))
+
+    def _seen(self, entry: Any, now_ms: int) -> bool:
+        return isinstance(entry, list) and len(entry) == 3 and entry[0] == DONE and self._live(entry, now_ms)
 
     def _live(self, entry: Any, now_ms: int) -> bool:
         return isinstance(entry, list) and len(entry) == 3 and now_ms - int(entry[1]) < self.window_ms
@@ -178,72 +216,37 @@ class Deduplicator:
         claimed: set[bytes] = set()
         for candidate, partition in batch:
             key = candidate[0]
-            if key in claimed:
+            if key in claimed or (not reemit and self._seen(self.store.get(key), now_ms)):
                 verdicts.duplicates += 1
                 continue
-            entry = None if reemit else self.store.get(key)
-            if entry is not None and self._live(entry, now_ms):
-                if entry[0] == DONE:
-                    verdicts.duplicates += 1
-                    continue
-                verdicts.unresolved.append((candidate, partition, int(entry[1])))
-            else:
-                verdicts.emit.append((candidate, partition))
+            verdicts.emit.append((candidate, partition))
             claimed.add(key)
         return verdicts
 
-    async def mark(self, items: Iterable[tuple[bytes, int]], state: str, now_ms: int) -> list[Awaitable[Any]]:
-        """Write entries to the store and the changelog; returns the changelog acks to wait for."""
-        acks = []
-        for key, partition in items:
-            value = [state, now_ms, partition]
-            self.store[key] = value
-            acks.append(await self.send(self.changelog_topic, key, orjson.dumps(value), partition))
-        return acks
+    @staticmethod
+    def entry(partition: int, now_ms: int) -> bytes:
+        """The changelog value of an id emitted now from a keyed partition."""
+        return orjson.dumps([DONE, now_ms, partition])
 
-    async def run(
-        self,
-        batch: list[tuple[Candidate, int]],
-        emit: Callable[[list[Candidate]], Awaitable[None]],
-        reemit: bool = False,
-    ) -> tuple[int, int]:
-        """Dedup one batch and emit the survivors. Returns (emitted, duplicates dropped)."""
-        now_ms = int(time.time() * 1000)
-        verdicts = self.decide(batch, now_ms, reemit)
-        if verdicts.unresolved:
-            since = min(p for _, _, p in verdicts.unresolved)
-            keys = [c[0] for c, _, _ in verdicts.unresolved]
-            emitted_before = await self.find_emitted(keys, since)
-            for candidate, partition, _ in verdicts.unresolved:
-                if candidate[0] in emitted_before:
-                    verdicts.duplicates += 1
-                    await asyncio.gather(*await self.mark([(candidate[0], partition)], DONE, now_ms))
-                else:
-                    verdicts.emit.append((candidate, partition))
-            log.info(
-                "resolved %d ids left PENDING by a crash: %d already emitted",
-                len(verdicts.unresolved),
-                len(emitted_before),
-            )
-        if verdicts.emit:
-            marks = [(c[0], p) for c, p in verdicts.emit]
-            await asyncio.gather(*await self.mark(marks, PENDING, now_ms))
-            await emit([c for c, _ in verdicts.emit])
-            await asyncio.gather(*await self.mark(marks, DONE, now_ms))  # acked before the offset commit
-        self.dropped += verdicts.duplicates
-        return len(verdicts.emit), verdicts.duplicates
+    def remember_emitted(self, emitted: Iterable[tuple[Candidate, int]], now_ms: int) -> None:
+        """Write the ids of a committed transaction to the table (its changelog entries are committed)."""
+        for candidate, partition in emitted:
+            self.store[candidate[0]] = [DONE, now_ms, partition]
+            self.index.add(candidate[0], now_ms)
 
-    async def expire(self, now_ms: int | None = None, limit: int = 100_000) -> int:
-        """Delete entries older than the window, locally and in the changelog (tombstones)."""
+    async def expire(self, now_ms: int | None = None, limit: int = 200_000) -> int:
+        """Delete entries older than the window, locally and in the changelog (tombstones).
+
+        The work is proportional to what expires (ExpiryIndex buckets), at most about `limit` keys per
+        call (whole buckets), so the caller can release its lock between calls.
+        """
         now_ms = int(time.time() * 1000) if now_ms is None else now_ms
-        expired = []
-        for key, entry in self.store.items():
-            if not self._live(entry, now_ms):
-                expired.append((key, entry))
-                if len(expired) >= limit:
-                    break
-        for key, entry in expired:
-            partition = entry_partition(entry)
+        expired = 0
+        for key in self.index.pop_older_than(now_ms - self.window_ms, limit):
+            entry = self.store.get(key)
+            if entry is None or self._live(entry, now_ms):
+                continue  # deleted already, or replaced by a newer entry (indexed in its own bucket)
             del self.store[key]
-            await self.send(self.changelog_topic, key, None, partition)
-        return len(expired)
+            await self.send(self.changelog_topic, key, None, entry_partition(entry))
+            expired += 1
+        return expired

@@ -1,7 +1,9 @@
 """Stage 2, dedup: the keyed topic -> events.canonical, dropping repeats of (tenant, event_id) in the window.
 
-The stage owns the dedup table's entries of the keyed partitions it is assigned: restored from the
-compacted changelog on assignment, written through to it by `Deduplicator` (pipeline.stream.dedup).
+The stage owns the dedup table's entries of the keyed partitions it is assigned: restored (read_committed)
+from the compacted changelog on assignment, written through to it in the same Kafka transaction as the
+canonical events and the input offsets (pipeline.stream.transactions), one transaction per keyed
+partition and batch. Readers of events.canonical must read with isolation.level=read_committed.
 """
 
 from __future__ import annotations
@@ -10,27 +12,34 @@ import asyncio
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import mode
 import orjson
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 
+from pipeline import reasons
 from pipeline.config import Settings
-from pipeline.kafka.clients import make_consumer, offsets_at, read_topic
-from pipeline.records import KeyedBatch, ReplayTag
+from pipeline.kafka.clients import make_consumer
+from pipeline.records import KeyedBatch, Origin, RawHeaders, RawRecord, ReplayTag, utc_now
 from pipeline.stream.consuming import (
+    StageProgress,
+    guard,
     process_then_commit,
     record_lag,
     stage_consumer,
     stop_consumer,
     stopped_quietly,
 )
-from pipeline.stream.dedup import Candidate, Deduplicator, Send, Store, entry_partition, open_store
+from pipeline.stream.dedup import Deduplicator, Send, Store, entry_partition, open_store
 from pipeline.stream.metrics import WorkerMetrics
+from pipeline.stream.normalizing import dead_letter
+from pipeline.stream.transactions import Output, PartitionTransactions
 
 log = logging.getLogger(__name__)
+
+EXPIRE_CHUNK = 50_000  # keys expired under the lock at a time
 
 
 class DedupStage(mode.Service):
@@ -41,21 +50,41 @@ class DedupStage(mode.Service):
       (partition p of the changelog holds the entries of keyed partition p); entries of partitions no
       longer owned are dropped;
     - records fetched across a rebalance are not processed but fetched again under the new assignment;
-    - a batch's changelog writes and canonical events are acknowledged before its offsets are committed.
+    - per keyed partition, a batch's canonical events, changelog entries and input offsets are one
+      transaction of that partition's producer, created on assignment (so it fences an earlier owner);
+      the table is written only once the transaction has committed.
     """
 
-    def __init__(self, settings: Settings, send: Send, metrics: WorkerMetrics, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        send: Send,
+        metrics: WorkerMetrics,
+        progress: StageProgress,
+        on_death: Callable[[BaseException], None],
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
         self.settings = settings
         self.send = send
         self.metrics = metrics
+        self.progress = progress
+        self.on_death = on_death
+        metrics.watch(progress.name, progress.seconds_since_commit)
         self.changelog_topic = changelog_topic(settings)
         self.store: Store = open_store(
             settings.dedup.store, settings.worker.data_dir / settings.worker.app_id
         )
         self.dedup = Deduplicator(
-            self.store, self.changelog_topic, settings.dedup.window.total_seconds(), send, self._find_emitted
+            self.store,
+            self.changelog_topic,
+            settings.dedup.window.total_seconds(),
+            send,
+            bucket_s=settings.dedup.expire_every.total_seconds(),
         )
+        self.group_id = f"{settings.worker.app_id}-dedup"
+        self.transactions = PartitionTransactions(settings, self.group_id)
+        metrics.dedup_entries.set_function(lambda: len(self.store))
         self.lock = asyncio.Lock()  # one batch, restore or expiry at a time
         self.owned: set[int] = set()
         self.generation = 0
@@ -64,15 +93,16 @@ class DedupStage(mode.Service):
         self.consumer = stage_consumer(self.settings, "dedup", "dedup")
         self.consumer.subscribe([self.settings.topics.keyed], listener=_Rebalance(self))
         await self.consumer.start()
-        self.add_future(self._consume(self.consumer))
-        self.add_future(self._expire_periodically())
+        self.add_future(guard(self.progress.name, self._consume(self.consumer), self.on_death))
+        self.add_future(guard("dedup expiry", self._expire_periodically(), self.on_death))
 
     async def on_stop(self) -> None:
-        """Leave the group before the store closes, so no rebalance reaches a closed store."""
+        """Leave the group first, so that no rebalance reaches the producers and the store as they close."""
         await stop_consumer(self.consumer)
 
     async def on_shutdown(self) -> None:
-        """Close the store once the stage's loops have ended (on_stop runs before they are cancelled)."""
+        """Close the transactional producers and the store once the stage's loops have ended."""
+        await self.transactions.close()
         close = getattr(self.store, "close", None)
         if close is not None:
             close()
@@ -85,8 +115,13 @@ class DedupStage(mode.Service):
             if self.should_stop:
                 return
             try:
-                async with self.lock:
-                    removed = await self.dedup.expire()
+                removed = 0
+                while True:  # in chunks, releasing the lock between them so batches go on
+                    async with self.lock:
+                        chunk = await self.dedup.expire(limit=EXPIRE_CHUNK)
+                    removed += chunk
+                    if chunk < EXPIRE_CHUNK:
+                        break
                 if removed:
                     log.info("dedup: expired %d ids older than %s", removed, self.settings.dedup.window)
             except Exception:  # noqa: BLE001 - expiry is housekeeping; try again next tick
@@ -102,6 +137,7 @@ class DedupStage(mode.Service):
                     max_records=settings.worker.batch_max,
                 )
                 if not batch:
+                    record_lag(self.metrics, consumer, batch, self.progress)
                     continue
                 async with self.lock:
                     if generation != self.generation:
@@ -112,52 +148,89 @@ class DedupStage(mode.Service):
                             if tp in assignment:
                                 consumer.seek(tp, part[0].offset)
                         continue
-                    record_lag(self.metrics, consumer, batch)
-                    records = [r for part in batch.values() for r in part]
-                    await process_then_commit(consumer, batch, self.dedup_batch(records), "dedup batch")
+                    record_lag(self.metrics, consumer, batch, self.progress)
+                    await process_then_commit(
+                        consumer,
+                        batch,
+                        self.dedup_batch,
+                        self.progress,
+                        self.metrics,
+                        settings.worker.isolate_after_failures,
+                        self._quarantine,
+                        commits_itself=True,  # the offsets go in each partition's transaction
+                    )
 
     async def dedup_batch(self, records: Sequence[Any]) -> None:
-        """Dedup per keyed partition; a replay's batches run alone so their outcome can be reported."""
-        groups: dict[tuple[int, ReplayTag | None], list[Any]] = defaultdict(list)
+        """Dedup per keyed partition, concurrently; each partition's records in runs of one replay tag
+        (a replay's runs are reported), each run one transaction that also commits its offsets."""
+        by_partition: dict[int, list[Any]] = defaultdict(list)
         for record in records:
-            groups[(record.partition, ReplayTag.from_headers(record.headers))].append(record)
-        for (partition, replay), group in groups.items():
-            batch: list[tuple[Candidate, int]] = []
-            for record in group:
-                batch.extend((entry, partition) for entry in KeyedBatch.entries(record.value))
-            emitted, dropped = await self.dedup.run(batch, self._emit, reemit=bool(replay and replay.reemit))
-            self.metrics.canonical.inc(emitted)
-            self.metrics.duplicates.inc(dropped)
+            by_partition[record.partition].append(record)
+        outcomes = await asyncio.gather(
+            *(self._dedup_partition(p, part) for p, part in by_partition.items()), return_exceptions=True
+        )
+        failures = [o for o in outcomes if isinstance(o, BaseException)]
+        if failures:
+            raise failures[0]
+
+    async def _dedup_partition(self, partition: int, records: list[Any]) -> None:
+        for replay, run in _runs(records):
+            batch = [(entry, partition) for record in run for entry in KeyedBatch.entries(record.value)]
+            now_ms = int(time.time() * 1000)
+            verdicts = self.dedup.decide(batch, now_ms, reemit=bool(replay and replay.reemit))
+            outputs: list[Output] = [
+                (self.changelog_topic, c[0], Deduplicator.entry(partition, now_ms), partition)
+                for c, _ in verdicts.emit
+            ]
+            outputs += [(self.settings.topics.canonical, c[1], c[2], None) for c, _ in verdicts.emit]
             if replay is not None:
-                report = orjson.dumps(
-                    {
-                        "replay_id": replay.replay_id,
-                        "batches": len(group),
-                        "canonical": emitted,
-                        "duplicates": dropped,
-                    }
+                report = {
+                    "replay_id": replay.replay_id,
+                    "batches": len(run),
+                    "canonical": len(verdicts.emit),
+                    "duplicates": verdicts.duplicates,
+                }
+                outputs.append(
+                    (
+                        self.settings.topics.replay_results,
+                        replay.replay_id.encode(),
+                        orjson.dumps(report),
+                        None,
+                    )
                 )
-                await self.send(self.settings.topics.replay_results, replay.replay_id.encode(), report, None)
+            offsets = {TopicPartition(run[-1].topic, partition): run[-1].offset + 1}
+            await self.transactions.commit(partition, outputs, offsets)
+            self.dedup.remember_emitted(verdicts.emit, now_ms)
+            self.metrics.canonical.inc(len(verdicts.emit))
+            self.metrics.duplicates.inc(verdicts.duplicates)
 
-    async def _emit(self, candidates: list[Candidate]) -> None:
-        topic = self.settings.topics.canonical
-        acks = [await self.send(topic, canonical_key, event, None) for _, canonical_key, event in candidates]
-        await asyncio.gather(*acks)
+    async def _quarantine(self, record: Any, exc: BaseException) -> None:
+        """Dead-letter each event of a keyed record whose canonical sends Kafka refused even alone.
 
-    async def _find_emitted(self, keys: list[bytes], since_ms: int) -> set[bytes]:
-        """Which of these dedup keys are already on events.canonical, looking from `since_ms` on."""
-        wanted = set(keys)
-        starts = await offsets_at(self.settings, self.settings.topics.canonical, since_ms - 5_000)
-        found = set()
-        for record in await read_topic(self.settings, self.settings.topics.canonical, start=starts):
-            try:
-                event = orjson.loads(record.value)
-                key = f"{event['tenant']}/{event['event_id']}".encode()
-            except (orjson.JSONDecodeError, KeyError, TypeError):
-                continue
-            if key in wanted:
-                found.add(key)
-        return found
+        The letter's body is the canonical event (the raw request went through normalize already); its
+        headers name the keyed record, so `dlq show` explains it and `dlq export` keeps the event.
+        """
+        outputs: list[Output] = []
+        for index, (_, _, event) in enumerate(KeyedBatch.entries(record.value)):
+            fields = orjson.loads(event)
+            headers = RawHeaders(
+                tenant=str(fields.get("tenant", "unknown")),
+                source=str(fields.get("source", "unknown")),
+                received_at=fields.get("received_at") or utc_now(),
+                request_id=f"{record.topic}:{record.partition}:{record.offset}",
+            )
+            origin = Origin(topic=record.topic, partition=record.partition, offset=record.offset)
+            letter = dead_letter(
+                RawRecord(body=event, headers=headers, origin=origin),
+                "validate",
+                reasons.OUTPUT_REFUSED,
+                f"Kafka refused this canonical event while the events around it went through: "
+                f"{type(exc).__name__}: {exc}",
+                index=index,
+            )
+            outputs.append((self.settings.topics.dlq, letter.id.encode(), letter.to_json(), None))
+        offsets = {TopicPartition(record.topic, record.partition): record.offset + 1}
+        await self.transactions.commit(record.partition, outputs, offsets)
 
     async def assigned(self, partitions: set[int]) -> None:
         """Own exactly these keyed partitions: restore the new ones, forget the others."""
@@ -168,6 +241,7 @@ class DedupStage(mode.Service):
             for key in [k for k, entry in store.items() if entry_partition(entry) not in partitions - new]:
                 del store[key]
             started = time.monotonic()
+            await self.transactions.own(partitions)  # before the restore: fences and aborts a zombie's writes
             restored = await self._restore(new) if new else 0
             self.owned = set(partitions)
             log.info(
@@ -181,7 +255,7 @@ class DedupStage(mode.Service):
     async def _restore(self, partitions: set[int]) -> int:
         """Read the changelog partitions from the beginning to their current end into the store."""
         topic = self.changelog_topic
-        consumer = make_consumer(self.settings)
+        consumer = make_consumer(self.settings, isolation_level="read_committed")
         await consumer.start()
         try:
             tps = [TopicPartition(topic, p) for p in sorted(partitions)]
@@ -201,7 +275,9 @@ class DedupStage(mode.Service):
                         if record.value is None:
                             store.pop(record.key, None)
                         else:
-                            store[record.key] = orjson.loads(record.value)
+                            entry = orjson.loads(record.value)
+                            store[record.key] = entry
+                            self.dedup.remember(record.key, entry)
                         count += 1
                     if part and part[-1].offset + 1 >= ends[tp]:
                         remaining.discard(tp)
@@ -211,6 +287,25 @@ class DedupStage(mode.Service):
             return count
         finally:
             await consumer.stop()
+
+
+def _runs(records: list[Any]) -> list[tuple[ReplayTag | None, list[Any]]]:
+    """Consecutive records of one partition that share a replay tag, in offset order."""
+    runs: list[tuple[ReplayTag | None, list[Any]]] = []
+    for record in records:
+        tag = ReplayTag.from_headers(record.headers)
+        if runs and runs[-1][0] == tag:
+            runs[-1][1].append(record)
+        else:
+            runs.append((tag, [record]))
+    return runs
+
+
+def changelog_config(settings: Settings) -> dict[str, str]:
+    """Compacted (one entry per id) and time-limited: segments older than the window + 1 h are deleted by
+    the broker, so the changelog stays bounded by the window even where a tombstone was never written."""
+    retention_ms = int(settings.dedup.window.total_seconds() * 1000) + 3_600_000
+    return {"cleanup.policy": "compact,delete", "retention.ms": str(retention_ms)}
 
 
 def changelog_topic(settings: Settings) -> str:

@@ -15,12 +15,14 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
 from aiokafka import ConsumerRecord
 from aiokafka.partitioner import murmur2
 
 from pipeline import reasons
 from pipeline.adapting import AdapterModule
 from pipeline.config import Settings
+from pipeline.reasons import Reason
 from pipeline.records import (
     CanonicalEvent,
     DeadLetter,
@@ -40,17 +42,22 @@ Send = Callable[[str, bytes | None, bytes, int | None, KafkaHeaders | None], Awa
 
 @dataclass(frozen=True, slots=True)
 class NormalizeTargets:
-    """Where the normalize stage writes, and the one setting the driver needs."""
+    """Where the normalize stage writes, and the settings the driver needs."""
 
     keyed_topic: str
     dlq_topic: str
     keyed_partitions: int
     redrive_limit: int
+    max_event_bytes: int = 1_048_576
 
     @classmethod
     def from_settings(cls, settings: Settings) -> NormalizeTargets:
         return cls(
-            settings.topics.keyed, settings.topics.dlq, settings.kafka.partitions, settings.dlq.redrive_limit
+            settings.topics.keyed,
+            settings.topics.dlq,
+            settings.kafka.partitions,
+            settings.dlq.redrive_limit,
+            settings.worker.max_event_bytes,
         )
 
 
@@ -80,41 +87,75 @@ async def normalize_batch(
     metrics: WorkerMetrics | None = None,
     replay: ReplayTag | None = None,
 ) -> tuple[int, int]:
-    """Adapter outcomes of every message: dead letters to the DLQ, events packed per keyed partition.
+    """Adapter outcomes of every message: dead letters to the DLQ as they are made, events packed per
+    keyed partition. An event that cannot be written as JSON, or is over targets.max_event_bytes,
+    becomes its item's dead letter here, so no output of one record can fail the batch's sends.
 
     Returns (keyed records sent, dead letters sent) once every send is acknowledged. A replay tags its
     keyed records so that the dedup stage reports on them.
     """
     acks: list[Awaitable[Any]] = []
     packs: dict[int, KeyedBatch] = defaultdict(KeyedBatch)
-    full: list[tuple[int, KeyedBatch]] = []
-    letters: list[DeadLetter] = []
+    headers = replay.to_headers() if replay else None
+    sent_packs = 0
+    letters = 0
+
+    async def send_letter(letter: DeadLetter) -> None:
+        nonlocal letters
+        acks.append(await send(targets.dlq_topic, letter.id.encode(), letter.to_json(), None, None))
+        letters += 1
+        if metrics:
+            metrics.dead_letters.labels(letter.source, letter.reason.partition(":")[0]).inc()
+
     for message in messages:
         if metrics:
             metrics.raw_records.labels(adapter.SOURCE).inc()
         try:
             raw = raw_record(message)
         except Exception as exc:  # noqa: BLE001 - a record without our headers is still kept
-            letters.append(foreign_record(message, adapter.SOURCE, exc))
+            await send_letter(foreign_record(message, adapter.SOURCE, exc))
             continue
-        for outcome in outcomes(raw, adapter, targets.redrive_limit):
+        carrier: str | None = None  # this record's dead letter that carries its body
+        for position, outcome in enumerate(outcomes(raw, adapter, targets.redrive_limit)):
             if isinstance(outcome, CanonicalEvent):
-                partition = keyed_partition(outcome.dedup_key(), targets.keyed_partitions)
-                pack = packs[partition]
-                pack.add(outcome)
-                if pack.size >= KeyedBatch.MAX_BYTES:  # keep keyed records well under any size limit
-                    full.append((partition, packs.pop(partition)))
-            else:
-                letters.append(outcome)
-    for letter in letters:
-        acks.append(await send(targets.dlq_topic, letter.id.encode(), letter.to_json(), None, None))
-        if metrics:
-            metrics.dead_letters.labels(letter.source, letter.reason.partition(":")[0]).inc()
-    headers = replay.to_headers() if replay else None
-    for partition, pack in [*full, *packs.items()]:
+                line, failure = _keyed_line(outcome, targets.max_event_bytes)
+                if failure is not None:
+                    index = position if adapter.BATCHED else None
+                    outcome = dead_letter(
+                        raw, "validate", failure[0], failure[1], index=index, body_ref=carrier
+                    )
+                else:
+                    partition = keyed_partition(outcome.dedup_key(), targets.keyed_partitions)
+                    pack = packs[partition]
+                    pack.add_line(line)
+                    if pack.size >= KeyedBatch.MAX_BYTES:  # keep keyed records well under any size limit
+                        del packs[partition]
+                        acks.append(
+                            await send(targets.keyed_topic, None, pack.to_bytes(), partition, headers)
+                        )
+                        sent_packs += 1
+                    continue
+            if carrier is None and outcome.body_b64 is not None:
+                carrier = outcome.id
+            await send_letter(outcome)
+    for partition, pack in packs.items():
         acks.append(await send(targets.keyed_topic, None, pack.to_bytes(), partition, headers))
     await asyncio.gather(*acks)
-    return len(full) + len(packs), len(letters)
+    return sent_packs + len(packs), letters
+
+
+def _keyed_line(event: CanonicalEvent, max_bytes: int) -> tuple[bytes, tuple[Reason, str] | None]:
+    """The event's keyed line, or why it cannot be one (unserializable, or over the size limit)."""
+    try:
+        line = KeyedBatch.line(event)
+    except orjson.JSONEncodeError as exc:
+        return b"", (reasons.UNSERIALIZABLE_OUTPUT, f"the canonical event cannot be written as JSON: {exc}")
+    if len(line) > max_bytes:
+        return b"", (
+            reasons.OUTPUT_TOO_LARGE,
+            f"the canonical event is {len(line)} bytes, over worker.max_event_bytes = {max_bytes}",
+        )
+    return line, None
 
 
 def foreign_record(message: Any, source: str, exc: Exception) -> DeadLetter:
@@ -137,3 +178,22 @@ def foreign_record(message: Any, source: str, exc: Exception) -> DeadLetter:
 
 def _utc_from_ms(timestamp_ms: int | None) -> datetime:
     return datetime.fromtimestamp(timestamp_ms / 1000 if timestamp_ms else time.time(), UTC)
+
+
+async def refuse_record(
+    message: Any, adapter: AdapterModule, send: Send, targets: NormalizeTargets, exc: BaseException
+) -> None:
+    """Dead-letter a raw record whose outputs Kafka refused even alone (output_refused); waits for the ack."""
+    try:
+        raw = raw_record(message)
+    except Exception as header_error:  # noqa: BLE001
+        letter = foreign_record(message, adapter.SOURCE, header_error)
+    else:
+        letter = dead_letter(
+            raw,
+            "validate",
+            reasons.OUTPUT_REFUSED,
+            f"Kafka refused this record's outputs while the records around it went through: "
+            f"{type(exc).__name__}: {exc}",
+        )
+    await (await send(targets.dlq_topic, letter.id.encode(), letter.to_json(), None, None))

@@ -45,7 +45,9 @@ def outcomes(
     """Every canonical event and dead letter one raw record yields, in the order of its items.
 
     `redrive_limit` is `settings.dlq.redrive_limit`: a record whose hw-redrive-count exceeds it
-    becomes a single `redrive_limit` dead letter instead of being normalized again.
+    becomes a single `redrive_limit` dead letter instead of being normalized again. The record's first
+    dead letter carries its body; the later ones point to it (DeadLetter.body_ref), so the body is
+    encoded and stored once whatever the number of failed items.
     """
     count = raw.headers.redrive_count
     if count > redrive_limit:
@@ -66,33 +68,44 @@ def outcomes(
         log.exception("adapter %s crashed in parse", adapter.SOURCE)
         yield dead_letter(raw, "parse", reasons.ADAPTER_CRASHED, f"{type(exc).__name__}: {exc}")
         return
+    carrier: str | None = None  # the id of this record's first dead letter, which carries the body
     for index, record in enumerate(records):
         position = index if adapter.BATCHED else None
-        try:
-            draft = adapter.normalize(record, raw.headers)
-        except Reject as rejection:
-            yield dead_letter(
-                raw,
-                "normalize",
-                rejection.reason,
-                rejection.detail,
-                _errors(rejection),
-                element=record,
-                index=position,
-            )
-            continue
-        except Exception as exc:  # noqa: BLE001
-            log.exception("adapter %s crashed in normalize", adapter.SOURCE)
-            yield dead_letter(
-                raw,
-                "normalize",
-                reasons.ADAPTER_CRASHED,
-                f"{type(exc).__name__}: {exc}",
-                element=record,
-                index=position,
-            )
-            continue
-        yield validate(raw, canonical_fields(raw, draft), element=record, index=position)
+        outcome = _item_outcome(raw, adapter, record, position, carrier)
+        if carrier is None and isinstance(outcome, DeadLetter):
+            carrier = outcome.id
+        yield outcome
+
+
+def _item_outcome(
+    raw: RawRecord, adapter: AdapterModule, record: Any, position: int | None, carrier: str | None
+) -> Outcome:
+    """One item of a parsed body: its canonical event or its dead letter."""
+    try:
+        draft = adapter.normalize(record, raw.headers)
+    except Reject as rejection:
+        return dead_letter(
+            raw,
+            "normalize",
+            rejection.reason,
+            rejection.detail,
+            _errors(rejection),
+            element=record,
+            index=position,
+            body_ref=carrier,
+        )
+    except Exception as exc:  # noqa: BLE001
+        log.exception("adapter %s crashed in normalize", adapter.SOURCE)
+        return dead_letter(
+            raw,
+            "normalize",
+            reasons.ADAPTER_CRASHED,
+            f"{type(exc).__name__}: {exc}",
+            element=record,
+            index=position,
+            body_ref=carrier,
+        )
+    return validate(raw, canonical_fields(raw, draft), element=record, index=position, body_ref=carrier)
 
 
 def canonical_fields(raw: RawRecord, draft: Draft) -> dict[str, Any]:
@@ -132,7 +145,11 @@ def canonical_fields(raw: RawRecord, draft: Draft) -> dict[str, Any]:
 
 
 def validate(
-    raw: RawRecord, fields: dict[str, Any], element: Any = None, index: int | None = None
+    raw: RawRecord,
+    fields: dict[str, Any],
+    element: Any = None,
+    index: int | None = None,
+    body_ref: str | None = None,
 ) -> Outcome:
     """The canonical model's verdict: the event, or a dead letter listing every error by field path."""
     try:
@@ -144,7 +161,14 @@ def validate(
         )
         summary = "; ".join(f"{e.path}: {e.message}" for e in errors)
         return dead_letter(
-            raw, "validate", reasons.VALIDATION_FAILED, summary, errors, element=element, index=index
+            raw,
+            "validate",
+            reasons.VALIDATION_FAILED,
+            summary,
+            errors,
+            element=element,
+            index=index,
+            body_ref=body_ref,
         )
 
 
@@ -156,21 +180,28 @@ def dead_letter(
     errors: tuple[FieldError, ...] = (),
     element: Any = None,
     index: int | None = None,
+    body_ref: str | None = None,
 ) -> DeadLetter:
-    """A dead letter that explains itself and keeps the exact original bytes and headers."""
+    """A dead letter that explains itself and keeps the exact original bytes, or with `body_ref` the
+    id of the dead letter of the same raw record that keeps them."""
     origin = raw.origin or Origin(topic="", partition=-1, offset=-1)
+    capped, truncated = DeadLetter.capped_element(element)
     return DeadLetter(
         id=DeadLetter.make_id(origin, index),
         stage=stage,
         reason=reason.code,
-        message=detail or reason.summary,
-        errors=errors,
+        message=DeadLetter.capped_text(detail or reason.summary),
+        errors=tuple(
+            e.model_copy(update={"message": DeadLetter.capped_text(e.message)}) for e in errors[:50]
+        ),
         tenant=raw.headers.tenant,
         source=raw.headers.source,
         origin=origin,
         headers=raw.headers.json_headers(),
-        body_b64=encode_body(raw.body),
-        element=element,
+        body_b64=encode_body(raw.body) if body_ref is None else None,
+        body_ref=body_ref,
+        element=capped,
+        element_truncated=truncated,
         index=index,
         failed_at=utc_now(),
         redrive_count=raw.headers.redrive_count,

@@ -14,6 +14,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import signal
 import threading
 from collections.abc import Awaitable, Mapping, Sequence
 from typing import Any
@@ -27,11 +29,13 @@ from pipeline.adapting import AdapterModule
 from pipeline.config import Settings
 from pipeline.kafka.clients import ensure_topics, producer_options
 from pipeline.records import KafkaHeaders
-from pipeline.stream.dedup_stage import DedupStage, changelog_topic
+from pipeline.stream.consuming import StageProgress
+from pipeline.stream.dedup_stage import DedupStage, changelog_config, changelog_topic
 from pipeline.stream.metrics import WorkerMetrics
 from pipeline.stream.normalize_stage import NormalizeStage
 
 log = logging.getLogger(__name__)
+EXIT_STAGE_DIED = 70  # EX_SOFTWARE: a stage loop raised; the process must be restarted
 
 
 class Worker:
@@ -47,14 +51,30 @@ class Worker:
         self.adapters = dict(adapters or ADAPTERS)
         self.sources = list(sources or self.adapters)
         self.metrics = WorkerMetrics()
+        self.progress = {
+            name: StageProgress(name) for name in [*(f"normalize:{s}" for s in self.sources), "dedup"]
+        }
+        self.exit_code = 0
         self.app = self._app()
         for source in self.sources:
+            progress = self.progress[f"normalize:{source}"]
+            adapter = self.adapters[source]
             self.app.service(
-                _bind(NormalizeStage, settings, self.adapters[source], self._send_with_headers, self.metrics)
+                _bind(
+                    NormalizeStage,
+                    settings,
+                    adapter,
+                    self._send_with_headers,
+                    self.metrics,
+                    progress,
+                    self.died,
+                )
             )
-        self.app.service(_bind(DedupStage, settings, self._send, self.metrics))
+        self.app.service(
+            _bind(DedupStage, settings, self._send, self.metrics, self.progress["dedup"], self.died)
+        )
         if settings.worker.web_port:
-            self.app.service(_bind(WebService, settings, self.metrics))
+            self.app.service(_bind(WebService, settings, self.metrics, self.progress))
 
     def _app(self) -> faust.App:
         s = self.settings
@@ -99,11 +119,16 @@ class Worker:
             self.settings,
             [changelog_topic(self.settings)],
             partitions=self.settings.kafka.partitions,
-            config={"cleanup.policy": "compact"},
+            config=changelog_config(self.settings),
         )
 
+    def died(self, exc: BaseException) -> None:
+        """A stage loop died: stop the worker, exit with EXIT_STAGE_DIED (so a supervisor restarts it)."""
+        self.exit_code = EXIT_STAGE_DIED
+        os.kill(os.getpid(), signal.SIGTERM)  # Faust's graceful stop; run() turns its exit into ours
+
     def run(self) -> None:
-        """Run the worker until SIGINT/SIGTERM."""
+        """Run the worker until SIGINT/SIGTERM, or until a stage dies (exit code EXIT_STAGE_DIED)."""
         self.settings.worker.data_dir.mkdir(parents=True, exist_ok=True)
         asyncio.run(self.prepare_topics())
         with contextlib.suppress(ImportError):  # uvloop: ~10-20% more events/s for the same CPU
@@ -113,24 +138,51 @@ class Worker:
         # Logging is set up by pipeline.logs (the CLI), not by Faust.
         worker = faust.Worker(self.app, quiet=True, redirect_stdouts=False, override_logging=False)
         worker.spinner = None  # its cursor codes would land in the logs
-        worker.execute_from_commandline()
+        try:
+            worker.execute_from_commandline()
+        except SystemExit as exc:
+            if self.exit_code:
+                raise SystemExit(self.exit_code) from exc
+            raise
+        if self.exit_code:
+            raise SystemExit(self.exit_code)
 
 
 class WebService(mode.Service):
-    """/metrics and the read-only DLQ page (/, /letters/{id}) on worker.web_host:worker.web_port.
+    """/metrics, /health and the read-only DLQ page (/, /letters/{id}) on worker.web_host:worker.web_port.
 
     The server runs in its own thread with its own event loop: a page request reads Kafka and parses dead
     letters there, never on the loop that runs the stages and their heartbeats (issue 12). On a
-    non-loopback address the page is served only with `dlq.page_token` set; /metrics always is.
+    non-loopback address the page is served only with `dlq.page_token` set; /metrics and /health always are.
     """
 
-    def __init__(self, settings: Settings, metrics: WorkerMetrics, **kwargs: Any) -> None:
+    def __init__(
+        self, settings: Settings, metrics: WorkerMetrics, progress: Mapping[str, StageProgress], **kwargs: Any
+    ) -> None:
         super().__init__(**kwargs)
         self.settings = settings
         self.metrics = metrics
+        self.progress = progress
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="headwater-web", daemon=True)
         self.runner: web.AppRunner | None = None
+
+    async def health(self, request: web.Request) -> web.Response:
+        """200 while every stage moves; 503 when one has lag and no commit for worker.stall_limit_s."""
+        limit = self.settings.worker.stall_limit_s
+        stages = {
+            name: {
+                "lag": p.lag,
+                "seconds_since_commit": round(p.seconds_since_commit(), 1),
+                "stalled": p.stalled(limit),
+            }
+            for name, p in self.progress.items()
+        }
+        stalled = any(stage["stalled"] for stage in stages.values())
+        return web.json_response(
+            {"status": "stalled" if stalled else "ok", "stall_limit_s": limit, "stages": stages},
+            status=503 if stalled else 200,
+        )
 
     async def on_start(self) -> None:
         from pipeline.ops.dlq_page import make_app, refusal
@@ -141,6 +193,7 @@ class WebService(mode.Service):
             log.warning("DLQ page not served on %s:%d (/metrics is): %s", host, port, withheld)
         app = make_app(self.settings, serve_page=withheld is None)
         app.router.add_get("/metrics", self.metrics.handle)
+        app.router.add_get("/health", self.health)
         self.runner = web.AppRunner(app, access_log=None)
         self.thread.start()
         await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self._serve(host, port), self.loop))

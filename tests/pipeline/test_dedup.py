@@ -1,5 +1,6 @@
-"""The dedup state machine (pipeline/dedup.py), driven directly: a dict as the table's store and a list
-as the changelog, so each crash point of the PENDING -> emit -> DONE protocol can be reached on purpose."""
+"""The dedup check-and-set (pipeline/stream/dedup.py), driven directly: a dict as the table's store and a
+list as the changelog. The transaction that makes an emission and its entry atomic is tested on the broker
+(tests/test_exactly_once.py, tests/test_scale_out.py)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ WINDOW_S = 3600.0
 
 
 class Changelog:
-    """Records what the deduplicator writes to its changelog topic, acknowledging at once."""
+    """Records what the deduplicator writes to its changelog topic (expiry tombstones), acknowledging at once."""
 
     def __init__(self) -> None:
         self.records: list[tuple[bytes | None, Any, int | None]] = []
@@ -33,23 +34,19 @@ def candidate(event_id: str, tenant: str = "acme") -> Candidate:
     return (f"{tenant}/{event_id}".encode(), b"acme/u1", orjson.dumps({"event_id": event_id}))
 
 
-def make(store: dict[bytes, Any], already_emitted: set[bytes] = frozenset()) -> tuple[Deduplicator, Changelog]:
+def make(store: dict[bytes, Any]) -> tuple[Deduplicator, Changelog]:
     changelog = Changelog()
-
-    async def find_emitted(keys: list[bytes], since_ms: int) -> set[bytes]:
-        return {k for k in keys if k in already_emitted}
-
-    return Deduplicator(store, "dedup-changelog", WINDOW_S, changelog.send, find_emitted), changelog
+    return Deduplicator(store, "dedup-changelog", WINDOW_S, changelog.send), changelog
 
 
-def run(dedup: Deduplicator, batch: list[tuple[Candidate, int]]) -> tuple[list[bytes], tuple[int, int]]:
-    emitted: list[bytes] = []
+def run(dedup: Deduplicator, batch: list[tuple[Candidate, int]], reemit: bool = False) -> tuple[list[bytes], tuple[int, int]]:
+    """One batch as the stage runs it: decide, then (the transaction committed) remember the emitted ids."""
+    import time
 
-    async def emit(candidates: list[Candidate]) -> None:
-        emitted.extend(c[0] for c in candidates)
-
-    result = asyncio.run(dedup.run(batch, emit))
-    return emitted, result
+    now_ms = int(time.time() * 1000)
+    verdicts = dedup.decide(batch, now_ms, reemit)
+    dedup.remember_emitted(verdicts.emit, now_ms)
+    return [c[0] for c, _ in verdicts.emit], (len(verdicts.emit), verdicts.duplicates)
 
 
 def test_first_copy_wins_and_later_copies_are_dropped() -> None:
@@ -69,36 +66,39 @@ def test_the_same_id_from_two_tenants_is_two_events() -> None:
     assert emitted == [b"acme/a", b"globex/a"]
 
 
-def test_ids_are_marked_pending_before_emission_and_done_after() -> None:
-    """The changelog sees PENDING for every new id before the events go out, then DONE."""
-    dedup, changelog = make({})
-    run(dedup, [(candidate("a"), 2)])
-    states = [(key, value[0], partition) for key, value, partition in changelog.records]
-    assert states == [(b"acme/a", PENDING, 2), (b"acme/a", DONE, 2)]
+def test_nothing_is_marked_seen_until_the_transaction_has_committed() -> None:
+    """decide() leaves the table alone: an aborted transaction leaves every id new for the replayed batch."""
+    store: dict[bytes, Any] = {}
+    dedup, _ = make(store)
+    verdicts = dedup.decide([(candidate("a"), 2)], 1_000)
+    assert store == {} and len(verdicts.emit) == 1
+    dedup.remember_emitted(verdicts.emit, 1_000)
+    assert store == {b"acme/a": [DONE, 1_000, 2]}
+    assert orjson.loads(Deduplicator.entry(2, 1_000)) == [DONE, 1_000, 2]
 
 
-def test_an_id_left_pending_and_already_emitted_is_not_emitted_again() -> None:
-    """Crash after the canonical ack but before DONE: the copy is found on events.canonical and dropped."""
-    store: dict[bytes, Any] = {b"acme/a": [PENDING, 10**15, 0]}  # far-future time: inside the window
-    dedup, changelog = make(store, already_emitted={b"acme/a"})
-    emitted, (n, dropped) = run(dedup, [(candidate("a"), 0)])
-    assert (emitted, n, dropped) == ([], 0, 1)
-    assert store[b"acme/a"][0] == DONE
+def test_an_entry_left_pending_by_the_earlier_design_is_not_seen() -> None:
+    """A PENDING entry (written before transactions) may never have been emitted: its id is emitted."""
+    dedup, _ = make({b"acme/a": [PENDING, 10**13, 0]})
+    emitted, _ = run(dedup, [(candidate("a"), 0)])
+    assert emitted == [b"acme/a"]
 
 
-def test_an_id_left_pending_but_never_emitted_is_emitted() -> None:
-    """Crash after PENDING but before the canonical send: nothing is lost, the event goes out now."""
-    store: dict[bytes, Any] = {b"acme/a": [PENDING, 10**15, 0]}
-    dedup, _ = make(store, already_emitted=set())
-    emitted, (n, dropped) = run(dedup, [(candidate("a"), 0)])
-    assert (emitted, n, dropped) == ([b"acme/a"], 1, 0)
+def test_a_reemit_replay_emits_a_seen_id_once_more() -> None:
+    """replay --reemit: an id already seen is emitted again, once per batch."""
+    dedup, _ = make({})
+    run(dedup, [(candidate("a"), 0)])
+    emitted, (_, dropped) = run(dedup, [(candidate("a"), 0), (candidate("a"), 0)], reemit=True)
+    assert (emitted, dropped) == ([b"acme/a"], 1)
 
 
 def test_entries_older_than_the_window_expire_with_a_tombstone() -> None:
-    """Faust tables have no TTL: expire() deletes old ids locally and writes a tombstone to the changelog."""
+    """Faust tables have no TTL: expire() deletes old ids locally and writes a tombstone to the changelog,
+    at most one expiry bucket (dedup.expire_every, 60 s here) after the window."""
     store: dict[bytes, Any] = {b"acme/old": [DONE, 0, 3], b"acme/new": [DONE, 10**15, 1]}
     dedup, changelog = make(store)
-    assert asyncio.run(dedup.expire(now_ms=int(WINDOW_S * 1000) + 1)) == 1
+    assert asyncio.run(dedup.expire(now_ms=int(WINDOW_S * 1000) + 1)) == 0  # its bucket is not over yet
+    assert asyncio.run(dedup.expire(now_ms=int(WINDOW_S * 1000) + 60_000)) == 1
     assert list(store) == [b"acme/new"]
     assert changelog.records == [(b"acme/old", None, 3)]
 
@@ -137,3 +137,44 @@ def test_a_second_opener_of_a_rocksdb_store_fails_and_leaves_the_live_table_alon
     assert owner.get(b"acme/a") == [DONE, 1, 0]
     assert isinstance(owner, RocksStore)
     owner.close()
+
+
+class CountingStore(dict[bytes, Any]):
+    """A memory store that counts the lookups expiry makes and refuses full scans once armed."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.gets = 0
+        self.armed = False
+
+    def get(self, key: bytes, default: Any = None) -> Any:  # type: ignore[override]
+        self.gets += 1
+        return super().get(key, default)
+
+    def items(self) -> Any:
+        assert not self.armed, "expiry scanned the whole table"
+        return super().items()
+
+
+def test_expiry_does_work_proportional_to_what_expires() -> None:
+    """With 100,000 live ids and 1,000 expired ones, expire() looks at the expired ones only, no full scan."""
+    now = 10**13
+    old = {f"acme/old{i}".encode(): [DONE, now - int(WINDOW_S * 1000) - 120_000, 0] for i in range(1000)}
+    live = {f"acme/live{i}".encode(): [DONE, now - i, 1] for i in range(100_000)}
+    store = CountingStore({**old, **live})
+    dedup, changelog = make(store)  # type: ignore[arg-type]
+    store.armed = True
+    assert asyncio.run(dedup.expire(now_ms=now)) == 1000
+    assert store.gets == 1000
+    assert len(store) == 100_000 and len(changelog.records) == 1000
+
+
+def test_new_ids_are_indexed_by_time_and_expire_once_their_bucket_is_past_the_window() -> None:
+    """An id emitted now is expired by a call one window + one bucket later, and only then."""
+    store: dict[bytes, Any] = {}
+    dedup, _ = make(store)
+    run(dedup, [(candidate("a"), 0)])
+    first_seen = store[b"acme/a"][1]
+    assert asyncio.run(dedup.expire(now_ms=first_seen + int(WINDOW_S * 1000) - 1)) == 0
+    assert asyncio.run(dedup.expire(now_ms=first_seen + int(WINDOW_S * 1000) + 60_000)) == 1
+    assert store == {}

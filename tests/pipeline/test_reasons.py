@@ -23,6 +23,10 @@ OUR_CODES = {
     "validation_failed": "validate",
     "invalid_raw_headers": "parse",
     "redrive_limit": "parse",
+    "nesting_too_deep": "parse",
+    "unserializable_output": "validate",
+    "output_too_large": "validate",
+    "output_refused": "validate",
 }
 
 
@@ -33,7 +37,7 @@ def test_every_spec_code_is_catalogued() -> None:
 
 
 def test_our_codes_are_catalogued_with_their_stage() -> None:
-    """Our four codes exist, at the stage that reports them."""
+    """Our own codes exist, at the stage that reports them."""
     for code, stage in OUR_CODES.items():
         assert CATALOGUE[code].stage == stage
 

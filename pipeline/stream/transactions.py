@@ -1,0 +1,114 @@
+"""One transactional producer per keyed partition the dedup stage owns (issue 10; pitfalls.md, "aiokafka").
+
+aiokafka has no KIP-447 consumer-group metadata in `send_offsets_to_transaction`, so zombies are fenced the
+EOS-v1 way: the transactional id is derived from the app id and the keyed partition, and the producer is
+created (init_transactions) when the partition is assigned. That aborts whatever transaction an earlier
+owner of the partition left open and fences that owner's producer: its later commit fails. Each batch of a
+partition is one transaction: canonical events + changelog entries + the input offsets, all or nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+
+from aiokafka import AIOKafkaProducer, TopicPartition
+from aiokafka.errors import ProducerFenced
+
+from pipeline.config import Settings
+from pipeline.kafka.clients import make_producer
+
+log = logging.getLogger(__name__)
+
+# (topic, key, value, partition or None) of one record of a transaction.
+Output = tuple[str, bytes | None, bytes, int | None]
+
+
+class NotOwned(RuntimeError):
+    """This worker holds no live transactional producer for the partition (fenced, or not assigned)."""
+
+
+class PartitionTransactions:
+    """The transactional producers of the keyed partitions this worker owns, by partition."""
+
+    def __init__(self, settings: Settings, group_id: str) -> None:
+        self.settings = settings
+        self.group_id = group_id
+        self.producers: dict[int, AIOKafkaProducer] = {}
+
+    def transactional_id(self, partition: int) -> str:
+        return f"{self.settings.worker.app_id}-dedup-{partition}"
+
+    async def own(self, partitions: set[int]) -> None:
+        """Close the producers of partitions no longer owned; create (and so fence for) the new ones."""
+        for partition in [p for p in self.producers if p not in partitions]:
+            await _close(self.producers.pop(partition))
+        new = sorted(p for p in partitions if p not in self.producers)
+        started = await asyncio.gather(*(self._start(p) for p in new))
+        self.producers.update(zip(new, started, strict=True))
+
+    async def _start(self, partition: int) -> AIOKafkaProducer:
+        producer = make_producer(
+            self.settings,
+            transactional_id=self.transactional_id(partition),
+            linger_ms=5,
+            max_batch_size=512 * 1024,
+        )
+        await producer.start()  # init_transactions: aborts the earlier owner's open transaction
+        return producer
+
+    async def commit(
+        self, partition: int, outputs: Sequence[Output], offsets: dict[TopicPartition, int]
+    ) -> None:
+        """Write the outputs and commit the offsets in one transaction of the partition's producer.
+
+        On failure the transaction is aborted (or, if that fails, the producer is re-created, which
+        aborts it); a fenced producer is dropped, never re-created, since another worker owns the
+        partition now and re-creating it would fence that owner in turn.
+        """
+        producer = self.producers.get(partition)
+        if producer is None:
+            raise NotOwned(f"no transactional producer for keyed partition {partition}")
+        try:
+            await producer.begin_transaction()
+            acks = [
+                await producer.send(topic, value, key=key, partition=part)
+                for topic, key, value, part in outputs
+            ]
+            # Every output's own ack before the commit (a refused record must abort the transaction, not
+            # be committed over); the offsets join the transaction meanwhile, which saves a round trip.
+            await asyncio.gather(
+                asyncio.gather(*acks), producer.send_offsets_to_transaction(offsets, self.group_id)
+            )
+            await producer.commit_transaction()
+        except ProducerFenced:
+            log.warning("keyed partition %d: fenced by a newer owner; dropping its producer", partition)
+            await _close(self.producers.pop(partition))
+            raise
+        except BaseException:
+            await self._abort(partition, producer)
+            raise
+
+    async def _abort(self, partition: int, producer: AIOKafkaProducer) -> None:
+        try:
+            await asyncio.wait_for(producer.abort_transaction(), 15)
+        except Exception:  # noqa: BLE001 - a producer that cannot abort is replaced (init aborts for it)
+            log.warning(
+                "keyed partition %d: abort failed; re-creating its producer", partition, exc_info=True
+            )
+            self.producers.pop(partition, None)
+            await _close(producer)
+            self.producers[partition] = await self._start(partition)
+
+    async def close(self) -> None:
+        for producer in self.producers.values():
+            await _close(producer)
+        self.producers.clear()
+
+
+async def _close(producer: AIOKafkaProducer) -> None:
+    try:
+        await asyncio.wait_for(producer.stop(), 15)
+    except Exception:  # noqa: BLE001 - closing is best effort; the next owner's init aborts what is open
+        log.warning("a transactional producer did not stop cleanly", exc_info=True)
