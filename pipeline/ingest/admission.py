@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from pipeline.config import ReceiverSettings
@@ -66,8 +66,9 @@ class Admission:
             return False
         return (held + 1) * active > self.cfg.max_in_flight
 
-    async def enter(self, tenant: str, nbytes: int) -> None:
-        """Take one slot of `nbytes` for `tenant`, or raise OverShare (429) / BrokerUnavailable (503)."""
+    def enter(self, tenant: str, nbytes: int) -> Awaitable[None] | None:
+        """Take one slot of `nbytes` for `tenant`: None when taken at once, else an awaitable that takes it
+        (after a wait) or raises; raises OverShare (429) / BrokerUnavailable (503) when refused now."""
         now = time.monotonic()
         self.last_seen[tenant] = now
         if self.cfg.fair_shares and self.over_share(tenant, now):
@@ -77,9 +78,12 @@ class Admission:
             )
         if self._fits(nbytes):
             self._take(tenant, nbytes)
-            return
+            return None
         if self.cfg.admission_wait_s <= 0:
             self._refuse_busy(tenant)
+        return self._wait(tenant, nbytes)
+
+    async def _wait(self, tenant: str, nbytes: int) -> None:
         waiter = _Waiter(tenant, nbytes, asyncio.get_running_loop().create_future())
         self._queue.append(waiter)
         self.waiting[tenant] = self.waiting.get(tenant, 0) + 1

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 import orjson
 from aiohttp import web
@@ -219,17 +219,21 @@ class Receiver:
                 meta = request_meta(request, adapter.REQUEST_META) if adapter.REQUEST_META else {}
                 vendor = {**credentials.vendor, **meta} if meta else credentials.vendor
                 request_id, headers = self._headers(source, tenant_id, request, vendor)
-                async with self._slot(tenant_id, request) as body:
+                reserved = await self._admit(tenant_id, request)
+                try:
+                    body = await self._read(request, reserved)
+                    reserved = len(body)
                     verify_body(adapter.AUTH, credentials.tenant, request, body)
-                    await self._write(topic, body, headers)
-                    stored = len(body)
+                    assert self.writer is not None
+                    await self.writer.write(topic, body, headers)  # shared by the batch: see _admit
+                    stored = reserved
+                finally:
+                    self._release(tenant_id, reserved)
             except REFUSED as exc:
                 response = refusal(exc)
             else:
                 response = web.Response(
-                    body=OK_BODY,
-                    content_type="application/json",
-                    headers={"X-Request-Id": request_id},
+                    body=OK_BODY, headers={"Content-Type": "application/json", "X-Request-Id": request_id}
                 )
             self.metrics.request(source, tenant_id, response.status, stored)
             return response
@@ -249,10 +253,17 @@ class Receiver:
             credentials = self.directory.rewards_key(request)
             tenant_id = credentials.tenant.id
             request_id, kafka_headers = self._headers("rewards", tenant_id, request, {})
-            async with self._slot(tenant_id, request) as body:
+            reserved = await self._admit(tenant_id, request)
+            try:
+                body = await self._read(request, reserved)
+                reserved = len(body)
                 records, invalid = _split_rewards(body)
                 if records:
-                    await self._write_all(self.settings.topics.rewards, [(r, kafka_headers) for r in records])
+                    assert self.rewards_writer is not None
+                    batch = [(r, kafka_headers) for r in records]
+                    await self.rewards_writer.write_all(self.settings.topics.rewards, batch)
+            finally:
+                self._release(tenant_id, reserved)
         except REFUSED as exc:
             response = refusal(exc)
         else:
@@ -267,9 +278,13 @@ class Receiver:
         self.metrics.request("rewards", tenant_id, response.status)
         return response
 
-    @contextlib.asynccontextmanager
-    async def _slot(self, tenant: str, request: web.Request) -> AsyncIterator[bytes]:
-        """Take an in-flight slot (count and bytes) before reading the body; yield the body; give it back."""
+    async def _admit(self, tenant: str, request: web.Request) -> int:
+        """Take an in-flight slot (count and bytes) before the body is read; returns the bytes reserved.
+
+        Handlers then await the ack future their record's batch shares with other requests, without
+        asyncio.shield: aiohttp does not cancel handlers when a client goes away (handler_cancellation is
+        off), and at shutdown every request of the batch is cancelled anyway.
+        """
         if self.writer is None:
             raise BrokerUnavailable("not connected to Kafka yet", self.settings.receiver.retry_after_s)
         limit = self.settings.receiver.max_body_bytes
@@ -277,34 +292,32 @@ class Receiver:
         if declared is not None and declared > limit:
             raise PayloadTooLarge(f"body of {declared} bytes is over the limit of {limit} bytes")
         reserved = limit if declared is None else declared
-        await self.admission.enter(tenant, reserved)
+        waiting = self.admission.enter(tenant, reserved)
+        if waiting is not None:
+            await waiting
         self.metrics.in_flight.inc()
+        return reserved
+
+    async def _read(self, request: web.Request, reserved: int) -> bytes:
         try:
-            try:
-                body = await request.read()
-            except web.HTTPRequestEntityTooLarge:
-                raise PayloadTooLarge(f"body is over the limit of {limit} bytes") from None
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise PayloadTooLarge(
+                f"body is over the limit of {self.settings.receiver.max_body_bytes} bytes"
+            ) from None
+        if len(body) != reserved:
             self.admission.resize(reserved, len(body))
-            reserved = len(body)
-            yield body
-        finally:
-            self.metrics.in_flight.dec()
-            self.admission.leave(tenant, reserved)
+        return body
+
+    def _release(self, tenant: str, reserved: int) -> None:
+        self.metrics.in_flight.dec()
+        self.admission.leave(tenant, reserved)
 
     def _headers(
         self, source: str, tenant: str, request: web.Request, vendor: Mapping[str, str]
     ) -> tuple[str, KafkaHeaderList]:
         content_type = short_text(request.headers.get("Content-Type"), "header Content-Type")
         return self.header_templates.build(tenant, source, content_type, vendor)
-
-    async def _write(self, topic: str, body: bytes, headers: KafkaHeaders) -> None:
-        """One record, batched with the others of this moment; returns after the broker's ack."""
-        assert self.writer is not None
-        await asyncio.shield(self.writer.write(topic, body, headers))
-
-    async def _write_all(self, topic: str, records: Sequence[tuple[bytes, KafkaHeaders]]) -> None:
-        assert self.rewards_writer is not None
-        await asyncio.shield(self.rewards_writer.write_all(topic, records))
 
     async def _healthz(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok", "pid": os.getpid()})
