@@ -12,7 +12,7 @@ from types import ModuleType
 
 import orjson
 import pytest
-from realkafka import LoopThread, read_records, toml_text, wait_for
+from rigs.kafka import LoopThread, read_records, toml_text, wait_for
 
 from adapters import ADAPTERS
 from pipeline.config import Settings

@@ -19,7 +19,7 @@ import aiohttp
 import orjson
 import pytest
 from aiokafka.errors import GroupAuthorizationFailedError, GroupCoordinatorNotAvailableError
-from realkafka import read_records, toml_text, wait_for
+from rigs.kafka import read_records, toml_text, wait_for
 
 from pipeline import logs
 from pipeline.config import Settings

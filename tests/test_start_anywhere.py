@@ -11,7 +11,7 @@ from pathlib import Path
 
 import orjson
 import pytest
-from realkafka import produce_raw, read_records, toml_text, wait_for
+from rigs.kafka import produce_raw, read_records, toml_text, wait_for
 
 from pipeline.config import Settings
 from pipeline.kafka.local import free_port

@@ -10,7 +10,7 @@ import urllib.request
 from pathlib import Path
 
 import orjson
-from realkafka import read_records, toml_text, wait_for
+from rigs.kafka import read_records, toml_text, wait_for
 
 from pipeline.config import Settings
 from pipeline.kafka.local import free_port

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import orjson
-from realkafka import WorkerProcess, read_records, toml_text, wait_for
+from rigs.kafka import WorkerProcess, read_records, toml_text, wait_for
 
 from pipeline.config import EXAMPLE_CONFIG, Settings, load_settings
 

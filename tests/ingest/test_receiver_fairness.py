@@ -1,0 +1,165 @@
+"""Fair shares of the in-flight bound and bounded memory (issue 11, items 3 and 4): real HTTP, real broker."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from collections.abc import Callable
+
+import aiohttp
+from rigs.kafka import read_records, wait_for
+
+from pipeline.config import Settings
+from pipeline.records import RawHeaders
+
+PATH = "/server/v4"
+
+
+async def flood(url: str, key: str, connections: int, until: float, statuses: Counter[int]) -> None:
+    """`connections` clients posting back to back until `until` (monotonic)."""
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=connections)) as session:
+
+        async def client() -> None:
+            while time.monotonic() < until:
+                async with session.post(url, data=b'{"flood":1}', headers={"X-API-KEY": key}) as response:
+                    await response.read()
+                    statuses[response.status] += 1
+
+        await asyncio.gather(*(client() for _ in range(connections)))
+
+
+def test_a_flooding_tenant_cannot_starve_a_quiet_one(
+    make_settings: Callable[..., Settings], start_receiver: Callable[[Settings], str]
+) -> None:
+    """max_in_flight = 16, tenant acme floods with 64 connections; globex's 120 sequential requests are
+    stored at least 95% of the time, acme's excess gets 429 + Retry-After, counted by tenant and reason."""
+    settings = make_settings(receiver={"port": 0, "max_in_flight": 16, "linger_ms": 5})
+    base = start_receiver(settings)
+    flood_statuses: Counter[int] = Counter()
+    quiet_ok: list[str] = []
+    quiet_statuses: Counter[int] = Counter()
+
+    async def quiet() -> None:
+        async with aiohttp.ClientSession() as session:
+            for i in range(120):
+                async with session.post(base + PATH, data=f'{{"quiet":{i}}}'.encode(),
+                                        headers={"X-API-KEY": "wk_globex_1"}) as response:
+                    await response.read()
+                    quiet_statuses[response.status] += 1
+                    if response.status == 200:
+                        quiet_ok.append(response.headers["X-Request-Id"])
+                    else:
+                        assert response.headers["Retry-After"]
+
+    async def run() -> None:
+        flooding = asyncio.ensure_future(flood(base + PATH, "wk_acme_1", 64, time.monotonic() + 60, flood_statuses))
+        await asyncio.sleep(0.5)  # the flood is on before the quiet tenant starts
+        await quiet()
+        flooding.cancel()
+        await asyncio.gather(flooding, return_exceptions=True)
+
+    asyncio.run(run())
+    assert len(quiet_ok) >= 114, quiet_statuses
+    assert flood_statuses[429] > 0 and flood_statuses[200] > 0, flood_statuses
+    records = wait_for(lambda: [r for r in read_records(settings, settings.topics.raw("customerglu"))
+                                if RawHeaders.from_kafka(r.headers).tenant == "globex"])
+    assert sorted(RawHeaders.from_kafka(r.headers).request_id for r in records) == sorted(quiet_ok)
+
+    async def metrics() -> str:
+        async with aiohttp.ClientSession() as session, session.get(base + "/metrics") as response:
+            return await response.text()
+
+    text = asyncio.run(metrics())
+    assert 'headwater_receiver_refusals_total{reason="over_share",tenant="acme"}' in text
+    assert 'reason="over_share",tenant="globex"' not in text
+
+
+def test_a_tenant_alone_may_use_every_slot(
+    make_settings: Callable[..., Settings], start_receiver: Callable[[Settings], str]
+) -> None:
+    """With no other tenant active, one tenant is never refused for its share: only 200 or 503, never 429."""
+    settings = make_settings(receiver={"port": 0, "max_in_flight": 4, "linger_ms": 5})
+    base = start_receiver(settings)
+    statuses: Counter[int] = Counter()
+    asyncio.run(flood(base + PATH, "wk_acme_1", 32, time.monotonic() + 3, statuses))
+    assert statuses[200] > 0 and set(statuses) <= {200, 503}, statuses
+
+
+async def open_request(port: int, length: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """Send a request's headers announcing `length` body bytes, and none of the body yet."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(f"POST {PATH} HTTP/1.1\r\nHost: x\r\nX-API-KEY: wk_acme_1\r\nContent-Length: {length}\r\n"
+                 "Connection: close\r\n\r\n".encode())
+    await writer.drain()
+    return reader, writer
+
+
+async def status_of(reader: asyncio.StreamReader) -> int:
+    return int((await asyncio.wait_for(reader.read(), 30)).split(b" ", 2)[1])
+
+
+def test_the_in_flight_slot_counts_body_bytes_before_the_body_is_read(
+    make_settings: Callable[..., Settings], start_receiver: Callable[[Settings], str]
+) -> None:
+    """max_bytes_in_flight = 10,000: two requests announcing 4,000-byte bodies hold their slots while their
+    bodies are still unsent, so a third gets 503 + Retry-After without being read; the two then get 200."""
+    settings = make_settings(receiver={"port": 0, "max_body_bytes": 5_000, "max_bytes_in_flight": 10_000})
+    port = int(start_receiver(settings).rsplit(":", 1)[1])
+
+    async def run() -> tuple[list[int], bytes]:
+        first = await open_request(port, 4000)
+        second = await open_request(port, 4000)
+        await asyncio.sleep(0.2)  # both are admitted and waiting for their bodies
+        third_reader, third_writer = await open_request(port, 4000)
+        third = await asyncio.wait_for(third_reader.read(), 30)
+        third_writer.close()
+        statuses = []
+        for n, (reader, writer) in enumerate((first, second)):
+            writer.write(bytes([ord("a") + n]) * 4000)
+            await writer.drain()
+            statuses.append(await status_of(reader))
+            writer.close()
+        return statuses, third
+
+    statuses, third = asyncio.run(run())
+    assert third.startswith(b"HTTP/1.1 503") and b"Retry-After: 2" in third
+    assert statuses == [200, 200]
+    records = wait_for(lambda: len(r := read_records(settings, settings.topics.raw("customerglu"))) == 2 and r)
+    assert sorted(r.value[:1] for r in records) == [b"a", b"b"]
+
+
+def test_a_body_without_content_length_counts_as_the_largest_body_until_read(
+    make_settings: Callable[..., Settings], start_receiver: Callable[[Settings], str]
+) -> None:
+    """A chunked upload holds max_body_bytes of the budget while it is read: with room for one such body,
+    a second concurrent chunked upload gets 503; after the first completes, a chunked upload gets 200."""
+    settings = make_settings(receiver={"port": 0, "max_body_bytes": 5_000, "max_bytes_in_flight": 9_000})
+    port = int(start_receiver(settings).rsplit(":", 1)[1])
+
+    async def chunked() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(f"POST {PATH} HTTP/1.1\r\nHost: x\r\nX-API-KEY: wk_acme_1\r\nTransfer-Encoding: chunked\r\n"
+                     "Connection: close\r\n\r\n5\r\nhello\r\n".encode())
+        await writer.drain()
+        return reader, writer
+
+    async def run() -> tuple[int, int, int]:
+        reader, writer = await chunked()
+        await asyncio.sleep(0.2)
+        second_reader, second_writer = await chunked()
+        second = await status_of(second_reader)
+        second_writer.close()
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+        first = await status_of(reader)
+        writer.close()
+        third_reader, third_writer = await chunked()
+        third_writer.write(b"0\r\n\r\n")
+        third = await status_of(third_reader)
+        third_writer.close()
+        return first, second, third
+
+    assert asyncio.run(run()) == (200, 503, 200)
+    records = wait_for(lambda: len(r := read_records(settings, settings.topics.raw("customerglu"))) == 2 and r)
+    assert [r.value for r in records] == [b"hello", b"hello"]

@@ -1,0 +1,90 @@
+"""`headwater receiver --processes 2`: one port, two processes, metrics summed (issue 11, item 2)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+from rigs.kafka import read_records, toml_text, wait_for
+
+from pipeline.config import Settings
+from pipeline.kafka.local import free_port
+
+
+async def fresh_connection(url: str, method: str = "GET", body: bytes | None = None) -> tuple[int, str]:
+    """One request on a new connection (the kernel picks the process per connection)."""
+    headers = {"X-API-KEY": "wk_acme_1", "Connection": "close"}
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as session, \
+            session.request(method, url, data=body, headers=headers) as response:
+        return response.status, await response.text()
+
+
+def get(url: str) -> tuple[int, str]:
+    try:
+        return asyncio.run(fresh_connection(url))
+    except aiohttp.ClientError:
+        return 0, ""
+
+
+def pids_serving(base: str, tries: int = 200) -> set[int]:
+    pids: set[int] = set()
+    for _ in range(tries):
+        status, text = get(base + "/healthz")
+        if status == 200:
+            pids.add(int(re.search(r'"pid":\s*(\d+)', text).group(1)))  # type: ignore[union-attr]
+        if len(pids) == 2:
+            break
+    return pids
+
+
+@pytest.fixture
+def two_processes(make_settings: Callable[..., Settings], tmp_path: Path) -> Iterator[tuple[Settings, str]]:
+    settings = make_settings(receiver={"port": free_port(), "processes": 2})
+    config = tmp_path / "headwater.toml"
+    config.write_text(toml_text(settings))
+    log = (tmp_path / "receiver.log").open("wb")
+    process = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "--config", str(config), "receiver"],
+                               stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{settings.receiver.port}"
+    try:
+        wait_for(lambda: get(base + "/readyz")[0] == 200, timeout=60, interval=0.5)
+        yield settings, base
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        log.close()
+
+
+def test_with_two_processes_killing_one_leaves_the_other_serving(two_processes: tuple[Settings, str]) -> None:
+    """Both processes answer on the one port; after SIGKILL of one, every new request is answered by the
+    other (and stored); the supervisor then starts a replacement; /metrics sums over the processes."""
+    settings, base = two_processes
+    pids = pids_serving(base)
+    assert len(pids) == 2
+    victim, survivor = sorted(pids)
+    before = [asyncio.run(fresh_connection(base + "/server/v4", "POST", b'{"n":%d}' % i))[0] for i in range(20)]
+    os.kill(victim, signal.SIGKILL)
+    # the kernel drops the dead listener from the port's group as the process exits; a connection made in
+    # that instant can still be reset, so wait for a /healthz answered by the survivor first
+    wait_for(lambda: get(base + "/healthz")[0] == 200, timeout=10)
+    after = [asyncio.run(fresh_connection(base + "/server/v4", "POST", b'{"after":%d}' % i))[0] for i in range(40)]
+    assert before == [200] * 20 and after == [200] * 40
+    records = wait_for(lambda: len(r := read_records(settings, settings.topics.raw("customerglu"))) >= 60 and r)
+    assert len(records) == 60
+    replacement = wait_for(lambda: (p := pids_serving(base, tries=50)) - {victim, survivor} and p, timeout=60)
+    assert survivor in replacement
+    text = wait_for(lambda: (m := get(base + "/metrics"))[0] == 200 and m[1])
+    total = sum(float(v) for v in re.findall(
+        r'headwater_receiver_requests_total\{source="customerglu",status="200",tenant="acme"\} (\S+)', text))
+    assert total == 60, "every process's requests are counted, the killed one's included"

@@ -1,0 +1,171 @@
+"""Shared test tools for real-broker tests: a loop thread for servers, polling, reading topics back."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import LocalKafkaSettings, Settings
+from pipeline.kafka.local import LocalKafka, free_port
+
+
+def start_local_broker(data_dir: Path) -> LocalKafka:
+    """A LocalKafka on free ports that dies with this process."""
+    # 2 GiB of heap: a whole session creates hundreds of topics and some tests write 100k records.
+    settings = LocalKafkaSettings(port=free_port(), controller_port=free_port(), data_dir=data_dir, heap="2g")
+    broker = LocalKafka(settings)
+    broker.up(bound_to_parent=True)
+    return broker
+
+
+class LoopThread:
+    """An asyncio loop in a background thread, for servers that tests talk to over real sockets."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def run(self, coro: Any, timeout: float = 60) -> Any:
+        future: Future[Any] = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        return future.result(timeout)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 30, interval: float = 0.2) -> Any:
+    """Poll until predicate() is truthy; return its value or fail with a clear message."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        time.sleep(interval)
+
+
+def read_records(settings: Settings, topic: str) -> list[Any]:
+    from pipeline.kafka.clients import read_topic
+
+    return asyncio.run(read_topic(settings, topic))
+
+
+def toml_text(settings: Settings) -> str:
+    """Settings as a TOML file, secrets included, for the worker subprocesses a test starts."""
+    from datetime import timedelta
+
+    from pydantic import SecretStr
+
+    def value(v: Any) -> str:
+        if isinstance(v, SecretStr):
+            v = v.get_secret_value()
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, int | float):
+            return repr(v)
+        if isinstance(v, timedelta):
+            return repr(v.total_seconds())
+        if isinstance(v, list | tuple):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        if isinstance(v, dict):
+            return "{ " + ", ".join(f"{k} = {value(x)}" for k, x in v.items() if x is not None) + " }"
+        return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+    doc = settings.model_dump(mode="python")
+    lines: list[str] = []
+    for section, body in doc.items():
+        if section == "tenants":
+            for tenant in body:
+                lines.append("[[tenants]]")
+                lines += [f"{k} = {value(v)}" for k, v in tenant.items() if v is not None]
+            continue
+        lines.append(f"[{section}]")
+        lines += [f"{k} = {value(v)}" for k, v in body.items() if v is not None]
+    return "\n".join(lines) + "\n"
+
+
+class WorkerProcess:
+    """`headwater worker` in a subprocess, on a config written from Settings; killed at the end."""
+
+    def __init__(self, settings: Settings, config_path: Path, *args: str) -> None:
+        import subprocess
+        import sys
+
+        config_path.write_text(toml_text(settings))
+        self.log_path = config_path.with_suffix(f".{time.monotonic_ns()}.log")
+        self.log = self.log_path.open("wb")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "pipeline.cli", "--config", str(config_path), "worker", *args],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+
+    def kill(self) -> None:
+        import signal
+
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(10)
+
+    def stop(self) -> None:
+        import signal
+        import subprocess
+
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self.log.close()
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def produce_raw(
+    settings: Settings,
+    source: str,
+    bodies: list[bytes],
+    tenant: str = "acme",
+    partition: int | None = None,
+    **header_fields: Any,
+) -> None:
+    """Write raw records as the receiver would (same headers), straight to raw.<source>."""
+    from pipeline.kafka.clients import ensure_topics, make_producer
+    from pipeline.records import RawHeaders, new_request_id, utc_now
+
+    async def run() -> None:
+        await ensure_topics(settings, [settings.topics.raw(source)])
+        producer = make_producer(settings, linger_ms=20)
+        await producer.start()
+        try:
+            acks = []
+            for body in bodies:
+                headers = RawHeaders(
+                    tenant=tenant,
+                    source=source,
+                    received_at=utc_now(),
+                    request_id=new_request_id(),
+                    content_type="application/json",
+                    **header_fields,
+                )
+                acks.append(
+                    await producer.send(
+                        settings.topics.raw(source), body, partition=partition, headers=headers.to_kafka()
+                    )
+                )
+            await asyncio.gather(*acks)
+        finally:
+            await producer.stop()
+
+    asyncio.run(run())
