@@ -52,8 +52,8 @@ def test_every_command_of_the_first_five_minutes_runs_and_shows_what_the_readme_
     tmp_path: Path,
 ) -> None:
     """Each command in the README block succeeds against a live receiver + worker with the shipped
-    example's tenants: the event comes out on events.canonical, the bad one is listed, shown and (dry-run)
-    redrivable as a dead letter, and the corrected request comes out."""
+    example's tenants: the event comes out on events.canonical, the bad one is listed and shown as a dead
+    letter, its corrected body is redriven under the original headers, and the event comes out."""
     shipped = load_settings(EXAMPLE_CONFIG)
     settings = make_settings(tenants=[t.model_dump(mode="python") for t in shipped.tenants])
     base = start_receiver(settings)
@@ -90,22 +90,29 @@ def test_every_command_of_the_first_five_minutes_runs_and_shows_what_the_readme_
         assert done.returncode == 0, f"{command}\n{done.stdout}\n{done.stderr}"
         assert "Traceback" not in done.stderr, done.stderr
         runs.append(Run(command, done.stdout, done.stderr))
-        sent += command.startswith("curl")
+        sent += command.startswith("curl") or (command.startswith("headwater dlq redrive") and "--dry-run" not in command)
 
     def outputs(prefix: str) -> list[str]:
         return [run.stdout for run in runs if run.command.startswith(prefix)]
 
-    assert outputs("curl") == ['{"status":"ok"}'] * 3
+    assert outputs("curl") == ['{"status":"ok"}'] * 2
     first, last = (orjson.loads(out) for out in outputs("headwater tail events.canonical"))
     assert (first["event_id"], first["user_id"], first["tenant"]) == ("evt_2", "usr_502", "demo")
-    assert (last["event_id"], last["user_id"]) == ("evt_3", "usr_503")
-    [listed] = outputs("headwater dlq ls")
+    assert (last["event_id"], last["user_id"], last["tenant"]) == ("evt_3", "usr_503", "demo")
+    listed, after = outputs("headwater dlq ls")
     assert "missing_user_identity" in listed and "1 dead letter(s)" in listed
-    [shown] = outputs("headwater dlq show")
+    assert "missing_user_identity" not in after  # redriven: listed with --all only
+    [shown, _] = outputs("headwater dlq show")  # the second wrote the stored body to evt_3.json
     assert "missing_user_identity" in shown and '"event_id": "evt_3"' in shown
-    [dry] = outputs("headwater dlq redrive")
+    assert orjson.loads((tmp_path / "evt_3.json").read_bytes()) == {  # as corrected by the sed line
+        "event_id": "evt_3", "user_id": "usr_503", "event_name": "kyc_completed",
+        "timestamp": "2024-03-01T12:10:00Z"}
+    dry, redriven = outputs("headwater dlq redrive")
     assert "would republish 1 raw record(s)" in dry
+    assert "republished 1 raw record(s)" in redriven and "corrected body" in redriven
     [raw] = outputs("headwater tail raw.customerglu")
-    bodies = [orjson.loads(line)["value"] for line in raw.splitlines()]
-    assert [b.get("user_id") for b in bodies] == ["usr_502", None, "usr_503"]
-    assert len(read_records(settings, settings.topics.raw("customerglu"))) == 3  # the dry run wrote nothing
+    records = [orjson.loads(line) for line in raw.splitlines()]
+    assert [r["value"].get("user_id") for r in records] == ["usr_502", None, "usr_503"]
+    original, fixed = records[1]["headers"], records[2]["headers"]
+    assert fixed["hw-redrive-count"] == "1" and fixed["hw-request-id"] == original["hw-request-id"]
+    assert fixed["hw-tenant"] == "demo"

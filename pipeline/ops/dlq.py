@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict
 
 from pipeline import reasons
 from pipeline.config import Settings
-from pipeline.errors import NotFound
+from pipeline.errors import HeadwaterError, NotFound
 from pipeline.kafka.clients import broker_errors, ensure_topics, make_producer, offsets_at, read_topic
 from pipeline.records import DeadLetter, UtcDatetime, utc_now
 
@@ -51,6 +51,7 @@ class Redrive(BaseModel):
     redriven_at: UtcDatetime
     redrive_count: int
     raw: str  # "topic:partition:offset" of the republished raw record
+    edited: bool = False  # the operator sent a corrected body instead of the original request
 
 
 @dataclass
@@ -224,6 +225,7 @@ class RedrivePlan:
     parked: list[DeadLetter] = field(default_factory=list)  # reason redrive_limit, without --reset-count
     foreign: list[DeadLetter] = field(default_factory=list)  # no Headwater raw headers: nothing to rebuild
     reset_count: bool = False
+    body: bytes | None = None  # a corrected body to send instead of the original (one raw record only)
 
     @property
     def skipped(self) -> int:
@@ -243,12 +245,16 @@ class RedriveSummary:
         return dict(self.__dict__)
 
 
-def plan_redrive(letters: Sequence[DeadLetter], reset_count: bool = False) -> RedrivePlan:
+def plan_redrive(
+    letters: Sequence[DeadLetter], reset_count: bool = False, body: bytes | None = None
+) -> RedrivePlan:
     """Group the selected letters by their raw record; skip parked and foreign ones.
 
-    Parked letters (`redrive_limit`) would only be parked again; `reset_count` restarts their count.
+    Parked letters (`redrive_limit`) would only be parked again; `reset_count` restarts their count. With
+    `body` (the operator fixed the request) the selection must be one raw record, sent with that body
+    under its original headers; HeadwaterError otherwise.
     """
-    plan = RedrivePlan(selected=list(letters), reset_count=reset_count)
+    plan = RedrivePlan(selected=list(letters), reset_count=reset_count, body=body)
     groups: dict[str, list[DeadLetter]] = {}
     for letter in letters:
         if letter.reason == reasons.INVALID_RAW_HEADERS.code:
@@ -258,6 +264,11 @@ def plan_redrive(letters: Sequence[DeadLetter], reset_count: bool = False) -> Re
         else:
             groups.setdefault(letter.origin.ref(), []).append(letter)
     plan.records = [(group[0], group) for group in groups.values()]
+    if body is not None and len(plan.records) != 1:
+        raise HeadwaterError(
+            f"a corrected body replaces one request, but the selection covers {len(plan.records)} raw "
+            "records; select the letters of one request (dlq show gives its raw record)"
+        )
     return plan
 
 
@@ -283,10 +294,9 @@ async def redrive(settings: Settings, plan: RedrivePlan, dry_run: bool = False) 
             sends = []
             for letter, _ in plan.records:  # the letters of one raw record share its headers and count
                 headers = letter.raw_headers().model_copy(update={"redrive_count": _next_count(plan, letter)})
+                body = letter.body if plan.body is None else plan.body
                 sends.append(
-                    await producer.send(
-                        settings.topics.raw(letter.source), letter.body, headers=headers.to_kafka()
-                    )
+                    await producer.send(settings.topics.raw(letter.source), body, headers=headers.to_kafka())
                 )
             acks = await asyncio.gather(*sends)
             now = utc_now()
@@ -300,6 +310,7 @@ async def redrive(settings: Settings, plan: RedrivePlan, dry_run: bool = False) 
                         redriven_at=now,
                         redrive_count=_next_count(plan, letter),
                         raw=ref,
+                        edited=plan.body is not None,
                     )
                     logged.append(
                         await producer.send(

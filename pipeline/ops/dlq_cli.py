@@ -133,11 +133,15 @@ def ls(obj: _CliContext, /, limit: int, wide: bool, as_json: bool, ids_only: boo
 @dlq_command.command("show")
 @click.argument("letter_id")
 @click.option("--json", "as_json", is_flag=True, help="The dead letter as JSON, plus the decoded body.")
+@click.option("--body", "body_only", is_flag=True, help="Only the original request body, byte for byte.")
 @click.pass_obj
-def show(obj: _CliContext, letter_id: str, as_json: bool) -> None:
+def show(obj: _CliContext, letter_id: str, as_json: bool, body_only: bool) -> None:
     """Print one dead letter in full: reason, field errors, headers and the original body."""
     snapshot = _snapshot(obj.settings()) if dlq.ID_PATTERN.match(letter_id) else dlq.Snapshot()
     [letter] = snapshot.find([letter_id])
+    if body_only:  # e.g. to correct it and `dlq redrive --ids ID --body FILE`
+        click.get_binary_stream("stdout").write(letter.body)
+        return
     redrive = snapshot.redrives.get(letter.id)
     body, is_json = dlq.pretty_body(letter)
     if as_json:
@@ -239,6 +243,12 @@ def export(obj: _CliContext, /, output: IO[bytes], **options: Any) -> None:
     is_flag=True,
     help="Restart hw-redrive-count at 1 (also redrives letters parked at the redrive limit).",
 )
+@click.option(
+    "--body",
+    "body_file",
+    type=click.File("rb"),
+    help="Send this corrected body instead of the stored request (one request's letters; - for stdin).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.pass_obj
 def redrive(
@@ -248,12 +258,14 @@ def redrive(
     everything: bool,
     dry_run: bool,
     reset_count: bool,
+    body_file: IO[bytes] | None,
     as_json: bool,
     **options: Any,
 ) -> None:
     """Republish the original request of each selected dead letter to raw.<source>, count + 1.
 
     A bulk payload goes back once per raw record, whole: items that passed before are dropped by dedup.
+    With --body, a corrected request goes back instead, under the original tenant and headers.
     """
     wanted = [i for chunk in ids for i in chunk.replace(",", " ").split()]
     if not wanted and not everything and not any(v for k, v in options.items() if k != "include_redriven"):
@@ -270,7 +282,8 @@ def redrive(
     if not letters:
         click.echo(NOTHING)
         return
-    plan = dlq.plan_redrive(letters, reset_count=reset_count)
+    body = body_file.read() if body_file is not None else None
+    plan = dlq.plan_redrive(letters, reset_count=reset_count, body=body)
     summary = asyncio.run(dlq.redrive(settings, plan, dry_run=dry_run))
     if as_json:
         click.echo(orjson.dumps(summary.as_dict()).decode())
@@ -281,6 +294,8 @@ def redrive(
         f"selected {summary.selected} dead letter(s); {verb} {count} raw record(s) to {topics}; "
         f"skipped {summary.skipped}"
     )
+    if body is not None:
+        click.echo(f"  sent the corrected body ({len(body)} bytes) instead of the stored request")
     if summary.merged:
         click.echo(
             f"  {summary.merged} letter(s) share a raw record with another selected letter (bulk payload): "

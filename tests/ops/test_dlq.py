@@ -22,6 +22,7 @@ from rigs.kafka import WorkerProcess, produce_raw, read_records, wait_for
 
 from adapters import segment
 from pipeline.cli import main
+from pipeline.ops.dlq import redrive_log_topic
 from pipeline.config import Settings
 from pipeline.records import DeadLetter, Origin, RawHeaders, RawRecord, utc_now
 from pipeline.stream.normalizing import outcomes
@@ -150,6 +151,31 @@ def test_a_bad_or_unknown_id_is_one_line_and_exit_2(populated: Any) -> None:
         assert result.exit_code == 2
         assert result.stderr.count("\n") == 1 and bad in result.stderr
     assert hw(config, "redrive", "--ids", "dl_" + "f" * 24).exit_code == 2
+
+
+def test_show_body_prints_the_original_bytes_only(populated: Any) -> None:
+    """`dlq show ID --body` writes the stored request exactly, ready to be corrected and redriven."""
+    _, config, letters = populated
+    result = hw(config, "show", letters[2].id, "--body")
+    assert result.exit_code == 0 and result.stdout_bytes == b"nope{"
+
+
+def test_a_corrected_body_goes_back_under_the_original_headers(populated: Any, tmp_path: Path) -> None:
+    """redrive --body sends the given bytes to raw.<source> with the letter's tenant and request id, count + 1,
+    and the redrive log marks it edited; a selection of several raw records is refused in one line."""
+    settings, config, letters = populated
+    fixed = tmp_path / "fixed.json"
+    fixed.write_bytes(b'{"event_id":"e1","event_name":"x","user_id":"u1","timestamp":"2024-03-01T12:00:00Z"}')
+    refused = hw(config, "redrive", "--source", "customerglu", "--body", str(fixed))
+    assert refused.exit_code == 1 and "covers 2 raw records" in refused.stderr
+    done = hw(config, "redrive", "--ids", letters[4].id, "--body", str(fixed))
+    assert done.exit_code == 0 and "corrected body" in done.stdout
+    [record] = read_records(settings, settings.topics.raw("customerglu"))
+    headers = RawHeaders.from_kafka(record.headers)
+    assert record.value == fixed.read_bytes()
+    assert (headers.tenant, headers.request_id, headers.redrive_count) == ("acme", "req_1", 1)
+    [entry] = [orjson.loads(r.value) for r in read_records(settings, redrive_log_topic(settings))]
+    assert (entry["id"], entry["edited"], entry["redrive_count"]) == (letters[4].id, True, 1)
 
 
 def test_stats_counts_by_source_and_reason_with_bars(populated: Any) -> None:
