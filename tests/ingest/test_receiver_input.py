@@ -126,9 +126,11 @@ def stored_request_ids(settings: Settings) -> list[str]:
     topics = [settings.topics.raw(path) for path in
               ("customerglu", "segment", "moengage", "amplitude", "clevertap", "webengage", "usermaven")]
     ids = []
-    for topic in [*topics, settings.topics.rewards]:
+    for topic in topics:
         ids += [RawHeaders.from_kafka(r.headers).request_id for r in read_records(settings, topic)]
-    return ids
+    # A reward array is one request stored as one record per reward, all with the request's id.
+    rewards = read_records(settings, settings.topics.rewards)
+    return ids + sorted({RawHeaders.from_kafka(r.headers).request_id for r in rewards})
 
 
 def test_fuzzed_requests_on_every_endpoint_get_only_200_4xx_or_503_and_refusals_store_nothing(
