@@ -44,15 +44,25 @@ def is_routine_retry(record: logging.LogRecord) -> bool:
     return True
 
 
+def is_malformed_http(record: logging.LogRecord) -> bool:
+    """True for aiohttp's ERROR about a request it could not parse: the sender's fault, answered 400."""
+    if record.name != "aiohttp.server" or not record.exc_info or record.exc_info[1] is None:
+        return False
+    from aiohttp.http_exceptions import HttpProcessingError  # aiohttp is loaded when it logs
+
+    return isinstance(record.exc_info[1], HttpProcessingError)
+
+
 class RoutineRetriesToDebug(logging.Filter):
-    """Rewrite routine retries as DEBUG records, and let them through only when DEBUG is shown."""
+    """Rewrite routine retries, and malformed requests a sender made, as DEBUG records; let them through
+    only when DEBUG is shown. A sender's bad input is not an error of ours (it got its 400)."""
 
     def __init__(self, show_debug: bool) -> None:
         super().__init__()
         self.show_debug = show_debug
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if is_routine_retry(record):
+        if is_routine_retry(record) or is_malformed_http(record):
             record.levelno, record.levelname = logging.DEBUG, "DEBUG"
             return self.show_debug
         return True

@@ -247,3 +247,20 @@ def test_every_routine_retry_template_is_one_aiokafka_really_logs() -> None:
     for logger, template in logs.ROUTINE_RETRIES:
         assert logger == group_coordinator.__name__
         assert f'"{template}"' in source, template
+
+
+def test_a_request_aiohttp_cannot_parse_is_logged_at_debug_not_error() -> None:
+    """A sender's malformed HTTP (aiohttp answers it 400) is not an error of ours: DEBUG, hidden by default;
+    any other aiohttp.server error keeps its level."""
+    from aiohttp.http_exceptions import BadHttpMessage
+
+    def record(exc: BaseException) -> logging.LogRecord:
+        return logging.LogRecord("aiohttp.server", logging.ERROR, __file__, 1, "Error handling request from %s",
+                                 ("127.0.0.1",), (type(exc), exc, None))
+
+    quiet, shown = logs.RoutineRetriesToDebug(show_debug=False), logs.RoutineRetriesToDebug(show_debug=True)
+    malformed = record(BadHttpMessage("Invalid header token"))
+    assert quiet.filter(malformed) is False and malformed.levelname == "DEBUG"
+    assert shown.filter(record(BadHttpMessage("Invalid header token"))) is True
+    ours = record(RuntimeError("a bug in a handler"))
+    assert quiet.filter(ours) is True and ours.levelname == "ERROR"
