@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import signal
+import subprocess
+import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -92,44 +96,52 @@ def toml_text(settings: Settings) -> str:
     return "\n".join(lines) + "\n"
 
 
-class WorkerProcess:
-    """`headwater worker` in a subprocess, on a config written from Settings; killed at the end."""
+def die_with_parent() -> None:
+    """In the child, before exec: the kernel kills it when the test process dies (PR_SET_PDEATHSIG)."""
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)
 
-    def __init__(self, settings: Settings, config_path: Path, *args: str) -> None:
-        import subprocess
-        import sys
 
-        config_path.write_text(toml_text(settings))
-        self.log_path = config_path.with_suffix(f".{time.monotonic_ns()}.log")
-        self.log = self.log_path.open("wb")
+class HeadwaterProcess:
+    """`headwater ARGS...` in a subprocess, its output in a log file; it dies with the test process."""
+
+    def __init__(self, args: Sequence[str], log_path: Path, stop_timeout_s: float = 30) -> None:
+        self.log_path = log_path
+        self.log = log_path.open("ab")
+        self.stop_timeout_s = stop_timeout_s
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "pipeline.cli", "--config", str(config_path), "worker", *args],
+            [sys.executable, "-m", "pipeline.cli", *args],
             stdout=self.log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
+            preexec_fn=die_with_parent,
         )
 
     def kill(self) -> None:
-        import signal
-
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGKILL)
             self.process.wait(10)
 
     def stop(self) -> None:
-        import signal
-        import subprocess
-
+        """SIGTERM (a graceful stop), then SIGKILL if it takes longer than stop_timeout_s."""
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
-                self.process.wait(30)
+                self.process.wait(self.stop_timeout_s)
             except subprocess.TimeoutExpired:
                 self.kill()
         self.log.close()
 
     def output(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+
+class WorkerProcess(HeadwaterProcess):
+    """`headwater worker` on a config written from Settings."""
+
+    def __init__(self, settings: Settings, config_path: Path, *args: str) -> None:
+        config_path.write_text(toml_text(settings))
+        log_path = config_path.with_suffix(f".{time.monotonic_ns()}.log")
+        super().__init__(["--config", str(config_path), "worker", *args], log_path)
 
 
 def produce_raw(

@@ -4,10 +4,6 @@ hand-written TOML, and helpers to produce rewards and read the topics back (issu
 from __future__ import annotations
 
 import asyncio
-import ctypes
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,7 +16,7 @@ from multidict import CIMultiDict
 from pipeline.config import Settings
 from pipeline.kafka.clients import ensure_topics, make_producer
 from pipeline.rewards.records import AttemptOutcome, RewardDeadLetter, parse_message
-from rigs.kafka import LoopThread, read_records
+from rigs.kafka import HeadwaterProcess, LoopThread, read_records
 
 
 @dataclass
@@ -149,49 +145,12 @@ def settings_doc(
     }
 
 
-def _die_with_parent() -> None:
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
-class Dispatcher:
+class Dispatcher(HeadwaterProcess):
     """`headwater rewards run` in a subprocess; it exits by itself (--exit-after) and with the test process."""
 
     def __init__(self, config: Path, log: Path, exit_after_s: float = 240) -> None:
-        self.log_path = log
-        self._log = log.open("ab")
-        self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "pipeline.cli",
-                "--config",
-                str(config),
-                "rewards",
-                "run",
-                "--exit-after",
-                str(exit_after_s),
-            ],
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            preexec_fn=_die_with_parent,
-        )
-
-    def kill(self) -> None:
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait(10)
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                self.kill()
-        self._log.close()
-
-    def output(self) -> str:
-        return self.log_path.read_text(errors="replace")
+        args = ["--config", str(config), "rewards", "run", "--exit-after", str(exit_after_s)]
+        super().__init__(args, log, stop_timeout_s=20)
 
 
 def start_customer(loop: LoopThread, behaviour: dict[str, str]) -> Customer:
