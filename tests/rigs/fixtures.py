@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from pipeline.config import Settings
-from rigs.kafka import LoopThread, WorkerProcess, start_local_broker
+from rigs.kafka import LoopThread, WorkerProcess, start_local_broker, topics_for
 
 TENANTS: list[dict[str, Any]] = [
     {
@@ -81,15 +81,7 @@ def make_settings(
         doc: dict[str, Any] = {
             "kafka": {"bootstrap_servers": kafka_bootstrap, "partitions": 3},
             "local_kafka": {"enabled": False},
-            "topics": {
-                "raw_prefix": f"{prefix}.raw.",
-                "canonical": f"{prefix}.canonical",
-                "dlq": f"{prefix}.dlq",
-                "keyed": f"{prefix}.keyed",
-                "replay_results": f"{prefix}.replay-results",
-                "rewards": f"{prefix}.rewards",
-                "rewards_dlq": f"{prefix}.rewards_dlq",
-            },
+            "topics": topics_for(prefix),
             "receiver": {"port": 0, "ack_timeout_s": 5.0},
             "worker": {"app_id": prefix, "data_dir": str(tmp_path / "worker"), "web_port": 0},
             "tenants": TENANTS,

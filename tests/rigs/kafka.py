@@ -27,6 +27,20 @@ def start_local_broker(data_dir: Path) -> LocalKafka:
     return broker
 
 
+def topics_for(prefix: str) -> dict[str, str]:
+    """Every topic Headwater writes, under one test's prefix (unique names per test, style.md §2.9)."""
+    return {
+        "raw_prefix": f"{prefix}.raw.",
+        "canonical": f"{prefix}.canonical",
+        "dlq": f"{prefix}.dlq",
+        "keyed": f"{prefix}.keyed",
+        "replay_results": f"{prefix}.replay-results",
+        "rewards": f"{prefix}.rewards",
+        "rewards_dlq": f"{prefix}.rewards_dlq",
+        "rewards_deliveries": f"{prefix}.deliveries",
+    }
+
+
 class LoopThread:
     """An asyncio loop in a background thread, for servers that tests talk to over real sockets."""
 

@@ -16,7 +16,7 @@ from multidict import CIMultiDict
 from pipeline.config import Settings
 from pipeline.kafka.clients import ensure_topics, make_producer
 from pipeline.rewards.records import AttemptOutcome, RewardDeadLetter, parse_message
-from rigs.kafka import HeadwaterProcess, LoopThread, read_records
+from rigs.kafka import HeadwaterProcess, LoopThread, read_records, topics_for
 
 
 @dataclass
@@ -120,15 +120,7 @@ def settings_doc(
     return {
         "kafka": {"bootstrap_servers": bootstrap, "partitions": 3},
         "local_kafka": {"enabled": False},
-        "topics": {
-            "raw_prefix": f"{prefix}.raw.",
-            "canonical": f"{prefix}.canonical",
-            "dlq": f"{prefix}.dlq",
-            "keyed": f"{prefix}.keyed",
-            "rewards": f"{prefix}.rewards",
-            "rewards_dlq": f"{prefix}.rewards_dlq",
-            "rewards_deliveries": f"{prefix}.deliveries",
-        },
+        "topics": topics_for(prefix),
         "receiver": {"port": 0, "ack_timeout_s": 5.0},
         "worker": {"app_id": prefix, "data_dir": str(data_dir), "web_port": 0},
         "rewards": {
