@@ -24,7 +24,7 @@ import orjson
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from realkafka import start_local_broker, toml_text  # noqa: E402
+from rigs.kafka import start_local_broker, toml_text  # noqa: E402
 
 from pipeline.config import Settings  # noqa: E402
 from pipeline.kafka.clients import make_consumer  # noqa: E402

@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from common import produce_all  # noqa: E402
-from realkafka import toml_text  # noqa: E402
+from rigs.kafka import toml_text  # noqa: E402
 
 from pipeline.config import LocalKafkaSettings, Settings  # noqa: E402
 from pipeline.records import new_request_id  # noqa: E402
