@@ -124,7 +124,11 @@ async def process_then_commit(
             log.warning("commit of a %s batch failed (%s); the batch will be replayed", progress.name, exc)
             return
     progress.last_commit = time.monotonic()
+    assignment = consumer.assignment()  # a rebalance during the batch may have revoked some partitions
     for tp, part in batch.items():
+        if tp not in assignment:
+            progress.lags.pop(tp, None)
+            continue
         highwater = consumer.highwater(tp)
         if highwater is not None:
             progress.lags[tp] = max(0, highwater - part[-1].offset - 1)
@@ -179,6 +183,8 @@ def record_lag(
     if not batch and progress.lag == 0:
         progress.caught_up = time.monotonic()
     for tp, part in batch.items():
+        if tp not in assignment:  # aiokafka asserts on the highwater of a partition it no longer has
+            continue
         highwater = consumer.highwater(tp)
         if highwater is not None and part:
             progress.lags[tp] = max(0, highwater - part[0].offset)  # not committed until the batch is
