@@ -71,23 +71,23 @@ class TenantDirectory:
             if tenant.webengage:
                 self.by_license_code[tenant.webengage.license_code] = tenant
 
-    def authenticate(self, scheme: AuthScheme, request: web.Request) -> Credentials:
+    def authenticate(self, scheme: AuthScheme, request: web.BaseRequest) -> Credentials:
         return SCHEMES[scheme](self, request)
 
-    def write_key(self, request: web.Request) -> Credentials:
+    def write_key(self, request: web.BaseRequest) -> Credentials:
         tenant = self.by_write_key.find(secret_bytes(request.headers.get("X-API-KEY")))
         if tenant is None:
             raise AuthError("missing or unknown X-API-KEY")
         return Credentials(tenant)
 
-    def rewards_key(self, request: web.Request) -> Credentials:
+    def rewards_key(self, request: web.BaseRequest) -> Credentials:
         """POST /rewards/v1: X-API-KEY must be one of a tenant's rewards_keys (a write key is not)."""
         tenant = self.by_rewards_key.find(secret_bytes(request.headers.get("X-API-KEY")))
         if tenant is None:
             raise AuthError("missing or unknown rewards key in X-API-KEY")
         return Credentials(tenant)
 
-    def webengage_license(self, request: web.Request) -> Credentials:
+    def webengage_license(self, request: web.BaseRequest) -> Credentials:
         license_code = request.query.get("licenseCode", "")
         secret = request.query.get("secret", "")
         tenant = self.by_license_code.get(license_code)
@@ -100,7 +100,7 @@ class TenantDirectory:
             raise AuthError("unknown licenseCode or wrong secret")
         return Credentials(tenant)
 
-    def usermaven_token(self, request: web.Request) -> Credentials:
+    def usermaven_token(self, request: web.BaseRequest) -> Credentials:
         token = request.query.get("token") or request.headers.get("X-Auth-Token") or ""
         tenant = self.by_usermaven_token.find(secret_bytes(token))
         if tenant is None or "." not in token:
@@ -108,7 +108,7 @@ class TenantDirectory:
         return Credentials(tenant, vendor={"api_key": token.split(".", 1)[0]})
 
 
-SCHEMES: Mapping[AuthScheme, Callable[[TenantDirectory, web.Request], Credentials]] = {
+SCHEMES: Mapping[AuthScheme, Callable[[TenantDirectory, web.BaseRequest], Credentials]] = {
     "write_key": TenantDirectory.write_key,
     "segment_write_key": TenantDirectory.write_key,
     "webengage_license": TenantDirectory.webengage_license,
@@ -116,13 +116,13 @@ SCHEMES: Mapping[AuthScheme, Callable[[TenantDirectory, web.Request], Credential
 }
 
 
-def verify_body(scheme: AuthScheme, tenant: Tenant, request: web.Request, body: bytes) -> None:
+def verify_body(scheme: AuthScheme, tenant: Tenant, request: web.BaseRequest, body: bytes) -> None:
     """The checks a scheme makes on the body once it is read (only Segment's signature, today)."""
     if scheme == "segment_write_key":
         verify_segment_signature(tenant, request, body)
 
 
-def verify_segment_signature(tenant: Tenant, request: web.Request, body: bytes) -> None:
+def verify_segment_signature(tenant: Tenant, request: web.BaseRequest, body: bytes) -> None:
     """With a shared secret configured, no body gets in unchecked (sources.md §4.2, issue 11 item 6).
 
     X-Signature = hex HMAC-SHA1(secret, signed bytes), where the signed bytes are the whole body, or, for

@@ -41,7 +41,7 @@ def secret_bytes(value: str | None) -> bytes:
     return value.encode("utf-8", "surrogateescape") if value else b""
 
 
-def request_meta(request: web.Request, wanted: Mapping[str, RequestValue]) -> dict[str, str]:
+def request_meta(request: web.BaseRequest, wanted: Mapping[str, RequestValue]) -> dict[str, str]:
     """The request values an adapter declared (REQUEST_META), each checked with `short_text`."""
     out: dict[str, str] = {}
     for name, where in wanted.items():
