@@ -7,10 +7,11 @@ request: the receive time and the request id.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from datetime import UTC, datetime
 
-from pipeline.records import RawHeaders, format_utc, new_request_id, utc_now
+from pipeline.records import RawHeaders, UtcClock, format_utc, new_request_id
 
 KafkaHeaderList = list[tuple[str, bytes]]
 
@@ -25,6 +26,7 @@ class HeaderTemplates:
     def __init__(self) -> None:
         self._templates: dict[tuple[object, ...], tuple[KafkaHeaderList, int, int]] = {}
         self._time_mark = format_utc(_TIME_MARK).encode()
+        self._clock = UtcClock()
 
     def build(
         self, tenant: str, source: str, content_type: str | None, vendor: Mapping[str, str]
@@ -35,9 +37,10 @@ class HeaderTemplates:
         if entry is None:
             entry = self._template(tenant, source, content_type, vendor)
         template, time_at, id_at = entry
-        request_id = new_request_id()
+        now_ns = time.time_ns()
+        request_id = new_request_id(now_ns)
         headers = template.copy()
-        headers[time_at] = (template[time_at][0], format_utc(utc_now()).encode())
+        headers[time_at] = (template[time_at][0], self._clock.text(now_ns))
         headers[id_at] = (template[id_at][0], request_id.encode())
         return request_id, headers
 

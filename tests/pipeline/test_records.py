@@ -9,7 +9,16 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pipeline import reasons
-from pipeline.records import CanonicalEvent, DeadLetter, Origin, RawHeaders, RawRecord, format_utc
+from pipeline.records import (
+    CanonicalEvent,
+    DeadLetter,
+    Origin,
+    RawHeaders,
+    RawRecord,
+    UtcClock,
+    format_utc,
+    new_request_id,
+)
 from pipeline.stream.normalizing import dead_letter
 
 json_values = st.recursive(
@@ -59,3 +68,37 @@ def test_a_dead_letter_survives_its_json_round_trip(body: bytes, index: int | No
     assert again == letter
     assert again.body == body
     assert again.raw_headers() == headers
+
+
+# The receiver's per-request stamps: a ULID request id and the receive time.
+_CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+
+
+def _ulid_value(ulid: str) -> int:
+    value = 0
+    for char in ulid:
+        value = value * 32 + _CROCKFORD.index(char)
+    return value
+
+
+@given(now_ns=st.integers(0, 2**48 * 1_000_000 - 1))
+def test_a_request_id_is_a_ulid_of_its_millisecond(now_ns: int) -> None:
+    request_id = new_request_id(now_ns)
+    assert len(request_id) == 26 and set(request_id) <= set(_CROCKFORD)
+    assert _ulid_value(request_id) >> 80 == now_ns // 1_000_000  # 48-bit time, then 80 random bits
+
+
+def test_request_ids_sort_by_time_and_do_not_repeat() -> None:
+    ids = [new_request_id(ms * 1_000_000) for ms in (1, 2, 2, 10**12)]
+    assert ids[0] < ids[1] and ids[2] < ids[3] and ids[1] != ids[2]
+    assert len({new_request_id() for _ in range(10_000)}) == 10_000
+
+
+@given(seconds=st.integers(0, 4_102_444_800),
+       micros=st.lists(st.integers(0, 999_999), min_size=1, max_size=4))
+def test_the_receivers_clock_writes_what_format_utc_writes(seconds: int, micros: list[int]) -> None:
+    clock = UtcClock()
+    for micro in micros:  # several stamps within one cached second
+        now_ns = (seconds * 1_000_000 + micro) * 1000 + 999
+        expected = format_utc(datetime.fromtimestamp(seconds, UTC).replace(microsecond=micro))
+        assert clock.text(now_ns) == expected.encode()
