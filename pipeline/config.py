@@ -98,7 +98,7 @@ class ReceiverSettings(_Frozen):
     max_in_flight: int = Field(2_000, ge=1)
     ack_timeout_s: float = Field(10.0, gt=0)
     retry_after_s: int = Field(2, ge=1)
-    linger_ms: int = Field(2, ge=0)
+    linger_ms: int = Field(0, ge=0)  # the receiver batches itself: one batch per topic with the broker
     # Bodies held in memory at once (read or awaiting the ack), counted before a body is read: a request
     # without Content-Length counts as max_body_bytes until read. Beyond this: 503 + Retry-After.
     max_bytes_in_flight: int = Field(268_435_456, ge=1)

@@ -6,6 +6,8 @@ With `--processes N` every process writes its values to prometheus_client's mult
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
@@ -47,6 +49,7 @@ class ReceiverMetrics:
             registry=self.registry,
             multiprocess_mode="livesum",
         )
+        self._read_in_flight: Callable[[], float] = lambda: 0.0
         self._request_counters: dict[tuple[str, str, int], Counter] = {}
         self._byte_counters: dict[tuple[str, str], Counter] = {}
 
@@ -63,6 +66,16 @@ class ReceiverMetrics:
             if byte_counter is None:
                 byte_counter = self._byte_counters[byte_key] = self.bytes.labels(source, tenant)
             byte_counter.inc(nbytes)
+
+    def track_in_flight(self, read: Callable[[], float]) -> None:
+        """The in-flight gauge reads the admission count when scraped, instead of two locked updates per
+        request; with --processes N the value is written to the shared files by `refresh_in_flight`."""
+        self._read_in_flight = read
+        if not self.multiprocess:
+            self.in_flight.set_function(read)
+
+    def refresh_in_flight(self) -> None:
+        self.in_flight.set(self._read_in_flight())
 
     def refused(self, tenant: str, reason: str) -> None:
         self.refusals.labels(tenant, reason).inc()

@@ -38,6 +38,7 @@ from pipeline.rewards.records import split_rewards
 log = logging.getLogger(__name__)
 
 OK_BODY = b'{"status":"ok"}'
+IN_FLIGHT_REFRESH_S = 1.0
 KafkaHeaders = Sequence[tuple[str, bytes]]
 Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 
@@ -91,6 +92,7 @@ class Receiver:
         self.directory = TenantDirectory(settings)
         self.metrics = ReceiverMetrics(multiprocess_metrics)
         self.admission = Admission(settings.receiver, self.metrics.refused)
+        self.metrics.track_in_flight(lambda: self.admission.count)
         self.header_templates = HeaderTemplates()
         self.reuse_port = reuse_port
         self.producer: AIOKafkaProducer | None = None
@@ -100,6 +102,7 @@ class Receiver:
         self.port: int | None = None
         self._runner: web.ServerRunner | None = None
         self._connecting: asyncio.Task[None] | None = None
+        self._refreshing: asyncio.Task[None] | None = None
         self._source_of: dict[str, str] = {settings.topics.rewards: "rewards"}
         self._source_of.update({settings.topics.raw(s): s for s in self.adapters})
 
@@ -155,7 +158,7 @@ class Receiver:
             task: asyncio.Task[None],
         ) -> web.BaseRequest:
             return web.BaseRequest(
-                message, payload, protocol, writer, task, task.get_loop(), client_max_size=limit
+                message, payload, protocol, writer, task, asyncio.get_running_loop(), client_max_size=limit
             )
 
         return web.Server(dispatch, request_factory=make_request, access_log=None)
@@ -180,6 +183,8 @@ class Receiver:
             backlog=1024,
         )
         await site.start()
+        if self.metrics.multiprocess:
+            self._refreshing = asyncio.create_task(self._refresh_in_flight())
         server = site._server
         sockets = server.sockets if isinstance(server, asyncio.Server) else []
         self.port = sockets[0].getsockname()[1] if sockets else self.settings.receiver.port
@@ -233,7 +238,15 @@ class Receiver:
             lambda topic, seconds: self.metrics.observe_ack(self._source_of.get(topic, topic), seconds),
         )
 
+    async def _refresh_in_flight(self) -> None:
+        """With --processes N each process writes its in-flight count to the shared files once a second."""
+        while True:
+            self.metrics.refresh_in_flight()
+            await asyncio.sleep(IN_FLIGHT_REFRESH_S)
+
     async def stop(self) -> None:
+        if self._refreshing is not None:
+            self._refreshing.cancel()
         if self._connecting is not None:
             self._connecting.cancel()
         if self._runner is not None:
@@ -336,7 +349,6 @@ class Receiver:
         waiting = self.admission.enter(tenant, reserved)
         if waiting is not None:
             await waiting
-        self.metrics.in_flight.inc()
         return reserved
 
     async def _read(self, request: web.BaseRequest, reserved: int) -> bytes:
@@ -351,7 +363,6 @@ class Receiver:
         return body
 
     def _release(self, tenant: str, reserved: int) -> None:
-        self.metrics.in_flight.dec()
         self.admission.leave(tenant, reserved)
 
     def _headers(

@@ -36,6 +36,7 @@ def test_a_flooding_tenant_cannot_starve_a_quiet_one(
     stored at least 95% of the time, acme's excess gets 429 + Retry-After, counted by tenant and reason."""
     settings = make_settings(receiver={"port": 0, "max_in_flight": 16, "linger_ms": 5})
     base = start_receiver(settings)
+    port = int(base.rsplit(":", 1)[1])
     flood_statuses: Counter[int] = Counter()
     quiet_ok: list[str] = []
     quiet_statuses: Counter[int] = Counter()
@@ -54,7 +55,7 @@ def test_a_flooding_tenant_cannot_starve_a_quiet_one(
 
     async def run() -> None:
         flooding = asyncio.ensure_future(flood(base + PATH, "wk_acme_1", 64, time.monotonic() + 60, flood_statuses))
-        await asyncio.sleep(0.5)  # the flood is on before the quiet tenant starts
+        await in_flight_reaches(port, 16)  # the flood holds every slot before the quiet tenant starts
         await quiet()
         flooding.cancel()
         await asyncio.gather(flooding, return_exceptions=True)
@@ -95,6 +96,21 @@ async def open_request(port: int, length: int) -> tuple[asyncio.StreamReader, as
     return reader, writer
 
 
+async def in_flight_reaches(port: int, count: int, timeout: float = 30) -> None:
+    """Poll the receiver's in-flight gauge until it shows at least `count` slots held."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    async with aiohttp.ClientSession() as session:
+        while True:
+            async with session.get(f"http://127.0.0.1:{port}/metrics") as response:
+                text = await response.text()
+            held = [float(line.split()[1]) for line in text.splitlines()
+                    if line.startswith("headwater_receiver_in_flight ")]
+            if held and held[0] >= count:
+                return
+            assert asyncio.get_running_loop().time() < deadline, f"in-flight gauge never showed {count}"
+            await asyncio.sleep(0.02)
+
+
 async def status_of(reader: asyncio.StreamReader) -> int:
     return int((await asyncio.wait_for(reader.read(), 30)).split(b" ", 2)[1])
 
@@ -110,7 +126,7 @@ def test_the_in_flight_slot_counts_body_bytes_before_the_body_is_read(
     async def run() -> tuple[list[int], bytes]:
         first = await open_request(port, 4000)
         second = await open_request(port, 4000)
-        await asyncio.sleep(0.2)  # both are admitted and waiting for their bodies
+        await in_flight_reaches(port, 2)  # both are admitted and waiting for their bodies
         third_reader, third_writer = await open_request(port, 4000)
         third = await asyncio.wait_for(third_reader.read(), 30)
         third_writer.close()
@@ -146,7 +162,7 @@ def test_a_body_without_content_length_counts_as_the_largest_body_until_read(
 
     async def run() -> tuple[int, int, int]:
         reader, writer = await chunked()
-        await asyncio.sleep(0.2)
+        await in_flight_reaches(port, 1)
         second_reader, second_writer = await chunked()
         second = await status_of(second_reader)
         second_writer.close()
