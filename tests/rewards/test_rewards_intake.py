@@ -12,19 +12,14 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
-from rigs.kafka import LoopThread, wait_for
+from rigs.kafka import wait_for
 from rigs.rewards import (
-    Dispatcher,
+    acme_dispatcher,
     dead_letters,
     produce_with_headers,
-    render_toml,
-    settings_doc,
-    start_customer,
 )
 
 from pipeline.cli import main
-from pipeline.config import Settings
-from pipeline.kafka.local import free_port
 from pipeline.rewards.records import MAX_REWARD_BYTES, DeliveryJob, RewardDeadLetter, read_intake
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
@@ -105,18 +100,10 @@ def test_hostile_rewards_on_the_broker_each_end_as_one_dead_letter_and_the_next_
 ) -> None:
     """Every hostile record on rewards.outbound becomes exactly one rewards.dlq record with its reason; the
     valid reward produced after them is delivered, and the dispatcher logs no intake failure."""
-    loop = LoopThread()
-    customer = start_customer(loop, {})
-    tenants = [{"id": "acme", "rewards_webhook": {"url": customer.url("acme")}}]
-    doc = settings_doc(kafka_bootstrap, f"t_rewards_hostile_{uuid.uuid4().hex[:8]}", tmp_path / "worker",
-                       free_port(), tenants)
-    settings = Settings.model_validate(doc)
-    config = tmp_path / "headwater.toml"
-    config.write_text(render_toml(doc))
-    dispatcher = Dispatcher(config, tmp_path / "dispatcher.log", exit_after_s=180)
     marker = uuid.uuid4().hex
     cases = hostile(marker)
-    try:
+    with acme_dispatcher(kafka_bootstrap, tmp_path, "t_rewards_hostile") as rig:
+        settings, config, customer, dispatcher = rig.settings, rig.config, rig.customer, rig.dispatcher
         good = f"{marker}-good"
         produce_with_headers(settings, [(headers, value) for _, headers, value, _ in cases]
                              + [([("hw-tenant", b"acme")], json.dumps(reward(good)).encode())])
@@ -134,7 +121,3 @@ def test_hostile_rewards_on_the_broker_each_end_as_one_dead_letter_and_the_next_
         assert redelivered.exit_code == 0, redelivered.output
         # the record over the limit is kept cut and skipped; the one whose job was too large is kept whole
         assert "skipping 1 too large" in redelivered.output and "redelivered 1 " in redelivered.output
-    finally:
-        dispatcher.stop()
-        loop.run(customer.stop())
-        loop.close()

@@ -8,18 +8,16 @@ output's own ack and stays on the record until it is durable. Here rewards.dlq r
 from __future__ import annotations
 
 import asyncio
-import uuid
 from pathlib import Path
 
 from aiokafka import TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
-from rigs.kafka import LoopThread, wait_for
-from rigs.rewards import Dispatcher, dead_letters, render_toml, settings_doc, start_customer
+from rigs.kafka import wait_for
+from rigs.rewards import acme_dispatcher, dead_letters
 
 from pipeline.config import Settings
 from pipeline.kafka.clients import ensure_topics, make_consumer, make_producer
-from pipeline.kafka.local import free_port
 
 
 def produce_to_partition_0(settings: Settings, body: bytes) -> int:
@@ -70,18 +68,12 @@ def test_a_dead_letter_the_broker_refuses_is_retried_and_its_record_not_committe
     """After a committed valid reward: while rewards.dlq refuses the letter of an invalid record, the
     dispatcher retries it and the intake's committed offset stays at that record; once the topic accepts it, the letter lands and the
     offset moves past it."""
-    loop = LoopThread()
-    customer = start_customer(loop, {})
-    tenants = [{"id": "acme", "rewards_webhook": {"url": customer.url("acme")}}]
-    doc = settings_doc(kafka_bootstrap, f"t_rewards_writes_{uuid.uuid4().hex[:8]}", tmp_path / "worker",
-                       free_port(), tenants)
-    settings = Settings.model_validate(doc)
-    config = tmp_path / "headwater.toml"
-    config.write_text(render_toml(doc))
-    asyncio.run(ensure_topics(settings, [settings.topics.rewards_dlq], config={"max.message.bytes": "1000"}))
-    dispatcher = Dispatcher(config, tmp_path / "dispatcher.log", exit_after_s=180)
-    group, source = f"{settings.worker.app_id}-rewards", TopicPartition(settings.topics.rewards, 0)
-    try:
+    def small_dlq(settings: Settings) -> None:
+        asyncio.run(ensure_topics(settings, [settings.topics.rewards_dlq], config={"max.message.bytes": "1000"}))
+
+    with acme_dispatcher(kafka_bootstrap, tmp_path, "t_rewards_writes", prepare=small_dlq) as rig:
+        settings, customer, dispatcher = rig.settings, rig.customer, rig.dispatcher
+        group, source = f"{settings.worker.app_id}-rewards", TopicPartition(settings.topics.rewards, 0)
         first = produce_to_partition_0(settings, b'{"campaignId": "c", "userId": "u", "rewardId": "r-first"}')
         wait_for(lambda: customer.seen("acme", "r-first"), timeout=120)
         wait_for(lambda: committed(settings, group, source) > first, timeout=60)  # commits do happen
@@ -93,7 +85,3 @@ def test_a_dead_letter_the_broker_refuses_is_retried_and_its_record_not_committe
         [letter] = wait_for(lambda: dead_letters(settings), timeout=60)
         assert letter.reason == "invalid_json" and letter.origin == f"{source.topic}:0:{offset}"
         wait_for(lambda: committed(settings, group, source) > offset, timeout=60)
-    finally:
-        dispatcher.stop()
-        loop.run(customer.stop())
-        loop.close()

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,6 +17,7 @@ from multidict import CIMultiDict
 
 from pipeline.config import Settings
 from pipeline.kafka.clients import ensure_topics, make_producer
+from pipeline.kafka.local import free_port
 from pipeline.rewards.records import AttemptOutcome, RewardDeadLetter, parse_message
 from rigs.kafka import HeadwaterProcess, LoopThread, read_records, topics_for
 
@@ -149,6 +152,42 @@ def start_customer(loop: LoopThread, behaviour: dict[str, str]) -> Customer:
     customer = Customer(behaviour=dict(behaviour))
     loop.run(customer.start())
     return customer
+
+
+@dataclass
+class AcmeRig:
+    """One tenant (acme) whose webhook is a customer server, and a dispatcher subprocess on its config."""
+
+    settings: Settings
+    config: Path
+    customer: Customer
+    dispatcher: Dispatcher
+
+
+@contextmanager
+def acme_dispatcher(
+    bootstrap: str, tmp_path: Path, prefix: str, prepare: Callable[[Settings], None] | None = None
+) -> Iterator[AcmeRig]:
+    """Topics named `<prefix>_<random>`; `prepare` runs before the dispatcher starts (e.g. to create a
+    topic with special settings). Everything is stopped on exit."""
+    loop = LoopThread()
+    customer = start_customer(loop, {})
+    tenants = [{"id": "acme", "rewards_webhook": {"url": customer.url("acme")}}]
+    doc = settings_doc(bootstrap, f"{prefix}_{uuid.uuid4().hex[:8]}", tmp_path / "worker", free_port(), tenants)
+    settings = Settings.model_validate(doc)
+    config = tmp_path / "headwater.toml"
+    config.write_text(render_toml(doc))
+    try:
+        if prepare is not None:
+            prepare(settings)
+        dispatcher = Dispatcher(config, tmp_path / "dispatcher.log", exit_after_s=180)
+        try:
+            yield AcmeRig(settings, config, customer, dispatcher)
+        finally:
+            dispatcher.stop()
+    finally:
+        loop.run(customer.stop())
+        loop.close()
 
 
 def produce(settings: Settings, records: list[tuple[str | None, bytes]]) -> list[float]:
