@@ -13,7 +13,6 @@ import hashlib
 import subprocess
 import sys
 import tempfile
-import time
 import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -105,16 +104,37 @@ async def topic_size(settings: Settings, topic: str) -> int:
         await consumer.stop()
 
 
-def wait_topic_size(settings: Settings, topic: str, count: int, timeout: float) -> float:
-    """Poll until the topic holds `count` records; the monotonic time it got there."""
-    deadline = time.monotonic() + timeout
-    while True:
-        size = asyncio.run(topic_size(settings, topic))
-        if size >= count:
-            return time.monotonic()
-        if time.monotonic() > deadline:
-            raise SystemExit(f"{topic} holds {size} of {count} records after {timeout:.0f}s")
-        time.sleep(0.05)
+class RecordCounter:
+    """Counts the records of a topic as a read_committed reader sees them (every reader of ours does).
+
+    End offsets over-count a transactional topic such as events.canonical: each commit marker takes an
+    offset too, so only reading tells how many events are there."""
+
+    def __init__(self, settings: Settings, topic: str) -> None:
+        self.settings, self.topic, self.count = settings, topic, 0
+        self._consumer: Any = None
+
+    async def __aenter__(self) -> RecordCounter:
+        from aiokafka import TopicPartition
+
+        self._consumer = make_consumer(self.settings)
+        await self._consumer.start()
+        while not (parts := self._consumer.partitions_for_topic(self.topic)):
+            await self._consumer._client.force_metadata_update()
+            await asyncio.sleep(0.2)
+        tps = [TopicPartition(self.topic, p) for p in parts]
+        self._consumer.assign(tps)
+        await self._consumer.seek_to_beginning(*tps)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._consumer.stop()
+
+    async def read(self, timeout_s: float = 0.25) -> int:
+        """Read what has arrived (waiting up to timeout_s); the running count."""
+        batch = await self._consumer.getmany(timeout_ms=int(timeout_s * 1000), max_records=10_000)
+        self.count += sum(len(records) for records in batch.values())
+        return self.count
 
 
 async def produce_all(settings: Settings, records: Iterable[tuple[str, bytes, list[tuple[str, bytes]]]]) -> None:

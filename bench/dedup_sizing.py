@@ -3,11 +3,12 @@
     .venv/bin/python bench/dedup_sizing.py [--bootstrap HOST:PORT] [--keys 200000] [--skip-rocksdb]
 
 (a) Memory store. N raw customerglu records with unique event ids go straight to raw.customerglu; one
-    `headwater worker --source customerglu` runs until all N are on events.canonical (the dedup changelog
-    then holds 2 records per id: PENDING, DONE) and is stopped. A second worker on the same app_id restores
-    the whole changelog at start. Right after starting it, one new marker event is produced; its arrival on
-    events.canonical (the record's timestamp) marks the end of the restore, since the dedup agent only
-    runs once recovery is done. The same measurement on an EMPTY changelog (a fresh app_id, second start
+    `headwater worker --source customerglu` runs until all N are on events.canonical, counted as a
+    read_committed reader sees them (the dedup changelog then holds one record per id, written in the
+    same transaction as the event) and is stopped. A second worker on the same app_id restores the whole
+    changelog at start. Right after starting it, one new marker event is produced; its arrival on
+    events.canonical (the record's timestamp) marks the end of the restore, since the dedup stage only
+    consumes once its partitions' state is restored. The same measurement on an EMPTY changelog (a fresh app_id, second start
     as well) is the baseline that is subtracted: restore time = T(full) - T(empty); keys/s = N / that.
     Faust's own "Restoring state..." -> "Done reading from changelog topics" log lines are shown as a check.
 (b) RocksDB store (dedup.store = "rocksdb://", rocksdict). Same preload and first run; then `du` of the
@@ -41,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from common import ROOT, bench_settings, broker, produce_all, raw_headers, stop, wait_topic_size, write_config
+from common import ROOT, RecordCounter, bench_settings, broker, produce_all, raw_headers, stop, write_config
 
 from pipeline.config import Settings
 from pipeline.kafka.clients import ensure_topics, make_consumer, make_producer
@@ -186,17 +187,18 @@ def first_run(settings: Settings, config: Path, log: Path, keys: int) -> float:
     """Run a worker until `keys` events are canonical; stop it. Returns the seconds it took."""
     t0 = time.monotonic()
     worker = start_worker(config, log)
-    try:
+
+    async def drain() -> None:
         deadline = time.monotonic() + 1200
-        while True:
-            try:
-                wait_topic_size(settings, settings.topics.canonical, keys, timeout=5)
-                break
-            except SystemExit:
+        async with RecordCounter(settings, settings.topics.canonical) as counter:
+            while (count := await counter.read()) < keys:
                 if worker.poll() is not None:
-                    raise SystemExit(f"the worker exited with {worker.returncode}:\n{tail(log)}") from None
+                    raise SystemExit(f"the worker exited with {worker.returncode}:\n{tail(log)}")
                 if time.monotonic() > deadline:
-                    raise
+                    raise SystemExit(f"only {count} of {keys} events canonical after 1200 s:\n{tail(log)}")
+
+    try:
+        asyncio.run(drain())
     finally:
         stop(worker)
     return time.monotonic() - t0
@@ -309,7 +311,7 @@ def main() -> None:
               f"(worker log: restore {fmt(full.log_restore)}; RSS {human_bytes(full.rss)})")
         rate = n / restore if restore > 0 else float("nan")
         print(f"  restore time {restore:.2f} s (minus the empty-changelog baseline) -> {rate:,.0f} keys/s "
-              f"({2 * rate:,.0f} changelog records/s: PENDING + DONE per key, uncompacted)")
+              "(one changelog record per key)")
         if full.log_restore:
             print(f"  by the worker log: {n / full.log_restore:,.0f} keys/s")
         print(f"  RSS over the baseline worker: {human_bytes(full.rss - base_mem.rss)} "
@@ -392,7 +394,7 @@ def sizing_table(results: dict[str, Any]) -> None:
             mr = human_bytes(keys * ram) if ram else "n/a"
             print(f"  {name:>6} {rate:>7,} {keys:>15,} {d:>13} {dl:>11} {mr:>11} {rm:>15} {rr:>16}")
     print("  (restore is for the whole table on one worker; with W workers each restores ~1/W of the "
-          "partitions. Changelog records per key: 2 until Kafka compacts the topic.)")
+          "partitions. One changelog record per key, plus its tombstone once it expires, until Kafka compacts them.)")
 
 
 if __name__ == "__main__":

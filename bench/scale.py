@@ -29,12 +29,12 @@ import orjson
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from common import produce_all  # noqa: E402
+from common import RecordCounter, produce_all  # noqa: E402
 from rigs.kafka import toml_text  # noqa: E402
 
 from pipeline.config import LocalKafkaSettings, Settings  # noqa: E402
 from pipeline.records import new_request_id  # noqa: E402
-from pipeline.kafka.clients import end_offsets, ensure_topics  # noqa: E402
+from pipeline.kafka.clients import ensure_topics  # noqa: E402
 from pipeline.kafka.local import LocalKafka, free_port  # noqa: E402
 from pipeline.records import RawHeaders, utc_now  # noqa: E402
 
@@ -77,10 +77,6 @@ async def preload(settings: Settings, records: list[bytes]) -> None:
     await produce_all(settings, map(with_headers, records))
 
 
-def canonical_count(settings: Settings) -> int:
-    return sum(asyncio.run(end_offsets(settings, settings.topics.canonical)).values())
-
-
 def run(settings: Settings, workers: int, expected: int, config_dir: Path,
         timeout_s: float) -> dict[str, Any]:
     """Start `workers` processes on preloaded topics; time the drain."""
@@ -90,21 +86,24 @@ def run(settings: Settings, workers: int, expected: int, config_dir: Path,
     command = [sys.executable, "-m", "pipeline.cli", "--config", str(config), "worker", "--source", SOURCE]
     started = time.monotonic()
     processes = [subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT) for log in logs]
-    first_at = first_count = None
-    count = 0
+
+    async def drain() -> tuple[float, int, float]:
+        """Count events.canonical as read (read_committed) until every distinct id is there."""
+        first_at = first_count = None
+        async with RecordCounter(settings, settings.topics.canonical) as counter:
+            while (count := await counter.read()) < expected:
+                if time.monotonic() - started > timeout_s:
+                    raise RuntimeError(f"{workers} worker(s): only {count} of {expected} canonical "
+                                       f"after {timeout_s:.0f}s (logs in {config_dir})")
+                if any(p.poll() is not None for p in processes):
+                    raise RuntimeError(f"a worker exited early (logs in {config_dir})")
+                if count and first_at is None:
+                    first_at, first_count = time.monotonic(), count
+        assert first_at is not None and first_count is not None
+        return first_at, first_count, time.monotonic()
+
     try:
-        while count < expected:
-            if time.monotonic() - started > timeout_s:
-                raise RuntimeError(f"{workers} worker(s): only {count} of {expected} canonical "
-                                   f"after {timeout_s:.0f}s "
-                                   f"(logs in {config_dir})")
-            if any(p.poll() is not None for p in processes):
-                raise RuntimeError(f"a worker exited early (logs in {config_dir})")
-            count = canonical_count(settings)
-            if count and first_at is None:
-                first_at, first_count = time.monotonic(), count
-            time.sleep(0.25)
-        done_at = time.monotonic()
+        first_at, first_count, done_at = asyncio.run(drain())
     finally:
         for p in processes:
             p.terminate()
@@ -115,7 +114,6 @@ def run(settings: Settings, workers: int, expected: int, config_dir: Path,
                 p.kill()
         for log in logs:
             log.close()
-    assert first_at is not None and first_count is not None
     drain_s = max(done_at - first_at, 1e-6)
     return {"workers": workers, "events_per_s": (expected - first_count) / drain_s, "drain_s": drain_s,
             "wall_s": done_at - started}
