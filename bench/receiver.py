@@ -35,12 +35,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import contextlib
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -335,17 +337,9 @@ def main() -> None:
         wrk_main(args)
         return
     c, d, w = args.concurrency, args.duration, args.warmup
-    with broker(args.bootstrap) as bootstrap, tempfile.TemporaryDirectory(prefix="headwater-bench-") as tmp_name:
-        tmp = Path(tmp_name)
-        settings = bench_settings(bootstrap, tmp)
-        port = settings.receiver.port
-        config = write_config(settings, tmp / "receiver.toml")
+    with started_receiver(args, f"concurrency {c}; {d:.0f}s per phase (+{w:.0f}s warm-up); {os.cpu_count()} "
+                          "CPUs shared by broker, receiver and load generator") as (settings, tmp, receiver, base):
         log = tmp / "receiver.log"
-        print(f"broker {bootstrap}; receiver on port {port}; concurrency {c}; {d:.0f}s per phase "
-              f"(+{w:.0f}s warm-up); {os.cpu_count()} CPUs shared by broker, receiver and load generator; "
-              f"load average {os.getloadavg()[0]:.1f}")
-        receiver = headwater(config, "receiver", "--port", str(port), log=log)
-        base = f"http://127.0.0.1:{port}"
         spy = None
         try:
             run(wait_ready(base, receiver, log))
@@ -405,32 +399,50 @@ def main() -> None:
         failures = sum(r.failures for r in (single, bulk, opened))
         print(f"  non-200 / failed HTTP requests: {failures}")
 
-        if spy is not None and (tmp / "receiver.folded").exists():
-            own, inclusive = profile_top(tmp / "receiver.folded", 20,
-                                         ("pipeline/", "aiohttp/", "aiokafka/", "prometheus_client/", "pydantic"))
-            print("\npy-spy, receiver, single closed loop: top functions by own time")
-            for share, frame in own:
-                print(f"  {share:6.1%}  {frame}")
-            print("py-spy, receiver: top pipeline/aiohttp/aiokafka/prometheus functions by inclusive time")
-            for share, frame in inclusive:
-                print(f"  {share:6.1%}  {frame}")
+        if spy is not None:
+            print_profile(tmp / "receiver.folded")
 
 
-def wrk_main(args: argparse.Namespace) -> None:
-    """Receiver, bare aiohttp server and bare producer on the same load, from one run (issue 11)."""
-    c, d, w = args.concurrency, args.duration, args.warmup
+@contextlib.contextmanager
+def started_receiver(args: argparse.Namespace, describe: str
+                     ) -> Iterator[tuple[Settings, Path, subprocess.Popen[bytes], str]]:
+    """A broker (or --bootstrap), fresh topics and `headwater receiver` in its own process, its log in
+    tmp/receiver.log: (settings, tmp, receiver process, base URL). The receiver is stopped on exit."""
     with broker(args.bootstrap) as bootstrap, tempfile.TemporaryDirectory(prefix="headwater-bench-") as tmp_name:
         tmp = Path(tmp_name)
         settings = bench_settings(bootstrap, tmp)
         port = settings.receiver.port
         config = write_config(settings, tmp / "receiver.toml")
+        print(f"broker {bootstrap}; receiver on port {port}, {args.processes} process(es); {describe}; "
+              f"load average {os.getloadavg()[0]:.1f} before the run")
+        receiver = headwater(config, "receiver", "--port", str(port), "--processes", str(args.processes),
+                             log=tmp / "receiver.log")
+        try:
+            yield settings, tmp, receiver, f"http://127.0.0.1:{port}"
+        finally:
+            stop(receiver)
+
+
+def print_profile(folded: Path) -> None:
+    """py-spy's samples of the receiver: the top functions by own and by inclusive time."""
+    if not folded.exists():
+        return
+    own, inclusive = profile_top(folded, 20, ("pipeline/", "aiohttp/", "aiokafka/", "prometheus_client/", "pydantic"))
+    print("\npy-spy, receiver, single closed loop: top functions by own time")
+    for share, frame in own:
+        print(f"  {share:6.1%}  {frame}")
+    print("by inclusive time (pipeline, aiohttp, aiokafka, prometheus_client, pydantic)")
+    for share, frame in inclusive:
+        print(f"  {share:6.1%}  {frame}")
+
+
+def wrk_main(args: argparse.Namespace) -> None:
+    """Receiver, bare aiohttp server and bare producer on the same load, from one run (issue 11)."""
+    c, d, w = args.concurrency, args.duration, args.warmup
+    with started_receiver(args, f"wrk -t1 -c{c}, {d:.0f}s per phase (+{w:.0f}s warm-up); {os.cpu_count()} "
+                          "CPUs shared by broker, servers and wrk") as (settings, tmp, receiver, base):
         log = tmp / "receiver.log"
-        print(f"broker {bootstrap}; wrk -t1 -c{c}, {d:.0f}s per phase (+{w:.0f}s warm-up); receiver processes "
-              f"{args.processes}; {os.cpu_count()} CPUs shared by broker, servers and wrk; load average "
-              f"{os.getloadavg()[0]:.1f} before the run")
-        receiver = headwater(config, "receiver", "--port", str(port), "--processes", str(args.processes), log=log)
-        base = f"http://127.0.0.1:{port}"
-        bare_port = port + 1
+        bare_port = settings.receiver.port + 1
         bare = subprocess.Popen([sys.executable, str(Path(__file__).with_name("bare_http.py")), str(bare_port)],
                                 stdin=subprocess.DEVNULL)
         results: dict[str, WrkResult] = {}
@@ -500,15 +512,7 @@ def wrk_main(args: argparse.Namespace) -> None:
             report_failures(opened)
         elif opened.errors:
             print(f"  !! open loop errors: {opened.errors}")
-        if (tmp / "receiver.folded").exists():
-            own, inclusive = profile_top(tmp / "receiver.folded", 20,
-                                         ("pipeline/", "aiohttp/", "aiokafka/", "prometheus_client/", "pydantic"))
-            print("\npy-spy, receiver, single closed loop: top functions by own time")
-            for share, frame in own:
-                print(f"  {share:6.1%}  {frame}")
-            print("by inclusive time")
-            for share, frame in inclusive:
-                print(f"  {share:6.1%}  {frame}")
+        print_profile(tmp / "receiver.folded")
 
 
 def open_loop_at(args: argparse.Namespace, base: str, tmp: Path, rate: float, seconds: float,
