@@ -531,10 +531,13 @@ def open_loop_at(args: argparse.Namespace, base: str, tmp: Path, rate: float, se
     body_file.write_bytes(bodies(*SINGLE)[0])
     script = vegeta.targets(tmp / "open-loop.targets", base + path + query, body_file, headers)
     vegeta.attack(found, script, rate, 1, "warm-up")
-    meter = CpuMeter({**pids, "vegeta+broker": os.getpid()})
+    meter = CpuMeter(pids)
+    before = os.times()
     opened = vegeta.attack(found, script, rate, seconds, label + ", vegeta)")
     opened.cpu = meter.shares()
-    opened.cpu.pop("vegeta+broker")
+    after = os.times()  # vegeta is a reaped child: its CPU shows in the children's times
+    spent = after.children_user + after.children_system - before.children_user - before.children_system
+    opened.cpu["vegeta"] = spent / max(after.elapsed - before.elapsed, 1e-9)
     print(opened.line())
     return opened
 

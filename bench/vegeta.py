@@ -62,10 +62,18 @@ def targets(path: Path, url: str, body_file: Path, headers: dict[str, str]) -> P
     return path
 
 
+MAX_WORKERS = 512  # requests in flight at most: the rate holds while latency stays under 512 / rate
+
+
 def attack(vegeta: str, targets_file: Path, rate: float, seconds: float, label: str) -> VegetaResult:
-    """Send `rate` requests/s for `seconds`; percentiles from vegeta's own histogram of every request."""
+    """Send `rate` requests/s for `seconds`; percentiles from vegeta's own histogram of every request.
+
+    vegeta adds a worker (and a connection) whenever all are busy; without a cap, a server that slows
+    down is met with thousands of new connections and the generator takes the machine's CPU. With the
+    cap, a server slower than MAX_WORKERS / rate makes vegeta fall behind the rate instead, which the
+    result shows as `rate` (sent) below `target_rate`."""
     attack_cmd = [vegeta, "attack", f"-targets={targets_file}", f"-rate={max(1, round(rate))}/1s",
-                  f"-duration={seconds:.0f}s", "-timeout=30s", "-keepalive=true"]
+                  f"-duration={seconds:.0f}s", "-timeout=30s", "-keepalive=true", f"-max-workers={MAX_WORKERS}"]
     attacked = subprocess.run(attack_cmd, capture_output=True, check=True)
     report = subprocess.run([vegeta, "report", "-type=json"], input=attacked.stdout, capture_output=True,
                             check=True).stdout
