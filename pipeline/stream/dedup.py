@@ -169,6 +169,14 @@ class ExpiryIndex:
             self.buckets[bucket] = keys = set()
         keys.add(key)
 
+    def add_all(self, keys: Iterable[bytes], first_seen_ms: int) -> None:
+        """Index keys first seen at the same time (the ids of one transaction)."""
+        bucket = first_seen_ms // self.bucket_ms
+        found = self.buckets.get(bucket)
+        if found is None:
+            self.buckets[bucket] = found = set()
+        found.update(keys)
+
     def pop_older_than(self, cutoff_ms: int, limit: int) -> list[bytes]:
         """Keys of the buckets that end at or before cutoff_ms, whole buckets, until at least `limit`."""
         out: list[bytes] = []
@@ -230,9 +238,12 @@ class Deduplicator:
 
     def remember_emitted(self, emitted: Iterable[tuple[Candidate, int]], now_ms: int) -> None:
         """Write the ids of a committed transaction to the table (its changelog entries are committed)."""
+        store = self.store
+        keys = []
         for candidate, partition in emitted:
-            self.store[candidate[0]] = [DONE, now_ms, partition]
-            self.index.add(candidate[0], now_ms)
+            store[candidate[0]] = [DONE, now_ms, partition]
+            keys.append(candidate[0])
+        self.index.add_all(keys, now_ms)
 
     async def expire(self, now_ms: int | None = None, limit: int = 200_000) -> int:
         """Delete entries older than the window, locally and in the changelog (tombstones).
