@@ -12,19 +12,21 @@ import struct
 _MASK = 0xFFFFFFFF
 _M = 0x5BD1E995
 _SEED = 0x9747B28C
+_WORDS = [struct.Struct(f"<{n}I") for n in range(64)]  # little-endian 32-bit words, by count
 
 
 def murmur2(data: bytes) -> int:
     """Kafka's 32-bit murmur2 of `data` (org.apache.kafka.common.utils.Utils.murmur2), as an unsigned int."""
     length = len(data)
-    h = (_SEED ^ length) & _MASK
-    whole = length & ~3
-    for k in struct.unpack_from(f"<{length >> 2}I", data):
+    h = _SEED ^ length
+    count = length >> 2
+    words = _WORDS[count] if count < len(_WORDS) else struct.Struct(f"<{count}I")
+    for k in words.unpack_from(data):
         k = (k * _M) & _MASK
-        k ^= k >> 24
-        h = ((h * _M) & _MASK) ^ ((k * _M) & _MASK)
+        h = ((h * _M) ^ ((k ^ (k >> 24)) * _M)) & _MASK  # masking once: the low 32 bits of an xor
     tail = length & 3
     if tail:
+        whole = length - tail
         if tail == 3:
             h ^= data[whole + 2] << 16
         if tail >= 2:

@@ -112,12 +112,16 @@ async def send_batched(producer: AIOKafkaProducer, outputs: Sequence[Output]) ->
     order; returns the futures of their acks. A batch is closed so that it goes out without lingering."""
     records: dict[tuple[str, int], list[tuple[bytes | None, bytes]]] = {}
     partitions: dict[str, int] = {}
+    placed: dict[tuple[str, bytes], int] = {}  # a user's events share a key: hash it once per call
     for topic, key, value, partition in outputs:
         if partition is None:
             count = partitions.get(topic)
             if count is None:
                 count = partitions[topic] = len(await producer.partitions_for(topic))
-            partition = random.randrange(count) if key is None else key_partition(key, count)
+            if key is None:
+                partition = random.randrange(count)
+            elif (partition := placed.get((topic, key))) is None:
+                partition = placed[topic, key] = key_partition(key, count)
         records.setdefault((topic, partition), []).append((key, value))
     acks: list[Awaitable[Any]] = []
     for (topic, partition), pairs in records.items():
