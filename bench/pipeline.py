@@ -2,8 +2,8 @@
 
     .venv/bin/python bench/pipeline.py [--bootstrap HOST:PORT] [--single N] [--bulk N] [--profile]
 
-Starts one `headwater worker` process on fresh topics, waits until its consumer groups are stable,
-freezes it (SIGSTOP), preloads raw records into raw.<source> (single-event records from all seven
+Starts one `headwater worker` process on fresh topics, warms it up with one record per source (so
+its consumer groups are stable), freezes it (SIGSTOP), preloads raw records into raw.<source> (single-event records from all seven
 sources, then 100-event records from the sources that batch) and runs the baseline: a bare aiokafka
 loop that consumes the same raw records, parses them with orjson and produces one record per event
 (acks=all, awaited per batch). Then it releases the worker (SIGCONT) and measures canonical events/s
@@ -94,9 +94,9 @@ async def bare_loop(settings: Settings, sources: tuple[str, ...], events: int, o
 
 
 async def drain_canonical(settings: Settings, events: int, worker: subprocess.Popen[bytes], log: Path,
-                          timeout_s: float = 600) -> tuple[int, float, float]:
+                          timeout_s: float = 600, since_s: float = 0.0) -> tuple[int, float, float]:
     """Read events.canonical (read_committed, like every reader of ours) until `events` records are there;
-    (records, the first and the last canonical record's time, epoch seconds).
+    (records, the first and the last time of a canonical record written after `since_s`, epoch seconds).
 
     Records are counted as read, not by end offsets: transaction markers take offsets too."""
     from aiokafka import TopicPartition
@@ -122,42 +122,29 @@ async def drain_canonical(settings: Settings, events: int, worker: subprocess.Po
                 raise SystemExit(f"the worker did not drain {events} events in {timeout_s:.0f} s ({count})")
             for part in (await consumer.getmany(timeout_ms=500, max_records=10_000)).values():
                 for record in part:
+                    count += 1
+                    if record.timestamp < since_s * 1000:
+                        continue
                     first = record.timestamp if first is None else min(first, record.timestamp)
                     last = record.timestamp if last is None else max(last, record.timestamp)
-                    count += 1
         return count, (first or 0) / 1000, (last or 0) / 1000
     finally:
         await consumer.stop()
 
 
-async def groups_stable(settings: Settings, groups: dict[str, int]) -> bool:
-    """Every group is Stable with the given number of members (so no rebalance is pending)."""
-    from aiokafka.admin import AIOKafkaAdminClient
-
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka.bootstrap_servers)
-    await admin.start()
-    try:
-        found = {}
-        for response in await admin.describe_consumer_groups(list(groups)):
-            for group in response.groups:  # (error_code, group, state, protocol_type, protocol, members, ...)
-                found[group[1]] = (group[2], len(group[5]))
-        return all(found.get(g) == ("Stable", n) for g, n in groups.items())
-    finally:
-        await admin.close()
+PROBE = 900_000_000  # event indexes of the warm-up records, far from the measured ones
 
 
-def wait_ready(settings: Settings, worker: subprocess.Popen[bytes], log: Path, timeout_s: float = 120
-               ) -> None:
-    """Until the worker's normalize consumers (one per source) and its dedup consumer are assigned."""
-    app = settings.worker.app_id
-    groups = {f"{app}-normalize": len(SINGLE_SOURCES), f"{app}-dedup": 1}
-    deadline = time.monotonic() + timeout_s
-    while not asyncio.run(groups_stable(settings, groups)):
-        if worker.poll() is not None or time.monotonic() > deadline:
-            print(log.read_text(errors="replace")[-3000:])
-            raise SystemExit("the worker did not get its partitions")
-        time.sleep(0.5)
+def warm_up(settings: Settings, worker: subprocess.Popen[bytes], log: Path) -> int:
+    """One single-event record per source through the worker: once all are out, every stage has its
+    partitions (the groups are stable). Returns the number of canonical events it made."""
+    probes = [(settings.topics.raw(s), body(s, PROBE + n, 1), raw_headers(s, PROBE + n))
+              for n, s in enumerate(SINGLE_SOURCES)]
+    asyncio.run(ensure_topics(settings, [topic for topic, _, _ in probes]))  # the worker may not have yet
+    asyncio.run(produce_all(settings, probes))
+    asyncio.run(drain_canonical(settings, len(probes), worker, log, timeout_s=120))
     time.sleep(1)
+    return len(probes)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -178,7 +165,7 @@ def run_case(bootstrap: str, tmp: Path, label: str, sources: tuple[str, ...], re
     worker = headwater(config, "worker", log=log)
     spy = None
     try:
-        wait_ready(settings, worker, log)
+        probes = warm_up(settings, worker, log)
         os.kill(worker.pid, signal.SIGSTOP)
         events = asyncio.run(preload(settings, sources, records, per_record))
         out_topic = f"{settings.worker.app_id}.bare-out"
@@ -192,8 +179,10 @@ def run_case(bootstrap: str, tmp: Path, label: str, sources: tuple[str, ...], re
             time.sleep(1)
         cpu_before, released = cpu_seconds(worker.pid), time.time()
         os.kill(worker.pid, signal.SIGCONT)
-        count, first, last = asyncio.run(drain_canonical(settings, events, worker, log))
+        count, first, last = asyncio.run(drain_canonical(settings, probes + events, worker, log,
+                                                         since_s=released))
         cpu = cpu_seconds(worker.pid) - cpu_before
+        count -= probes
     finally:
         if spy is not None:
             spy.send_signal(signal.SIGINT)
