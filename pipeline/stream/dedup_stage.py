@@ -274,6 +274,8 @@ class DedupStage(mode.Service):
                             store.pop(record.key, None)
                         else:
                             entry = orjson.loads(record.value)
+                            if isinstance(entry, list):  # held as a tuple, as remember_emitted writes it
+                                entry = tuple(entry)
                             store[record.key] = entry
                             self.dedup.remember(record.key, entry)
                         count += 1
