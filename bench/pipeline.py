@@ -2,19 +2,27 @@
 
     .venv/bin/python bench/pipeline.py [--bootstrap HOST:PORT] [--single N] [--bulk N] [--profile]
 
-Preloads raw records into fresh raw.<source> topics (single-event records from all seven sources, then
-100-event records from the sources that batch), runs one `headwater worker` process, and measures
-canonical events/s from the first canonical record to the last (worker start-up excluded). In the same
-run, a bare aiokafka loop consumes the same raw records, parses them with orjson and produces one record
-per event (acks=all, awaited per batch): the baseline. Prints both rates and worker/bare.
---profile samples the worker with py-spy (installed on demand) and prints the top functions by own time.
+Starts one `headwater worker` process on fresh topics, warms it up with one record per source (so
+its consumer groups are stable), freezes it (SIGSTOP), preloads raw records into raw.<source> (single-event records from all seven
+sources, then 100-event records from the sources that batch) and runs the baseline: a bare aiokafka
+loop that consumes the same raw records, parses them with orjson and produces one record per event
+(acks=all, awaited per batch). Then it releases the worker (SIGCONT) and measures canonical events/s
+from that moment to the last canonical record, so the worker's every stage is in the figure (start-up
+excluded, as the baseline's is). Prints both rates and worker/bare, and CPU time per event of each
+(worker process from /proc; the baseline's own process time), which a shared, noisy machine disturbs
+less than the rates. The "canonical span" rate (first to last canonical record) is printed as well: it
+leaves out the work done before the first event comes out, so it flatters a worker whose last stage is
+fast. --profile samples the worker with py-spy (installed on demand) and prints the top functions.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -48,8 +56,10 @@ async def preload(settings: Settings, sources: tuple[str, ...], records: int, pe
     return sum(records * count[s] for s in sources)
 
 
-async def bare_loop(settings: Settings, sources: tuple[str, ...], events: int, out_topic: str) -> float:
-    """Consume the raw topics, orjson-parse every body, produce one record per event; events/s."""
+async def bare_loop(settings: Settings, sources: tuple[str, ...], events: int, out_topic: str
+                    ) -> tuple[float, float]:
+    """Consume the raw topics, orjson-parse every body, produce one record per event; (events/s, CPU
+    seconds of this process from the first record on)."""
     import orjson
 
     await ensure_topics(settings, [out_topic])
@@ -59,14 +69,16 @@ async def bare_loop(settings: Settings, sources: tuple[str, ...], events: int, o
     await consumer.start()
     await producer.start()
     done = 0
-    started = None
+    started: float | None = None
+    cpu_started = time.process_time()
     try:
         while done < events:
             batch = await consumer.getmany(timeout_ms=200, max_records=2000)
             acks = []
             for part in batch.values():
                 for record in part:
-                    started = started or time.monotonic()
+                    if started is None:
+                        started, cpu_started = time.monotonic(), time.process_time()
                     doc = orjson.loads(record.value)
                     items = doc if isinstance(doc, list) else doc.get("events") or doc.get("profiles") or [doc]
                     for item in items:
@@ -75,16 +87,16 @@ async def bare_loop(settings: Settings, sources: tuple[str, ...], events: int, o
             done += len(acks)
             if batch:
                 await consumer.commit()
-        return events / (time.monotonic() - (started or time.monotonic()))
+        return events / (time.monotonic() - (started or time.monotonic())), time.process_time() - cpu_started
     finally:
         await producer.stop()
         await consumer.stop()
 
 
 async def drain_canonical(settings: Settings, events: int, worker: subprocess.Popen[bytes], log: Path,
-                          timeout_s: float = 600) -> tuple[int, float]:
+                          timeout_s: float = 600, since_s: float = 0.0) -> tuple[int, float, float]:
     """Read events.canonical (read_committed, like every reader of ours) until `events` records are there;
-    (records, seconds between the first and last canonical record's log time).
+    (records, the first and the last time of a canonical record written after `since_s`, epoch seconds).
 
     Records are counted as read, not by end offsets: transaction markers take offsets too."""
     from aiokafka import TopicPartition
@@ -110,38 +122,82 @@ async def drain_canonical(settings: Settings, events: int, worker: subprocess.Po
                 raise SystemExit(f"the worker did not drain {events} events in {timeout_s:.0f} s ({count})")
             for part in (await consumer.getmany(timeout_ms=500, max_records=10_000)).values():
                 for record in part:
+                    count += 1
+                    if record.timestamp < since_s * 1000:
+                        continue
                     first = record.timestamp if first is None else min(first, record.timestamp)
                     last = record.timestamp if last is None else max(last, record.timestamp)
-                    count += 1
-        return count, ((last or 0) - (first or 0)) / 1000
+        return count, (first or 0) / 1000, (last or 0) / 1000
     finally:
         await consumer.stop()
 
 
+PROBE = 900_000_000  # event indexes of the warm-up records, far from the measured ones
+
+
+def warm_up(settings: Settings, worker: subprocess.Popen[bytes], log: Path) -> int:
+    """One single-event record per source through the worker: once all are out, every stage has its
+    partitions (the groups are stable). Returns the number of canonical events it made."""
+    probes = [(settings.topics.raw(s), body(s, PROBE + n, 1), raw_headers(s, PROBE + n))
+              for n, s in enumerate(SINGLE_SOURCES)]
+    asyncio.run(ensure_topics(settings, [topic for topic, _, _ in probes]))  # the worker may not have yet
+    asyncio.run(produce_all(settings, probes))
+    asyncio.run(drain_canonical(settings, len(probes), worker, log, timeout_s=120))
+    time.sleep(1)
+    return len(probes)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process and all its threads (Linux /proc; NaN elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def run_case(bootstrap: str, tmp: Path, label: str, sources: tuple[str, ...], records: int, per_record: int,
              profile: bool) -> dict[str, float]:
-    settings = bench_settings(bootstrap, tmp)
-    events = asyncio.run(preload(settings, sources, records, per_record))
-    bare = asyncio.run(bare_loop(settings, sources, events, f"{settings.worker.app_id}.bare-out"))
+    # A frozen worker sends no heartbeats: the session outlasts the preload and the baseline.
+    settings = bench_settings(bootstrap, tmp, worker={"session_timeout_s": 30})
     config = write_config(settings, tmp / f"{settings.worker.app_id}.toml")
     log = tmp / f"{settings.worker.app_id}.log"
     worker = headwater(config, "worker", log=log)
     spy = None
-    if profile:
-        folded = tmp / f"{label}.folded"
-        spy = subprocess.Popen([shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy"), "record",
-                                "--pid", str(worker.pid), "--rate", "200", "--format", "raw", "--output",
-                                str(folded), "--nonblocking"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        count, seconds = asyncio.run(drain_canonical(settings, events, worker, log))
+        probes = warm_up(settings, worker, log)
+        os.kill(worker.pid, signal.SIGSTOP)
+        events = asyncio.run(preload(settings, sources, records, per_record))
+        out_topic = f"{settings.worker.app_id}.bare-out"
+        bare, bare_cpu = asyncio.run(bare_loop(settings, sources, events, out_topic))
+        if profile:
+            folded = tmp / f"{label}.folded"
+            spy = subprocess.Popen([shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy"),
+                                    "record", "--pid", str(worker.pid), "--rate", "200", "--format", "raw",
+                                    "--output", str(folded), "--nonblocking"],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            time.sleep(1)
+        cpu_before, released = cpu_seconds(worker.pid), time.time()
+        os.kill(worker.pid, signal.SIGCONT)
+        count, first, last = asyncio.run(drain_canonical(settings, probes + events, worker, log,
+                                                         since_s=released))
+        cpu = cpu_seconds(worker.pid) - cpu_before
+        count -= probes
     finally:
         if spy is not None:
-            spy.send_signal(subprocess.signal.SIGINT)
+            spy.send_signal(signal.SIGINT)
             spy.wait(60)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(worker.pid, signal.SIGCONT)
         stop(worker)
-    rate = count / seconds if seconds else float("inf")
+    rate = count / (last - released)
+    span = count / (last - first) if last > first else float("inf")
     print(f"{label:>7}: {events} events in {records} records/source x {len(sources)} sources | worker "
           f"{rate:>9,.0f} ev/s | bare loop {bare:>9,.0f} ev/s | ratio worker/bare {rate / bare:.2f}")
+    worker_us, bare_us = cpu / count * 1e6, bare_cpu / events * 1e6
+    print(f"{'':>9}CPU per event: worker {worker_us:.1f} us, bare loop {bare_us:.1f} us"
+          f" (ratio bare/worker {bare_us / worker_us:.2f}) | canonical span alone "
+          f"{span:,.0f} ev/s ({span / bare:.2f} x bare)")
     if spy is not None and folded.exists():
         own, inclusive = profile_top(folded, 15, ("pipeline/", "adapters/", "faust/", "aiokafka/"))
         print(f"  py-spy, top functions by own time ({label}):")

@@ -30,9 +30,11 @@ class _Missing:
 
 
 _MISSING: Final = _Missing()
+_CONTAINERS: Final = (dict, list)
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 # §3.4 rule 1: the unit is chosen by the magnitude of |n|, in this order.
 _EPOCH_UNITS: Final = ((Decimal("1e11"), 10**6), (Decimal("1e14"), 10**3), (Decimal("1e17"), 1))
+_EPOCH_INT_UNITS: Final = ((10**11, 10**6), (10**14, 10**3), (10**17, 1))
 # [0-9], not \d: \d also matches non-ASCII digits such as "٣".
 _DIGITS = re.compile(r"[0-9]+(?:\.[0-9]+)?")
 _CLEVERTAP_DATE = re.compile(r"\$D_(-?[0-9]+)")
@@ -60,20 +62,19 @@ def json_body(body: bytes) -> JSONValue:
 
 
 def json_depth(value: JSONValue) -> int:
-    """How many arrays/objects deep a value nests (a scalar is 0), without recursion."""
-    deepest = 0
-    stack: list[tuple[JSONValue, int]] = [(value, 1)]
-    while stack:
-        node, depth = stack.pop()
-        if isinstance(node, dict):
-            children: Iterable[JSONValue] = node.values()
-        elif isinstance(node, list):
-            children = node
-        else:
-            continue
-        deepest = max(deepest, depth)
-        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
-    return deepest
+    """How many arrays/objects deep a value nests (a scalar is 0), without recursion: level by level,
+    keeping only the containers of each level (several times faster than a stack of (node, depth))."""
+    depth = 0
+    level: list[dict[str, JSONValue] | list[JSONValue]] = [value] if isinstance(value, dict | list) else []
+    while level:
+        depth += 1
+        below: list[dict[str, JSONValue] | list[JSONValue]] = []
+        for node in level:
+            for child in node.values() if isinstance(node, dict) else node:
+                if isinstance(child, _CONTAINERS):
+                    below.append(child)
+        level = below
+    return depth
 
 
 def kind(value: JSONValue) -> str:
@@ -197,7 +198,7 @@ def parse_timestamp(value: JSONValue) -> datetime | None:
     if isinstance(value, bool):
         return None
     if isinstance(value, int):
-        return _from_epoch(Decimal(value))
+        return _from_epoch_int(value)
     if isinstance(value, float):
         # repr() is the shortest text that round-trips, i.e. what the JSON said.
         return _from_epoch(Decimal(repr(value))) if math.isfinite(value) else None
@@ -244,6 +245,8 @@ def _folded_key(record: Mapping[str, JSONValue], key: str) -> str | None:
 
 
 def _get(record: Mapping[str, JSONValue], field: str) -> JSONValue | _Missing:
+    if "." not in field:  # the common case, without the split
+        return record.get(field, _MISSING)
     first, *rest = field.split(".")
     node: JSONValue | _Missing = record.get(first, _MISSING)
     walked = [first]
@@ -267,6 +270,19 @@ def _from_epoch(number: Decimal) -> datetime | None:
             micros = int((number * micros_per_unit).to_integral_value(rounding=ROUND_FLOOR))
             try:
                 return _EPOCH + timedelta(microseconds=micros)
+            except OverflowError:  # before year 1: not representable, so not a time
+                return None
+    return None
+
+
+def _from_epoch_int(number: int) -> datetime | None:
+    """_from_epoch of an integer in integer arithmetic: the same instant (Decimal is exact on integers
+    of this size), without Decimal's cost (MoEngage and Usermaven times are integers)."""
+    magnitude = abs(number)
+    for limit, micros_per_unit in _EPOCH_INT_UNITS:
+        if magnitude < limit:
+            try:
+                return _EPOCH + timedelta(microseconds=number * micros_per_unit)
             except OverflowError:  # before year 1: not representable, so not a time
                 return None
     return None

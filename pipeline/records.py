@@ -15,6 +15,7 @@ from typing import Annotated, Any, ClassVar, Literal, Self
 
 import orjson
 from pydantic import (
+    AfterValidator,
     AwareDatetime,
     BaseModel,
     ConfigDict,
@@ -44,10 +45,24 @@ UtcDatetime = Annotated[
 
 
 def format_utc(moment: datetime) -> str:
-    """ISO 8601 in UTC with an explicit offset, microsecond precision: 2024-03-01T12:00:00.000000+00:00."""
+    """ISO 8601 in UTC with an explicit offset, microsecond precision: 2024-03-01T12:00:00.000000+00:00.
+
+    Written by orjson (a fraction of isoformat's cost), which drops a zero fraction; it is put back, so
+    the text is isoformat(timespec="microseconds") exactly (tests/pipeline/test_records.py)."""
     if moment.tzinfo is not UTC:
         moment = moment.astimezone(UTC)
-    return moment.isoformat(timespec="microseconds")
+    text = orjson.dumps(moment).decode()  # '"2024-03-01T12:00:00.800000+00:00"', quotes included
+    return text[1:-1] if moment.microsecond else text[1:-7] + ".000000+00:00"
+
+
+def _json_utc(moment: datetime) -> datetime | str:
+    """What to_json hands orjson for a time: the datetime itself where orjson writes format_utc's text
+    (UTC with a fraction), else format_utc's text."""
+    return moment if moment.tzinfo is UTC and moment.microsecond else format_utc(moment)
+
+
+def _in_utc(moment: datetime) -> datetime:
+    return moment if moment.tzinfo is UTC else moment.astimezone(UTC)
 
 
 def utc_now() -> datetime:
@@ -103,7 +118,8 @@ class RawHeaders(_Record):
 
     tenant: ShortText
     source: ShortText
-    received_at: UtcDatetime
+    # Held in UTC (the same instant): every event of the record is written with it (format_utc).
+    received_at: Annotated[UtcDatetime, AfterValidator(_in_utc)]
     request_id: ShortText
     content_type: ShortText | None = None
     redrive_count: int = 0
@@ -228,8 +244,8 @@ class CanonicalEvent(_Record):
                 "source": self.source,
                 "user_id": self.user_id,
                 "anonymous_id": self.anonymous_id,
-                "timestamp": format_utc(self.timestamp),
-                "received_at": format_utc(self.received_at),
+                "timestamp": _json_utc(self.timestamp),
+                "received_at": _json_utc(self.received_at),
                 "properties": self.properties,
                 "user_traits": self.user_traits,
                 "context": self.context,

@@ -1,11 +1,11 @@
 """Deduplication on (tenant, event_id), exactly once with Kafka transactions (architecture.md, "Dedup").
 
-State is a table of the keyed partitions a worker owns, one entry per id: `[state, first_seen_ms,
-partition]`, written through to a compacted changelog topic (so it survives restarts and rebalances:
-the worker restores a partition's entries from it, read_committed, on assignment). The table lives in
-memory or, with dedup.store = "rocksdb://", in a local RocksDB (rocksdict) so a large window does not
-need the RAM. There is no TTL in either, so entries carry their own time and `expire()` deletes old
-ones through a time-bucketed index (pitfalls.md).
+State is a table of the keyed partitions a worker owns, one entry per id: `(state, first_seen_ms,
+partition)` (a JSON array in the changelog), written through to a compacted changelog topic (so it
+survives restarts and rebalances: the worker restores a partition's entries from it, read_committed, on
+assignment). The table lives in memory or, with dedup.store = "rocksdb://", in a local RocksDB
+(rocksdict) so a large window does not need the RAM. There is no TTL in either, so entries carry their
+own time and `expire()` deletes old ones through a time-bucketed index (pitfalls.md).
 
 One transaction per keyed partition and batch (pipeline.stream.dedup_stage) holds the canonical events,
 the changelog entries of their ids and the batch's input offsets: all or nothing. So a crash can leave
@@ -139,7 +139,7 @@ def open_store(url: str, data_dir: Path) -> Store:
 
 def entry_partition(entry: Any) -> int | None:
     """The keyed partition an entry belongs to (its third field)."""
-    return int(entry[2]) if isinstance(entry, list) and len(entry) >= 3 else None
+    return int(entry[2]) if isinstance(entry, list | tuple) and len(entry) >= 3 else None
 
 
 @dataclass
@@ -168,6 +168,14 @@ class ExpiryIndex:
         if keys is None:
             self.buckets[bucket] = keys = set()
         keys.add(key)
+
+    def add_all(self, keys: Iterable[bytes], first_seen_ms: int) -> None:
+        """Index keys first seen at the same time (the ids of one transaction)."""
+        bucket = first_seen_ms // self.bucket_ms
+        found = self.buckets.get(bucket)
+        if found is None:
+            self.buckets[bucket] = found = set()
+        found.update(keys)
 
     def pop_older_than(self, cutoff_ms: int, limit: int) -> list[bytes]:
         """Keys of the buckets that end at or before cutoff_ms, whole buckets, until at least `limit`."""
@@ -199,14 +207,19 @@ class Deduplicator:
 
     def remember(self, key: bytes, entry: Any) -> None:
         """Index an entry written to the store (by a batch or by the restore from the changelog)."""
-        if isinstance(entry, list) and len(entry) >= 2:
+        if isinstance(entry, list | tuple) and len(entry) >= 2:
             self.index.add(key, int(entry[1]))
 
     def _seen(self, entry: Any, now_ms: int) -> bool:
-        return isinstance(entry, list) and len(entry) == 3 and entry[0] == DONE and self._live(entry, now_ms)
+        return (
+            isinstance(entry, list | tuple)
+            and len(entry) == 3
+            and entry[0] == DONE
+            and self._live(entry, now_ms)
+        )
 
     def _live(self, entry: Any, now_ms: int) -> bool:
-        return isinstance(entry, list) and len(entry) == 3 and now_ms - int(entry[1]) < self.window_ms
+        return isinstance(entry, list | tuple) and len(entry) == 3 and now_ms - int(entry[1]) < self.window_ms
 
     def decide(
         self, batch: Iterable[tuple[Candidate, int]], now_ms: int, reemit: bool = False
@@ -230,9 +243,14 @@ class Deduplicator:
 
     def remember_emitted(self, emitted: Iterable[tuple[Candidate, int]], now_ms: int) -> None:
         """Write the ids of a committed transaction to the table (its changelog entries are committed)."""
+        store = self.store
+        keys = []
         for candidate, partition in emitted:
-            self.store[candidate[0]] = [DONE, now_ms, partition]
-            self.index.add(candidate[0], now_ms)
+            # A tuple of atoms, which the garbage collector stops tracking: a list per id made every full
+            # collection walk the whole table.
+            store[candidate[0]] = (DONE, now_ms, partition)
+            keys.append(candidate[0])
+        self.index.add_all(keys, now_ms)
 
     async def expire(self, now_ms: int | None = None, limit: int = 200_000) -> int:
         """Delete entries older than the window, locally and in the changelog (tombstones).

@@ -178,10 +178,8 @@ class DedupStage(mode.Service):
             batch = [(entry, partition) for record in run for entry in KeyedBatch.entries(record.value)]
             now_ms = int(time.time() * 1000)
             verdicts = self.dedup.decide(batch, now_ms, reemit=bool(replay and replay.reemit))
-            outputs: list[Output] = [
-                (self.changelog_topic, c[0], Deduplicator.entry(partition, now_ms), partition)
-                for c, _ in verdicts.emit
-            ]
+            entry = Deduplicator.entry(partition, now_ms)  # the same for every id of the run
+            outputs: list[Output] = [(self.changelog_topic, c[0], entry, partition) for c, _ in verdicts.emit]
             outputs += [(self.settings.topics.canonical, c[1], c[2], None) for c, _ in verdicts.emit]
             if replay is not None:
                 report = {
@@ -276,6 +274,8 @@ class DedupStage(mode.Service):
                             store.pop(record.key, None)
                         else:
                             entry = orjson.loads(record.value)
+                            if isinstance(entry, list):  # held as a tuple, as remember_emitted writes it
+                                entry = tuple(entry)
                             store[record.key] = entry
                             self.dedup.remember(record.key, entry)
                         count += 1

@@ -17,11 +17,11 @@ from typing import Any
 
 import orjson
 from aiokafka import ConsumerRecord
-from aiokafka.partitioner import murmur2
 
 from pipeline import reasons
 from pipeline.adapting import AdapterModule
 from pipeline.config import Settings
+from pipeline.kafka.partitioning import key_partition
 from pipeline.reasons import Reason
 from pipeline.records import (
     CanonicalEvent,
@@ -63,7 +63,7 @@ class NormalizeTargets:
 
 def keyed_partition(dedup_key: bytes, partitions: int) -> int:
     """The keyed-topic partition of an id: Kafka's default murmur2 partitioner, so tools agree."""
-    return int(murmur2(dedup_key) & 0x7FFFFFFF) % partitions
+    return key_partition(dedup_key, partitions)
 
 
 def raw_record(message: ConsumerRecord[bytes, bytes]) -> RawRecord:

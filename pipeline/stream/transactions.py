@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+import random
+from collections.abc import Awaitable, Sequence
+from typing import Any
 
 from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.errors import ProducerFenced
 
 from pipeline.config import Settings
 from pipeline.kafka.clients import make_producer
+from pipeline.kafka.partitioning import key_partition
 
 log = logging.getLogger(__name__)
 
@@ -72,10 +75,7 @@ class PartitionTransactions:
             raise NotOwned(f"no transactional producer for keyed partition {partition}")
         try:
             await producer.begin_transaction()
-            acks = [
-                await producer.send(topic, value, key=key, partition=part)
-                for topic, key, value, part in outputs
-            ]
+            acks = await send_batched(producer, outputs)
             # Every output's own ack before the commit (a refused record must abort the transaction, not
             # be committed over); the offsets join the transaction meanwhile, which saves a round trip.
             await asyncio.gather(
@@ -105,6 +105,36 @@ class PartitionTransactions:
         for producer in self.producers.values():
             await _close(producer)
         self.producers.clear()
+
+
+async def send_batched(producer: AIOKafkaProducer, outputs: Sequence[Output]) -> list[Awaitable[Any]]:
+    """Hand the outputs to the producer as closed record batches, one or more per topic partition, in
+    order; returns the futures of their acks. A batch is closed so that it goes out without lingering."""
+    records: dict[tuple[str, int], list[tuple[bytes | None, bytes]]] = {}
+    partitions: dict[str, int] = {}
+    placed: dict[tuple[str, bytes], int] = {}  # a user's events share a key: hash it once per call
+    for topic, key, value, partition in outputs:
+        if partition is None:
+            count = partitions.get(topic)
+            if count is None:
+                count = partitions[topic] = len(await producer.partitions_for(topic))
+            if key is None:
+                partition = random.randrange(count)
+            elif (partition := placed.get((topic, key))) is None:
+                partition = placed[topic, key] = key_partition(key, count)
+        records.setdefault((topic, partition), []).append((key, value))
+    acks: list[Awaitable[Any]] = []
+    for (topic, partition), pairs in records.items():
+        batch = producer.create_batch()
+        for key, value in pairs:
+            if batch.append(key=key, value=value, timestamp=None) is None:  # full: send it, start the next
+                batch.close()
+                acks.append(await producer.send_batch(batch, topic, partition=partition))
+                batch = producer.create_batch()
+                batch.append(key=key, value=value, timestamp=None)  # an empty batch takes any one record
+        batch.close()
+        acks.append(await producer.send_batch(batch, topic, partition=partition))
+    return acks
 
 
 async def _close(producer: AIOKafkaProducer) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta, timezone
+from decimal import Decimal
 from typing import Any
 
 import pytest
@@ -297,3 +298,42 @@ def test_clevertap_keys_match_ignoring_case_exact_first() -> None:
     folded = read.fold_keys(record, ["identity", "objectId", "email"])
     assert folded == {"Identity": "other", "identity": "exact", "objectId": "__g", "email": "a@b"}
     assert "ObjectId" in record  # the input is not changed
+
+
+json_trees = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=3),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=3), inner, max_size=4),
+    max_leaves=40,
+)
+
+
+def nesting(value: Any) -> int:
+    """The definition: a container is one level deeper than its deepest child; a scalar is 0."""
+    if isinstance(value, dict):
+        return 1 + max(map(nesting, value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max(map(nesting, value), default=0)
+    return 0
+
+
+@given(json_trees)
+def test_json_depth_is_the_nesting_depth_of_any_json_value(value: Any) -> None:
+    """json_depth (level by level) counts exactly the levels of arrays/objects of the recursive definition."""
+    assert read.json_depth(value) == nesting(value)
+
+
+def test_json_depth_of_a_chain_deeper_than_the_recursion_limit() -> None:
+    """A 5,000-level chain is measured without recursion."""
+    value: Any = 1
+    for _ in range(5000):
+        value = [value]
+    assert read.json_depth(value) == 5000
+
+
+@given(st.integers(-(10**18), 10**18) | st.integers())
+def test_an_integer_epoch_is_the_instant_of_its_decimal_value(number: int) -> None:
+    """Integer epochs take integer arithmetic; the result is the Decimal rule's (§3.4 rule 1), in UTC."""
+    expected = read._from_epoch(Decimal(number))
+    found = read.parse_timestamp(number)
+    assert found == expected
+    assert found is None or found.tzinfo is UTC

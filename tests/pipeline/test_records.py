@@ -102,3 +102,41 @@ def test_the_receivers_clock_writes_what_format_utc_writes(seconds: int, micros:
         now_ns = (seconds * 1_000_000 + micro) * 1000 + 999
         expected = format_utc(datetime.fromtimestamp(seconds, UTC).replace(microsecond=micro))
         assert clock.text(now_ns) == expected.encode()
+
+
+utc_offsets = st.builds(lambda minutes: timezone(timedelta(minutes=minutes)), st.integers(-1439, 1439))
+aware_times = st.datetimes(min_value=datetime(1, 1, 2), max_value=datetime(9999, 12, 30),
+                           timezones=st.just(UTC) | utc_offsets)
+
+
+@given(aware_times)
+def test_format_utc_writes_isoformat_of_the_utc_instant_with_microseconds(moment: datetime) -> None:
+    """format_utc (written by orjson) is exactly isoformat(timespec="microseconds") of the instant in UTC,
+    zero fractions and years below 1000 included."""
+    assert format_utc(moment) == moment.astimezone(UTC).isoformat(timespec="microseconds")
+
+
+@given(timestamp=aware_times, received_at=aware_times)
+def test_to_json_writes_both_times_as_format_utc(timestamp: datetime, received_at: datetime) -> None:
+    """Whether to_json hands orjson the datetime or format_utc's text, the JSON says format_utc's text."""
+    event = CanonicalEvent.model_validate({
+        "event_id": "e1", "event_id_derived": False, "event_name": "n", "tenant": "acme", "source": "segment",
+        "user_id": "u1", "anonymous_id": None, "timestamp": timestamp, "received_at": received_at,
+        "properties": {}, "user_traits": {}, "context": {},
+    })
+    doc = orjson.loads(event.to_json())
+    assert doc["timestamp"] == timestamp.astimezone(UTC).isoformat(timespec="microseconds")
+    assert doc["received_at"] == received_at.astimezone(UTC).isoformat(timespec="microseconds")
+    assert event.to_json() == orjson.dumps(event.model_dump(mode="json"))
+
+
+@given(aware_times)
+def test_raw_headers_hold_received_at_in_utc_as_the_same_instant(moment: datetime) -> None:
+    """received_at read from any offset is the same instant, held in UTC; its header text is unchanged."""
+    headers = RawHeaders(tenant="acme", source="segment", received_at=moment, request_id="r1")
+    again = RawHeaders.from_kafka([("hw-tenant", b"acme"), ("hw-source", b"segment"), ("hw-request-id", b"r1"),
+                                   ("hw-received-at", moment.isoformat().encode())])
+    for held in (headers.received_at, again.received_at):
+        assert held.tzinfo is UTC
+        assert held == moment
+    assert dict(headers.to_kafka())["hw-received-at"] == format_utc(moment).encode()

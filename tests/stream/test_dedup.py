@@ -73,7 +73,7 @@ def test_nothing_is_marked_seen_until_the_transaction_has_committed() -> None:
     verdicts = dedup.decide([(candidate("a"), 2)], 1_000)
     assert store == {} and len(verdicts.emit) == 1
     dedup.remember_emitted(verdicts.emit, 1_000)
-    assert store == {b"acme/a": [DONE, 1_000, 2]}
+    assert store == {b"acme/a": (DONE, 1_000, 2)}  # a tuple: the garbage collector does not track it
     assert orjson.loads(Deduplicator.entry(2, 1_000)) == [DONE, 1_000, 2]
 
 

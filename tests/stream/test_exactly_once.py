@@ -59,7 +59,9 @@ def test_a_worker_killed_during_a_large_bulk_record_emits_each_of_its_events_onc
 ) -> None:
     """Three 4,000-event Segment bodies (~3 MB each); the worker is SIGKILLed once the first events are
     out, restarted, and each of the 12,000 events is on events.canonical exactly once."""
-    settings = make_settings(worker={"batch_max": 20})
+    # One keyed record (~370 events) per dedup transaction: the dedup stage sends a transaction's events as
+    # record batches, so with 20 records per batch all 12,000 were out before the kill could land.
+    settings = make_settings(worker={"batch_max": 1})
     padding = "x" * 600
     bodies = [orjson.dumps([{"type": "track", "event": "Big", "messageId": f"big_{b}_{i}", "userId": f"u{i % 50}",
                              "timestamp": "2024-03-01T12:00:00Z", "properties": {"padding": padding}}
