@@ -130,10 +130,16 @@ class RecordCounter:
     async def __aexit__(self, *exc: object) -> None:
         await self._consumer.stop()
 
+    async def records(self, timeout_s: float = 0.25) -> list[Any]:
+        """The records that have arrived (waiting up to timeout_s); they join the running count."""
+        batch = await self._consumer.getmany(timeout_ms=int(timeout_s * 1000), max_records=10_000)
+        arrived = [record for records in batch.values() for record in records]
+        self.count += len(arrived)
+        return arrived
+
     async def read(self, timeout_s: float = 0.25) -> int:
         """Read what has arrived (waiting up to timeout_s); the running count."""
-        batch = await self._consumer.getmany(timeout_ms=int(timeout_s * 1000), max_records=10_000)
-        self.count += sum(len(records) for records in batch.values())
+        await self.records(timeout_s)
         return self.count
 
 

@@ -32,6 +32,7 @@ from pathlib import Path
 from common import (
     BULK_SOURCES,
     SINGLE_SOURCES,
+    RecordCounter,
     bench_settings,
     body,
     broker,
@@ -99,37 +100,22 @@ async def drain_canonical(settings: Settings, events: int, worker: subprocess.Po
     (records, the first and the last time of a canonical record written after `since_s`, epoch seconds).
 
     Records are counted as read, not by end offsets: transaction markers take offsets too."""
-    from aiokafka import TopicPartition
-
-    consumer = make_consumer(settings)
-    await consumer.start()
     deadline = time.monotonic() + timeout_s
-    try:
-        topic = settings.topics.canonical
-        while not (parts := consumer.partitions_for_topic(topic)):
-            await consumer._client.force_metadata_update()
-            await asyncio.sleep(0.2)
-        tps = [TopicPartition(topic, p) for p in parts]
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
-        first, last, count = None, None, 0
-        while count < events:
+    first, last = None, None
+    async with RecordCounter(settings, settings.topics.canonical) as counter:
+        while counter.count < events:
             if worker.poll() is not None:
                 print(log.read_text(errors="replace")[-3000:])
                 raise SystemExit(f"the worker exited with {worker.returncode}")
             if time.monotonic() > deadline:
                 print(log.read_text(errors="replace")[-3000:])
-                raise SystemExit(f"the worker did not drain {events} events in {timeout_s:.0f} s ({count})")
-            for part in (await consumer.getmany(timeout_ms=500, max_records=10_000)).values():
-                for record in part:
-                    count += 1
-                    if record.timestamp < since_s * 1000:
-                        continue
-                    first = record.timestamp if first is None else min(first, record.timestamp)
-                    last = record.timestamp if last is None else max(last, record.timestamp)
-        return count, (first or 0) / 1000, (last or 0) / 1000
-    finally:
-        await consumer.stop()
+                raise SystemExit(f"the worker did not drain {events} events in {timeout_s:.0f} s ({counter.count})")
+            for record in await counter.records(0.5):
+                if record.timestamp < since_s * 1000:
+                    continue
+                first = record.timestamp if first is None else min(first, record.timestamp)
+                last = record.timestamp if last is None else max(last, record.timestamp)
+    return counter.count, (first or 0) / 1000, (last or 0) / 1000
 
 
 PROBE = 900_000_000  # event indexes of the warm-up records, far from the measured ones
