@@ -453,12 +453,11 @@ def wrk_main(args: argparse.Namespace) -> None:
             receiver_pids = receiver_processes(receiver.pid, args.processes)
             for case, name in ((SINGLE, "single"), (BULK, "bulk x100")):
                 source, per_request = case
-                path, params, headers = endpoint(source)
-                query = ("?" + "&".join(f"{k}={v}" for k, v in params.items())) if params else ""
+                target, headers = path_and_query(source)
                 script = lua_script(tmp / f"{source}.lua", bodies(source, per_request)[0], headers)
                 for label, url, pids in (
-                    (f"receiver {name}", base + path + query, receiver_pids),
-                    (f"bare aiohttp {name}", f"http://127.0.0.1:{bare_port}{path}{query}", {"bare_http": bare.pid}),
+                    (f"receiver {name}", base + target, receiver_pids),
+                    (f"bare aiohttp {name}", f"http://127.0.0.1:{bare_port}{target}", {"bare_http": bare.pid}),
                 ):
                     run_wrk(url, script, c, w, "warm-up")
                     meter = CpuMeter({**pids, "wrk+broker": os.getpid()})
@@ -525,11 +524,10 @@ def open_loop_at(args: argparse.Namespace, base: str, tmp: Path, rate: float, se
         opened = run(open_loop(base, SINGLE, rate, seconds, max(256, 4 * args.concurrency), label + ")", pids))
         print(opened.line() + f"  (target {rate:,.0f} req/s, scheduled {opened.sent})")
         return opened
-    path, params, headers = endpoint(SINGLE[0])
-    query = ("?" + "&".join(f"{k}={v}" for k, v in params.items())) if params else ""
+    target, headers = path_and_query(SINGLE[0])
     body_file = tmp / "open-loop-body.json"
     body_file.write_bytes(bodies(*SINGLE)[0])
-    script = vegeta.targets(tmp / "open-loop.targets", base + path + query, body_file, headers)
+    script = vegeta.targets(tmp / "open-loop.targets", base + target, body_file, headers)
     vegeta.attack(found, script, rate, 1, "warm-up")
     meter = CpuMeter(pids)
     before = os.times()
@@ -540,6 +538,12 @@ def open_loop_at(args: argparse.Namespace, base: str, tmp: Path, rate: float, se
     opened.cpu["vegeta"] = spent / max(after.elapsed - before.elapsed, 1e-9)
     print(opened.line())
     return opened
+
+
+def path_and_query(source: str) -> tuple[str, dict[str, str]]:
+    """The request target (path and query string) and headers of a source's endpoint, for wrk and vegeta."""
+    path, params, headers = endpoint(source)
+    return path + ("?" + "&".join(f"{k}={v}" for k, v in params.items()) if params else ""), headers
 
 
 def opened_percentiles(opened: Result | VegetaResult) -> tuple[float, float]:
