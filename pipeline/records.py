@@ -19,6 +19,7 @@ from pydantic import (
     AwareDatetime,
     BaseModel,
     ConfigDict,
+    Field,
     PlainSerializer,
     SkipValidation,
     StringConstraints,
@@ -109,6 +110,12 @@ class UtcClock:
 class _Record(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
+    @classmethod
+    def of(cls, fields: Mapping[str, Any]) -> Self:
+        """model_validate(fields) for the worker's per-record models: the validator called without
+        model_validate's keyword arguments, whose passing costs about as much as validating a small model."""
+        return cls.__pydantic_validator__.validate_python(fields)  # type: ignore[no-any-return]
+
 
 # --- raw record ---------------------------------------------------------------------------------------
 
@@ -127,7 +134,9 @@ class RawHeaders(_Record):
     # What the source's adapter declared it needs from the request (adapting.RequestValue), by name:
     # e.g. WebEngage's request_id (header x-request-id), Usermaven's api_key (the token's API-key half).
     # Stored as hw-<source>-<name> headers; credentials never get one.
-    vendor: dict[Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]{0,63}$")], ShortText] = {}
+    vendor: dict[Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]{0,63}$")], ShortText] = Field(
+        default_factory=dict  # not `= {}`: pydantic deep-copies a mutable default for every instance
+    )
 
     def to_kafka(self) -> list[tuple[str, bytes]]:
         out: list[tuple[str, bytes]] = []
@@ -142,24 +151,42 @@ class RawHeaders(_Record):
         return out
 
     @classmethod
-    def from_kafka(cls, headers: Iterable[tuple[str, bytes]] | Mapping[str, bytes]) -> Self:
-        """Rebuild from Kafka headers; raises pydantic.ValidationError when required ones are missing."""
-        pairs = headers.items() if isinstance(headers, Mapping) else headers
-        by_name = {name: value for name, value in pairs}
+    def from_kafka(cls, headers: Iterable[tuple[str, bytes]] | dict[str, bytes]) -> Self:
+        """Rebuild from Kafka headers; raises pydantic.ValidationError when required ones are missing.
+
+        The worker's first step for every raw record, so one pass over the headers, and received_at is
+        read with datetime.fromisoformat (pydantic's parser costs ~10x more); text it cannot read goes to
+        pydantic as it is, which refuses it with its own message."""
+        pairs = headers.items() if isinstance(headers, dict) else headers
         doc: dict[str, Any] = {}
-        for field, name in _HEADER_NAMES.items():
-            raw = by_name.get(name)
-            if raw is not None:
+        others: list[tuple[str, bytes]] = []
+        for name, raw in pairs:
+            field = _HEADER_FIELDS.get(name)
+            if field is None:
+                others.append((name, raw))
+            elif raw is not None:
                 doc[field] = raw.decode("utf-8", "replace")
-        prefix = _vendor_prefix(doc.get("source", ""))
-        vendor = {
-            name[len(prefix) :].replace("-", "_"): raw.decode("utf-8", "replace")
-            for name, raw in by_name.items()
-            if name.startswith(prefix) and raw is not None
-        }
-        if vendor:
-            doc["vendor"] = vendor
-        return cls.model_validate(doc)
+            else:
+                doc.pop(field, None)  # the last header of a name wins, as a dict of them would have it
+        received = doc.get("received_at")
+        if received is not None:
+            try:
+                moment = datetime.fromisoformat(received)
+            except ValueError:
+                pass
+            else:
+                if moment.tzinfo is not None:
+                    doc["received_at"] = moment if moment.tzinfo is UTC else moment.astimezone(UTC)
+        if others:
+            prefix = _vendor_prefix(doc.get("source", ""))
+            vendor = {
+                name[len(prefix) :].replace("-", "_"): raw.decode("utf-8", "replace")
+                for name, raw in others
+                if name.startswith(prefix) and raw is not None
+            }
+            if vendor:
+                doc["vendor"] = vendor
+        return cls.of(doc)
 
     def json_headers(self) -> dict[str, str]:
         """Headers as a JSON-friendly {name: text} map (for dead letters and exports)."""
@@ -175,6 +202,7 @@ _HEADER_NAMES = {
     "redrive_count": "hw-redrive-count",
     "replay_of": "hw-replay-of",
 }
+_HEADER_FIELDS = {name: field for field, name in _HEADER_NAMES.items()}
 
 
 def _vendor_prefix(source: str) -> str:

@@ -68,15 +68,16 @@ def keyed_partition(dedup_key: bytes, partitions: int) -> int:
 
 def raw_record(message: ConsumerRecord[bytes, bytes]) -> RawRecord:
     """A consumed Kafka record as a RawRecord; missing headers raise pydantic.ValidationError."""
-    origin = Origin(
-        topic=message.topic,
-        partition=message.partition,
-        offset=message.offset,
-        timestamp_ms=message.timestamp,
+    origin = Origin.of(
+        {
+            "topic": message.topic,
+            "partition": message.partition,
+            "offset": message.offset,
+            "timestamp_ms": message.timestamp,
+        }
     )
-    return RawRecord(
-        body=message.value or b"", headers=RawHeaders.from_kafka(message.headers or ()), origin=origin
-    )
+    headers = RawHeaders.from_kafka(message.headers or ())
+    return RawRecord.of({"body": message.value or b"", "headers": headers, "origin": origin})
 
 
 async def normalize_batch(
@@ -107,9 +108,9 @@ async def normalize_batch(
         if metrics:
             metrics.dead_letters.labels(letter.source, letter.reason.partition(":")[0]).inc()
 
+    if metrics:
+        metrics.raw_records.labels(adapter.SOURCE).inc(len(messages))
     for message in messages:
-        if metrics:
-            metrics.raw_records.labels(adapter.SOURCE).inc()
         try:
             raw = raw_record(message)
         except Exception as exc:  # noqa: BLE001 - a record without our headers is still kept

@@ -153,7 +153,7 @@ def validate(
 ) -> Outcome:
     """The canonical model's verdict: the event, or a dead letter listing every error by field path."""
     try:
-        return CanonicalEvent.model_validate(fields)
+        return CanonicalEvent.of(fields)
     except ValidationError as exc:
         errors = tuple(
             FieldError(path=".".join(str(p) for p in error["loc"]) or "event", message=error["msg"])
