@@ -126,7 +126,7 @@ class LocalKafka:
         properties = self._write_config()
         classpath = f"{jars}/*"
         if not (self.data_dir / "kraft" / "meta.properties").exists():
-            cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+            cluster_id = new_cluster_id()
             fmt = subprocess.run(
                 [
                     java,
@@ -134,8 +134,7 @@ class LocalKafka:
                     classpath,
                     "kafka.tools.StorageTool",
                     "format",
-                    "-t",
-                    cluster_id,
+                    f"--cluster-id={cluster_id}",
                     "-c",
                     str(properties),
                 ],
@@ -254,6 +253,15 @@ class LocalKafka:
             )
         )
         return properties
+
+
+def new_cluster_id() -> str:
+    """A random KRaft cluster id as Kafka's Uuid.randomUuid makes one: 22 URL-safe base64 characters, never
+    starting with '-' (1 in 64 would, and a command-line tool reads such an id as an option)."""
+    while True:
+        text = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not text.startswith("-"):
+            return text
 
 
 def _require(command: str, name: str) -> str:
