@@ -23,7 +23,7 @@ import orjson
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from rigs.kafka import start_local_broker, toml_text  # noqa: E402
+from rigs.kafka import die_with_parent, start_local_broker, toml_text  # noqa: E402
 
 from pipeline.config import Settings  # noqa: E402
 from pipeline.kafka.clients import make_consumer  # noqa: E402
@@ -73,10 +73,11 @@ def write_config(settings: Settings, path: Path) -> Path:
 
 
 def headwater(config: Path, *args: str, log: Path | None = None) -> subprocess.Popen[bytes]:
-    """A `headwater` subcommand in its own process."""
+    """A `headwater` subcommand in its own process, killed by the kernel if this one dies."""
     out = log.open("wb") if log else subprocess.DEVNULL
     return subprocess.Popen([sys.executable, "-m", "pipeline.cli", "--config", str(config), *args],
-                            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            preexec_fn=die_with_parent)  # a killed benchmark leaves no worker behind
 
 
 def stop(process: subprocess.Popen[bytes]) -> None:

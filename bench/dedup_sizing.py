@@ -42,7 +42,8 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from common import ROOT, RecordCounter, bench_settings, broker, produce_all, raw_headers, stop, write_config
+from common import (ROOT, RecordCounter, bench_settings, broker, die_with_parent, produce_all, raw_headers, stop,
+                    write_config)
 
 from pipeline.config import Settings
 from pipeline.kafka.clients import ensure_topics, make_consumer, make_producer
@@ -56,7 +57,7 @@ def start_worker(config: Path, log: Path) -> subprocess.Popen[bytes]:
     env = {**os.environ, "PYTHONPATH": str(WORKER_SRC)}
     return subprocess.Popen([sys.executable, "-m", "pipeline.cli", "--config", str(config), "worker",
                              "--source", SOURCE], cwd=WORKER_SRC, env=env, stdout=log.open("wb"),
-                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)
 
 
 def event_id(i: int) -> str:

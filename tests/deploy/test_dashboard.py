@@ -27,7 +27,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from rigs.compose import HEADWATER, SERVICES, headwater_args, published_ports, resolve, settings_of
-from rigs.kafka import LoopThread, toml_text, wait_for
+from rigs.kafka import LoopThread, die_with_parent, toml_text, wait_for
 from rigs.rewards import Customer, start_customer
 
 from pipeline.config import Settings
@@ -231,12 +231,6 @@ class TestGrafanaProvisioning:
 
 # --- live: the processes export what the dashboard asks for -----------------------------------------------
 
-def _die_with_parent() -> None:
-    import ctypes
-
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
 @dataclass
 class Process:
     """One `headwater ...` subprocess with its output in a log file."""
@@ -309,7 +303,7 @@ def stack(make_settings: Callable[..., Settings], customer: Customer,
             popen = subprocess.Popen(
                 [sys.executable, "-m", "pipeline.cli", "--config", str(config), *command],
                 cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                preexec_fn=_die_with_parent,
+                preexec_fn=die_with_parent,
             )
         processes.append(Process(name, popen, log_path))
     urls = {"receiver": f"http://127.0.0.1:{settings.receiver.port}/metrics",
