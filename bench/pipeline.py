@@ -1,6 +1,6 @@
 """Pipeline throughput: one worker process vs a bare consume -> orjson parse -> produce loop (issue 3).
 
-    .venv/bin/python bench/pipeline.py [--bootstrap HOST:PORT] [--single N] [--bulk N] [--profile]
+    .venv/bin/python bench/pipeline.py [--bootstrap HOST:PORT] [--single N] [--bulk N] [--profile] [--repeat N]
 
 Starts one `headwater worker` process on fresh topics, warms it up with one record per source (so
 its consumer groups are stable), freezes it (SIGSTOP), preloads raw records into raw.<source> (single-event records from all seven
@@ -13,6 +13,8 @@ excluded, as the baseline's is). Prints both rates and worker/bare, and CPU time
 less than the rates. The "canonical span" rate (first to last canonical record) is printed as well: it
 leaves out the work done before the first event comes out, so it flatters a worker whose last stage is
 fast. --profile samples the worker with py-spy (installed on demand) and prints the top functions.
+--repeat N runs the cases N times, alternating, on one broker, and prints the median of each ratio: on a
+shared host the bare loop's rate moves more than the worker's (16-34 us of CPU per event between runs).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import contextlib
 import os
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -192,7 +195,7 @@ def run_case(bootstrap: str, tmp: Path, label: str, sources: tuple[str, ...], re
         print(f"  py-spy, top Headwater/Faust/aiokafka functions by inclusive time ({label}):")
         for share, frame in inclusive:
             print(f"    {share:6.1%}  {frame}")
-    return {"events": events, "worker": rate, "bare": bare, "ratio": rate / bare}
+    return {"events": events, "worker": rate, "bare": bare, "ratio": rate / bare, "cpu_ratio": bare_us / worker_us}
 
 
 def main() -> None:
@@ -202,14 +205,25 @@ def main() -> None:
     parser.add_argument("--bulk", type=int, default=500, help="100-event raw records per batching source.")
     parser.add_argument("--profile", action="store_true", help="Sample the worker with py-spy.")
     parser.add_argument("--only", choices=("single", "bulk"), help="Run one case.")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="Run the cases N times, alternating, and print the median ratios (a noisy host).")
     args = parser.parse_args()
     if args.profile and not (shutil.which("py-spy") or (Path(sys.executable).parent / "py-spy").exists()):
         subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "py-spy"], check=True)
+    cases = [c for c in (("single", SINGLE_SOURCES, args.single, 1), ("bulk", BULK_SOURCES, args.bulk, 100))
+             if args.only in (None, c[0])]
+    results: dict[str, list[dict[str, float]]] = {label: [] for label, *_ in cases}
     with broker(args.bootstrap) as bootstrap, tempfile.TemporaryDirectory(prefix="headwater-bench-") as tmp:
-        if args.only in (None, "single"):
-            run_case(bootstrap, Path(tmp), "single", SINGLE_SOURCES, args.single, 1, args.profile)
-        if args.only in (None, "bulk"):
-            run_case(bootstrap, Path(tmp), "bulk", BULK_SOURCES, args.bulk, 100, args.profile)
+        for _ in range(args.repeat):
+            for label, sources, records, per_record in cases:
+                results[label].append(run_case(bootstrap, Path(tmp), label, sources, records, per_record,
+                                               args.profile))
+    if args.repeat > 1:
+        for label, runs in results.items():
+            print(f"{label:>7}: median of {len(runs)} runs: ratio worker/bare "
+                  f"{statistics.median(r['ratio'] for r in runs):.2f}, CPU ratio bare/worker "
+                  f"{statistics.median(r['cpu_ratio'] for r in runs):.2f} (each: "
+                  + ", ".join(f"{r['ratio']:.2f}" for r in runs) + ")")
 
 
 if __name__ == "__main__":
