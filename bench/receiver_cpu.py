@@ -30,7 +30,7 @@ from pathlib import Path
 import aiohttp
 from common import bench_settings, body, broker, endpoint, headwater, profile_top, stop, write_config
 
-from receiver import path_and_query, run, wait_ready
+from receiver import machine_ticks, path_and_query, run, wait_ready
 
 POOL = 256  # distinct request bodies, cycled
 TICK = os.sysconf("SC_CLK_TCK")
@@ -39,12 +39,6 @@ TICK = os.sysconf("SC_CLK_TCK")
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / TICK
-
-
-def machine_ticks() -> tuple[int, int]:
-    """(all ticks, steal ticks) of the `cpu` line of /proc/stat; steal is its 8th value."""
-    values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-    return sum(values), values[7]
 
 
 def requests_for(host: str, port: int, source: str) -> list[bytes]:
