@@ -168,6 +168,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="Measured rounds per server, alternating.")
     parser.add_argument("--source", default="customerglu", help="Endpoint of the single-event requests.")
     parser.add_argument("--profile", type=Path, help="Write a py-spy raw profile of the receiver's rounds here.")
+    parser.add_argument("--compare", type=Path, help="Also measure, alternating, the receiver of this source tree "
+                        "(e.g. another worktree): printed as `other`.")
     args = parser.parse_args()
     with broker(args.bootstrap) as bootstrap, tempfile.TemporaryDirectory(prefix="headwater-cpu-") as tmp_name:
         tmp = Path(tmp_name)
@@ -179,11 +181,20 @@ def main() -> None:
         receiver = headwater(config, "receiver", "--port", str(port), log=log)
         bare = subprocess.Popen([sys.executable, str(Path(__file__).with_name("bare_http.py")), str(bare_port)],
                                 stdin=subprocess.DEVNULL)
+        other = None
+        if args.compare:  # the same receiver command run from another source tree (its cwd), same topics
+            other_port = port + 2
+            other = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "--config", str(config), "receiver",
+                                      "--port", str(other_port)], cwd=args.compare, stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
         spy = None
         try:
             run(wait_ready(f"http://127.0.0.1:{port}", receiver, log))
             run(wait_ready(f"http://127.0.0.1:{bare_port}", bare, log))
             servers = {"receiver": (receiver.pid, port), "bare": (bare.pid, bare_port)}
+            if other is not None:
+                run(wait_ready(f"http://127.0.0.1:{other_port}", other, log))
+                servers["other"] = (other.pid, other_port)
             load = {name: requests_for("127.0.0.1", p, args.source) for name, (_, p) in servers.items()}
             print(f"{args.requests} {args.source} requests per round over {args.concurrency} connections; "
                   f"load average {os.getloadavg()[0]:.1f}")
@@ -213,6 +224,8 @@ def main() -> None:
                 spy.kill()
             stop(receiver)
             stop(bare)
+            if other is not None:
+                stop(other)
         summary(rounds, args.requests)
         if args.profile and args.profile.exists():
             own, inclusive = profile_top(args.profile, 25, ("pipeline/", "aiohttp/", "aiokafka/", "prometheus"))
@@ -227,9 +240,13 @@ def main() -> None:
 def summary(rounds: list[Round], total: int) -> None:
     failed = sum(n for r in rounds for s, n in r.statuses.items() if s != 200) + sum(
         total - sum(r.statuses.values()) for r in rounds)
-    median = {name: statistics.median(r.us_per_request for r in rounds if r.server == name)
-              for name in ("receiver", "bare")}
+    names = sorted({r.server for r in rounds})
+    median = {name: statistics.median(r.us_per_request for r in rounds if r.server == name) for name in names}
+    rate = {name: statistics.median(r.requests / r.seconds for r in rounds if r.server == name) for name in names}
     steal = statistics.mean(r.steal for r in rounds)
+    if "other" in median:
+        print(f"median other receiver: {median['other']:.1f} us CPU, {rate['other']:,.0f} req/s; this receiver "
+              f"{rate['receiver']:,.0f} req/s")
     print(f"median CPU per request: receiver {median['receiver']:.1f} us, bare aiohttp {median['bare']:.1f} us, "
           f"ratio bare/receiver {median['bare'] / median['receiver']:.2f}; mean steal {steal:.1%}; "
           f"not 200: {failed}")
