@@ -127,6 +127,23 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def machine_ticks() -> tuple[int, int]:
+    """(all ticks, steal ticks) of the `cpu` line of /proc/stat; steal is its 8th value."""
+    values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    return sum(values), values[7]
+
+
+class StealMeter:
+    """The share of the machine's CPU time the hypervisor gave to others (steal) since it was made."""
+
+    def __init__(self) -> None:
+        self.start = machine_ticks()
+
+    def share(self) -> float:
+        total, steal = machine_ticks()
+        return (steal - self.start[1]) / max(1, total - self.start[0])
+
+
 class CpuMeter:
     def __init__(self, pids: dict[str, int]) -> None:
         self.pids = pids
@@ -447,6 +464,7 @@ def wrk_main(args: argparse.Namespace) -> None:
                                 stdin=subprocess.DEVNULL)
         results: dict[str, WrkResult] = {}
         spy = None
+        steal = StealMeter()
         try:
             run(wait_ready(base, receiver, log))
             run(wait_ready(f"http://127.0.0.1:{bare_port}", bare, log))
@@ -466,7 +484,9 @@ def wrk_main(args: argparse.Namespace) -> None:
                                                 "--format", "raw", "--output", str(tmp / "receiver.folded"),
                                                 "--nonblocking", "--duration", str(int(d))],
                                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                    phase_steal = StealMeter()
                     result = run_wrk(url, script, c, d, label)
+                    result.steal = phase_steal.share()
                     shares = meter.shares()
                     shares.pop("wrk+broker")
                     result.cpu = {"servers": sum(shares.values())}
@@ -488,7 +508,7 @@ def wrk_main(args: argparse.Namespace) -> None:
         single, bare_http = results["receiver single"], results["bare aiohttp single"]
         bulk, bare_http_bulk = results["receiver bulk x100"], results["bare aiohttp bulk x100"]
         ratio = single.rate / bare_http.rate if bare_http.rate else float("nan")
-        print(f"\nload average at the end {os.getloadavg()[0]:.1f}")
+        print(f"\nload average at the end {os.getloadavg()[0]:.1f}; CPU steal during the run {steal.share():.1%}")
         print("summary")
         print(f"  receiver single {single.rate:,.0f} req/s vs bare aiohttp {bare_http.rate:,.0f} req/s: "
               f"ratio {ratio:.2f} (target >= 0.5: {'MET' if ratio >= 0.5 else 'NOT MET'})")
@@ -531,7 +551,9 @@ def open_loop_at(args: argparse.Namespace, base: str, tmp: Path, rate: float, se
     vegeta.attack(found, script, rate, 1, "warm-up")
     meter = CpuMeter(pids)
     before = os.times()
+    steal = StealMeter()
     opened = vegeta.attack(found, script, rate, seconds, label + ", vegeta)")
+    opened.steal = steal.share()
     opened.cpu = meter.shares()
     after = os.times()  # vegeta is a reaped child: its CPU shows in the children's times
     spent = after.children_user + after.children_system - before.children_user - before.children_system

@@ -32,6 +32,7 @@ class VegetaResult:
     errors: list[str] = field(default_factory=list)
     percentiles_ms: dict[int, float] = field(default_factory=dict)
     cpu: dict[str, float] = field(default_factory=dict)
+    steal: float | None = None  # the machine's CPU steal during the attack (share of all CPU time)
 
     @property
     def ok(self) -> int:
@@ -46,7 +47,7 @@ class VegetaResult:
         return (f"{self.label:<30} {self.rate:>9,.0f} req/s sent (target {self.target_rate:,.0f})  "
                 f"p50 {self.percentiles_ms.get(50, 0):6.1f} ms  p99 {self.percentiles_ms.get(99, 0):6.1f} ms  "
                 f"max {self.percentiles_ms.get(100, 0):6.1f} ms  ok {self.ok}  failed {self.failures}"
-                + (f"  cpu[{cpu}]" if cpu else ""))
+                + (f"  cpu[{cpu}]" if cpu else "") + (f"  steal {self.steal:.1%}" if self.steal is not None else ""))
 
 
 def binary() -> str | None:

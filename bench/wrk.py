@@ -24,6 +24,7 @@ class WrkResult:
     percentiles_ms: dict[int, float] = field(default_factory=dict)
     cpu: dict[str, float] = field(default_factory=dict)
     events_per_request: int = 1
+    steal: float | None = None  # the machine's CPU steal during the phase (share of all CPU time)
 
     @property
     def ok(self) -> int:
@@ -36,7 +37,8 @@ class WrkResult:
             cpu += f"; {self.rate / main:,.0f} req per CPU-s ({1e6 * main / self.rate:,.0f} us CPU/req)"
         return (f"{self.label:<30} {self.rate:>9,.0f} req/s {self.rate * self.events_per_request:>10,.0f} ev/s"
                 f"  p50 {self.percentiles_ms.get(50, 0):6.1f} ms  p99 {self.percentiles_ms.get(99, 0):6.1f} ms"
-                f"  non-2xx {self.non_2xx}  socket errors {self.socket_errors}" + (f"  cpu[{cpu}]" if cpu else ""))
+                f"  non-2xx {self.non_2xx}  socket errors {self.socket_errors}" + (f"  cpu[{cpu}]" if cpu else "")
+                + (f"  steal {self.steal:.1%}" if self.steal is not None else ""))
 
 
 def available() -> bool:

@@ -33,27 +33,30 @@ class Credentials:
 
 
 class SecretIndex:
-    """Secret -> tenant by digest, confirmed with a constant-time comparison of the digests."""
+    """Secret -> tenant by digest, confirmed with a constant-time comparison of the digests.
+
+    The Credentials of a found tenant are made once, not per request (they carry no request data)."""
 
     def __init__(self) -> None:
-        self._by_digest: dict[bytes, Tenant] = {}
+        self._by_digest: dict[bytes, Credentials] = {}
         self._digest_of: dict[bytes, bytes] = {}
 
     def add(self, secrets: Iterable[SecretStr], tenant: Tenant) -> None:
+        credentials = Credentials(tenant)
         for secret in secrets:
             digest = hashlib.sha256(secret.get_secret_value().encode()).digest()
-            self._by_digest[digest] = tenant
+            self._by_digest[digest] = credentials
             self._digest_of[digest] = digest
 
-    def find(self, presented: bytes) -> Tenant | None:
+    def find(self, presented: bytes) -> Credentials | None:
         """The tenant whose secret this is; the dict probe sees only a digest, so timing says nothing."""
         if not presented:
             return None
         digest = hashlib.sha256(presented).digest()
-        tenant = self._by_digest.get(digest)
-        if tenant is None or not hmac.compare_digest(digest, self._digest_of[digest]):
+        credentials = self._by_digest.get(digest)
+        if credentials is None or not hmac.compare_digest(digest, self._digest_of[digest]):
             return None
-        return tenant
+        return credentials
 
 
 class TenantDirectory:
@@ -75,17 +78,17 @@ class TenantDirectory:
         return SCHEMES[scheme](self, request)
 
     def write_key(self, request: web.BaseRequest) -> Credentials:
-        tenant = self.by_write_key.find(secret_bytes(request.headers.get("X-API-KEY")))
-        if tenant is None:
+        credentials = self.by_write_key.find(secret_bytes(request.headers.get("X-API-KEY")))
+        if credentials is None:
             raise AuthError("missing or unknown X-API-KEY")
-        return Credentials(tenant)
+        return credentials
 
     def rewards_key(self, request: web.BaseRequest) -> Credentials:
         """POST /rewards/v1: X-API-KEY must be one of a tenant's rewards_keys (a write key is not)."""
-        tenant = self.by_rewards_key.find(secret_bytes(request.headers.get("X-API-KEY")))
-        if tenant is None:
+        credentials = self.by_rewards_key.find(secret_bytes(request.headers.get("X-API-KEY")))
+        if credentials is None:
             raise AuthError("missing or unknown rewards key in X-API-KEY")
-        return Credentials(tenant)
+        return credentials
 
     def webengage_license(self, request: web.BaseRequest) -> Credentials:
         license_code = request.query.get("licenseCode", "")
@@ -102,10 +105,10 @@ class TenantDirectory:
 
     def usermaven_token(self, request: web.BaseRequest) -> Credentials:
         token = request.query.get("token") or request.headers.get("X-Auth-Token") or ""
-        tenant = self.by_usermaven_token.find(secret_bytes(token))
-        if tenant is None or "." not in token:
+        found = self.by_usermaven_token.find(secret_bytes(token))
+        if found is None or "." not in token:
             raise AuthError("missing or unknown token (expected API_KEY.SERVER_TOKEN)")
-        return Credentials(tenant, vendor={"api_key": token.split(".", 1)[0]})
+        return Credentials(found.tenant, vendor={"api_key": token.split(".", 1)[0]})
 
 
 SCHEMES: Mapping[AuthScheme, Callable[[TenantDirectory, web.BaseRequest], Credentials]] = {

@@ -157,6 +157,29 @@ def test_health_ready_and_metrics(settings: Settings, start_receiver: Callable[[
     assert "headwater_receiver_produce_seconds_bucket" in text
 
 
+def test_request_and_byte_counts_are_exact_at_every_scrape(
+    settings: Settings, start_receiver: Callable[[Settings], str]
+) -> None:
+    """The handler adds counts up in plain integers; each scrape still shows every request answered before it."""
+    base = start_receiver(settings)
+
+    async def scrape() -> str:
+        async with aiohttp.ClientSession() as session, session.get(base + "/metrics") as response:
+            return await response.text()
+
+    requests = 'headwater_receiver_requests_total{source="customerglu",status="200",tenant="acme"}'
+    nbytes = 'headwater_receiver_body_bytes_total{source="customerglu",tenant="acme"}'
+    assert send(base, "customerglu", b"{}", headers={})[0] == 401  # counted, but stores no bytes
+    for sent in (3, 5):
+        for _ in range(sent):
+            assert send(base, "customerglu", b'{"n":12345}')[0] == 200
+        text = asyncio.run(scrape())
+        total = 3 if sent == 3 else 8
+        assert f"{requests} {total:.1f}" in text and f"{nbytes} {11 * total:.1f}" in text
+    assert 'headwater_receiver_requests_total{source="customerglu",status="401",tenant="-"} 1.0' in text
+    assert 'headwater_receiver_body_bytes_total{source="customerglu",tenant="-"}' not in text
+
+
 def test_in_flight_bound_answers_503_with_retry_after(
     make_settings: Callable[..., Settings], start_receiver: Callable[[Settings], str]
 ) -> None:

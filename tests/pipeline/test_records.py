@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from datetime import UTC, datetime, timedelta, timezone
 
 import orjson
@@ -92,6 +94,24 @@ def test_request_ids_sort_by_time_and_do_not_repeat() -> None:
     ids = [new_request_id(ms * 1_000_000) for ms in (1, 2, 2, 10**12)]
     assert ids[0] < ids[1] and ids[2] < ids[3] and ids[1] != ids[2]
     assert len({new_request_id() for _ in range(10_000)}) == 10_000
+
+
+def test_a_forked_child_does_not_repeat_the_request_ids_of_its_parent() -> None:
+    """The random bytes are read ahead in a pool; a fork must not leave the child a copy of it."""
+    new_request_id()  # the pool now holds bytes for the next ids
+    read_end, write_end = os.pipe()
+    child = os.fork()
+    if child == 0:
+        os.close(read_end)
+        os.write(write_end, "".join(new_request_id(0) for _ in range(20)).encode())
+        os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        text = pipe.read().decode()
+    os.waitpid(child, 0)
+    in_child = {text[i : i + 26] for i in range(0, len(text), 26)}
+    in_parent = {new_request_id(0) for _ in range(20)}
+    assert len(in_child) == 20 and not in_child & in_parent
 
 
 @given(seconds=st.integers(0, 4_102_444_800),
