@@ -8,7 +8,8 @@ three servers from one run on the same load: the receiver, the bare aiohttp serv
 (reads the body, answers 200), and, for Kafka's share, the bare producer loop below. It prints each, the
 ratio receiver / bare HTTP (target >= 0.5) and receiver / bare producer, CPU per request, and p50/p99 at
 70% of the receiver's peak (open loop from vegeta when installed, see bench/vegeta.py; else the Python
-open loop, latency from the scheduled send time). The description
+open loop, latency from the scheduled send time), and the bare server's p50/p99 at the same rate: the
+tail the shared machine adds by itself. The description
 below is the --loadgen python mode (an aiohttp client in this process).
 
 Starts a broker (or uses --bootstrap) and `headwater receiver --port P` in its own process; this process
@@ -499,6 +500,10 @@ def wrk_main(args: argparse.Namespace) -> None:
             print(bare_single.line())
             peak = results["receiver single"].rate
             opened = open_loop_at(args, base, tmp, args.load * peak, d, receiver_pids)
+            # The same rate against the bare server: the tail the machine itself adds (the generator, the
+            # broker and the server share its cores), next to the receiver's.
+            bare_opened = open_loop_at(args, f"http://127.0.0.1:{bare_port}", tmp, args.load * peak, d,
+                                       {"bare_http": bare.pid}, who="bare aiohttp")
             stored = run(topic_size(settings, settings.topics.raw(SINGLE[0])))
         finally:
             if spy is not None and spy.poll() is None:
@@ -524,6 +529,9 @@ def wrk_main(args: argparse.Namespace) -> None:
         print(f"  at {args.load:.0%} of peak ({opened.label.split('(')[-1].rstrip(')')}): p50 {p50:.1f} ms, "
               f"p99 {p99:.1f} ms (target p99 < 50 ms: {'MET' if p99_ok else 'NOT MET'}); "
               f"sent {opened.rate:,.0f} req/s, {opened.failures} not 200")
+        bare_p50, bare_p99 = opened_percentiles(bare_opened)
+        print(f"  bare aiohttp at the same rate: p50 {bare_p50:.1f} ms, p99 {bare_p99:.1f} ms; "
+              f"sent {bare_opened.rate:,.0f} req/s, {bare_opened.failures} not 200")
         expected = sum(r.ok for r in results.values() if r.label.endswith("single") and r.label.startswith("receiver"))
         print(f"  records on raw.{SINGLE[0]}: {stored} (>= measured 200s {expected} + warm-up + open loop "
               f"{opened.ok} + bare producer {bare_single.total_ok})")  # type: ignore[attr-defined]
@@ -535,9 +543,9 @@ def wrk_main(args: argparse.Namespace) -> None:
 
 
 def open_loop_at(args: argparse.Namespace, base: str, tmp: Path, rate: float, seconds: float,
-                 pids: dict[str, int]) -> Result | VegetaResult:
+                 pids: dict[str, int], who: str = "receiver") -> Result | VegetaResult:
     """Single-event requests at a fixed rate: vegeta when installed (it holds the rate), else the Python loop."""
-    label = f"receiver single (open {args.load:.0%}"
+    label = f"{who} single (open {args.load:.0%}"
     found = vegeta.binary()
     if found is None:
         print("  (vegeta not installed: the Python open loop below may not hold the rate; see bench/vegeta.py)")
