@@ -1,6 +1,6 @@
 """Receiver throughput and latency vs a bare aiohttp server and a bare aiokafka producer (issues 2, 11).
 
-    .venv/bin/python bench/receiver.py [--bootstrap HOST:PORT] [--concurrency 32] [--duration 10]
+    .venv/bin/python bench/receiver.py [--bootstrap HOST:PORT] [--concurrency 64] [--duration 10]
                                        [--warmup 2] [--profile] [--loadgen wrk|python] [--processes N]
 
 With --loadgen wrk (the default when Debian's `wrk` is installed: `apt-get install -y wrk`), wrk drives
@@ -343,7 +343,7 @@ def report_failures(result: Result) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bootstrap", help="An existing broker (default: a local one started for the run).")
-    parser.add_argument("--concurrency", type=int, default=32, help="Concurrent clients / producer coroutines.")
+    parser.add_argument("--concurrency", type=int, default=64, help="Concurrent clients / producer coroutines (the issue's load).")
     parser.add_argument("--duration", type=float, default=10.0, help="Seconds measured per phase.")
     parser.add_argument("--warmup", type=float, default=2.0, help="Seconds of warm-up before each closed loop.")
     parser.add_argument("--load", type=float, default=0.7, help="Open-loop rate as a share of the single peak.")
