@@ -34,6 +34,15 @@ def get(url: str) -> tuple[int, str]:
         return 0, ""
 
 
+def exited(pid: int) -> bool:
+    """The process is gone or a zombie (an exited process has closed its files, its sockets too)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except OSError:
+        return True
+    return state in ("Z", "X")
+
+
 def pids_serving(base: str, tries: int = 200) -> set[int]:
     pids: set[int] = set()
     for _ in range(tries):
@@ -75,8 +84,10 @@ def test_with_two_processes_killing_one_leaves_the_other_serving(two_processes: 
     victim, survivor = sorted(pids)
     before = [asyncio.run(fresh_connection(base + "/server/v4", "POST", b'{"n":%d}' % i))[0] for i in range(20)]
     os.kill(victim, signal.SIGKILL)
-    # the kernel drops the dead listener from the port's group as the process exits; a connection made in
-    # that instant can still be reset, so wait for a /healthz answered by the survivor first
+    # the kernel drops the dead listener from the port's group as the process exits, and a connection
+    # routed to it in that instant is reset: wait until it has exited (its sockets closed), then for a
+    # /healthz answered
+    wait_for(lambda: exited(victim), timeout=10)
     wait_for(lambda: get(base + "/healthz")[0] == 200, timeout=10)
     after = [asyncio.run(fresh_connection(base + "/server/v4", "POST", b'{"after":%d}' % i))[0] for i in range(40)]
     assert before == [200] * 20 and after == [200] * 40
