@@ -10,6 +10,8 @@ import asyncio
 import collections
 import contextlib
 import hashlib
+import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -182,6 +184,36 @@ def profile_top(folded: Path, top: int, inclusive_of: tuple[str, ...]) -> tuple[
                 inclusive[frame] += n
     return ([(n / max(1, total), f) for f, n in own.most_common(top)],
             [(n / max(1, total), f) for f, n in inclusive.most_common(top)])
+
+
+def print_profile(folded: Path, what: str, top: int, inclusive_of: tuple[str, ...]) -> None:
+    """The top functions of a py-spy raw profile by own time and by inclusive time (frames of `inclusive_of`)."""
+    if not folded.exists():
+        return
+    own, inclusive = profile_top(folded, top, inclusive_of)
+    print(f"\npy-spy, {what}: top functions by own time")
+    for share, frame in own:
+        print(f"  {share:6.1%}  {frame}")
+    print(f"by inclusive time ({', '.join(inclusive_of)})")
+    for share, frame in inclusive:
+        print(f"  {share:6.1%}  {frame}")
+
+
+def py_spy() -> str:
+    """The py-spy executable, installed into this environment on first use."""
+    found = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    if not Path(found).exists():
+        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "py-spy"], check=True)
+    return found
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process and all its threads (Linux /proc; NaN elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 # --- vendor payloads ------------------------------------------------------------------------------------

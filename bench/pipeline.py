@@ -23,11 +23,9 @@ import argparse
 import asyncio
 import contextlib
 import os
-import shutil
 import signal
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -39,9 +37,11 @@ from common import (
     bench_settings,
     body,
     broker,
+    cpu_seconds,
     headwater,
+    print_profile,
     produce_all,
-    profile_top,
+    py_spy,
     raw_headers,
     stop,
     write_config,
@@ -136,15 +136,6 @@ def warm_up(settings: Settings, worker: subprocess.Popen[bytes], log: Path) -> i
     return len(probes)
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process and all its threads (Linux /proc; NaN elsewhere)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    except OSError:
-        return float("nan")
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def run_case(bootstrap: str, tmp: Path, label: str, sources: tuple[str, ...], records: int, per_record: int,
              profile: bool) -> dict[str, float]:
     # A frozen worker sends no heartbeats: the session outlasts the preload and the baseline.
@@ -161,8 +152,7 @@ def run_case(bootstrap: str, tmp: Path, label: str, sources: tuple[str, ...], re
         bare, bare_cpu = asyncio.run(bare_loop(settings, sources, events, out_topic))
         if profile:
             folded = tmp / f"{label}.folded"
-            spy = subprocess.Popen([shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy"),
-                                    "record", "--pid", str(worker.pid), "--rate", "200", "--format", "raw",
+            spy = subprocess.Popen([py_spy(), "record", "--pid", str(worker.pid), "--rate", "200", "--format", "raw",
                                     "--output", str(folded), "--nonblocking"],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             time.sleep(1)
@@ -187,14 +177,8 @@ def run_case(bootstrap: str, tmp: Path, label: str, sources: tuple[str, ...], re
     print(f"{'':>9}CPU per event: worker {worker_us:.1f} us, bare loop {bare_us:.1f} us"
           f" (ratio bare/worker {bare_us / worker_us:.2f}) | canonical span alone "
           f"{span:,.0f} ev/s ({span / bare:.2f} x bare)")
-    if spy is not None and folded.exists():
-        own, inclusive = profile_top(folded, 15, ("pipeline/", "adapters/", "faust/", "aiokafka/"))
-        print(f"  py-spy, top functions by own time ({label}):")
-        for share, frame in own:
-            print(f"    {share:6.1%}  {frame}")
-        print(f"  py-spy, top Headwater/Faust/aiokafka functions by inclusive time ({label}):")
-        for share, frame in inclusive:
-            print(f"    {share:6.1%}  {frame}")
+    if spy is not None:
+        print_profile(folded, f"worker, {label}", 15, ("pipeline/", "adapters/", "faust/", "aiokafka/"))
     return {"events": events, "worker": rate, "bare": bare, "ratio": rate / bare, "cpu_ratio": bare_us / worker_us}
 
 
@@ -208,8 +192,8 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=1,
                         help="Run the cases N times, alternating, and print the median ratios (a noisy host).")
     args = parser.parse_args()
-    if args.profile and not (shutil.which("py-spy") or (Path(sys.executable).parent / "py-spy").exists()):
-        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "py-spy"], check=True)
+    if args.profile:
+        py_spy()  # installed before the broker starts
     cases = [c for c in (("single", SINGLE_SOURCES, args.single, 1), ("bulk", BULK_SOURCES, args.bulk, 100))
              if args.only in (None, c[0])]
     results: dict[str, list[dict[str, float]]] = {label: [] for label, *_ in cases}

@@ -38,7 +38,6 @@ import asyncio
 import collections
 import contextlib
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -52,9 +51,11 @@ from common import (
     bench_settings,
     body,
     broker,
+    cpu_seconds,
     endpoint,
     headwater,
-    profile_top,
+    print_profile,
+    py_spy,
     raw_headers,
     stop,
     topic_size,
@@ -69,6 +70,8 @@ from pipeline.config import Settings
 from pipeline.kafka.clients import make_producer
 
 SINGLE = ("customerglu", 1)
+# The frames the profiles report inclusive time for: our code and the libraries on the request path.
+RECEIVER_CODE = ("pipeline/", "aiohttp/", "aiokafka/", "prometheus_client/", "pydantic")
 BULK = ("segment", 100)
 POOL = 4096  # distinct request bodies per case, cycled
 
@@ -120,12 +123,6 @@ class Result:
         return (f"{self.label:<28} {self.rate:>9,.0f} req/s {self.events:>10,.0f} ev/s  p50 {self.pct(0.50):6.1f} ms"
                 f"  p99 {self.pct(0.99):6.1f} ms  ok {self.ok:>7}  failed {self.failures}"
                 + (f"  cpu[{cpu}]" if cpu else ""))
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process (Linux /proc), in seconds."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def machine_ticks() -> tuple[int, int]:
@@ -325,13 +322,6 @@ async def wait_ready(base: str, process: subprocess.Popen[bytes], log: Path, tim
             await asyncio.sleep(0.2)
 
 
-def py_spy() -> str:
-    found = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
-    if not Path(found).exists():
-        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "py-spy"], check=True)
-    return found
-
-
 def report_failures(result: Result) -> None:
     if result.failures:
         print(f"  !! {result.label}: {result.failures} failed: statuses {dict(result.statuses)} "
@@ -418,7 +408,7 @@ def main() -> None:
         print(f"  non-200 / failed HTTP requests: {failures}")
 
         if spy is not None:
-            print_profile(tmp / "receiver.folded")
+            print_profile(tmp / "receiver.folded", "receiver, single closed loop", 20, RECEIVER_CODE)
 
 
 @contextlib.contextmanager
@@ -439,19 +429,6 @@ def started_receiver(args: argparse.Namespace, describe: str
             yield settings, tmp, receiver, f"http://127.0.0.1:{port}"
         finally:
             stop(receiver)
-
-
-def print_profile(folded: Path) -> None:
-    """py-spy's samples of the receiver: the top functions by own and by inclusive time."""
-    if not folded.exists():
-        return
-    own, inclusive = profile_top(folded, 20, ("pipeline/", "aiohttp/", "aiokafka/", "prometheus_client/", "pydantic"))
-    print("\npy-spy, receiver, single closed loop: top functions by own time")
-    for share, frame in own:
-        print(f"  {share:6.1%}  {frame}")
-    print("by inclusive time (pipeline, aiohttp, aiokafka, prometheus_client, pydantic)")
-    for share, frame in inclusive:
-        print(f"  {share:6.1%}  {frame}")
 
 
 def wrk_main(args: argparse.Namespace) -> None:
@@ -539,7 +516,7 @@ def wrk_main(args: argparse.Namespace) -> None:
             report_failures(opened)
         elif opened.errors:
             print(f"  !! open loop errors: {opened.errors}")
-        print_profile(tmp / "receiver.folded")
+        print_profile(tmp / "receiver.folded", "receiver, single closed loop", 20, RECEIVER_CODE)
 
 
 def open_loop_at(args: argparse.Namespace, base: str, tmp: Path, rate: float, seconds: float,

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -28,17 +27,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
-from common import bench_settings, body, broker, endpoint, headwater, profile_top, stop, write_config
+from common import (bench_settings, body, broker, cpu_seconds, headwater, print_profile, py_spy, stop,
+                    write_config)
 
-from receiver import machine_ticks, path_and_query, run, wait_ready
+from receiver import RECEIVER_CODE, machine_ticks, path_and_query, run, wait_ready
 
 POOL = 256  # distinct request bodies, cycled
-TICK = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK
 
 
 def requests_for(host: str, port: int, source: str) -> list[bytes]:
@@ -227,14 +221,8 @@ def main() -> None:
             if other is not None:
                 stop(other)
         summary(rounds, args.requests)
-        if args.profile and args.profile.exists():
-            own, inclusive = profile_top(args.profile, 25, ("pipeline/", "aiohttp/", "aiokafka/", "prometheus"))
-            print("\npy-spy own time (receiver)")
-            for share, frame in own:
-                print(f"  {share:6.1%}  {frame}")
-            print("inclusive")
-            for share, frame in inclusive:
-                print(f"  {share:6.1%}  {frame}")
+        if args.profile:
+            print_profile(args.profile, "receiver rounds", 25, RECEIVER_CODE)
 
 
 def summary(rounds: list[Round], total: int) -> None:
@@ -260,11 +248,6 @@ async def produce_batches(base: str, source: str) -> float:
         text = await response.text()
     wanted = f'headwater_receiver_produce_seconds_count{{source="{source}"}}'
     return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(wanted))
-
-
-def py_spy() -> str:
-    found = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
-    return found
 
 
 if __name__ == "__main__":
