@@ -205,7 +205,7 @@ class RawHeaders(_Record):
                 pass
             else:
                 if moment.tzinfo is not None:
-                    doc["received_at"] = moment if moment.tzinfo is UTC else moment.astimezone(UTC)
+                    doc["received_at"] = _in_utc(moment)
         if others:
             prefix = _vendor_prefix(doc.get("source", ""))
             vendor = {
