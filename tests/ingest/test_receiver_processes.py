@@ -43,6 +43,10 @@ def exited(pid: int) -> bool:
     return state in ("Z", "X")
 
 
+def parent_of(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[1])
+
+
 def pids_serving(base: str, tries: int = 200) -> set[int]:
     pids: set[int] = set()
     for _ in range(tries):
@@ -83,13 +87,18 @@ def test_with_two_processes_killing_one_leaves_the_other_serving(two_processes: 
     assert len(pids) == 2
     victim, survivor = sorted(pids)
     before = [asyncio.run(fresh_connection(base + "/server/v4", "POST", b'{"n":%d}' % i))[0] for i in range(20)]
-    os.kill(victim, signal.SIGKILL)
-    # the kernel drops the dead listener from the port's group as the process exits, and a connection
-    # routed to it in that instant is reset: wait until it has exited (its sockets closed), then for a
-    # /healthz answered
-    wait_for(lambda: exited(victim), timeout=10)
-    wait_for(lambda: get(base + "/healthz")[0] == 200, timeout=10)
-    after = [asyncio.run(fresh_connection(base + "/server/v4", "POST", b'{"after":%d}' % i))[0] for i in range(40)]
+    # While one process is alone on the port, no replacement may join it: a listener joining (or leaving) a
+    # SO_REUSEPORT group resets the handshakes in flight. So the supervisor is paused until we are done.
+    supervisor = parent_of(victim)
+    os.kill(supervisor, signal.SIGSTOP)
+    try:
+        os.kill(victim, signal.SIGKILL)
+        wait_for(lambda: exited(victim), timeout=10)  # its listener has left the group
+        wait_for(lambda: get(base + "/healthz")[0] == 200, timeout=10)
+        after = [asyncio.run(fresh_connection(base + "/server/v4", "POST", b'{"after":%d}' % i))[0]
+                 for i in range(40)]
+    finally:
+        os.kill(supervisor, signal.SIGCONT)
     assert before == [200] * 20 and after == [200] * 40
     records = wait_for(lambda: len(r := read_records(settings, settings.topics.raw("customerglu"))) >= 60 and r)
     assert len(records) == 60
