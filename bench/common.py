@@ -74,11 +74,13 @@ def write_config(settings: Settings, path: Path) -> Path:
     return path
 
 
-def headwater(config: Path, *args: str, log: Path | None = None) -> subprocess.Popen[bytes]:
-    """A `headwater` subcommand in its own process, killed by the kernel if this one dies."""
+def headwater(config: Path, *args: str, log: Path | None = None, tree: Path | None = None
+              ) -> subprocess.Popen[bytes]:
+    """A `headwater` subcommand in its own process, killed by the kernel if this one dies; with `tree`,
+    the code of that checkout (`python -m` puts its working directory first on sys.path)."""
     out = log.open("wb") if log else subprocess.DEVNULL
     return subprocess.Popen([sys.executable, "-m", "pipeline.cli", "--config", str(config), *args],
-                            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=tree,
                             preexec_fn=die_with_parent)  # a killed benchmark leaves no worker behind
 
 

@@ -15,6 +15,8 @@ leaves out the work done before the first event comes out, so it flatters a work
 fast. --profile samples the worker with py-spy (installed on demand) and prints the top functions.
 --repeat N runs the cases N times, alternating, on one broker, and prints the median of each ratio: on a
 shared host the bare loop's rate moves more than the worker's (16-34 us of CPU per event between runs).
+--compare DIR also runs each case with the worker of another checkout (e.g. a `git worktree` of main),
+next to this tree's (which goes first alternates), so that two versions meet the same noise.
 """
 
 from __future__ import annotations
@@ -137,12 +139,12 @@ def warm_up(settings: Settings, worker: subprocess.Popen[bytes], log: Path) -> i
 
 
 def run_case(bootstrap: str, tmp: Path, label: str, sources: tuple[str, ...], records: int, per_record: int,
-             profile: bool) -> dict[str, float]:
+             profile: bool, tree: Path | None = None) -> dict[str, float]:
     # A frozen worker sends no heartbeats: the session outlasts the preload and the baseline.
     settings = bench_settings(bootstrap, tmp, worker={"session_timeout_s": 30})
     config = write_config(settings, tmp / f"{settings.worker.app_id}.toml")
     log = tmp / f"{settings.worker.app_id}.log"
-    worker = headwater(config, "worker", log=log)
+    worker = headwater(config, "worker", log=log, tree=tree)
     spy = None
     try:
         probes = warm_up(settings, worker, log)
@@ -191,18 +193,24 @@ def main() -> None:
     parser.add_argument("--only", choices=("single", "bulk"), help="Run one case.")
     parser.add_argument("--repeat", type=int, default=1,
                         help="Run the cases N times, alternating, and print the median ratios (a noisy host).")
+    parser.add_argument("--compare", type=Path, metavar="DIR",
+                        help="Also run each case with the worker of the checkout in DIR, alternating.")
     args = parser.parse_args()
     if args.profile:
         py_spy()  # installed before the broker starts
     cases = [c for c in (("single", SINGLE_SOURCES, args.single, 1), ("bulk", BULK_SOURCES, args.bulk, 100))
              if args.only in (None, c[0])]
-    results: dict[str, list[dict[str, float]]] = {label: [] for label, *_ in cases}
+    trees: list[tuple[str, Path | None]] = [("", None)]
+    if args.compare:
+        trees.append((f"@{args.compare.name}", args.compare.resolve()))
+    results: dict[str, list[dict[str, float]]] = {label + name: [] for label, *_ in cases for name, _ in trees}
     with broker(args.bootstrap) as bootstrap, tempfile.TemporaryDirectory(prefix="headwater-bench-") as tmp:
-        for _ in range(args.repeat):
+        for turn in range(args.repeat):
             for label, sources, records, per_record in cases:
-                results[label].append(run_case(bootstrap, Path(tmp), label, sources, records, per_record,
-                                               args.profile))
-    if args.repeat > 1:
+                for name, tree in trees if turn % 2 == 0 else trees[::-1]:  # neither tree always goes first
+                    results[label + name].append(run_case(bootstrap, Path(tmp), label + name, sources, records,
+                                                          per_record, args.profile, tree))
+    if args.repeat > 1 or args.compare:
         for label, runs in results.items():
             print(f"{label:>7}: median of {len(runs)} runs: ratio worker/bare "
                   f"{statistics.median(r['ratio'] for r in runs):.2f}, CPU ratio bare/worker "

@@ -310,14 +310,14 @@ class CanonicalEvent(_Record):
             }
         )
 
-    def dedup_key(self) -> bytes:
-        """Kafka key of the re-keyed record: dedup is per (tenant, event_id). Tenant ids contain no '/'."""
-        return f"{self.tenant}/{self.event_id}".encode()
+    def dedup_key(self) -> str:
+        """The dedup table's key (as UTF-8): dedup is per (tenant, event_id). Tenant ids contain no '/'."""
+        return f"{self.tenant}/{self.event_id}"
 
-    def kafka_key(self) -> bytes:
-        """Kafka key on events.canonical: tenant + user, so one user's events share a partition."""
+    def kafka_key(self) -> str:
+        """Kafka key on events.canonical (as UTF-8): tenant + user, so one user's events share a partition."""
         who = self.user_id if self.user_id is not None else f"anon:{self.anonymous_id}"
-        return f"{self.tenant}/{who}".encode()
+        return f"{self.tenant}/{who}"
 
 
 # --- dead letter --------------------------------------------------------------------------------------
@@ -429,44 +429,53 @@ def encode_body(body: bytes) -> str:
 class KeyedBatch:
     """Canonical candidates for one partition of the keyed topic, packed into one Kafka record.
 
-    The dedup stage costs Faust's per-record overhead once per batch instead of once per event. One
-    line per event: JSON [dedup_key, canonical_key] TAB canonical-event-JSON (orjson never writes a
-    raw tab or newline), so the event bytes pass through to events.canonical untouched.
+    The dedup stage pays Kafka's per-record costs once per pack instead of once per event. A pack is a
+    JSON header line {"keys": [[dedup_key, canonical_key], ...]} and then one canonical-event JSON line
+    per key, in the same order (orjson never writes a raw newline), so the keys cost one JSON call per
+    pack and the event bytes pass through to events.canonical untouched.
     """
 
     MAX_BYTES = 256 * 1024  # a pack this big is sent and a new one started
 
-    __slots__ = ("lines", "size")
+    __slots__ = ("keys", "events", "size")
 
-    def __init__(self, lines: list[bytes] | None = None) -> None:
-        self.lines = lines if lines is not None else []
-        self.size = sum(len(line) + 1 for line in self.lines)
+    def __init__(self) -> None:
+        self.keys: list[tuple[str, str]] = []
+        self.events: list[bytes] = []
+        self.size = 0
 
     def add(self, event: CanonicalEvent) -> None:
-        self.add_line(self.line(event))
+        """Pack an event; raises orjson.JSONEncodeError if it cannot be written as JSON."""
+        self.add_json(event.dedup_key(), event.kafka_key(), event.to_json())
 
-    @staticmethod
-    def line(event: CanonicalEvent) -> bytes:
-        """One event's line; raises orjson.JSONEncodeError if the event cannot be written as JSON."""
-        keys = orjson.dumps([event.dedup_key().decode(), event.kafka_key().decode()])
-        return keys + b"\t" + event.to_json()
-
-    def add_line(self, line: bytes) -> None:
-        self.lines.append(line)
-        self.size += len(line) + 1
+    def add_json(self, dedup_key: str, canonical_key: str, event_json: bytes) -> None:
+        self.keys.append((dedup_key, canonical_key))
+        self.events.append(event_json)
+        self.size += len(event_json) + len(dedup_key) + len(canonical_key) + 8
 
     def to_bytes(self) -> bytes:
-        return b"\n".join(self.lines)
+        return b"\n".join([orjson.dumps({"keys": self.keys}), *self.events])
 
     @staticmethod
     def entries(value: bytes) -> list[tuple[bytes, bytes, bytes]]:
         """(dedup_key, canonical_key, canonical_json) per event."""
-        out = []
-        for line in value.split(b"\n"):
-            keys, _, event = line.partition(b"\t")
-            dedup_key, canonical_key = orjson.loads(keys)
-            out.append((dedup_key.encode(), canonical_key.encode(), event))
-        return out
+        header, _, events = value.partition(b"\n")
+        if not header.startswith(b"{"):  # a pack of an earlier release: [dedup_key, canonical_key] TAB event
+            return _tabbed_entries(value)
+        keys = orjson.loads(header)["keys"]
+        return [
+            (dedup_key.encode(), canonical_key.encode(), event)
+            for (dedup_key, canonical_key), event in zip(keys, events.split(b"\n"), strict=True)
+        ]
+
+
+def _tabbed_entries(value: bytes) -> list[tuple[bytes, bytes, bytes]]:
+    out = []
+    for line in value.split(b"\n"):
+        keys, _, event = line.partition(b"\t")
+        dedup_key, canonical_key = orjson.loads(keys)
+        out.append((dedup_key.encode(), canonical_key.encode(), event))
+    return out
 
 
 class ReplayTag(_Record):

@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 PENDING = "p"  # written only by the earlier design; read as "not seen"
 DONE = "d"
 
-# (dedup_key, canonical_key, canonical_json) of one candidate, and the keyed partition it came from.
+# (dedup_key, canonical_key, canonical_json) of one candidate.
 Candidate = tuple[bytes, bytes, bytes]
 Send = Callable[[str, bytes | None, bytes | None, int | None], Awaitable[Awaitable[Any]]]
 
@@ -144,9 +144,9 @@ def entry_partition(entry: Any) -> int | None:
 
 @dataclass
 class DedupVerdicts:
-    """What one batch decided: the events to emit (with their keyed partition) and the copies dropped."""
+    """What one batch decided: the events to emit and the copies dropped."""
 
-    emit: list[tuple[Candidate, int]] = field(default_factory=list)
+    emit: list[Candidate] = field(default_factory=list)
     duplicates: int = 0
 
 
@@ -221,18 +221,18 @@ class Deduplicator:
     def _live(self, entry: Any, now_ms: int) -> bool:
         return isinstance(entry, list | tuple) and len(entry) == 3 and now_ms - int(entry[1]) < self.window_ms
 
-    def decide(
-        self, batch: Iterable[tuple[Candidate, int]], now_ms: int, reemit: bool = False
-    ) -> DedupVerdicts:
+    def decide(self, batch: Iterable[Candidate], now_ms: int, reemit: bool = False) -> DedupVerdicts:
         """Split a batch; with `reemit` (a deliberate replay) ids already seen are emitted again, once."""
         verdicts = DedupVerdicts()
+        emit = verdicts.emit
         claimed: set[bytes] = set()
-        for candidate, partition in batch:
+        get = self.store.get
+        for candidate in batch:
             key = candidate[0]
-            if key in claimed or (not reemit and self._seen(self.store.get(key), now_ms)):
+            if key in claimed or (not reemit and self._seen(get(key), now_ms)):
                 verdicts.duplicates += 1
                 continue
-            verdicts.emit.append((candidate, partition))
+            emit.append(candidate)
             claimed.add(key)
         return verdicts
 
@@ -241,15 +241,15 @@ class Deduplicator:
         """The changelog value of an id emitted now from a keyed partition."""
         return orjson.dumps([DONE, now_ms, partition])
 
-    def remember_emitted(self, emitted: Iterable[tuple[Candidate, int]], now_ms: int) -> None:
-        """Write the ids of a committed transaction to the table (its changelog entries are committed)."""
+    def remember_emitted(self, emitted: Iterable[Candidate], partition: int, now_ms: int) -> None:
+        """Write the ids of a committed transaction of a keyed partition to the table (its changelog
+        entries are committed). The ids share one entry: a tuple of atoms, which the garbage collector
+        does not track (a list per id made every full collection walk the whole table)."""
         store = self.store
-        keys = []
-        for candidate, partition in emitted:
-            # A tuple of atoms, which the garbage collector stops tracking: a list per id made every full
-            # collection walk the whole table.
-            store[candidate[0]] = (DONE, now_ms, partition)
-            keys.append(candidate[0])
+        entry = (DONE, now_ms, partition)
+        keys = [candidate[0] for candidate in emitted]
+        for key in keys:
+            store[key] = entry
         self.index.add_all(keys, now_ms)
 
     async def expire(self, now_ms: int | None = None, limit: int = 200_000) -> int:

@@ -175,12 +175,13 @@ class DedupStage(mode.Service):
 
     async def _dedup_partition(self, partition: int, records: list[Any]) -> None:
         for replay, run in _runs(records):
-            batch = [(entry, partition) for record in run for entry in KeyedBatch.entries(record.value)]
+            batch = [entry for record in run for entry in KeyedBatch.entries(record.value)]
             now_ms = int(time.time() * 1000)
             verdicts = self.dedup.decide(batch, now_ms, reemit=bool(replay and replay.reemit))
             entry = Deduplicator.entry(partition, now_ms)  # the same for every id of the run
-            outputs: list[Output] = [(self.changelog_topic, c[0], entry, partition) for c, _ in verdicts.emit]
-            outputs += [(self.settings.topics.canonical, c[1], c[2], None) for c, _ in verdicts.emit]
+            outputs: list[Output] = [(self.changelog_topic, c[0], entry, partition) for c in verdicts.emit]
+            canonical = self.settings.topics.canonical
+            outputs += [(canonical, c[1], c[2], None) for c in verdicts.emit]
             if replay is not None:
                 report = {
                     "replay_id": replay.replay_id,
@@ -198,7 +199,7 @@ class DedupStage(mode.Service):
                 )
             offsets = {TopicPartition(run[-1].topic, partition): run[-1].offset + 1}
             await self.transactions.commit(partition, outputs, offsets)
-            self.dedup.remember_emitted(verdicts.emit, now_ms)
+            self.dedup.remember_emitted(verdicts.emit, partition, now_ms)
             self.metrics.canonical.inc(len(verdicts.emit))
             self.metrics.duplicates.inc(verdicts.duplicates)
 

@@ -119,16 +119,17 @@ async def normalize_batch(
         carrier: str | None = None  # this record's dead letter that carries its body
         for position, outcome in enumerate(outcomes(raw, adapter, targets.redrive_limit)):
             if isinstance(outcome, CanonicalEvent):
-                line, failure = _keyed_line(outcome, targets.max_event_bytes)
+                event_json, failure = _event_json(outcome, targets.max_event_bytes)
                 if failure is not None:
                     index = position if adapter.BATCHED else None
                     outcome = dead_letter(
                         raw, "validate", failure[0], failure[1], index=index, body_ref=carrier
                     )
                 else:
-                    partition = keyed_partition(outcome.dedup_key(), targets.keyed_partitions)
+                    dedup_key = outcome.dedup_key()
+                    partition = keyed_partition(dedup_key.encode(), targets.keyed_partitions)
                     pack = packs[partition]
-                    pack.add_line(line)
+                    pack.add_json(dedup_key, outcome.kafka_key(), event_json)
                     if pack.size >= KeyedBatch.MAX_BYTES:  # keep keyed records well under any size limit
                         del packs[partition]
                         acks.append(
@@ -145,18 +146,18 @@ async def normalize_batch(
     return sent_packs + len(packs), letters
 
 
-def _keyed_line(event: CanonicalEvent, max_bytes: int) -> tuple[bytes, tuple[Reason, str] | None]:
-    """The event's keyed line, or why it cannot be one (unserializable, or over the size limit)."""
+def _event_json(event: CanonicalEvent, max_bytes: int) -> tuple[bytes, tuple[Reason, str] | None]:
+    """The event's JSON, or why it cannot be written (unserializable, or over the size limit)."""
     try:
-        line = KeyedBatch.line(event)
+        event_json = event.to_json()
     except orjson.JSONEncodeError as exc:
         return b"", (reasons.UNSERIALIZABLE_OUTPUT, f"the canonical event cannot be written as JSON: {exc}")
-    if len(line) > max_bytes:
+    if len(event_json) > max_bytes:
         return b"", (
             reasons.OUTPUT_TOO_LARGE,
-            f"the canonical event is {len(line)} bytes, over worker.max_event_bytes = {max_bytes}",
+            f"the canonical event is {len(event_json)} bytes, over worker.max_event_bytes = {max_bytes}",
         )
-    return line, None
+    return event_json, None
 
 
 def foreign_record(message: Any, source: str, exc: Exception) -> DeadLetter:

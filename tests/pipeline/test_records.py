@@ -14,6 +14,7 @@ from pipeline import reasons
 from pipeline.records import (
     CanonicalEvent,
     DeadLetter,
+    KeyedBatch,
     Origin,
     RawHeaders,
     RawRecord,
@@ -160,3 +161,36 @@ def test_raw_headers_hold_received_at_in_utc_as_the_same_instant(moment: datetim
         assert held.tzinfo is UTC
         assert held == moment
     assert dict(headers.to_kafka())["hw-received-at"] == format_utc(moment).encode()
+
+
+def _event(event_id: str, user_id: str) -> CanonicalEvent:
+    return CanonicalEvent.model_validate({
+        "event_id": event_id, "event_id_derived": False, "event_name": "n", "tenant": "acme",
+        "source": "segment", "user_id": user_id, "anonymous_id": None,
+        "timestamp": datetime(2024, 3, 1, tzinfo=UTC), "received_at": datetime(2024, 3, 1, tzinfo=UTC),
+        "properties": {"text": event_id}, "user_traits": {}, "context": {},
+    })
+
+
+@given(ids=st.lists(st.tuples(st.text(min_size=1, max_size=12), st.text(max_size=8)), min_size=1, max_size=20))
+def test_a_keyed_pack_gives_back_each_events_keys_and_exact_json_in_order(ids: list[tuple[str, str]]) -> None:
+    """Ids and user ids may hold tabs, newlines and any character: each event's keys and JSON come back."""
+    events = [_event(event_id, user_id) for event_id, user_id in ids]
+    pack = KeyedBatch()
+    for event in events:
+        pack.add(event)
+    assert KeyedBatch.entries(pack.to_bytes()) == [
+        (e.dedup_key().encode(), e.kafka_key().encode(), e.to_json()) for e in events
+    ]
+
+
+def test_a_keyed_pack_of_an_earlier_release_is_still_read() -> None:
+    """Packs written before the key header (one [dedup_key, canonical_key] TAB event line per event) may
+    still sit on the keyed topic when a worker is upgraded."""
+    events = [_event("e1", "u1"), _event("e\t2", "u\n2")]
+    earlier = b"\n".join(
+        orjson.dumps([e.dedup_key(), e.kafka_key()]) + b"\t" + e.to_json() for e in events
+    )
+    assert KeyedBatch.entries(earlier) == [
+        (e.dedup_key().encode(), e.kafka_key().encode(), e.to_json()) for e in events
+    ]

@@ -39,30 +39,33 @@ def make(store: dict[bytes, Any]) -> tuple[Deduplicator, Changelog]:
     return Deduplicator(store, "dedup-changelog", WINDOW_S, changelog.send), changelog
 
 
-def run(dedup: Deduplicator, batch: list[tuple[Candidate, int]], reemit: bool = False) -> tuple[list[bytes], tuple[int, int]]:
-    """One batch as the stage runs it: decide, then (the transaction committed) remember the emitted ids."""
+def run(
+    dedup: Deduplicator, batch: list[Candidate], reemit: bool = False, partition: int = 0
+) -> tuple[list[bytes], tuple[int, int]]:
+    """One batch of a keyed partition as the stage runs it: decide, then (the transaction committed)
+    remember the emitted ids."""
     import time
 
     now_ms = int(time.time() * 1000)
     verdicts = dedup.decide(batch, now_ms, reemit)
-    dedup.remember_emitted(verdicts.emit, now_ms)
-    return [c[0] for c, _ in verdicts.emit], (len(verdicts.emit), verdicts.duplicates)
+    dedup.remember_emitted(verdicts.emit, partition, now_ms)
+    return [c[0] for c in verdicts.emit], (len(verdicts.emit), verdicts.duplicates)
 
 
 def test_first_copy_wins_and_later_copies_are_dropped() -> None:
     """Within the window the first emission of (tenant, event_id) wins; repeats are counted, not emitted."""
     store: dict[bytes, Any] = {}
     dedup, _ = make(store)
-    emitted, (n, dropped) = run(dedup, [(candidate("a"), 0), (candidate("a"), 0), (candidate("b"), 1)])
+    emitted, (n, dropped) = run(dedup, [candidate("a"), candidate("a"), candidate("b")])
     assert (emitted, n, dropped) == ([b"acme/a", b"acme/b"], 2, 1)
-    emitted, (n, dropped) = run(dedup, [(candidate("a"), 0)])
+    emitted, (n, dropped) = run(dedup, [candidate("a")])
     assert (emitted, n, dropped) == ([], 0, 1)
 
 
 def test_the_same_id_from_two_tenants_is_two_events() -> None:
     """The key is (tenant, event_id): another tenant's id never collides."""
     dedup, _ = make({})
-    emitted, _ = run(dedup, [(candidate("a", "acme"), 0), (candidate("a", "globex"), 0)])
+    emitted, _ = run(dedup, [candidate("a", "acme"), candidate("a", "globex")])
     assert emitted == [b"acme/a", b"globex/a"]
 
 
@@ -70,9 +73,9 @@ def test_nothing_is_marked_seen_until_the_transaction_has_committed() -> None:
     """decide() leaves the table alone: an aborted transaction leaves every id new for the replayed batch."""
     store: dict[bytes, Any] = {}
     dedup, _ = make(store)
-    verdicts = dedup.decide([(candidate("a"), 2)], 1_000)
+    verdicts = dedup.decide([candidate("a")], 1_000)
     assert store == {} and len(verdicts.emit) == 1
-    dedup.remember_emitted(verdicts.emit, 1_000)
+    dedup.remember_emitted(verdicts.emit, 2, 1_000)
     assert store == {b"acme/a": (DONE, 1_000, 2)}  # a tuple: the garbage collector does not track it
     assert orjson.loads(Deduplicator.entry(2, 1_000)) == [DONE, 1_000, 2]
 
@@ -80,15 +83,15 @@ def test_nothing_is_marked_seen_until_the_transaction_has_committed() -> None:
 def test_an_entry_left_pending_by_the_earlier_design_is_not_seen() -> None:
     """A PENDING entry (written before transactions) may never have been emitted: its id is emitted."""
     dedup, _ = make({b"acme/a": [PENDING, 10**13, 0]})
-    emitted, _ = run(dedup, [(candidate("a"), 0)])
+    emitted, _ = run(dedup, [candidate("a")])
     assert emitted == [b"acme/a"]
 
 
 def test_a_reemit_replay_emits_a_seen_id_once_more() -> None:
     """replay --reemit: an id already seen is emitted again, once per batch."""
     dedup, _ = make({})
-    run(dedup, [(candidate("a"), 0)])
-    emitted, (_, dropped) = run(dedup, [(candidate("a"), 0), (candidate("a"), 0)], reemit=True)
+    run(dedup, [candidate("a")])
+    emitted, (_, dropped) = run(dedup, [candidate("a"), candidate("a")], reemit=True)
     assert (emitted, dropped) == ([b"acme/a"], 1)
 
 
@@ -107,7 +110,7 @@ def test_an_expired_id_is_new_again() -> None:
     """After the window an id is emitted again: the window bounds the guarantee (architecture.md)."""
     store: dict[bytes, Any] = {b"acme/a": [DONE, 0, 0]}
     dedup, _ = make(store)
-    emitted, _ = run(dedup, [(candidate("a"), 0)])
+    emitted, _ = run(dedup, [candidate("a")])
     assert emitted == [b"acme/a"]
 
 
@@ -115,8 +118,8 @@ def test_the_rocksdb_store_keeps_the_same_entries_as_memory(tmp_path: Path) -> N
     """dedup.store = "rocksdb://": the same verdicts, entries readable back, expiry deletes them."""
     store = open_store("rocksdb://", tmp_path)
     dedup, changelog = make(store)
-    assert run(dedup, [(candidate("a"), 0), (candidate("b"), 1)])[1] == (2, 0)
-    assert run(dedup, [(candidate("a"), 0)])[1] == (0, 1)
+    assert run(dedup, [candidate("a"), candidate("b")])[1] == (2, 0)
+    assert run(dedup, [candidate("a")])[1] == (0, 1)
     assert {k: v[0] for k, v in store.items()} == {b"acme/a": DONE, b"acme/b": DONE}
     assert store.pop(b"acme/b")[0] == DONE and store.get(b"acme/b") is None
     assert asyncio.run(dedup.expire(now_ms=10**15)) == 1
@@ -173,7 +176,7 @@ def test_new_ids_are_indexed_by_time_and_expire_once_their_bucket_is_past_the_wi
     """An id emitted now is expired by a call one window + one bucket later, and only then."""
     store: dict[bytes, Any] = {}
     dedup, _ = make(store)
-    run(dedup, [(candidate("a"), 0)])
+    run(dedup, [candidate("a")])
     first_seen = store[b"acme/a"][1]
     assert asyncio.run(dedup.expire(now_ms=first_seen + int(WINDOW_S * 1000) - 1)) == 0
     assert asyncio.run(dedup.expire(now_ms=first_seen + int(WINDOW_S * 1000) + 60_000)) == 1
