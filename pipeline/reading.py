@@ -70,9 +70,8 @@ def json_depth(value: JSONValue) -> int:
         depth += 1
         below: list[dict[str, JSONValue] | list[JSONValue]] = []
         for node in level:
-            for child in node.values() if isinstance(node, dict) else node:
-                if isinstance(child, _CONTAINERS):
-                    below.append(child)
+            children = node.values() if type(node) is dict else node
+            below += [child for child in children if isinstance(child, _CONTAINERS)]
         level = below
     return depth
 
@@ -108,6 +107,8 @@ def get(record: Mapping[str, JSONValue], field: str) -> JSONValue:
 
     A step that is present but not an object is wrong_type:<that step>, rather than silently absent.
     """
+    if "." not in field:  # the common case: absent and null are both None
+        return record.get(field)
     value = _get(record, field)
     return None if isinstance(value, _Missing) else value
 

@@ -291,22 +291,15 @@ class CanonicalEvent(_Record):
 
     def to_json(self) -> bytes:
         """The event as JSON, fields in declaration order; equal to model_dump(mode="json") serialized,
-        without pydantic's per-field serializer calls (the worker's hottest path)."""
+        without pydantic's per-field serializer calls (the worker's hottest path). The fields are read
+        from the instance dict, which pydantic fills in declaration order; the two times are replaced in
+        place, so the order holds."""
+        fields = self.__dict__
         return orjson.dumps(
             {
-                "event_id": self.event_id,
-                "event_id_derived": self.event_id_derived,
-                "event_name": self.event_name,
-                "tenant": self.tenant,
-                "source": self.source,
-                "user_id": self.user_id,
-                "anonymous_id": self.anonymous_id,
-                "timestamp": _json_utc(self.timestamp),
-                "received_at": _json_utc(self.received_at),
-                "properties": self.properties,
-                "user_traits": self.user_traits,
-                "context": self.context,
-                "schema_version": self.schema_version,
+                **fields,
+                "timestamp": _json_utc(fields["timestamp"]),
+                "received_at": _json_utc(fields["received_at"]),
             }
         )
 
