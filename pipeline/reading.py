@@ -7,6 +7,7 @@ A `field` may be dotted (`user.id`) to reach into nested objects.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Collection, Iterable, Mapping
@@ -53,7 +54,7 @@ def json_body(body: bytes) -> JSONValue:
     except orjson.JSONDecodeError as exc:
         reject(reasons.INVALID_JSON, f"body is not valid JSON: {exc}")
     # Each level needs an opening bracket: a body with few of them cannot be too deep (the common case).
-    if body.count(b"[") + body.count(b"{") > MAX_JSON_DEPTH and json_depth(doc) > MAX_JSON_DEPTH:
+    if body.count(b"[") + body.count(b"{") > MAX_JSON_DEPTH and not nests_within(doc, MAX_JSON_DEPTH):
         reject(
             reasons.NESTING_TOO_DEEP,
             f"the body nests arrays/objects more than {MAX_JSON_DEPTH} levels deep",
@@ -74,6 +75,50 @@ def json_depth(value: JSONValue) -> int:
             below += [child for child in children if isinstance(child, _CONTAINERS)]
         level = below
     return depth
+
+
+def nests_within(value: JSONValue, limit: int) -> bool:
+    """Whether json_depth(value) <= limit, at orjson's speed (a tenth of json_depth's walk on a bulk body).
+
+    orjson refuses to write more than `_writable_depth()` levels, and writes everything it reads except
+    deeper nesting. So wrapped in (writable depth - limit) arrays, the value is writable exactly when it
+    nests at most `limit` levels. If orjson refuses for any other reason, json_depth decides.
+    """
+    padding = _writable_depth() - limit
+    if padding < 0:
+        return json_depth(value) <= limit
+    wrapped = value
+    for _ in range(padding):
+        wrapped = [wrapped]
+    try:
+        orjson.dumps(wrapped)
+    except orjson.JSONEncodeError:
+        return json_depth(value) <= limit
+    return True
+
+
+@functools.cache
+def _writable_depth() -> int:
+    """The deepest nesting orjson writes (254 in orjson 3.x), found by trying, so that a release of orjson
+    cannot move it under nests_within; -1 if orjson writes 1,024 levels (nests_within then walks)."""
+    if _writes_nesting(1024):
+        return -1
+    writable, refused = 0, 1024
+    while refused - writable > 1:
+        middle = (writable + refused) // 2
+        writable, refused = (middle, refused) if _writes_nesting(middle) else (writable, middle)
+    return writable
+
+
+def _writes_nesting(depth: int) -> bool:
+    nested: JSONValue = None
+    for _ in range(depth):
+        nested = [nested]
+    try:
+        orjson.dumps(nested)
+    except orjson.JSONEncodeError:
+        return False
+    return True
 
 
 def kind(value: JSONValue) -> str:

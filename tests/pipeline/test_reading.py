@@ -6,6 +6,7 @@ from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any
 
+import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -328,6 +329,31 @@ def test_json_depth_of_a_chain_deeper_than_the_recursion_limit() -> None:
     for _ in range(5000):
         value = [value]
     assert read.json_depth(value) == 5000
+
+
+@given(json_trees, st.integers(0, 6))
+def test_nests_within_agrees_with_the_definition_for_any_limit(value: Any, limit: int) -> None:
+    """nests_within (orjson writing the value under padding) answers nesting(value) <= limit exactly."""
+    assert read.nests_within(value, limit) is (nesting(value) <= limit)
+
+
+@given(depth=st.integers(100, 400), objects=st.lists(st.booleans(), min_size=400, max_size=400))
+def test_nests_within_is_exact_around_the_body_limit(depth: int, objects: list[bool]) -> None:
+    """Chains of arrays and objects, either side of MAX_JSON_DEPTH and of orjson's own write limit."""
+    value: Any = "leaf"
+    for level in range(depth):
+        value = {"k": value} if objects[level] else [value]
+    assert read.nests_within(value, read.MAX_JSON_DEPTH) is (depth <= read.MAX_JSON_DEPTH)
+
+
+def test_the_writable_depth_is_what_orjson_writes_and_one_more_it_refuses() -> None:
+    writable = read._writable_depth()
+    chain: Any = None
+    for _ in range(writable):
+        chain = [chain]
+    orjson.dumps(chain)
+    with pytest.raises(orjson.JSONEncodeError):
+        orjson.dumps([chain])
 
 
 @given(st.integers(-(10**18), 10**18) | st.integers())
