@@ -447,6 +447,7 @@ class KeyedBatch:
         self.size += len(event_json) + len(dedup_key) + len(canonical_key) + 8
 
     def to_bytes(self) -> bytes:
+        # Cannot fail: every part of a key is also in its event's JSON, which orjson has written already.
         return b"\n".join([orjson.dumps({"keys": self.keys}), *self.events])
 
     @staticmethod
