@@ -71,8 +71,9 @@ def json_depth(value: JSONValue) -> int:
         depth += 1
         below: list[dict[str, JSONValue] | list[JSONValue]] = []
         for node in level:
-            children = node.values() if type(node) is dict else node
-            below += [child for child in children if isinstance(child, _CONTAINERS)]
+            for child in node.values() if isinstance(node, dict) else node:
+                if isinstance(child, _CONTAINERS):
+                    below.append(child)
         level = below
     return depth
 
@@ -85,37 +86,34 @@ def nests_within(value: JSONValue, limit: int) -> bool:
     nests at most `limit` levels. If orjson refuses for any other reason, json_depth decides.
     """
     padding = _writable_depth() - limit
-    if padding < 0:
-        return json_depth(value) <= limit
-    wrapped = value
-    for _ in range(padding):
-        wrapped = [wrapped]
-    try:
-        orjson.dumps(wrapped)
-    except orjson.JSONEncodeError:
-        return json_depth(value) <= limit
-    return True
+    if padding >= 0 and _writable(_wrapped(value, padding)):
+        return True
+    return json_depth(value) <= limit
 
 
 @functools.cache
 def _writable_depth() -> int:
     """The deepest nesting orjson writes (254 in orjson 3.x), found by trying, so that a release of orjson
     cannot move it under nests_within; -1 if orjson writes 1,024 levels (nests_within then walks)."""
-    if _writes_nesting(1024):
+    if _writable(_wrapped(None, 1024)):
         return -1
     writable, refused = 0, 1024
     while refused - writable > 1:
         middle = (writable + refused) // 2
-        writable, refused = (middle, refused) if _writes_nesting(middle) else (writable, middle)
+        writable, refused = (middle, refused) if _writable(_wrapped(None, middle)) else (writable, middle)
     return writable
 
 
-def _writes_nesting(depth: int) -> bool:
-    nested: JSONValue = None
-    for _ in range(depth):
-        nested = [nested]
+def _wrapped(value: JSONValue, levels: int) -> JSONValue:
+    """The value inside `levels` one-element arrays."""
+    for _ in range(levels):
+        value = [value]
+    return value
+
+
+def _writable(value: JSONValue) -> bool:
     try:
-        orjson.dumps(nested)
+        orjson.dumps(value)
     except orjson.JSONEncodeError:
         return False
     return True
