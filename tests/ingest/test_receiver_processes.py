@@ -34,17 +34,22 @@ def get(url: str) -> tuple[int, str]:
         return 0, ""
 
 
+def stat_fields(pid: int) -> list[str]:
+    """The fields of /proc/<pid>/stat after the command name: state, parent pid, ..."""
+    return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+
+
 def exited(pid: int) -> bool:
     """The process is gone or a zombie (an exited process has closed its files, its sockets too)."""
     try:
-        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+        state = stat_fields(pid)[0]
     except OSError:
         return True
     return state in ("Z", "X")
 
 
 def parent_of(pid: int) -> int:
-    return int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[1])
+    return int(stat_fields(pid)[1])
 
 
 def pids_serving(base: str, tries: int = 200) -> set[int]:
