@@ -363,3 +363,31 @@ def test_an_integer_epoch_is_the_instant_of_its_decimal_value(number: int) -> No
     found = read.parse_timestamp(number)
     assert found == expected
     assert found is None or found.tzinfo is UTC
+
+
+iso_parts = st.tuples(
+    st.integers(0, 10_000),  # year: 0 and 10000 do not exist, 1 may shift below year 1
+    st.integers(0, 13),
+    st.integers(0, 32),
+    st.integers(0, 25),
+    st.integers(0, 60),
+    st.integers(0, 61),
+    st.none() | st.text("0123456789", min_size=1, max_size=6),
+    st.sampled_from(["Z", "+00:00", "-00:00", "+0000", "+05:30", "-0800", "+23:59", "-24:00", "+14:60"]),
+)
+
+
+@given(iso_parts)
+def test_the_common_iso_form_reads_as_the_general_rule_reads_it(parts: tuple[Any, ...]) -> None:
+    """The common form (seconds, up to 6 fraction digits, a zone) takes datetime.fromisoformat directly:
+    the same instant as §3.4 rule 4's general reading (_ISO + _from_iso), or None for both."""
+    year, month, day, hour, minute, second, fraction, zone = parts
+    text = f"{year:04d}-{month:02d}-{day:02d}T{hour:02d}:{minute:02d}:{second:02d}"
+    text += (f".{fraction}" if fraction is not None else "") + zone
+    assert read._ISO_COMMON.fullmatch(text)
+    match = read._ISO.fullmatch(text)
+    assert match is not None
+    expected = read._from_iso(match)
+    found = read.parse_timestamp(text)
+    assert found == expected
+    assert found is None or found.tzinfo is UTC
