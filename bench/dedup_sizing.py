@@ -4,8 +4,8 @@
 
 (a) Memory store. N raw customerglu records with unique event ids go straight to raw.customerglu; one
     `headwater worker --source customerglu` runs until all N are on events.canonical, counted as a
-    read_committed reader sees them (the dedup changelog then holds one record per id, written in the
-    same transaction as the event) and is stopped. A second worker on the same app_id restores the whole
+    read_committed reader sees them (the dedup changelog then holds one record per transaction with its
+    new ids, written in the same transaction as the events) and is stopped. A second worker on the same app_id restores the whole
     changelog at start. Right after starting it, one new marker event is produced; its arrival on
     events.canonical (the record's timestamp) marks the end of the restore, since the dedup stage only
     consumes once its partitions' state is restored. The same measurement on an EMPTY changelog (a fresh app_id, second start
@@ -395,7 +395,7 @@ def sizing_table(results: dict[str, Any]) -> None:
             mr = human_bytes(keys * ram) if ram else "n/a"
             print(f"  {name:>6} {rate:>7,} {keys:>15,} {d:>13} {dl:>11} {mr:>11} {rm:>15} {rr:>16}")
     print("  (restore is for the whole table on one worker; with W workers each restores ~1/W of the "
-          "partitions. One changelog record per key, plus its tombstone once it expires, until Kafka compacts them.)")
+          "partitions. One changelog record per transaction, with its ids; the broker's retention deletes it.)")
 
 
 if __name__ == "__main__":

@@ -1,18 +1,21 @@
 """Deduplication on (tenant, event_id), exactly once with Kafka transactions (architecture.md, "Dedup").
 
 State is a table of the keyed partitions a worker owns, one entry per id: `(state, first_seen_ms,
-partition)` (a JSON array in the changelog), written through to a compacted changelog topic (so it
-survives restarts and rebalances: the worker restores a partition's entries from it, read_committed, on
-assignment). The table lives in memory or, with dedup.store = "rocksdb://", in a local RocksDB
-(rocksdict) so a large window does not need the RAM. There is no TTL in either, so entries carry their
-own time and `expire()` deletes old ones through a time-bucketed index (pitfalls.md).
+partition)`. The table lives in memory or, with dedup.store = "rocksdb://", in a local RocksDB (rocksdict)
+so a large window does not need the RAM; either way it is rebuilt from the changelog topic (read_committed)
+on assignment, so it survives restarts and rebalances. The changelog holds one record per transaction and
+chunk of 10,000 ids (`changelog_records`), not one per id: the ids of a transaction share their time and
+partition, and a record per id cost the stage a Kafka record per event. There is no TTL in either store, so
+entries carry their own time and `expire()` deletes old ones through a time-bucketed index (pitfalls.md);
+the changelog's old records are deleted by the broker's retention (window + 1 h), and a restore skips what
+is past the window.
 
 One transaction per keyed partition and batch (pipeline.stream.dedup_stage) holds the canonical events,
-the changelog entries of their ids and the batch's input offsets: all or nothing. So a crash can leave
+the changelog records of their ids and the batch's input offsets: all or nothing. So a crash can leave
 neither an event without its entry nor an entry without its event, and `Deduplicator` is pure
 check-and-set: `decide` splits a batch, `remember_emitted` writes the table once the transaction has
-committed. (Entries written by the earlier PENDING/DONE design are read as: DONE = seen, PENDING = not
-seen, so one event may be emitted a second time across that upgrade.)
+committed. (Per-id entries written by earlier releases are still restored: DONE = seen, PENDING = not
+seen, so one event may be emitted a second time across the upgrade to transactions.)
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Protocol, cast
@@ -38,7 +41,7 @@ DONE = "d"
 
 # (dedup_key, canonical_key, canonical_json) of one candidate.
 Candidate = tuple[bytes, bytes, bytes]
-Send = Callable[[str, bytes | None, bytes | None, int | None], Awaitable[Awaitable[Any]]]
+CHANGELOG_IDS_PER_RECORD = 10_000  # a changelog record stays well under any max.message.bytes
 
 
 class Store(Protocol):
@@ -193,14 +196,9 @@ class ExpiryIndex:
 class Deduplicator:
     """Check-and-set on the dedup table. Single-threaded per keyed partition, so check-and-set is atomic."""
 
-    def __init__(
-        self, store: Any, changelog_topic: str, window_s: float, send: Send, bucket_s: float = 60.0
-    ) -> None:
+    def __init__(self, store: Any, window_s: float, bucket_s: float = 60.0) -> None:
         self.store = store  # the table's data (dict-like)
-        self.changelog_topic = changelog_topic
         self.window_ms = int(window_s * 1000)
-        self.send = send  # for expiry tombstones (outside any transaction)
-        self.dropped = 0
         self.index = ExpiryIndex(int(bucket_s * 1000))
         for key, entry in store.items():  # a store handed over with entries (tests; RocksDB starts empty)
             self.remember(key, entry)
@@ -237,9 +235,50 @@ class Deduplicator:
         return verdicts
 
     @staticmethod
-    def entry(partition: int, now_ms: int) -> bytes:
-        """The changelog value of an id emitted now from a keyed partition."""
-        return orjson.dumps([DONE, now_ms, partition])
+    def changelog_records(
+        emitted: Sequence[Candidate], partition: int, now_ms: int, first_offset: int
+    ) -> list[tuple[bytes, bytes]]:
+        """The changelog records (key, value) of one transaction's new ids, 10,000 ids a record:
+        {"first_seen_ms", "partition", "ids"}. The key names the keyed partition and the offset of the
+        transaction's first input record, so it is unique per transaction, and it has no '/', so it is
+        never a dedup key (tenant/event_id) of the earlier per-id layout."""
+        ids = [candidate[0].decode() for candidate in emitted]
+        step = CHANGELOG_IDS_PER_RECORD
+        return [
+            (
+                b"ids:%d:%d:%d" % (partition, first_offset, chunk),
+                orjson.dumps({"first_seen_ms": now_ms, "partition": partition, "ids": ids[at : at + step]}),
+            )
+            for chunk, at in enumerate(range(0, len(ids), step))
+        ]
+
+    def restore(self, key: bytes | None, value: bytes | None, now_ms: int) -> int:
+        """Apply one changelog record, read in offset order; returns the ids it wrote to the table.
+
+        A record of ids whose time is past the window is skipped (the broker's retention deletes it
+        later). Records of the earlier per-id layout are applied as they were: an entry, or a tombstone."""
+        store = self.store
+        if value is None:
+            if key is not None:
+                store.pop(key, None)
+            return 0
+        doc = orjson.loads(value)
+        if isinstance(doc, dict):
+            first_seen = int(doc["first_seen_ms"])
+            if now_ms - first_seen >= self.window_ms:
+                return 0
+            entry = (DONE, first_seen, int(doc["partition"]))
+            keys = [found.encode() for found in doc["ids"]]
+            for found in keys:
+                store[found] = entry
+            self.index.add_all(keys, first_seen)
+            return len(keys)
+        if key is None or not self._live(doc, now_ms):
+            return 0
+        entry = tuple(doc)  # held as a tuple, as remember_emitted writes it
+        store[key] = entry
+        self.remember(key, entry)
+        return 1
 
     def remember_emitted(self, emitted: Iterable[Candidate], partition: int, now_ms: int) -> None:
         """Write the ids of a committed transaction of a keyed partition to the table (its changelog
@@ -252,8 +291,9 @@ class Deduplicator:
             store[key] = entry
         self.index.add_all(keys, now_ms)
 
-    async def expire(self, now_ms: int | None = None, limit: int = 200_000) -> int:
-        """Delete entries older than the window, locally and in the changelog (tombstones).
+    def expire(self, now_ms: int | None = None, limit: int = 200_000) -> int:
+        """Delete entries older than the window from the table (the changelog's records of them are
+        deleted by the broker's retention; a restore skips them meanwhile).
 
         The work is proportional to what expires (ExpiryIndex buckets), at most about `limit` keys per
         call (whole buckets), so the caller can release its lock between calls.
@@ -265,6 +305,5 @@ class Deduplicator:
             if entry is None or self._live(entry, now_ms):
                 continue  # deleted already, or replaced by a newer entry (indexed in its own bucket)
             del self.store[key]
-            await self.send(self.changelog_topic, key, None, entry_partition(entry))
             expired += 1
         return expired

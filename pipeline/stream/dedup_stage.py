@@ -1,9 +1,10 @@
 """Stage 2, dedup: the keyed topic -> events.canonical, dropping repeats of (tenant, event_id) in the window.
 
 The stage owns the dedup table's entries of the keyed partitions it is assigned: restored (read_committed)
-from the compacted changelog on assignment, written through to it in the same Kafka transaction as the
-canonical events and the input offsets (pipeline.stream.transactions), one transaction per keyed
-partition and batch. Readers of events.canonical must read with isolation.level=read_committed.
+from the changelog on assignment, written through to it in the same Kafka transaction as the canonical
+events and the input offsets (pipeline.stream.transactions), one transaction per keyed partition and
+batch, whose new ids are one changelog record (Deduplicator.changelog_records). Readers of
+events.canonical must read with isolation.level=read_committed.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from pipeline.stream.consuming import (
     stop_consumer,
     stopped_quietly,
 )
-from pipeline.stream.dedup import Deduplicator, Send, Store, entry_partition, open_store
+from pipeline.stream.dedup import Deduplicator, Store, entry_partition, open_store
 from pipeline.stream.metrics import WorkerMetrics
 from pipeline.stream.normalizing import dead_letter
 from pipeline.stream.transactions import Output, PartitionTransactions
@@ -58,7 +59,6 @@ class DedupStage(mode.Service):
     def __init__(
         self,
         settings: Settings,
-        send: Send,
         metrics: WorkerMetrics,
         progress: StageProgress,
         on_death: Callable[[BaseException], None],
@@ -66,7 +66,6 @@ class DedupStage(mode.Service):
     ) -> None:
         super().__init__(**kwargs)
         self.settings = settings
-        self.send = send
         self.metrics = metrics
         self.progress = progress
         self.on_death = on_death
@@ -77,9 +76,7 @@ class DedupStage(mode.Service):
         )
         self.dedup = Deduplicator(
             self.store,
-            self.changelog_topic,
             settings.dedup.window.total_seconds(),
-            send,
             bucket_s=settings.dedup.expire_every.total_seconds(),
         )
         self.group_id = f"{settings.worker.app_id}-dedup"
@@ -118,7 +115,7 @@ class DedupStage(mode.Service):
                 removed = 0
                 while True:  # in chunks, releasing the lock between them so batches go on
                     async with self.lock:
-                        chunk = await self.dedup.expire(limit=EXPIRE_CHUNK)
+                        chunk = self.dedup.expire(limit=EXPIRE_CHUNK)
                     removed += chunk
                     if chunk < EXPIRE_CHUNK:
                         break
@@ -178,8 +175,8 @@ class DedupStage(mode.Service):
             batch = [entry for record in run for entry in KeyedBatch.entries(record.value)]
             now_ms = int(time.time() * 1000)
             verdicts = self.dedup.decide(batch, now_ms, reemit=bool(replay and replay.reemit))
-            entry = Deduplicator.entry(partition, now_ms)  # the same for every id of the run
-            outputs: list[Output] = [(self.changelog_topic, c[0], entry, partition) for c in verdicts.emit]
+            changelog = Deduplicator.changelog_records(verdicts.emit, partition, now_ms, run[0].offset)
+            outputs: list[Output] = [(self.changelog_topic, key, ids, partition) for key, ids in changelog]
             canonical = self.settings.topics.canonical
             outputs += [(canonical, c[1], c[2], None) for c in verdicts.emit]
             if replay is not None:
@@ -262,7 +259,8 @@ class DedupStage(mode.Service):
             await consumer.seek_to_beginning(*tps)
             ends = await consumer.end_offsets(tps)
             remaining = {tp for tp in tps if ends[tp] > 0}
-            store = self.store
+            restore = self.dedup.restore
+            now_ms = int(time.time() * 1000)
             count = 0
             while remaining:
                 for tp, part in (
@@ -271,15 +269,7 @@ class DedupStage(mode.Service):
                     for record in part:
                         if record.offset >= ends[tp]:
                             break
-                        if record.value is None:
-                            store.pop(record.key, None)
-                        else:
-                            entry = orjson.loads(record.value)
-                            if isinstance(entry, list):  # held as a tuple, as remember_emitted writes it
-                                entry = tuple(entry)
-                            store[record.key] = entry
-                            self.dedup.remember(record.key, entry)
-                        count += 1
+                        count += restore(record.key, record.value, now_ms)
                     if part and part[-1].offset + 1 >= ends[tp]:
                         remaining.discard(tp)
                 for tp in list(remaining):
@@ -303,10 +293,11 @@ def _runs(records: list[Any]) -> list[tuple[ReplayTag | None, list[Any]]]:
 
 
 def changelog_config(settings: Settings) -> dict[str, str]:
-    """Compacted (one entry per id) and time-limited: segments older than the window + 1 h are deleted by
-    the broker, so the changelog stays bounded by the window even where a tombstone was never written."""
+    """Time-limited: a segment is rolled every hour and deleted by the broker once its newest record is
+    older than the window + 1 h, so the changelog holds at most the window + 2 h. Compacted as well, as
+    changelogs are (pitfalls.md): the per-id entries of earlier releases still collapse to one per id."""
     retention_ms = int(settings.dedup.window.total_seconds() * 1000) + 3_600_000
-    return {"cleanup.policy": "compact,delete", "retention.ms": str(retention_ms)}
+    return {"cleanup.policy": "compact,delete", "retention.ms": str(retention_ms), "segment.ms": "3600000"}
 
 
 def changelog_topic(settings: Settings) -> str:

@@ -70,9 +70,7 @@ class Worker:
                     self.died,
                 )
             )
-        self.app.service(
-            _bind(DedupStage, settings, self._send, self.metrics, self.progress["dedup"], self.died)
-        )
+        self.app.service(_bind(DedupStage, settings, self.metrics, self.progress["dedup"], self.died))
         if settings.worker.web_port:
             self.app.service(_bind(WebService, settings, self.metrics, self.progress))
 
@@ -94,12 +92,6 @@ class Worker:
             broker_heartbeat_interval=max(1.0, s.worker.session_timeout_s / 4),
             logging_config=None,
         )
-
-    async def _send(
-        self, topic: str, key: bytes | None, value: bytes | None, partition: int | None
-    ) -> Awaitable[Any]:
-        """Hand a record to the producer; returns the future of its ack (awaited per batch, not per send)."""
-        return await self.app.producer.send(topic, key, value, partition, None, None)
 
     async def _send_with_headers(
         self, topic: str, key: bytes | None, value: bytes, partition: int | None, headers: KafkaHeaders | None

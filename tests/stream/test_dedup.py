@@ -1,42 +1,35 @@
-"""The dedup check-and-set (pipeline/stream/dedup.py), driven directly: a dict as the table's store and a
-list as the changelog. The transaction that makes an emission and its entry atomic is tested on the broker
-(tests/test_exactly_once.py, tests/test_scale_out.py)."""
+"""The dedup check-and-set (pipeline/stream/dedup.py), driven directly: a dict as the table's store, and the
+changelog records it writes and restores from. The transaction that makes an emission and its entry atomic
+is tested on the broker (tests/test_exactly_once.py, tests/test_scale_out.py)."""
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
 
-from pipeline.stream.dedup import DONE, PENDING, Candidate, Deduplicator, RocksStore, StoreLocked, open_store
+from pipeline.stream.dedup import (
+    CHANGELOG_IDS_PER_RECORD,
+    DONE,
+    PENDING,
+    Candidate,
+    Deduplicator,
+    RocksStore,
+    StoreLocked,
+    open_store,
+)
 
 WINDOW_S = 3600.0
-
-
-class Changelog:
-    """Records what the deduplicator writes to its changelog topic (expiry tombstones), acknowledging at once."""
-
-    def __init__(self) -> None:
-        self.records: list[tuple[bytes | None, Any, int | None]] = []
-
-    async def send(self, topic: str, key: bytes | None, value: bytes | None, partition: int | None) -> Awaitable[Any]:
-        self.records.append((key, orjson.loads(value) if value is not None else None, partition))
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        future.set_result(None)
-        return future
 
 
 def candidate(event_id: str, tenant: str = "acme") -> Candidate:
     return (f"{tenant}/{event_id}".encode(), b"acme/u1", orjson.dumps({"event_id": event_id}))
 
 
-def make(store: dict[bytes, Any]) -> tuple[Deduplicator, Changelog]:
-    changelog = Changelog()
-    return Deduplicator(store, "dedup-changelog", WINDOW_S, changelog.send), changelog
+def make(store: dict[bytes, Any]) -> Deduplicator:
+    return Deduplicator(store, WINDOW_S)
 
 
 def run(
@@ -55,7 +48,7 @@ def run(
 def test_first_copy_wins_and_later_copies_are_dropped() -> None:
     """Within the window the first emission of (tenant, event_id) wins; repeats are counted, not emitted."""
     store: dict[bytes, Any] = {}
-    dedup, _ = make(store)
+    dedup = make(store)
     emitted, (n, dropped) = run(dedup, [candidate("a"), candidate("a"), candidate("b")])
     assert (emitted, n, dropped) == ([b"acme/a", b"acme/b"], 2, 1)
     emitted, (n, dropped) = run(dedup, [candidate("a")])
@@ -64,7 +57,7 @@ def test_first_copy_wins_and_later_copies_are_dropped() -> None:
 
 def test_the_same_id_from_two_tenants_is_two_events() -> None:
     """The key is (tenant, event_id): another tenant's id never collides."""
-    dedup, _ = make({})
+    dedup = make({})
     emitted, _ = run(dedup, [candidate("a", "acme"), candidate("a", "globex")])
     assert emitted == [b"acme/a", b"globex/a"]
 
@@ -72,44 +65,42 @@ def test_the_same_id_from_two_tenants_is_two_events() -> None:
 def test_nothing_is_marked_seen_until_the_transaction_has_committed() -> None:
     """decide() leaves the table alone: an aborted transaction leaves every id new for the replayed batch."""
     store: dict[bytes, Any] = {}
-    dedup, _ = make(store)
+    dedup = make(store)
     verdicts = dedup.decide([candidate("a")], 1_000)
     assert store == {} and len(verdicts.emit) == 1
     dedup.remember_emitted(verdicts.emit, 2, 1_000)
     assert store == {b"acme/a": (DONE, 1_000, 2)}  # a tuple: the garbage collector does not track it
-    assert orjson.loads(Deduplicator.entry(2, 1_000)) == [DONE, 1_000, 2]
 
 
 def test_an_entry_left_pending_by_the_earlier_design_is_not_seen() -> None:
     """A PENDING entry (written before transactions) may never have been emitted: its id is emitted."""
-    dedup, _ = make({b"acme/a": [PENDING, 10**13, 0]})
+    dedup = make({b"acme/a": [PENDING, 10**13, 0]})
     emitted, _ = run(dedup, [candidate("a")])
     assert emitted == [b"acme/a"]
 
 
 def test_a_reemit_replay_emits_a_seen_id_once_more() -> None:
     """replay --reemit: an id already seen is emitted again, once per batch."""
-    dedup, _ = make({})
+    dedup = make({})
     run(dedup, [candidate("a")])
     emitted, (_, dropped) = run(dedup, [candidate("a"), candidate("a")], reemit=True)
     assert (emitted, dropped) == ([b"acme/a"], 1)
 
 
-def test_entries_older_than_the_window_expire_with_a_tombstone() -> None:
-    """Faust tables have no TTL: expire() deletes old ids locally and writes a tombstone to the changelog,
-    at most one expiry bucket (dedup.expire_every, 60 s here) after the window."""
+def test_entries_older_than_the_window_expire() -> None:
+    """Faust tables have no TTL: expire() deletes old ids from the table at most one expiry bucket
+    (dedup.expire_every, 60 s here) after the window (the broker's retention deletes their changelog)."""
     store: dict[bytes, Any] = {b"acme/old": [DONE, 0, 3], b"acme/new": [DONE, 10**15, 1]}
-    dedup, changelog = make(store)
-    assert asyncio.run(dedup.expire(now_ms=int(WINDOW_S * 1000) + 1)) == 0  # its bucket is not over yet
-    assert asyncio.run(dedup.expire(now_ms=int(WINDOW_S * 1000) + 60_000)) == 1
+    dedup = make(store)
+    assert dedup.expire(now_ms=int(WINDOW_S * 1000) + 1) == 0  # its bucket is not over yet
+    assert dedup.expire(now_ms=int(WINDOW_S * 1000) + 60_000) == 1
     assert list(store) == [b"acme/new"]
-    assert changelog.records == [(b"acme/old", None, 3)]
 
 
 def test_an_expired_id_is_new_again() -> None:
     """After the window an id is emitted again: the window bounds the guarantee (architecture.md)."""
     store: dict[bytes, Any] = {b"acme/a": [DONE, 0, 0]}
-    dedup, _ = make(store)
+    dedup = make(store)
     emitted, _ = run(dedup, [candidate("a")])
     assert emitted == [b"acme/a"]
 
@@ -117,12 +108,12 @@ def test_an_expired_id_is_new_again() -> None:
 def test_the_rocksdb_store_keeps_the_same_entries_as_memory(tmp_path: Path) -> None:
     """dedup.store = "rocksdb://": the same verdicts, entries readable back, expiry deletes them."""
     store = open_store("rocksdb://", tmp_path)
-    dedup, changelog = make(store)
+    dedup = make(store)
     assert run(dedup, [candidate("a"), candidate("b")])[1] == (2, 0)
     assert run(dedup, [candidate("a")])[1] == (0, 1)
     assert {k: v[0] for k, v in store.items()} == {b"acme/a": DONE, b"acme/b": DONE}
     assert store.pop(b"acme/b")[0] == DONE and store.get(b"acme/b") is None
-    assert asyncio.run(dedup.expire(now_ms=10**15)) == 1
+    assert dedup.expire(now_ms=10**15) == 1
     assert list(store.items()) == []
     store.close()
     reopened = open_store("rocksdb://", tmp_path)
@@ -165,19 +156,63 @@ def test_expiry_does_work_proportional_to_what_expires() -> None:
     old = {f"acme/old{i}".encode(): [DONE, now - int(WINDOW_S * 1000) - 120_000, 0] for i in range(1000)}
     live = {f"acme/live{i}".encode(): [DONE, now - i, 1] for i in range(100_000)}
     store = CountingStore({**old, **live})
-    dedup, changelog = make(store)  # type: ignore[arg-type]
+    dedup = make(store)  # type: ignore[arg-type]
     store.armed = True
-    assert asyncio.run(dedup.expire(now_ms=now)) == 1000
+    assert dedup.expire(now_ms=now) == 1000
     assert store.gets == 1000
-    assert len(store) == 100_000 and len(changelog.records) == 1000
+    assert len(store) == 100_000
 
 
 def test_new_ids_are_indexed_by_time_and_expire_once_their_bucket_is_past_the_window() -> None:
     """An id emitted now is expired by a call one window + one bucket later, and only then."""
     store: dict[bytes, Any] = {}
-    dedup, _ = make(store)
+    dedup = make(store)
     run(dedup, [candidate("a")])
     first_seen = store[b"acme/a"][1]
-    assert asyncio.run(dedup.expire(now_ms=first_seen + int(WINDOW_S * 1000) - 1)) == 0
-    assert asyncio.run(dedup.expire(now_ms=first_seen + int(WINDOW_S * 1000) + 60_000)) == 1
+    assert dedup.expire(now_ms=first_seen + int(WINDOW_S * 1000) - 1) == 0
+    assert dedup.expire(now_ms=first_seen + int(WINDOW_S * 1000) + 60_000) == 1
     assert store == {}
+
+
+def test_a_transaction_s_new_ids_are_one_changelog_record_that_restores_them() -> None:
+    """The ids of one transaction share their time and partition: one changelog record carries them all,
+    keyed by the keyed partition and the transaction's first input offset; a restore rebuilds them."""
+    import time
+
+    now = int(time.time() * 1000)
+    batch = [candidate("a"), candidate("b"), candidate("a", "globex")]
+    records = Deduplicator.changelog_records(batch, 4, now, 77)
+    ids = ["acme/a", "acme/b", "globex/a"]
+    assert records == [(b"ids:4:77:0", orjson.dumps({"first_seen_ms": now, "partition": 4, "ids": ids}))]
+    store: dict[bytes, Any] = {}
+    restored = make(store)
+    assert restored.restore(*records[0], now_ms=now) == 3
+    assert store == {key.encode(): (DONE, now, 4) for key in ids}
+    assert run(restored, [candidate("a"), candidate("c")])[0] == [b"acme/c"]
+    assert restored.expire(now_ms=now + int(WINDOW_S * 1000) + 60_000) == 4  # indexed by their time
+
+
+def test_a_large_transaction_s_ids_are_split_into_records_of_10000() -> None:
+    """A changelog record stays bounded whatever a batch holds."""
+    batch = [candidate(f"e{i}") for i in range(CHANGELOG_IDS_PER_RECORD * 2 + 1)]
+    records = Deduplicator.changelog_records(batch, 0, 1_000, 5)
+    assert [key for key, _ in records] == [b"ids:0:5:0", b"ids:0:5:1", b"ids:0:5:2"]
+    assert [len(orjson.loads(value)["ids"]) for _, value in records] == [10_000, 10_000, 1]
+    store: dict[bytes, Any] = {}
+    restored = make(store)
+    assert sum(restored.restore(key, value, now_ms=1_000) for key, value in records) == len(batch)
+
+
+def test_a_restore_skips_ids_past_the_window_and_reads_the_earlier_per_id_layout() -> None:
+    """Records past the window are not restored (retention deletes them later); per-id entries and
+    tombstones written by earlier releases still apply, in offset order."""
+    store: dict[bytes, Any] = {}
+    dedup = make(store)
+    now = 10**13
+    old_pack = Deduplicator.changelog_records([candidate("old")], 0, now - int(WINDOW_S * 1000), 1)[0]
+    assert dedup.restore(*old_pack, now_ms=now) == 0
+    assert dedup.restore(b"acme/x", orjson.dumps([DONE, now - 5, 2]), now) == 1
+    assert dedup.restore(b"acme/y", orjson.dumps([DONE, now - 5, 2]), now) == 1
+    assert dedup.restore(b"acme/y", None, now) == 0  # its tombstone
+    assert dedup.restore(b"acme/z", orjson.dumps([DONE, 0, 2]), now) == 0  # expired
+    assert store == {b"acme/x": (DONE, now - 5, 2)}

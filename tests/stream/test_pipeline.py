@@ -164,6 +164,25 @@ def test_the_same_event_in_two_partitions_is_emitted_once_per_tenant(
         ("acme", "dup_1"), ("acme", "marker"), ("globex", "dup_1")]
 
 
+def test_a_repeat_after_a_restart_is_dropped_by_the_table_restored_from_the_changelog(
+    make_settings: Callable[..., Settings], start_worker: Callable[..., WorkerProcess]
+) -> None:
+    """A new worker rebuilds the dedup table from the changelog (one record per transaction's ids), so an
+    id emitted before the restart is still a duplicate after it."""
+    settings = make_settings()
+    bodies = [orjson.dumps({"event_id": f"r_{i}", "event_name": "paid", "user_id": "u1", "timestamp": i})
+              for i in range(50)]
+    produce_raw(settings, "customerglu", bodies)
+    worker = start_worker(settings)
+    wait_for(lambda: len(canonical(settings)) >= 50, timeout=90)
+    worker.stop()
+    start_worker(settings)
+    marker = orjson.dumps({"event_id": "marker", "event_name": "m", "user_id": "u1", "timestamp": 0})
+    produce_raw(settings, "customerglu", [*bodies[:10], marker])
+    wait_for(lambda: any(e["event_id"] == "marker" for e in canonical(settings)), timeout=90)
+    assert sorted(e["event_id"] for e in canonical(settings)) == sorted([f"r_{i}" for i in range(50)] + ["marker"])
+
+
 def test_sigkill_mid_stream_loses_nothing_and_emits_nothing_twice(
     make_settings: Callable[..., Settings], start_worker: Callable[..., WorkerProcess]
 ) -> None:
