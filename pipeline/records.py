@@ -293,15 +293,12 @@ class CanonicalEvent(_Record):
         """The event as JSON, fields in declaration order; equal to model_dump(mode="json") serialized,
         without pydantic's per-field serializer calls (the worker's hottest path). The fields are read
         from the instance dict, which pydantic fills in declaration order; the two times are replaced in
-        place, so the order holds."""
+        place, so the order holds (and where orjson writes both as they are, the dict is written as it is)."""
         fields = self.__dict__
-        return orjson.dumps(
-            {
-                **fields,
-                "timestamp": _json_utc(fields["timestamp"]),
-                "received_at": _json_utc(fields["received_at"]),
-            }
-        )
+        timestamp, received_at = _json_utc(fields["timestamp"]), _json_utc(fields["received_at"])
+        if timestamp is fields["timestamp"] and received_at is fields["received_at"]:
+            return orjson.dumps(fields)  # orjson writes both times as format_utc does: no copy needed
+        return orjson.dumps({**fields, "timestamp": timestamp, "received_at": received_at})
 
     def dedup_key(self) -> str:
         """The dedup table's key (as UTF-8): dedup is per (tenant, event_id). Tenant ids contain no '/'."""

@@ -61,11 +61,6 @@ class NormalizeTargets:
         )
 
 
-def keyed_partition(dedup_key: bytes, partitions: int) -> int:
-    """The keyed-topic partition of an id: Kafka's default murmur2 partitioner, so tools agree."""
-    return key_partition(dedup_key, partitions)
-
-
 def raw_record(message: ConsumerRecord[bytes, bytes]) -> RawRecord:
     """A consumed Kafka record as a RawRecord; missing headers raise pydantic.ValidationError. The
     origin is validated inside the RawRecord's validation (one call into pydantic, not two)."""
@@ -99,6 +94,7 @@ async def normalize_batch(
     headers = replay.to_headers() if replay else None
     sent_packs = 0
     letters = 0
+    keyed_partitions, max_event_bytes = targets.keyed_partitions, targets.max_event_bytes
 
     async def send_letter(letter: DeadLetter) -> None:
         nonlocal letters
@@ -118,15 +114,16 @@ async def normalize_batch(
         carrier: str | None = None  # this record's dead letter that carries its body
         for position, outcome in enumerate(outcomes(raw, adapter, targets.redrive_limit)):
             if isinstance(outcome, CanonicalEvent):
-                event_json, failure = _event_json(outcome, targets.max_event_bytes)
+                event_json, failure = _event_json(outcome, max_event_bytes)
                 if failure is not None:
                     index = position if adapter.BATCHED else None
                     outcome = dead_letter(
                         raw, "validate", failure[0], failure[1], index=index, body_ref=carrier
                     )
                 else:
+                    # The keyed partition of the id: Kafka's default partitioner, so every tool agrees.
                     dedup_key = outcome.dedup_key()
-                    partition = keyed_partition(dedup_key.encode(), targets.keyed_partitions)
+                    partition = key_partition(dedup_key.encode(), keyed_partitions)
                     pack = packs[partition]
                     pack.add_json(dedup_key, outcome.kafka_key(), event_json)
                     if pack.size >= KeyedBatch.MAX_BYTES:  # keep keyed records well under any size limit
