@@ -279,12 +279,29 @@ def get_folded(record: Mapping[str, JSONValue], key: str) -> JSONValue:
 
 
 def fold_keys(record: Mapping[str, JSONValue], keys: Iterable[str]) -> JSONObject:
-    """A copy of `record` with each of `keys` found case-insensitively and renamed to that spelling."""
+    """A copy of `record` with each of `keys` found case-insensitively and renamed to that spelling: the
+    exact spelling first, else the first key of the record that folds to it (as `_folded_key` finds it).
+
+    The record's keys are folded once, when the first key is not there as spelt (CleverTap profiles are
+    looked up for a dozen keys, most of them absent), not once per key looked up."""
     out = dict(record)
+    spellings: dict[str, str] | None = None  # folded -> the record's first key that folds to it
+    renamed: set[str] = set()  # folded names already renamed: keys that fold alike are looked up in `out`
     for key in keys:
-        found = _folded_key(out, key)
-        if found is not None and found != key:
+        if key in out:
+            continue
+        folded = key.casefold()
+        if folded in renamed:
+            found = _folded_key(out, key)
+        else:
+            if spellings is None:
+                spellings = {}
+                for name in record:
+                    spellings.setdefault(name.casefold(), name)
+            found = spellings.get(folded)
+        if found is not None:
             out[key] = out.pop(found)
+            renamed.add(folded)
     return out
 
 
@@ -298,19 +315,17 @@ def _folded_key(record: Mapping[str, JSONValue], key: str) -> str | None:
 def _get(record: Mapping[str, JSONValue], field: str) -> JSONValue | _Missing:
     if "." not in field:  # the common case, without the split
         return record.get(field, _MISSING)
-    first, *rest = field.split(".")
-    node: JSONValue | _Missing = record.get(first, _MISSING)
-    walked = [first]
-    for step in rest:
+    steps = field.split(".")
+    node: JSONValue | _Missing = record.get(steps[0], _MISSING)
+    for depth in range(1, len(steps)):
         if node is None or isinstance(node, _Missing):
             return _MISSING
         if not isinstance(node, dict):
-            parent = ".".join(walked)
+            parent = ".".join(steps[:depth])
             reject(
                 reasons.WRONG_TYPE.about(parent), f"{parent} must be an object, got {kind(node)}", path=parent
             )
-        node = node.get(step, _MISSING)
-        walked.append(step)
+        node = node.get(steps[depth], _MISSING)
     return node
 
 

@@ -391,3 +391,24 @@ def test_the_common_iso_form_reads_as_the_general_rule_reads_it(parts: tuple[Any
     found = read.parse_timestamp(text)
     assert found == expected
     assert found is None or found.tzinfo is UTC
+
+
+def fold_keys_by_definition(record: dict[str, Any], keys: list[str]) -> dict[str, Any]:
+    """fold_keys as §4.5 states it: per key, the exact spelling, else the first key that folds to it."""
+    out = dict(record)
+    for key in keys:
+        found = key if key in out else next((k for k in out if k.casefold() == key.casefold()), None)
+        if found is not None and found != key:
+            out[key] = out.pop(found)
+    return out
+
+
+cased_names = st.text("aAbBßSs", min_size=1, max_size=3)
+
+
+@given(st.dictionaries(cased_names, st.integers(), max_size=8), st.lists(cased_names, max_size=6))
+def test_fold_keys_renames_as_the_definition_does(record: dict[str, Any], keys: list[str]) -> None:
+    folded = read.fold_keys(record, keys)
+    expected = fold_keys_by_definition(record, keys)
+    assert folded == expected
+    assert list(folded) == list(expected)
