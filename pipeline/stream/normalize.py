@@ -62,8 +62,7 @@ class NormalizeTargets:
 
 
 def raw_record(message: ConsumerRecord[bytes, bytes]) -> RawRecord:
-    """A consumed Kafka record as a RawRecord; missing headers raise pydantic.ValidationError. The
-    origin is validated inside the RawRecord's validation (one call into pydantic, not two)."""
+    """A consumed Kafka record as a RawRecord; missing headers raise pydantic.ValidationError."""
     headers = RawHeaders.from_kafka(message.headers or ())
     origin = {
         "topic": message.topic,
@@ -71,7 +70,7 @@ def raw_record(message: ConsumerRecord[bytes, bytes]) -> RawRecord:
         "offset": message.offset,
         "timestamp_ms": message.timestamp,
     }
-    return RawRecord.of({"body": message.value or b"", "headers": headers, "origin": origin})
+    return RawRecord(message.value or b"", headers, Origin.of(origin))
 
 
 async def normalize_batch(
