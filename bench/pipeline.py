@@ -8,7 +8,9 @@ sources, then 100-event records from the sources that batch) and runs the baseli
 loop that consumes the same raw records, parses them with orjson and produces one record per event
 (acks=all, awaited per batch). Then it releases the worker (SIGCONT) and measures canonical events/s
 from that moment to the last canonical record, so the worker's every stage is in the figure (start-up
-excluded, as the baseline's is). Prints both rates and worker/bare, and CPU time per event of each
+excluded, as the baseline's is). Once the worker has stopped, the baseline runs again over the same
+records, and the worker is compared with the mean of its two runs (this host's speed drifts by up to 2x
+within a minute, so one baseline run before the worker could meet another host than the worker did). Prints both rates and worker/bare, and CPU time per event of each
 (worker process from /proc; the baseline's own process time), which a shared, noisy machine disturbs
 less than the rates. The "canonical span" rate (first to last canonical record) is printed as well: it
 leaves out the work done before the first event comes out, so it flatters a worker whose last stage is
@@ -62,15 +64,15 @@ async def preload(settings: Settings, sources: tuple[str, ...], records: int, pe
     return sum(records * count[s] for s in sources)
 
 
-async def bare_loop(settings: Settings, sources: tuple[str, ...], events: int, out_topic: str
+async def bare_loop(settings: Settings, sources: tuple[str, ...], events: int, out_topic: str, run: str
                     ) -> tuple[float, float]:
-    """Consume the raw topics, orjson-parse every body, produce one record per event; (events/s, CPU
-    seconds of this process from the first record on)."""
+    """Consume the raw topics from the start (consumer group `run`), orjson-parse every body, produce one
+    record per event; (events/s, CPU seconds of this process from the first record on)."""
     import orjson
 
     await ensure_topics(settings, [out_topic])
     consumer = make_consumer(settings, *(settings.topics.raw(s) for s in sources),
-                             group_id=f"{settings.worker.app_id}-bare", max_poll_records=2000)
+                             group_id=f"{settings.worker.app_id}-{run}", max_poll_records=2000)
     producer = make_producer(settings, linger_ms=5, max_batch_size=512 * 1024)
     await consumer.start()
     await producer.start()
@@ -151,7 +153,7 @@ def run_case(bootstrap: str, tmp: Path, label: str, sources: tuple[str, ...], re
         os.kill(worker.pid, signal.SIGSTOP)
         events = asyncio.run(preload(settings, sources, records, per_record))
         out_topic = f"{settings.worker.app_id}.bare-out"
-        bare, bare_cpu = asyncio.run(bare_loop(settings, sources, events, out_topic))
+        bare_before, bare_cpu_before = asyncio.run(bare_loop(settings, sources, events, out_topic, "bare"))
         if profile:
             folded = tmp / f"{label}.folded"
             spy = subprocess.Popen([py_spy(), "record", "--pid", str(worker.pid), "--rate", "200", "--format", "raw",
@@ -171,10 +173,15 @@ def run_case(bootstrap: str, tmp: Path, label: str, sources: tuple[str, ...], re
         with contextlib.suppress(ProcessLookupError):
             os.kill(worker.pid, signal.SIGCONT)
         stop(worker)
+    # The baseline again, over the same records, once the worker has stopped: this host's speed drifts by
+    # up to 2x within a minute, so the worker is compared with the mean of a run before and one after it.
+    bare_after, bare_cpu_after = asyncio.run(bare_loop(settings, sources, events, out_topic, "bare-after"))
+    bare, bare_cpu = (bare_before + bare_after) / 2, (bare_cpu_before + bare_cpu_after) / 2
     rate = count / (last - released)
     span = count / (last - first) if last > first else float("inf")
     print(f"{label:>7}: {events} events in {records} records/source x {len(sources)} sources | worker "
-          f"{rate:>9,.0f} ev/s | bare loop {bare:>9,.0f} ev/s | ratio worker/bare {rate / bare:.2f}")
+          f"{rate:>9,.0f} ev/s | bare loop {bare:>9,.0f} ev/s (before {bare_before:,.0f}, after "
+          f"{bare_after:,.0f}) | ratio worker/bare {rate / bare:.2f}")
     worker_us, bare_us = cpu / count * 1e6, bare_cpu / events * 1e6
     print(f"{'':>9}CPU per event: worker {worker_us:.1f} us, bare loop {bare_us:.1f} us"
           f" (ratio bare/worker {bare_us / worker_us:.2f}) | canonical span alone "
