@@ -312,7 +312,7 @@ def main() -> None:
               f"(worker log: restore {fmt(full.log_restore)}; RSS {human_bytes(full.rss)})")
         rate = n / restore if restore > 0 else float("nan")
         print(f"  restore time {restore:.2f} s (minus the empty-changelog baseline) -> {rate:,.0f} keys/s "
-              "(one changelog record per key)")
+              "(one changelog record per transaction)")
         if full.log_restore:
             print(f"  by the worker log: {n / full.log_restore:,.0f} keys/s")
         print(f"  RSS over the baseline worker: {human_bytes(full.rss - base_mem.rss)} "
