@@ -4,7 +4,7 @@ State is a table of the keyed partitions a worker owns, one entry per id: `(stat
 partition)`. The table lives in memory or, with dedup.store = "rocksdb://", in a local RocksDB (rocksdict)
 so a large window does not need the RAM; either way it is rebuilt from the changelog topic (read_committed)
 on assignment, so it survives restarts and rebalances. The changelog holds one record per transaction and
-chunk of 10,000 ids (`changelog_records`), not one per id: the ids of a transaction share their time and
+160 KiB of ids (`changelog_records`), not one per id: the ids of a transaction share their time and
 partition, and a record per id cost the stage a Kafka record per event. There is no TTL in either store, so
 entries carry their own time and `expire()` deletes old ones through a time-bucketed index (pitfalls.md);
 the changelog's old records are deleted by the broker's retention (window + 1 h), and a restore skips what
@@ -41,7 +41,9 @@ DONE = "d"
 
 # (dedup_key, canonical_key, canonical_json) of one candidate.
 Candidate = tuple[bytes, bytes, bytes]
-CHANGELOG_IDS_PER_RECORD = 10_000  # a changelog record stays well under any max.message.bytes
+# The ids' UTF-8 bytes per changelog record: under Kafka's default 1 MiB record limit even if every
+# character had to be JSON-escaped (6 bytes), whatever limit the topic was given.
+CHANGELOG_RECORD_ID_BYTES = 160 * 1024
 
 
 class Store(Protocol):
@@ -238,18 +240,29 @@ class Deduplicator:
     def changelog_records(
         emitted: Sequence[Candidate], partition: int, now_ms: int, first_offset: int
     ) -> list[tuple[bytes, bytes]]:
-        """The changelog records (key, value) of one transaction's new ids, 10,000 ids a record:
-        {"first_seen_ms", "partition", "ids"}. The key names the keyed partition and the offset of the
-        transaction's first input record, so it is unique per transaction, and it has no '/', so it is
-        never a dedup key (tenant/event_id) of the earlier per-id layout."""
-        ids = [candidate[0].decode() for candidate in emitted]
-        step = CHANGELOG_IDS_PER_RECORD
+        """The changelog records (key, value) of one transaction's new ids: {"first_seen_ms",
+        "partition", "ids"}, a record per CHANGELOG_RECORD_ID_BYTES of ids (~3,500 ids of 45 bytes). The
+        key names the keyed partition and the offset of the transaction's first input record, so it is
+        unique per transaction, and it has no '/', so it is never a dedup key (tenant/event_id) of the
+        earlier per-id layout."""
+        chunks: list[list[str]] = []
+        ids: list[str] = []
+        size = 0
+        for candidate in emitted:
+            key = candidate[0]
+            if size + len(key) > CHANGELOG_RECORD_ID_BYTES and ids:
+                chunks.append(ids)
+                ids, size = [], 0
+            ids.append(key.decode())
+            size += len(key)
+        if ids:
+            chunks.append(ids)
         return [
             (
                 b"ids:%d:%d:%d" % (partition, first_offset, chunk),
-                orjson.dumps({"first_seen_ms": now_ms, "partition": partition, "ids": ids[at : at + step]}),
+                orjson.dumps({"first_seen_ms": now_ms, "partition": partition, "ids": part}),
             )
-            for chunk, at in enumerate(range(0, len(ids), step))
+            for chunk, part in enumerate(chunks)
         ]
 
     def restore(self, key: bytes | None, value: bytes | None, now_ms: int) -> int:

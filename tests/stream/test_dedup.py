@@ -11,7 +11,7 @@ import orjson
 import pytest
 
 from pipeline.stream.dedup import (
-    CHANGELOG_IDS_PER_RECORD,
+    CHANGELOG_RECORD_ID_BYTES,
     DONE,
     PENDING,
     Candidate,
@@ -192,12 +192,18 @@ def test_a_transaction_s_new_ids_are_one_changelog_record_that_restores_them() -
     assert restored.expire(now_ms=now + int(WINDOW_S * 1000) + 60_000) == 4  # indexed by their time
 
 
-def test_a_large_transaction_s_ids_are_split_into_records_of_10000() -> None:
-    """A changelog record stays bounded whatever a batch holds."""
-    batch = [candidate(f"e{i}") for i in range(CHANGELOG_IDS_PER_RECORD * 2 + 1)]
+def test_a_large_transaction_s_ids_are_split_into_records_of_bounded_size() -> None:
+    """A changelog record stays under Kafka's default 1 MiB record limit whatever a batch holds, even with
+    ids of the longest kind made of characters that JSON escapes."""
+    batch = [candidate(f"e{i:05d}") for i in range(10_000)]  # keys of 11 bytes: 110,000 bytes in all
+    batch += [candidate("\x01" * 256, tenant="t" * 256) for _ in range(400)]
     records = Deduplicator.changelog_records(batch, 0, 1_000, 5)
-    assert [key for key, _ in records] == [b"ids:0:5:0", b"ids:0:5:1", b"ids:0:5:2"]
-    assert [len(orjson.loads(value)["ids"]) for _, value in records] == [10_000, 10_000, 1]
+    assert [key for key, _ in records] == [b"ids:0:5:%d" % n for n in range(len(records))]
+    assert len(records) >= 2 and all(len(value) < 1_048_576 for _, value in records)
+    ids = [found for _, value in records for found in orjson.loads(value)["ids"]]
+    assert ids == [c[0].decode() for c in batch]  # every id once, in order
+    for _, value in records:
+        assert sum(len(found.encode()) for found in orjson.loads(value)["ids"]) <= CHANGELOG_RECORD_ID_BYTES
     store: dict[bytes, Any] = {}
     restored = make(store)
     assert sum(restored.restore(key, value, now_ms=1_000) for key, value in records) == len(batch)
