@@ -52,6 +52,20 @@ def parent_of(pid: int) -> int:
     return int(stat_fields(pid)[1])
 
 
+def listeners(port: int) -> int:
+    """The listening TCP sockets on `port` (/proc/net/tcp and tcp6): one per receiver process. A killed
+    process can show as a zombie while its other threads still hold its files, its listener too."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        if not Path(table).exists():
+            continue
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and int(fields[1].rpartition(":")[2], 16) == port:  # 0A: LISTEN
+                count += 1
+    return count
+
+
 def pids_serving(base: str, tries: int = 200) -> set[int]:
     pids: set[int] = set()
     for _ in range(tries):
@@ -91,6 +105,8 @@ def test_with_two_processes_killing_one_leaves_the_other_serving(two_processes: 
     pids = pids_serving(base)
     assert len(pids) == 2
     victim, survivor = sorted(pids)
+    port = int(base.rpartition(":")[2])
+    assert listeners(port) == 2
     before = [asyncio.run(fresh_connection(base + "/server/v4", "POST", b'{"n":%d}' % i))[0] for i in range(20)]
     # While one process is alone on the port, no replacement may join it: a listener joining (or leaving) a
     # SO_REUSEPORT group resets the handshakes in flight. So the supervisor is paused until we are done.
@@ -98,7 +114,7 @@ def test_with_two_processes_killing_one_leaves_the_other_serving(two_processes: 
     os.kill(supervisor, signal.SIGSTOP)
     try:
         os.kill(victim, signal.SIGKILL)
-        wait_for(lambda: exited(victim), timeout=10)  # its listener has left the group
+        wait_for(lambda: exited(victim) and listeners(port) == 1, timeout=10)  # its listener has left the group
         wait_for(lambda: get(base + "/healthz")[0] == 200, timeout=10)
         after = [asyncio.run(fresh_connection(base + "/server/v4", "POST", b'{"after":%d}' % i))[0]
                  for i in range(40)]
