@@ -280,11 +280,8 @@ class Deduplicator:
             first_seen = int(doc["first_seen_ms"])
             if now_ms - first_seen >= self.window_ms:
                 return 0
-            entry = (DONE, first_seen, int(doc["partition"]))
             keys = [found.encode() for found in doc["ids"]]
-            for found in keys:
-                store[found] = entry
-            self.index.add_all(keys, first_seen)
+            self._remember_seen(keys, first_seen, int(doc["partition"]))
             return len(keys)
         if key is None or not self._live(doc, now_ms):
             return 0
@@ -295,14 +292,18 @@ class Deduplicator:
 
     def remember_emitted(self, emitted: Iterable[Candidate], partition: int, now_ms: int) -> None:
         """Write the ids of a committed transaction of a keyed partition to the table (its changelog
-        entries are committed). The ids share one entry: a tuple of atoms, which the garbage collector
-        does not track (a list per id made every full collection walk the whole table)."""
+        records are committed)."""
+        self._remember_seen([candidate[0] for candidate in emitted], now_ms, partition)
+
+    def _remember_seen(self, keys: list[bytes], first_seen_ms: int, partition: int) -> None:
+        """Mark ids first seen together (one transaction's) as seen, and index them by that time. They
+        share one entry: a tuple of atoms, which the garbage collector does not track (a list per id made
+        every full collection walk the whole table)."""
         store = self.store
-        entry = (DONE, now_ms, partition)
-        keys = [candidate[0] for candidate in emitted]
+        entry = (DONE, first_seen_ms, partition)
         for key in keys:
             store[key] = entry
-        self.index.add_all(keys, now_ms)
+        self.index.add_all(keys, first_seen_ms)
 
     def expire(self, now_ms: int | None = None, limit: int = 200_000) -> int:
         """Delete entries older than the window from the table (the changelog's records of them are
