@@ -10,7 +10,8 @@ loop that consumes the same raw records, parses them with orjson and produces on
 from that moment to the last canonical record, so the worker's every stage is in the figure (start-up
 excluded, as the baseline's is). Once the worker has stopped, the baseline runs again over the same
 records, and the worker is compared with the mean of its two runs (this host's speed drifts by up to 2x
-within a minute, so one baseline run before the worker could meet another host than the worker did). Prints both rates and worker/bare, and CPU time per event of each
+within a minute, so one baseline run before the worker could meet another host than the worker did).
+Prints both rates and worker/bare, and CPU time per event of each
 (worker process from /proc; the baseline's own process time), which a shared, noisy machine disturbs
 less than the rates. The "canonical span" rate (first to last canonical record) is printed as well: it
 leaves out the work done before the first event comes out, so it flatters a worker whose last stage is

@@ -40,7 +40,8 @@ def stat_fields(pid: int) -> list[str]:
 
 
 def exited(pid: int) -> bool:
-    """The process is gone or a zombie (an exited process has closed its files, its sockets too)."""
+    """The process is gone or a zombie. A zombie leader's other threads may still hold its files, its
+    sockets too: `listeners` tells when its listening socket is closed."""
     try:
         state = stat_fields(pid)[0]
     except OSError:
