@@ -104,6 +104,16 @@ async def bare_loop(settings: Settings, sources: tuple[str, ...], events: int, o
         await consumer.stop()
 
 
+def give_up_if_stuck(worker: subprocess.Popen[bytes], log: Path, deadline: float, waiting_to: str) -> None:
+    """End the benchmark, showing the worker's log, if the worker exited or the wait passed its deadline."""
+    if worker.poll() is not None:
+        print(log.read_text(errors="replace")[-3000:])
+        raise SystemExit(f"the worker exited with {worker.returncode}")
+    if time.monotonic() > deadline:
+        print(log.read_text(errors="replace")[-3000:])
+        raise SystemExit(f"the worker did not {waiting_to}")
+
+
 async def drain_canonical(settings: Settings, events: int, worker: subprocess.Popen[bytes], log: Path,
                           timeout_s: float = 600, since_s: float = 0.0) -> tuple[int, float, float]:
     """Read events.canonical (read_committed, like every reader of ours) until `events` records are there;
@@ -114,12 +124,7 @@ async def drain_canonical(settings: Settings, events: int, worker: subprocess.Po
     first, last = None, None
     async with RecordCounter(settings, settings.topics.canonical) as counter:
         while counter.count < events:
-            if worker.poll() is not None:
-                print(log.read_text(errors="replace")[-3000:])
-                raise SystemExit(f"the worker exited with {worker.returncode}")
-            if time.monotonic() > deadline:
-                print(log.read_text(errors="replace")[-3000:])
-                raise SystemExit(f"the worker did not drain {events} events in {timeout_s:.0f} s ({counter.count})")
+            give_up_if_stuck(worker, log, deadline, f"drain {events} events in {timeout_s:.0f} s ({counter.count})")
             for record in await counter.records(0.5):
                 if record.timestamp < since_s * 1000:
                     continue
@@ -154,12 +159,7 @@ async def wait_until_committed(settings: Settings, sources: tuple[str, ...], wor
                 if all(end == 0 or (tp in committed and committed[tp].offset >= end)
                        for tp, end in ends.items()):
                     break
-                if worker.poll() is not None:
-                    print(log.read_text(errors="replace")[-3000:])
-                    raise SystemExit(f"the worker exited with {worker.returncode}")
-                if time.monotonic() > deadline:
-                    print(log.read_text(errors="replace")[-3000:])
-                    raise SystemExit(f"the worker did not commit its input in {timeout_s:.0f} s ({group})")
+                give_up_if_stuck(worker, log, deadline, f"commit its input in {timeout_s:.0f} s ({group})")
                 await asyncio.sleep(0.05)
     finally:
         await admin.close()
