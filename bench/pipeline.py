@@ -37,6 +37,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from aiokafka import TopicPartition
 from common import (
     BULK_SOURCES,
     SINGLE_SOURCES,
@@ -124,7 +125,8 @@ async def drain_canonical(settings: Settings, events: int, worker: subprocess.Po
     first, last = None, None
     async with RecordCounter(settings, settings.topics.canonical) as counter:
         while counter.count < events:
-            give_up_if_stuck(worker, log, deadline, f"drain {events} events in {timeout_s:.0f} s ({counter.count})")
+            give_up_if_stuck(worker, log, deadline,
+                             f"drain {events} events in {timeout_s:.0f} s ({counter.count})")
             for record in await counter.records(0.5):
                 if record.timestamp < since_s * 1000:
                     continue
@@ -133,19 +135,23 @@ async def drain_canonical(settings: Settings, events: int, worker: subprocess.Po
     return counter.count, (first or 0) / 1000, (last or 0) / 1000
 
 
-async def wait_until_committed(settings: Settings, sources: tuple[str, ...], worker: subprocess.Popen[bytes],
-                               log: Path, timeout_s: float = 600) -> None:
+async def raw_end_offsets(settings: Settings, sources: tuple[str, ...]) -> dict[TopicPartition, int]:
+    """TopicPartition -> end offset of every raw topic, read before the worker is released: one client per
+    topic, which would otherwise start and stop beside the worker while it is timed."""
+    return {TopicPartition(settings.topics.raw(s), p): end for s in sources
+            for p, end in (await end_offsets(settings, settings.topics.raw(s))).items()}
+
+
+async def wait_until_committed(settings: Settings, raw_ends: dict[TopicPartition, int],
+                               worker: subprocess.Popen[bytes], log: Path, timeout_s: float = 600) -> None:
     """Return once the worker has committed every record: the normalize group every raw record, then the
     dedup group every keyed record (its offsets are committed in the transactions that write the canonical
     events, so every event is then on events.canonical, committed). Polls the groups' committed offsets
     every 50 ms and reads no records: a reader of events.canonical running beside the worker took CPU from
     it (and from the broker) on this 2-core host, while the baseline runs alone."""
-    from aiokafka import TopicPartition
     from aiokafka.admin import AIOKafkaAdminClient
 
     app = settings.worker.app_id
-    raw_ends = {TopicPartition(settings.topics.raw(s), p): end for s in sources
-                for p, end in (await end_offsets(settings, settings.topics.raw(s))).items()}
     admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka.bootstrap_servers)
     await admin.start()
     deadline = time.monotonic() + timeout_s
@@ -192,6 +198,7 @@ def run_case(bootstrap: str, tmp: Path, label: str, sources: tuple[str, ...], re
         probes = warm_up(settings, worker, log)
         os.kill(worker.pid, signal.SIGSTOP)
         events = asyncio.run(preload(settings, sources, records, per_record))
+        raw_ends = asyncio.run(raw_end_offsets(settings, sources))
         out_topic = f"{settings.worker.app_id}.bare-out"
         bare_before, bare_cpu_before = asyncio.run(bare_loop(settings, sources, events, out_topic, "bare"))
         if profile:
@@ -202,7 +209,7 @@ def run_case(bootstrap: str, tmp: Path, label: str, sources: tuple[str, ...], re
             time.sleep(1)
         cpu_before, released = cpu_seconds(worker.pid), time.time()
         os.kill(worker.pid, signal.SIGCONT)
-        asyncio.run(wait_until_committed(settings, sources, worker, log))
+        asyncio.run(wait_until_committed(settings, raw_ends, worker, log))
         cpu = cpu_seconds(worker.pid) - cpu_before
         # Now, with the worker done, read what it wrote: the count, and the times of its first and last event.
         count, first, last = asyncio.run(drain_canonical(settings, probes + events, worker, log,
