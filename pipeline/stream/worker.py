@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
 import os
 import signal
@@ -36,6 +37,10 @@ from pipeline.stream.normalize_stage import NormalizeStage
 
 log = logging.getLogger(__name__)
 EXIT_STAGE_DIED = 70  # EX_SOFTWARE: a stage loop raised; the process must be restarted
+# glibc's mallopt parameters (malloc.h) and what the worker sets them to (keep_freed_memory).
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+KEPT_FREE_BYTES = 64 * 1024 * 1024
+HEAP_ALLOCATION_MAX = 32 * 1024 * 1024  # glibc's own ceiling for its adaptive mmap threshold
 
 
 class Worker:
@@ -122,6 +127,7 @@ class Worker:
     def run(self) -> None:
         """Run the worker until SIGINT/SIGTERM, or until a stage dies (exit code EXIT_STAGE_DIED)."""
         self.settings.worker.data_dir.mkdir(parents=True, exist_ok=True)
+        keep_freed_memory()
         asyncio.run(self.prepare_topics())
         with contextlib.suppress(ImportError):  # uvloop: ~10-20% more events/s for the same CPU
             import uvloop
@@ -207,6 +213,29 @@ class WebService(mode.Service):
         await asyncio.to_thread(self.thread.join, 10)
         if not self.thread.is_alive():
             self.loop.close()
+
+
+def keep_freed_memory() -> bool:
+    """Let glibc keep up to KEPT_FREE_BYTES of freed heap instead of handing it back to the kernel.
+
+    A batch frees what the next batch allocates again. With glibc's defaults (trim above 128 KiB) the
+    memory goes back to the kernel between batches, and each page costs a page fault when it is touched
+    again: ~0.7 faults and ~3 us of CPU per single-event record in the normalize stage, in-process.
+    Allocations up to HEAP_ALLOCATION_MAX (fetch responses) come from the heap, as glibc's adaptive
+    threshold would let them once it had grown; setting a threshold turns the adaptation off.
+    Returns whether it applied: not off glibc, nor when MALLOC_TRIM_THRESHOLD_ or MALLOC_MMAP_THRESHOLD_
+    is in the environment (the operator's choice wins).
+    """
+    if {"MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_"} & os.environ.keys():
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # not glibc (or no libc symbols to find)
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(
+        mallopt(_M_MMAP_THRESHOLD, HEAP_ALLOCATION_MAX) and mallopt(_M_TRIM_THRESHOLD, KEPT_FREE_BYTES)
+    )
 
 
 def _bind(service: type[mode.Service], *args: Any) -> type[mode.Service]:
