@@ -63,14 +63,7 @@ class NormalizeTargets:
 
 def raw_record(message: ConsumerRecord[bytes, bytes]) -> RawRecord:
     """A consumed Kafka record as a RawRecord; missing headers raise pydantic.ValidationError."""
-    headers = RawHeaders.from_kafka(message.headers or ())
-    origin = {
-        "topic": message.topic,
-        "partition": message.partition,
-        "offset": message.offset,
-        "timestamp_ms": message.timestamp,
-    }
-    return RawRecord(message.value or b"", headers, Origin.of(origin))
+    return RawRecord.consumed(message, message.value or b"", RawHeaders.from_kafka(message.headers or ()))
 
 
 async def normalize_batch(

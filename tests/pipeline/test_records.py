@@ -194,3 +194,25 @@ def test_a_keyed_pack_of_an_earlier_release_is_still_read() -> None:
     assert KeyedBatch.entries(earlier) == [
         (e.dedup_key().encode(), e.kafka_key().encode(), e.to_json()) for e in events
     ]
+
+
+def test_a_consumed_record_knows_where_it_sits_when_its_dead_letter_asks() -> None:
+    """raw_record does not build an Origin per record; the dead letter of one still names its Kafka
+    coordinates and time, exactly as a record built with its Origin would."""
+    from aiokafka import ConsumerRecord
+
+    from pipeline.stream.normalize import raw_record
+
+    headers = RawHeaders(tenant="acme", source="segment", received_at=datetime(2024, 3, 1, tzinfo=UTC),
+                         request_id="r1")
+    message = ConsumerRecord("raw.segment", 4, 1234, 1_709_294_400_000, 0, None, b"{", None, -1, 1,
+                             tuple(headers.to_kafka()))
+    raw = raw_record(message)
+    located = Origin(topic="raw.segment", partition=4, offset=1234, timestamp_ms=1_709_294_400_000)
+    assert raw.origin == located
+    assert raw.origin is raw.origin  # built once
+    built = RawRecord(body=b"{", headers=headers, origin=located)
+    letter = dead_letter(raw, "parse", reasons.INVALID_JSON, "body is not valid JSON")
+    assert letter == dead_letter(built, "parse", reasons.INVALID_JSON, "body is not valid JSON").model_copy(
+        update={"failed_at": letter.failed_at})
+    assert RawRecord(body=b"", headers=headers).origin is None
