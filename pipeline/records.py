@@ -20,6 +20,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    InstanceOf,
     PlainSerializer,
     SkipValidation,
     StringConstraints,
@@ -317,9 +318,12 @@ class CanonicalEvent(_Record):
     anonymous_id: str | None
     timestamp: UtcDatetime
     received_at: UtcDatetime
-    properties: JSONObject
-    user_traits: JSONObject
-    context: JSONObject
+    # The adapter's own dicts, checked to be dicts and kept as they are: validating each key and copying the
+    # dict cost ~0.5 us an event, and a key orjson cannot write still becomes its item's dead letter
+    # (unserializable_output, when the worker writes the event).
+    properties: InstanceOf[JSONObject]
+    user_traits: InstanceOf[JSONObject]
+    context: InstanceOf[JSONObject]
     schema_version: Literal[1] = 1
 
     model_config = ConfigDict(frozen=True, extra="forbid", strict=True)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import base64
 from collections.abc import Awaitable
+from dataclasses import replace
+from types import SimpleNamespace
 from typing import Any
 
 import orjson
@@ -141,3 +143,24 @@ def test_an_oversized_element_is_kept_truncated() -> None:
     [letter] = run(orjson.dumps([item])).letters()
     assert letter.element_truncated
     assert isinstance(letter.element, str) and len(letter.element) <= DeadLetter.ELEMENT_MAX_BYTES
+
+
+def test_a_property_key_json_cannot_hold_makes_its_item_unserializable_and_the_others_flow() -> None:
+    """The canonical model checks that properties is an object, not each key (the adapter's dict is kept
+    as it is): an adapter bug that puts a non-string key there becomes that item's dead letter when the
+    worker writes the event, and the batch's other items are canonical events."""
+    segment = ADAPTERS["segment"]
+
+    def normalize(item: Any, meta: RawHeaders) -> Any:
+        draft = segment.normalize(item, meta)
+        return replace(draft, properties={1: "x"}) if item.get("messageId") == "bad" else draft
+
+    adapter = SimpleNamespace(**{n: getattr(segment, n) for n in ("SOURCE", "BATCHED", "parse")},
+                              normalize=normalize)
+    track = {"type": "track", "event": "Signed Up", "userId": "u1", "timestamp": "2024-03-01T12:00:00Z"}
+    body = orjson.dumps([{**track, "messageId": "m1"}, {**track, "messageId": "bad"}, {**track, "messageId": "m3"}])
+    sink = Sink()
+    asyncio.run(normalize_batch([record(body)], adapter, sink, TARGETS))  # type: ignore[arg-type]
+    [letter] = sink.letters()
+    assert (letter.reason, letter.index, letter.body) == ("unserializable_output", 1, body)
+    assert [orjson.loads(e)["event_id"] for e in sink.events()] == ["m1", "m3"]
