@@ -36,13 +36,29 @@ TENANT = {"id": "bench", "write_keys": ["wk_bench_1"], "usermaven_tokens": ["ak_
 WEBENGAGE_SECRET = hashlib.md5(b"~bench:whsec_bench").hexdigest()
 
 
+def broker_parent() -> str | None:
+    """Where the benchmark's own broker keeps its log: $HEADWATER_BENCH_BROKER_DIR, else /dev/shm when it
+    is a writable tmpfs, else the system temp dir. A throwaway log in memory keeps the broker's disk work
+    off the shared CPU: on an ext4 host (kernel 6.18) perf showed the broker's request handlers spending
+    40 % of their CPU in the kernel zeroing page-cache folios of its mmapped index files, bursts of 1-1.9
+    cores that starved whichever phase made the broker write more (README, "Worker")."""
+    chosen = os.environ.get("HEADWATER_BENCH_BROKER_DIR")
+    if chosen:
+        return chosen
+    shm = Path("/dev/shm")
+    if shm.is_dir() and os.access(shm, os.W_OK):
+        return str(shm)
+    return None
+
+
 @contextlib.contextmanager
 def broker(bootstrap: str | None) -> Iterator[str]:
-    """The given bootstrap, or a local single-node broker in a temp dir for the length of the run."""
+    """The given bootstrap, or a local single-node broker in a temp dir (broker_parent) for the run."""
     if bootstrap:
         yield bootstrap
         return
-    with tempfile.TemporaryDirectory(prefix="headwater-bench-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="headwater-bench-", dir=broker_parent()) as tmp:
+        print(f"benchmark broker: {tmp}", flush=True)
         local = start_local_broker(Path(tmp) / "kafka")
         try:
             yield local.bootstrap
