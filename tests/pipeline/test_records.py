@@ -7,6 +7,7 @@ import os
 from datetime import UTC, datetime, timedelta, timezone
 
 import orjson
+from aiokafka import ConsumerRecord
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -22,6 +23,7 @@ from pipeline.records import (
     format_utc,
     new_request_id,
 )
+from pipeline.stream.normalize import raw_record
 from pipeline.stream.normalizing import dead_letter
 
 json_values = st.recursive(
@@ -199,10 +201,6 @@ def test_a_keyed_pack_of_an_earlier_release_is_still_read() -> None:
 def test_a_consumed_record_knows_where_it_sits_when_its_dead_letter_asks() -> None:
     """raw_record does not build an Origin per record; the dead letter of one still names its Kafka
     coordinates and time, exactly as a record built with its Origin would."""
-    from aiokafka import ConsumerRecord
-
-    from pipeline.stream.normalize import raw_record
-
     headers = RawHeaders(tenant="acme", source="segment", received_at=datetime(2024, 3, 1, tzinfo=UTC),
                          request_id="r1")
     message = ConsumerRecord("raw.segment", 4, 1234, 1_709_294_400_000, 0, None, b"{", None, -1, 1,
