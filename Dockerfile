@@ -6,9 +6,13 @@
 # --- build: install the package and its dependencies into a virtualenv --------------------------------
 FROM python:3.11.11-slim-bookworm AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+# A C compiler for the modules setup.py compiles with mypyc (the runtime stage needs none).
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends gcc libc6-dev \
+ && rm -rf /var/lib/apt/lists/*
 RUN python -m venv /opt/headwater
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py README.md ./
 COPY pipeline/ pipeline/
 COPY adapters/ adapters/
 COPY headwater/ headwater/

@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 Output = tuple[str, bytes | None, bytes, int | None]
 
 
-class NotOwned(RuntimeError):
+class NotOwned(Exception):
     """This worker holds no live transactional producer for the partition (fenced, or not assigned)."""
 
 
