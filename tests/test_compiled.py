@@ -10,7 +10,9 @@ import sysconfig
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, stale_extensions
+from rigs.build import ROOT, stale_extensions
+
+from pipeline.stream.worker import runs_compiled
 
 
 def compiled_modules() -> list[str]:
@@ -40,6 +42,7 @@ def test_every_module_setup_compiles_is_loaded_from_its_extension() -> None:
     for name in modules:
         origin = importlib.import_module(name).__file__ or ""
         assert origin.endswith(".so"), f"{name} runs from {origin}, not from its compiled extension"
+    assert runs_compiled()  # so the worker does not warn that it runs as pure Python
 
 
 def test_every_compiled_path_is_a_module_of_the_tree() -> None:
