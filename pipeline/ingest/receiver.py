@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 import os
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -34,6 +33,7 @@ from pipeline.ingest.inputs import request_meta, short_text
 from pipeline.ingest.metrics import ReceiverMetrics
 from pipeline.ingest.refusals import BadRequest, OverShare
 from pipeline.kafka.clients import ensure_topics, make_producer
+from pipeline.process import settle_garbage_collector
 from pipeline.rewards.records import split_rewards
 
 log = logging.getLogger(__name__)
@@ -415,22 +415,3 @@ async def serve(
         await stop.wait()
     finally:
         await receiver.stop()
-
-
-GC_GEN0_THRESHOLD = 10_000
-
-
-def settle_garbage_collector() -> None:
-    """Keep the collector's pauses out of the latency tail (issue 11, item 7).
-
-    A request's objects live across a broker round trip, so young collections promote them and full
-    collections follow every few seconds, each scanning every object the process holds: 33-46 ms of CPU
-    measured at 2,500 requests/s, longer than the p99 we aim for. After start-up nothing the process
-    loaded (modules, settings, clients) will become garbage, so it is frozen out of all collections, and
-    young collections run every 10,000 allocations instead of 700 (gc.set_threshold): in the same run
-    GC time fell from 192 to 65 ms and full collections from 2 to 1. Reference counting still frees
-    almost everything at once; only cycles wait a little longer.
-    """
-    gc.freeze()
-    _, gen1, gen2 = gc.get_threshold()
-    gc.set_threshold(GC_GEN0_THRESHOLD, gen1, gen2)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import logging
 import os
 import signal
@@ -29,6 +28,7 @@ from adapters import ADAPTERS
 from pipeline.adapting import AdapterModule
 from pipeline.config import Settings
 from pipeline.kafka.clients import ensure_topics, producer_options
+from pipeline.process import keep_freed_memory, settle_garbage_collector
 from pipeline.records import KafkaHeaders
 from pipeline.stream import normalize
 from pipeline.stream.consuming import StageProgress
@@ -38,10 +38,6 @@ from pipeline.stream.normalize_stage import NormalizeStage
 
 log = logging.getLogger(__name__)
 EXIT_STAGE_DIED = 70  # EX_SOFTWARE: a stage loop raised; the process must be restarted
-# glibc's mallopt parameters (malloc.h) and what the worker sets them to (keep_freed_memory).
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-KEPT_FREE_BYTES = 64 * 1024 * 1024
-HEAP_ALLOCATION_MAX = 32 * 1024 * 1024  # glibc's own ceiling for its adaptive mmap threshold
 
 
 class Worker:
@@ -135,6 +131,7 @@ class Worker:
                 " C compiler): the worker spends ~15%% more CPU per event (README, 'Compiled modules')"
             )
         asyncio.run(self.prepare_topics())
+        settle_garbage_collector()  # what start-up loaded stays: out of every collection from now on
         with contextlib.suppress(ImportError):  # uvloop: ~10-20% more events/s for the same CPU
             import uvloop
 
@@ -225,29 +222,6 @@ def runs_compiled() -> bool:
     """Whether the per-event modules were compiled when Headwater was installed (setup.py): then the
     normalize module, like the others, is loaded from a C extension, not from its source."""
     return not (normalize.__file__ or "").endswith(".py")
-
-
-def keep_freed_memory() -> bool:
-    """Let glibc keep up to KEPT_FREE_BYTES of freed heap instead of handing it back to the kernel.
-
-    A batch frees what the next batch allocates again. With glibc's defaults (trim above 128 KiB) the
-    memory goes back to the kernel between batches, and each page costs a page fault when it is touched
-    again: ~0.7 faults and ~3 us of CPU per single-event record in the normalize stage, in-process.
-    Allocations up to HEAP_ALLOCATION_MAX (fetch responses) come from the heap, as glibc's adaptive
-    threshold would let them once it had grown; setting a threshold turns the adaptation off.
-    Returns whether it applied: not off glibc, nor when MALLOC_TRIM_THRESHOLD_ or MALLOC_MMAP_THRESHOLD_
-    is in the environment (the operator's choice wins).
-    """
-    if {"MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_"} & os.environ.keys():
-        return False
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):  # not glibc (or no libc symbols to find)
-        return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return bool(
-        mallopt(_M_MMAP_THRESHOLD, HEAP_ALLOCATION_MAX) and mallopt(_M_TRIM_THRESHOLD, KEPT_FREE_BYTES)
-    )
 
 
 def _bind(service: type[mode.Service], *args: Any) -> type[mode.Service]:

@@ -1,4 +1,5 @@
-"""The worker keeps freed heap for the next batch instead of returning it to the kernel (glibc only)."""
+"""Process-wide tuning: the worker keeps freed heap for the next batch instead of returning it to the kernel
+(glibc only); the receiver and the worker collect garbage less often and never scan what start-up loaded."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import sys
 
 import pytest
 
-PROBE = "from pipeline.stream.worker import keep_freed_memory; print(keep_freed_memory())"
+PROBE = "from pipeline.process import keep_freed_memory; print(keep_freed_memory())"
 
 
 def _applied(env: dict[str, str]) -> str:
@@ -27,3 +28,13 @@ def test_the_worker_sets_glibc_to_keep_freed_memory() -> None:
 def test_an_operators_malloc_settings_win() -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
     assert _applied({**env, "MALLOC_TRIM_THRESHOLD_": "131072"}) == "False"
+
+
+def test_settling_the_collector_freezes_what_is_loaded_and_collects_young_objects_less_often() -> None:
+    probe = (
+        "import gc; from pipeline.process import GC_GEN0_THRESHOLD, settle_garbage_collector;"
+        "before = gc.get_threshold(); settle_garbage_collector();"
+        "print(gc.get_freeze_count() > 0, gc.get_threshold() == (GC_GEN0_THRESHOLD, *before[1:]))"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["True", "True"]
