@@ -128,7 +128,7 @@ class Worker:
         if not runs_compiled():
             log.warning(
                 "the per-event modules run as pure Python (installed with HEADWATER_COMPILE=0 or without a"
-                " C compiler): the worker spends ~15%% more CPU per event (README, 'Compiled modules')"
+                " C compiler): the worker spends 10-25%% more CPU per event (README, 'Compiled modules')"
             )
         asyncio.run(self.prepare_topics())
         settle_garbage_collector()  # what start-up loaded stays: out of every collection from now on
