@@ -362,13 +362,18 @@ def test_every_metric_the_dashboard_and_prometheus_query_is_exported(
                     ("headwater_rewards_breaker_open", {"tenant": "acme"}, 0)],
     }
 
+    missing: list[tuple[str, str, dict[str, str], float]] = []   # the last scrape's unmet series, for the failure
+
     def scraped_with_series() -> dict[str, str] | None:
         pages = {name: get(url) for name, url in urls.items()}
-        ready = all(has_sample(pages[name], series, labels, least)
-                    for name, wanted in expected.items() for series, labels, least in wanted)
-        return {name: page for name, page in pages.items() if page is not None} if ready else None
+        missing[:] = [(name, series, labels, least) for name, wanted in expected.items()
+                      for series, labels, least in wanted if not has_sample(pages[name], series, labels, least)]
+        return {name: page for name, page in pages.items() if page is not None} if not missing else None
 
-    pages: dict[str, str] = wait_for(scraped_with_series, timeout=90, interval=0.5)
+    try:
+        pages: dict[str, str] = wait_for(scraped_with_series, timeout=90, interval=0.5)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; series still missing (process, name, labels, least): {missing}") from None
     assert customer.seen("acme", reward["rewardId"])
 
     exported: dict[str, tuple[str, str]] = {}   # series name -> (process, family)
