@@ -77,7 +77,9 @@ def test_sigkill_mid_delivery_resends_only_the_reward_in_flight_with_the_same_id
         first.process.wait(10)
         second = Dispatcher(config, tmp_path / "second.log", exit_after_s=180)
         try:
-            wait_for(lambda: len(accepted) == 12, timeout=150)
+            wait_for(lambda: len(accepted) == 12, timeout=150,
+                     explain=lambda: f"{len(accepted)} of 12 accepted; the restarted dispatcher logged:\n"
+                                     + second.output()[-8000:])
             wait_for(lambda: delivered(settings) >= set(ids), timeout=60)
         finally:
             second.stop()  # a stopped dispatcher sends nothing more: the counts below are final

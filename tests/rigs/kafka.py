@@ -58,15 +58,21 @@ class LoopThread:
         self.thread.join(10)
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float = 30, interval: float = 0.2) -> Any:
-    """Poll until predicate() is truthy; return its value or fail with a clear message."""
+def wait_for(
+    predicate: Callable[[], Any],
+    timeout: float = 30,
+    interval: float = 0.2,
+    explain: Callable[[], str] | None = None,
+) -> Any:
+    """Poll until predicate() is truthy; return its value or fail with a clear message (plus explain())."""
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s")
+            detail = f"; {explain()}" if explain is not None else ""
+            raise AssertionError(f"condition not met within {timeout}s{detail}")
         time.sleep(interval)
 
 
