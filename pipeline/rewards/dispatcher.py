@@ -11,6 +11,8 @@ key, so table changelog, outputs and consumer offsets move together (at-least-on
 awaited on its own ack before its record is acknowledged (Faust's flush before a commit does not look at
 the results; issue 12). No agent awaits a webhook: a retry is parked as a due time in the table. After
 a rebalance a partition's retries wait, without a time cap, until its catch-up marker has been read.
+Both agents check that every offset of their partitions reaches them, and read again what Faust lost
+(reads.py; docs/decisions/0005).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import os
 import signal
 import time
 from collections import defaultdict, deque
+from collections.abc import Awaitable, Callable
 from typing import Any, Literal
 
 import faust
@@ -35,6 +38,7 @@ from pipeline.records import utc_now
 from pipeline.rewards.intake import Intake
 from pipeline.rewards.metrics import RewardMetrics, attempt_result
 from pipeline.rewards.outputs import WRITE_RETRY_MAX_S, write_durably
+from pipeline.rewards.reads import ContiguousReads, RangeReader
 from pipeline.rewards.records import (
     Attempt,
     AttemptOutcome,
@@ -48,10 +52,11 @@ from pipeline.rewards.records import (
     parse_message,
     retry_delay_s,
 )
-from pipeline.rewards.webhooks import Breaker, Schedule, Sender
+from pipeline.rewards.webhooks import Breaker, Schedule, Sender, hold_until_read
 
 log = logging.getLogger(__name__)
 UNRECORDED_RETRY_S = 5.0  # an attempt whose outcome could not be written to Kafka runs again after this
+MARKER_UNREAD_S = 10.0  # a held partition whose agent reads nothing for this long gets another marker
 SWEEP_EVERY_S = 60.0  # how often a partition's expired delivered-markers are deleted
 
 
@@ -64,6 +69,8 @@ class Dispatcher:
         self.hooks: dict[str, RewardsWebhook | None] = {t.id: t.rewards_webhook for t in settings.tenants}
         self.webhooks = {tenant: hook is not None for tenant, hook in self.hooks.items()}
         self.generation = 0  # counts rebalances: a catch-up marker task of an older one stops
+        self.recovered_at = 0.0  # monotonic time of the last schedule rebuild
+        self.caught_up = 0  # the generation whose partitions were all released (logged once)
         self.delays_s = tuple(d.total_seconds() for d in self.cfg.retry_delays)
         self.metrics = RewardMetrics()
         self.schedule = Schedule()
@@ -72,6 +79,8 @@ class Dispatcher:
         self.expiry: dict[int, deque[tuple[float, bytes]]] = defaultdict(deque)
         self.last_sweep: dict[int, float] = {}
         self.tasks: set[asyncio.Future[None]] = set()
+        self.reads = ContiguousReads()  # which offsets of rewards.outbound and deliveries the agents read
+        self.range_reader = RangeReader(settings)  # reads what Faust lost on its way to an agent
         self.exit_after_s = exit_after_s
         self.app = self._build_app()
 
@@ -107,8 +116,8 @@ class Dispatcher:
             value_type=bytes,
             on_recover=self._on_recover,
         )
-        intake = Intake(self.deliveries, self.dlq, self.webhooks, self.metrics)
-        app.agent(self.outbound, name="headwater.rewards.intake")(intake.agent)
+        self.intake = Intake(self.deliveries, self.dlq, self.webhooks, self.metrics)
+        app.agent(self.outbound, name="headwater.rewards.intake")(self._intake_agent)
         app.agent(self.deliveries, name="headwater.rewards.deliver")(self._deliver_agent)
         app.timer(self.cfg.tick.total_seconds(), name="headwater.rewards.tick")(self._on_tick)
         app.on_partitions_revoked.connect(self._on_revoked)  # type: ignore[arg-type]
@@ -123,23 +132,53 @@ class Dispatcher:
             app.task(self._exit_later)
         return app
 
-    # --- deliver: jobs and outcomes -> state table ------------------------------------------------------
+    # --- the agents' reads ---------------------------------------------------------------------------------
+
+    async def _intake_agent(self, stream: faust.StreamT[bytes]) -> None:
+        async for event in stream.events():
+            await self._in_order(event.message, self.intake.handle)
 
     async def _deliver_agent(self, stream: faust.StreamT[bytes]) -> None:
         async for event in stream.events():
-            partition, offset = event.message.partition, event.message.offset
-            try:
-                message = parse_message(event.value)
-                if isinstance(message, DeliveryJob):
-                    self._on_job(message, partition)
-                elif isinstance(message, AttemptOutcome):
-                    await self._on_outcome(message, partition, event.message)
-                self._sweep(partition, time.time())
-            except Exception:  # an escaping exception ends the agent and acks the record anyway
-                log.exception("deliver failed for %s:%s", partition, offset)
-                self.metrics.errors.labels("deliver").inc()
-            finally:
-                self.schedule.seen(partition, offset)
+            await self._in_order(event.message, self._deliver)
+
+    async def _in_order(self, message: Message, handle: Callable[[Message], Awaitable[None]]) -> None:
+        """Handle `message`, after the records before it that never reached the agent (reads.py)."""
+        topic, partition, offset = message.topic, message.partition, message.offset
+        start = self.reads.expected(topic, partition)
+        if self.reads.read(topic, partition, offset) == "gap" and start is not None:
+            delay_s = 0.2
+            while True:
+                try:
+                    missing = await self.range_reader.read(topic, partition, start, offset)
+                    break
+                except Exception:  # Kafka unreachable: the partition waits, nothing is skipped
+                    log.exception("could not read %s partition %d from %d; retrying", topic, partition, start)
+                    await asyncio.sleep(delay_s)
+                    delay_s = min(delay_s * 2, WRITE_RETRY_MAX_S)
+            for record in missing:
+                await handle(record)
+                self.app.consumer.ack(record)  # Faust's commit then moves past them
+            self.reads.filled(topic, partition, offset)
+            self.reads.read(topic, partition, offset)
+        await handle(message)
+
+    # --- deliver: jobs and outcomes -> state table ------------------------------------------------------
+
+    async def _deliver(self, message: Message) -> None:
+        partition, offset = message.partition, message.offset
+        try:
+            parsed = parse_message(message.value or b"")
+            if isinstance(parsed, DeliveryJob):
+                self._on_job(parsed, partition)
+            elif isinstance(parsed, AttemptOutcome):
+                await self._on_outcome(parsed, partition, message)
+            self._sweep(partition, time.time())
+        except Exception:  # an escaping exception ends the agent and acks the record anyway
+            log.exception("deliver failed for %s:%s", partition, offset)
+            self.metrics.errors.labels("deliver").inc()
+        finally:
+            self.schedule.seen(partition, offset)
 
     def _on_job(self, job: DeliveryJob, partition: int) -> None:
         key = delivery_key(job.tenant, job.reward_id)
@@ -372,6 +411,7 @@ class Dispatcher:
         applied before anything could be re-sent, however slow the restart (issue 12).
         """
         self.generation += 1
+        self.recovered_at = time.monotonic()
         topic = self.deliveries.get_topic_name()
         actives = [tp for tp in self.app.assignor.assigned_actives() if tp.topic == topic]
         partitions = {tp.partition for tp in actives}
@@ -405,26 +445,37 @@ class Dispatcher:
         )
 
     async def _mark_caught_up(self, partition: int, generation: int) -> None:
-        """Append the catch-up marker to `partition` (again until it is written), then hold up to it."""
-        delay_s = 0.2
-        while generation == self.generation:
-            try:
-                ack = await self.deliveries.send(
-                    value=CatchUpMarker(written_at=utc_now()).to_json(), partition=partition
-                )
-                offset = (await ack).offset
-            except Exception:  # no marker, no release: the partition's retries keep waiting
-                log.exception("could not write the catch-up marker to partition %d; retrying", partition)
-                await asyncio.sleep(delay_s)
-                delay_s = min(delay_s * 2, WRITE_RETRY_MAX_S)
-                continue
-            if generation == self.generation:
-                self.schedule.hold(partition, offset)
-                log.info("partition %d held until offset %d is read", partition, offset)
-            return
+        """Hold `partition` until the agent has read a catch-up marker written to it now (hold_until_read)."""
+
+        def current() -> bool:
+            return generation == self.generation
+
+        async def write_marker() -> int | None:
+            delay_s = 0.2
+            while current():
+                try:
+                    ack = await self.deliveries.send(
+                        value=CatchUpMarker(written_at=utc_now()).to_json(), partition=partition
+                    )
+                    return (await ack).offset
+                except Exception:  # no marker, no release: the partition's retries keep waiting
+                    log.exception("could not write the catch-up marker to partition %d; retrying", partition)
+                    await asyncio.sleep(delay_s)
+                    delay_s = min(delay_s * 2, WRITE_RETRY_MAX_S)
+            return None
+
+        if await hold_until_read(self.schedule, partition, write_marker, current, MARKER_UNREAD_S):
+            self._log_caught_up(generation)
+
+    def _log_caught_up(self, generation: int) -> None:
+        """One line when the last partition of a rebuild is released: retries run from now on."""
+        if generation == self.generation and not self.schedule.held() and self.caught_up != generation:
+            self.caught_up = generation
+            log.info("catch-up markers read after %.2f s; retries run", time.monotonic() - self.recovered_at)
 
     async def _rewind_uncommitted(self) -> None:
-        """Seek source partitions that have no committed offset yet back to their first record.
+        """Seek source partitions that have no committed offset yet back to their first record, and tell
+        ContiguousReads where each source partition is read from.
 
         Faust leaves such a partition wherever its fetcher got to before a rebalance, and drops what it
         fetched: a group that never committed (a first worker killed within seconds) would skip records.
@@ -432,19 +483,25 @@ class Dispatcher:
         sources = {self.outbound.get_topic_name(), self.deliveries.get_topic_name()}
         committed = await self.app.consumer.seek_to_committed()  # type: ignore[attr-defined]
         fresh = [tp for tp, offset in committed.items() if tp.topic in sources and offset is None]
-        if fresh:
-            earliest = await self.app.consumer.earliest_offsets(*fresh)
-            for tp in fresh:
-                await self.app.consumer.seek(tp, earliest.get(tp) or 0)
+        earliest = await self.app.consumer.earliest_offsets(*fresh) if fresh else {}
+        for tp in fresh:
+            await self.app.consumer.seek(tp, earliest.get(tp) or 0)
+        self.reads.forget()
+        for tp, offset in committed.items():
+            if tp.topic in sources:
+                start = offset if offset is not None else earliest.get(tp) or 0
+                self.reads.start(tp.topic, tp.partition, start)
 
     async def _on_revoked(self, sender: Any, revoked: Any, **kwargs: Any) -> None:
         self.generation += 1
         self.schedule.clear()
+        self.reads.forget()
 
     async def _on_shutdown(self, sender: Any, **kwargs: Any) -> None:
         for task in list(self.tasks):
             task.cancel()
         await self.sender.close()
+        await self.range_reader.close()
 
     async def _exit_later(self) -> None:
         assert self.exit_after_s is not None

@@ -11,7 +11,6 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-import faust
 from faust.types import Message
 
 from pipeline import reasons
@@ -40,18 +39,17 @@ class Intake:
         self.webhooks = webhooks
         self.metrics = metrics
 
-    async def agent(self, stream: faust.StreamT[bytes]) -> None:
-        async for event in stream.events():
-            try:
-                await self.take(event.message)
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # the dead-letter path itself failed: write the plainest letter there is
-                message = event.message
-                log.exception("intake failed for %s:%s", message.partition, message.offset)
-                self.metrics.errors.labels("intake").inc()
-                letter = last_resort(message)
-                await write_durably(message, lambda: self.dlq.send(key=None, value=letter))  # noqa: B023
+    async def handle(self, message: Message) -> None:
+        """take(), and if the dead-letter path itself failed, the plainest letter there is."""
+        try:
+            await self.take(message)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("intake failed for %s:%s", message.partition, message.offset)
+            self.metrics.errors.labels("intake").inc()
+            letter = last_resort(message)
+            await write_durably(message, lambda: self.dlq.send(key=None, value=letter))
 
     async def take(self, message: Message) -> None:
         """One record -> a durable job or dead letter, then (by returning) its ack; never raises for input."""

@@ -1,16 +1,18 @@
 """The dispatcher's moving parts without Faust: the HTTP sender, per-tenant breakers, the retry schedule.
 
-pipeline.rewards.dispatcher wires them into agents. Nothing here awaits anything but the webhook request,
-so none of it can stall a partition.
+pipeline.rewards.dispatcher wires them into agents. Nothing here awaits anything but the webhook request
+and the release of a held partition, so none of it can stall a partition.
 """
 
 from __future__ import annotations
 
+import asyncio
 import heapq
 import itertools
 import logging
 import time
 from collections import Counter, defaultdict, deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -175,6 +177,7 @@ class Schedule:
         self.in_flight: Counter[str] = Counter()
         self._hold: dict[int, int | None] = {}  # partition -> offset the agent must have read
         self._read_up_to: dict[int, int] = {}  # partition -> highest offset the agent has read
+        self._released: dict[int, asyncio.Event] = {}  # partition -> set when its hold ends
         self._depth: Counter[str] = Counter()
 
     def put(self, key: bytes, due_at: float, tenant: str, partition: int) -> None:
@@ -196,6 +199,9 @@ class Schedule:
         self._ready.clear()
         self._queued.clear()
         self._hold.clear()
+        for released in self._released.values():  # whoever waits on a hold learns it is gone
+            released.set()
+        self._released.clear()
 
     def hold(self, partition: int, offset: int | None = None) -> None:
         """No retries of `partition` run until the agent has read `offset` there (None: not known yet).
@@ -204,13 +210,29 @@ class Schedule:
         (issue 12). An offset the agent has already read releases the partition at once.
         """
         if offset is not None and self._read_up_to.get(partition, -1) >= offset:
-            self._hold.pop(partition, None)
+            self._release(partition)
             return
         self._hold[partition] = offset
+        self._released.setdefault(partition, asyncio.Event())
 
     def held(self) -> dict[int, int | None]:
         """Partition -> offset the deliver agent must read before that partition's retries run."""
         return dict(self._hold)
+
+    def read_up_to(self, partition: int) -> int:
+        """The highest offset of `partition` the deliver agent has read (-1: none yet)."""
+        return self._read_up_to.get(partition, -1)
+
+    async def wait_released(self, partition: int, timeout_s: float) -> bool:
+        """True once `partition` is not held (its marker read, or the index cleared); False on timeout."""
+        released = self._released.get(partition)
+        if partition not in self._hold or released is None:
+            return True
+        try:
+            await asyncio.wait_for(released.wait(), timeout_s)
+        except TimeoutError:
+            return False
+        return True
 
     def seen(self, partition: int, offset: int) -> None:
         """The deliver agent has read `offset` of `partition`."""
@@ -218,7 +240,13 @@ class Schedule:
             self._read_up_to[partition] = offset
         held = self._hold.get(partition)
         if held is not None and offset >= held:
-            del self._hold[partition]
+            self._release(partition)
+
+    def _release(self, partition: int) -> None:
+        self._hold.pop(partition, None)
+        released = self._released.pop(partition, None)
+        if released is not None:
+            released.set()
 
     def move_due(self, now: float) -> set[str]:
         """Move due keys of released partitions to their tenants' ready queues; returns those tenants."""
@@ -254,3 +282,45 @@ class Schedule:
     def depth(self, tenant: str) -> int:
         """Pending rewards of a tenant (waiting for their time, for a slot, or in flight)."""
         return self._depth[tenant]
+
+
+async def hold_until_read(
+    schedule: Schedule,
+    partition: int,
+    write_marker: Callable[[], Awaitable[int | None]],
+    current: Callable[[], bool],
+    unread_s: float,
+) -> bool:
+    """Hold `partition` until the deliver agent has read a catch-up marker there: True once released.
+
+    `write_marker` appends a marker and returns its offset (None: it gave up, the takeover is over).
+    Faust skips, and acks, a record its stream dequeues while flow is suspended or that was fetched in
+    an older rebalance generation (pitfalls.md), so a marker can fail to reach the agent. While the
+    agent reads nothing more of the partition for `unread_s`, another marker is written: any later
+    marker proves the same thing (everything the partition held at takeover has been read), so the
+    hold still ends on a read, never on a timer. False once `current()` is false (a rebalance).
+    """
+    while current():
+        offset = await write_marker()
+        if offset is None or not current():
+            return False
+        schedule.hold(partition, offset)
+        log.debug("partition %d held until offset %d is read", partition, offset)
+        read = schedule.read_up_to(partition)
+        while not await schedule.wait_released(partition, unread_s):
+            if not current():
+                return False
+            if schedule.read_up_to(partition) == read:  # no progress since the last look: marker lost
+                log.warning(
+                    "partition %d: catch-up marker at offset %d not read after %.0f s (read up to %d);"
+                    " writing another",
+                    partition,
+                    offset,
+                    unread_s,
+                    read,
+                )
+                break
+            read = schedule.read_up_to(partition)
+        else:
+            return current()
+    return False
