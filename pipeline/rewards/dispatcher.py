@@ -136,13 +136,13 @@ class Dispatcher:
 
     async def _intake_agent(self, stream: faust.StreamT[bytes]) -> None:
         async for event in stream.events():
-            await self._in_order(event.message, self.intake.handle)
+            await self.handle_in_order(event.message, self.intake.handle)
 
     async def _deliver_agent(self, stream: faust.StreamT[bytes]) -> None:
         async for event in stream.events():
-            await self._in_order(event.message, self._deliver)
+            await self.handle_in_order(event.message, self._deliver)
 
-    async def _in_order(self, message: Message, handle: Callable[[Message], Awaitable[None]]) -> None:
+    async def handle_in_order(self, message: Message, handle: Callable[[Message], Awaitable[None]]) -> None:
         """Handle `message`, after the records before it that never reached the agent (reads.py)."""
         topic, partition, offset = message.topic, message.partition, message.offset
         start = self.reads.expected(topic, partition)

@@ -6,9 +6,13 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
+from aiokafka import ConsumerRecord
+from faust.types import Message
+
 from pipeline.config import Settings
 from pipeline.kafka.clients import ensure_topics, make_producer
-from pipeline.rewards.reads import ContiguousReads, RangeReader
+from pipeline.rewards.dispatcher import Dispatcher
+from pipeline.rewards.reads import ContiguousReads, RangeReader, faust_message
 
 T = "deliveries"
 
@@ -76,3 +80,42 @@ def test_the_range_reader_returns_the_missing_records_as_the_agent_would_have_se
     assert asyncio.run(scenario()) == [
         (i, f"k{i}".encode(), f"v{i}".encode(), [("hw-tenant", b"acme")]) for i in (1, 2, 3)
     ]
+
+
+def test_an_agent_meeting_a_jump_handles_the_missing_records_from_kafka_first(
+    make_settings: Callable[..., Settings],
+) -> None:
+    """Offsets 1 to 3 never reached the agent: when 4 arrives they are read from the broker and handled
+    in order before it; a late copy of 2 is handled again (idempotent), and nothing is handled twice
+    otherwise."""
+    settings = make_settings()
+    dispatcher = Dispatcher(settings)
+    topic = settings.topics.rewards_deliveries
+
+    async def scenario() -> tuple[list[int], int | None]:
+        await ensure_topics(settings, [topic])
+        producer = make_producer(settings, linger_ms=0)
+        await producer.start()
+        try:
+            for i in range(6):
+                await producer.send_and_wait(topic, f"v{i}".encode(), partition=1)
+        finally:
+            await producer.stop()
+        handled: list[int] = []
+
+        async def handle(message: Message) -> None:
+            assert message.value == f"v{message.offset}".encode()
+            handled.append(message.offset)
+
+        def arrived(offset: int) -> Message:
+            return faust_message(ConsumerRecord(topic, 1, offset, 0, 0, None, f"v{offset}".encode(), None, 0, 0, []))
+
+        dispatcher.reads.start(topic, 1, 0)
+        try:
+            for offset in (0, 4, 2, 5):
+                await dispatcher.handle_in_order(arrived(offset), handle)
+        finally:
+            await dispatcher.range_reader.close()
+        return handled, dispatcher.reads.expected(topic, 1)
+
+    assert asyncio.run(scenario()) == ([0, 1, 2, 3, 4, 2, 5], 6)
