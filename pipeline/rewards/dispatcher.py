@@ -514,9 +514,15 @@ def run_dispatcher(settings: Settings, exit_after_s: float | None = None, debug:
     """`headwater rewards run`: create the topics, then run the Faust worker until SIGINT/SIGTERM."""
     topics = settings.topics
     asyncio.run(ensure_topics(settings, [topics.rewards, topics.rewards_deliveries, topics.rewards_dlq]))
-    asyncio.set_event_loop(asyncio.new_event_loop())
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
     (settings.worker.data_dir / "rewards").mkdir(parents=True, exist_ok=True)
     dispatcher = Dispatcher(settings, exit_after_s)
+    # The table's changelog too: left to Faust, it can be created after the group's first assignment,
+    # whose assignor then skips it ("Ignoring missing topic"), and every table write fails with
+    # PartitionsMismatch until the next rebalance (seen in CI: no reward delivered).
+    changelog = dispatcher.state.changelog_topic.get_topic_name()
+    loop.run_until_complete(ensure_topics(settings, [changelog], config={"cleanup.policy": "compact"}))
     worker = faust.Worker(dispatcher.app, quiet=True, override_logging=False)  # levels: pipeline.logs
     worker.spinner = None  # its cursor codes would land in the logs
     worker.execute_from_commandline()
