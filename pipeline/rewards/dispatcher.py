@@ -37,7 +37,7 @@ from pipeline.reasons import Reason
 from pipeline.records import utc_now
 from pipeline.rewards.intake import Intake
 from pipeline.rewards.metrics import RewardMetrics, attempt_result
-from pipeline.rewards.outputs import WRITE_RETRY_MAX_S, write_durably
+from pipeline.rewards.outputs import retried, write_durably
 from pipeline.rewards.reads import ContiguousReads, RangeReader
 from pipeline.rewards.records import (
     Attempt,
@@ -147,16 +147,12 @@ class Dispatcher:
         topic, partition, offset = message.topic, message.partition, message.offset
         start = self.reads.expected(topic, partition)
         if self.reads.read(topic, partition, offset) == "gap" and start is not None:
-            delay_s = 0.2
-            while True:
-                try:
-                    missing = await self.range_reader.read(topic, partition, start, offset)
-                    break
-                except Exception:  # Kafka unreachable: the partition waits, nothing is skipped
-                    log.exception("could not read %s partition %d from %d; retrying", topic, partition, start)
-                    await asyncio.sleep(delay_s)
-                    delay_s = min(delay_s * 2, WRITE_RETRY_MAX_S)
-            for record in missing:
+            # Kafka unreachable: the partition waits, nothing is skipped.
+            missing = await retried(
+                lambda: self.range_reader.read(topic, partition, start, offset),
+                f"could not read {topic} partition {partition} from {start}",
+            )
+            for record in missing or []:
                 await handle(record)
                 self.app.consumer.ack(record)  # Faust's commit then moves past them
             self.reads.filled(topic, partition, offset)
@@ -450,19 +446,15 @@ class Dispatcher:
         def current() -> bool:
             return generation == self.generation
 
-        async def write_marker() -> int | None:
-            delay_s = 0.2
-            while current():
-                try:
-                    ack = await self.deliveries.send(
-                        value=CatchUpMarker(written_at=utc_now()).to_json(), partition=partition
-                    )
-                    return (await ack).offset
-                except Exception:  # no marker, no release: the partition's retries keep waiting
-                    log.exception("could not write the catch-up marker to partition %d; retrying", partition)
-                    await asyncio.sleep(delay_s)
-                    delay_s = min(delay_s * 2, WRITE_RETRY_MAX_S)
-            return None
+        async def marker_offset() -> int:
+            ack = await self.deliveries.send(
+                value=CatchUpMarker(written_at=utc_now()).to_json(), partition=partition
+            )
+            return (await ack).offset
+
+        async def write_marker() -> int | None:  # no marker, no release: the partition's retries keep waiting
+            failure = f"could not write the catch-up marker to partition {partition}"
+            return await retried(marker_offset, failure, keep_trying=current)
 
         if await hold_until_read(self.schedule, partition, write_marker, current, MARKER_UNREAD_S):
             self._log_caught_up(generation)

@@ -5,12 +5,29 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 from faust.types import Message
 
 log = logging.getLogger(__name__)
-WRITE_RETRY_MAX_S = 5.0  # longest pause between two tries of an output write that failed
+WRITE_RETRY_MAX_S = 5.0  # longest pause between two tries of a Kafka call that failed
+T = TypeVar("T")
+
+
+async def retried(
+    attempt: Callable[[], Awaitable[T]], failure: str, keep_trying: Callable[[], bool] = lambda: True
+) -> T | None:
+    """attempt() again, after pauses growing to WRITE_RETRY_MAX_S, until it succeeds (its result) or
+    keep_trying() turns false (None). Each failure is logged as `failure`, with its traceback."""
+    delay_s = 0.2
+    while keep_trying():
+        try:
+            return await attempt()
+        except Exception:
+            log.exception("%s; retrying", failure)
+            await asyncio.sleep(delay_s)
+            delay_s = min(delay_s * 2, WRITE_RETRY_MAX_S)
+    return None
 
 
 async def write_durably(message: Message, send: Callable[[], Awaitable[Awaitable[Any]]]) -> None:
@@ -20,18 +37,12 @@ async def write_durably(message: Message, send: Callable[[], Awaitable[Awaitable
     failed would be committed over. So the agent stays on the record until its output is durable; if
     the worker stops meanwhile, the record is marked so that its offset is never committed.
     """
-    delay_s = 0.2
+
+    async def sent() -> None:
+        await (await send())
+
     try:
-        while True:
-            try:
-                await (await send())
-                return
-            except Exception:
-                log.exception(
-                    "could not write the outcome of %s:%s; retrying", message.partition, message.offset
-                )
-                await asyncio.sleep(delay_s)
-                delay_s = min(delay_s * 2, WRITE_RETRY_MAX_S)
+        await retried(sent, f"could not write the outcome of {message.partition}:{message.offset}")
     except asyncio.CancelledError:
         message.acked = True  # Faust acks in a finally; an acked-looking message never reaches the commit
         raise

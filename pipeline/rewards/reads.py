@@ -12,7 +12,7 @@ them in order, then the record that showed the jump. Handling a record twice is 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
@@ -66,7 +66,7 @@ class RangeReader:
     """Reads offsets [start, end) of one partition straight from Kafka: its own consumer, in no group."""
 
     settings: Settings
-    _consumer: AIOKafkaConsumer | None = None
+    _consumer: AIOKafkaConsumer | None = field(default=None, init=False)
 
     async def read(self, topic: str, partition: int, start: int, end: int) -> list[Message]:
         """The records there are in [start, end), in order, as Faust messages (an offset may hold none)."""

@@ -294,9 +294,9 @@ async def hold_until_read(
     """Hold `partition` until the deliver agent has read a catch-up marker there: True once released.
 
     `write_marker` appends a marker and returns its offset (None: it gave up, the takeover is over).
-    Faust skips, and acks, a record its stream dequeues while flow is suspended or that was fetched in
-    an older rebalance generation (pitfalls.md), so a marker can fail to reach the agent. While the
-    agent reads nothing more of the partition for `unread_s`, another marker is written: any later
+    Faust can lose a fetched record on its way to the agent (docs/decisions/0005); a lost marker that is
+    the partition's last record shows no gap. So while the agent reads nothing more of the partition
+    for `unread_s`, another marker is written: any later
     marker proves the same thing (everything the partition held at takeover has been read), so the
     hold still ends on a read, never on a timer. False once `current()` is false (a rebalance).
     """
