@@ -28,7 +28,7 @@ from adapters import ADAPTERS
 from pipeline.adapting import AdapterModule
 from pipeline.config import Settings
 from pipeline.kafka.clients import ensure_topics, producer_options
-from pipeline.process import keep_freed_memory, settle_garbage_collector
+from pipeline.process import WORKER_GC_GEN0_THRESHOLD, keep_freed_memory, settle_garbage_collector
 from pipeline.records import KafkaHeaders
 from pipeline.stream import normalize
 from pipeline.stream.consuming import StageProgress
@@ -131,7 +131,8 @@ class Worker:
                 " C compiler): the worker spends 10-25%% more CPU per event (README, 'Compiled modules')"
             )
         asyncio.run(self.prepare_topics())
-        settle_garbage_collector()  # what start-up loaded stays: out of every collection from now on
+        # What start-up loaded stays: out of every collection from now on.
+        settle_garbage_collector(WORKER_GC_GEN0_THRESHOLD)
         with contextlib.suppress(ImportError):  # uvloop: ~10-20% more events/s for the same CPU
             import uvloop
 

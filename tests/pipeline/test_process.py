@@ -38,3 +38,12 @@ def test_settling_the_collector_freezes_what_is_loaded_and_collects_young_object
     )
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert done.stdout.split() == ["True", "True"]
+
+
+def test_the_worker_collects_young_objects_less_often_than_the_receiver() -> None:
+    probe = (
+        "import gc; from pipeline.process import WORKER_GC_GEN0_THRESHOLD, settle_garbage_collector;"
+        "settle_garbage_collector(WORKER_GC_GEN0_THRESHOLD); print(gc.get_threshold()[0])"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert int(done.stdout) == 100_000
