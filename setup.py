@@ -36,8 +36,8 @@ COMPILED = [
     "pipeline/kafka/partitioning.py",
     "pipeline/stream/consuming.py",
     "pipeline/stream/dedup.py",
-    "pipeline/stream/normalize.py",
-    "pipeline/stream/normalizing.py",
+    "pipeline/stream/normalize_batch.py",
+    "pipeline/stream/record_outcomes.py",
     "pipeline/stream/transactions.py",
 ]
 

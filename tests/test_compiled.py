@@ -38,7 +38,7 @@ def can_compile() -> bool:
 @pytest.mark.skipif(not can_compile(), reason="a pure-Python install (HEADWATER_COMPILE=0 or no C compiler)")
 def test_every_module_setup_compiles_is_loaded_from_its_extension() -> None:
     modules = compiled_modules()
-    assert "adapters.segment" in modules and "pipeline.stream.normalize" in modules
+    assert "adapters.segment" in modules and "pipeline.stream.normalize_batch" in modules
     for name in modules:
         origin = importlib.import_module(name).__file__ or ""
         assert origin.endswith(".so"), f"{name} runs from {origin}, not from its compiled extension"

@@ -33,7 +33,7 @@ from pipeline.kafka.clients import broker_errors, end_offsets, ensure_topics, ma
 from pipeline.ops.times import parse_time
 from pipeline.records import KafkaHeaders, RawHeaders, ReplayTag
 from pipeline.sources import SOURCES
-from pipeline.stream.normalize import NormalizeTargets, Send, normalize_batch
+from pipeline.stream.normalize_batch import NormalizeTargets, Send, normalize_batch
 
 
 @dataclass

@@ -35,7 +35,7 @@ from pipeline.stream.consuming import (
 )
 from pipeline.stream.dedup import Deduplicator, Store, entry_partition, open_store
 from pipeline.stream.metrics import WorkerMetrics
-from pipeline.stream.normalizing import dead_letter
+from pipeline.stream.record_outcomes import dead_letter
 from pipeline.stream.transactions import Output, PartitionTransactions
 
 log = logging.getLogger(__name__)

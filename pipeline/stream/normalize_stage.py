@@ -20,7 +20,7 @@ from pipeline.stream.consuming import (
     stopped_quietly,
 )
 from pipeline.stream.metrics import WorkerMetrics
-from pipeline.stream.normalize import NormalizeTargets, Send, normalize_batch, refuse_record
+from pipeline.stream.normalize_batch import NormalizeTargets, Send, normalize_batch, refuse_record
 
 
 class NormalizeStage(mode.Service):

@@ -30,7 +30,7 @@ from pipeline.config import Settings
 from pipeline.kafka.clients import ensure_topics, producer_options
 from pipeline.process import WORKER_GC_GEN0_THRESHOLD, keep_freed_memory, settle_garbage_collector
 from pipeline.records import KafkaHeaders
-from pipeline.stream import normalize
+from pipeline.stream import normalize_batch
 from pipeline.stream.consuming import StageProgress
 from pipeline.stream.dedup_stage import DedupStage, changelog_config, changelog_topic
 from pipeline.stream.metrics import WorkerMetrics
@@ -221,8 +221,8 @@ class WebService(mode.Service):
 
 def runs_compiled() -> bool:
     """Whether the per-event modules were compiled when Headwater was installed (setup.py): then the
-    normalize module, like the others, is loaded from a C extension, not from its source."""
-    return not (normalize.__file__ or "").endswith(".py")
+    normalize_batch module, like the others, is loaded from a C extension, not from its source."""
+    return not (normalize_batch.__file__ or "").endswith(".py")
 
 
 def _bind(service: type[mode.Service], *args: Any) -> type[mode.Service]:

@@ -1,7 +1,7 @@
 """Every vector under vectors/<source>/ through its adapter and through the real driver.
 
 One runner for all sources (sources.md §4): the adapter alone gives drafts and rejections; the driver
-(`pipeline.stream.normalizing.outcomes`) adds validation, fingerprinting and the dead letters themselves. A vector holds `body` (a JSON value), `raw_body` (text
+(`pipeline.stream.record_outcomes.outcomes`) adds validation, fingerprinting and the dead letters themselves. A vector holds `body` (a JSON value), `raw_body` (text
 sent as is, for invalid JSON) or `raw_body_b64` (bytes), optional `meta` overrides, and the
 `expected` outcomes in order: the draft fields it lists, or {"reason", "index"[, "path"]}.
 """
@@ -21,7 +21,7 @@ from adapters import ADAPTERS
 from pipeline.adapting import AdapterModule, Draft, Reject
 from pipeline.reasons import UNKNOWN, lookup
 from pipeline.records import CanonicalEvent, DeadLetter, Origin, RawHeaders, RawRecord, format_utc
-from pipeline.stream.normalizing import outcomes as driver_outcomes
+from pipeline.stream.record_outcomes import outcomes as driver_outcomes
 
 VECTORS = Path(__file__).parent / "vectors"
 CASES = sorted(VECTORS.glob("*/*.json"))
@@ -119,7 +119,7 @@ def test_vectors_state_their_rule() -> None:
 
 
 def driver_view(outcome: CanonicalEvent | DeadLetter) -> dict[str, Any]:
-    """What the real driver (pipeline.stream.normalizing.outcomes) made of an item, in a vector's terms."""
+    """What the real driver (pipeline.stream.record_outcomes.outcomes) made of an item, in a vector's terms."""
     if isinstance(outcome, DeadLetter):
         path = outcome.errors[0].path if outcome.errors else None
         return {"reason": outcome.reason, "index": outcome.index, "path": path}

@@ -25,7 +25,7 @@ from pipeline.cli import main
 from pipeline.ops.dlq import redrive_log_topic
 from pipeline.config import Settings
 from pipeline.records import DeadLetter, Origin, RawHeaders, RawRecord, utc_now
-from pipeline.stream.normalizing import outcomes
+from pipeline.stream.record_outcomes import outcomes
 
 KEY = {"X-API-KEY": "wk_acme_1", "Content-Type": "application/json"}
 

@@ -20,7 +20,7 @@ from adapters import ADAPTERS
 from pipeline import reading
 from pipeline.adapting import Reject
 from pipeline.records import DeadLetter, KeyedBatch, RawHeaders, utc_now
-from pipeline.stream.normalize import NormalizeTargets, normalize_batch
+from pipeline.stream.normalize_batch import NormalizeTargets, normalize_batch
 
 TARGETS = NormalizeTargets("keyed", "dlq", 3, 5, max_event_bytes=4096)
 

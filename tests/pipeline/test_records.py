@@ -23,8 +23,8 @@ from pipeline.records import (
     format_utc,
     new_request_id,
 )
-from pipeline.stream.normalize import raw_record
-from pipeline.stream.normalizing import dead_letter
+from pipeline.stream.normalize_batch import raw_record
+from pipeline.stream.record_outcomes import dead_letter
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**53), 2**53) | st.text(max_size=8),

@@ -13,7 +13,7 @@ from pipeline.config import Settings
 from pipeline.kafka.clients import ensure_topics, make_producer
 from pipeline.reasons import lookup
 from pipeline.records import DeadLetter, Origin, RawHeaders, RawRecord, utc_now
-from pipeline.stream.normalizing import dead_letter
+from pipeline.stream.record_outcomes import dead_letter
 from rigs.kafka import toml_text
 
 RECEIVED = utc_now()  # one receive time, so letters of one raw record share their headers

@@ -12,7 +12,7 @@ import pytest
 from adapters import customerglu, segment
 from pipeline import reasons
 from pipeline.records import CanonicalEvent, DeadLetter, Origin, RawHeaders, RawRecord
-from pipeline.stream.normalizing import outcomes
+from pipeline.stream.record_outcomes import outcomes
 
 
 def raw(body: bytes, source: str = "segment", redrive_count: int = 0) -> RawRecord:

@@ -34,7 +34,7 @@ from pipeline.records import (
     ReplayTag,
 )
 from pipeline.stream.metrics import WorkerMetrics
-from pipeline.stream.normalizing import dead_letter, outcomes
+from pipeline.stream.record_outcomes import dead_letter, outcomes
 
 # Hand one record to a producer: (topic, key, value, partition, headers) -> the future of its ack.
 Send = Callable[[str, bytes | None, bytes, int | None, KafkaHeaders | None], Awaitable[Awaitable[Any]]]
