@@ -56,11 +56,42 @@ class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
+SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
+
+
 class KafkaSettings(_Frozen):
+    """Where the brokers are and how every client reaches them. The security keys are named as aiokafka
+    names them; pipeline.kafka.security turns them into the kwargs of every client (docs/production.md)."""
+
     bootstrap_servers: str = "127.0.0.1:9092"
     partitions: int = Field(6, ge=1, le=10_000)
     replication_factor: int = Field(1, ge=1)
     client_id: str = "headwater"
+    # false: the topics are managed by an operator (Strimzi KafkaTopic, Terraform); Headwater only checks
+    # that they exist and refuses to start without them.
+    create_topics: bool = True
+    security_protocol: SecurityProtocol = "PLAINTEXT"
+    sasl_mechanism: SaslMechanism = "PLAIN"
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None  # HEADWATER_KAFKA_SASL_PASSWORD(_FILE)
+    ssl_cafile: Path | None = None  # None: the system's trust store
+    ssl_certfile: Path | None = None  # a client certificate (mutual TLS), with ssl_keyfile
+    ssl_keyfile: Path | None = None
+
+    @model_validator(mode="after")
+    def _security_is_whole(self) -> KafkaSettings:
+        sasl = self.security_protocol.startswith("SASL_")
+        tls = self.security_protocol.endswith("SSL")
+        if sasl and (not self.sasl_username or self.sasl_password is None):
+            raise ValueError(f"{self.security_protocol} needs sasl_username and sasl_password")
+        if not sasl and (self.sasl_username or self.sasl_password is not None):
+            raise ValueError(f"sasl_username/sasl_password are unused with {self.security_protocol}")
+        if not tls and (self.ssl_cafile or self.ssl_certfile or self.ssl_keyfile):
+            raise ValueError(f"ssl_* files are unused with {self.security_protocol}")
+        if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
+            raise ValueError("ssl_certfile and ssl_keyfile go together (a client certificate and its key)")
+        return self
 
 
 class LocalKafkaSettings(_Frozen):
@@ -284,9 +315,15 @@ class Settings(_Frozen):
         return _validate(doc, "command-line flags")
 
 
-# Environment variables that override one setting each (architecture.md: at least HEADWATER_KAFKA_BOOTSTRAP).
+# Environment variables that override one setting each; each also reads `<NAME>_FILE`, the path of a file
+# holding the value (the Docker and Kubernetes secrets convention). Secrets: docs/production.md.
 ENV_OVERRIDES = {
     "HEADWATER_KAFKA_BOOTSTRAP": "kafka.bootstrap_servers",
+    "HEADWATER_KAFKA_SECURITY_PROTOCOL": "kafka.security_protocol",
+    "HEADWATER_KAFKA_SASL_MECHANISM": "kafka.sasl_mechanism",
+    "HEADWATER_KAFKA_SASL_USERNAME": "kafka.sasl_username",
+    "HEADWATER_KAFKA_SASL_PASSWORD": "kafka.sasl_password",
+    "HEADWATER_KAFKA_CREATE_TOPICS": "kafka.create_topics",
     "HEADWATER_RECEIVER_HOST": "receiver.host",
     "HEADWATER_RECEIVER_PORT": "receiver.port",
     "HEADWATER_DEDUP_WINDOW": "dedup.window",
@@ -296,6 +333,9 @@ ENV_OVERRIDES = {
     "HEADWATER_LOG_FORMAT": "logging.format",
     "HEADWATER_DLQ_PAGE_TOKEN": "dlq.page_token",
 }
+# A TOML file of [[tenants]] tables (every tenant secret), e.g. mounted from a Kubernetes Secret: it
+# replaces the config file's tenants, which must then have none.
+TENANTS_FILE_ENV = "HEADWATER_TENANTS_FILE"
 
 
 def _validate(doc: Mapping[str, Any], origin: str) -> Settings:
@@ -326,15 +366,43 @@ def load_settings(
     """Read the TOML file (HEADWATER_CONFIG, else the shipped example), then env overrides, then flags."""
     env = os.environ if environ is None else environ
     chosen = Path(path or env.get("HEADWATER_CONFIG") or EXAMPLE_CONFIG)
-    try:
-        doc: dict[str, Any] = tomllib.loads(chosen.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"config file not found: {chosen}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{chosen}: not valid TOML ({exc})") from None
+    doc = _read_toml(chosen)
     for variable, dotted in ENV_OVERRIDES.items():
-        if variable in env:
+        value = _from_env(env, variable)
+        if value is not None:
             section, key = dotted.split(".")
-            doc.setdefault(section, {})[key] = env[variable]
-    settings = _validate(doc, str(chosen))
+            doc.setdefault(section, {})[key] = value
+    origin = str(chosen)
+    tenants_file = _from_env(env, TENANTS_FILE_ENV)
+    if tenants_file:
+        if doc.get("tenants"):
+            raise ConfigError(f"{chosen} has [[tenants]] and {TENANTS_FILE_ENV} is set: keep one of them")
+        doc["tenants"] = _read_toml(Path(tenants_file)).get("tenants", [])
+        origin = f"{chosen} with tenants from {tenants_file}"
+    settings = _validate(doc, origin)
     return settings.with_overrides(overrides) if overrides else settings
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML ({exc})") from None
+
+
+def _from_env(env: Mapping[str, str], variable: str) -> str | None:
+    """`variable`'s value, else the content of the file `<variable>_FILE` names (one trailing newline
+    dropped, as `echo secret > file` leaves one); both set is an error, since one of them would be ignored."""
+    file_variable = f"{variable}_FILE"
+    if file_variable not in env:
+        return env.get(variable)
+    if variable in env:
+        raise ConfigError(f"both {variable} and {file_variable} are set: keep one")
+    path = Path(env[file_variable])
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{file_variable}: cannot read {path} ({exc.strerror})") from None
+    return text[:-1] if text.endswith("\n") else text

@@ -5,6 +5,7 @@ HeadwaterError
 ├── AuthError            receiver -> 401; never carries the credential
 ├── PayloadTooLarge      receiver -> 413
 ├── BrokerUnavailable    retry_after_s; receiver -> 503 + Retry-After; CLI -> one line, exit 1
+├── KafkaAccessRefused   start-up: wrong Kafka credentials or an untrusted certificate; one line, exit 1
 ├── LocalKafkaError      `headwater kafka up/down`: Java or Maven missing, port taken, start timed out
 └── NotFound             CLI: an id that names nothing (exit 2)
 """
@@ -36,6 +37,10 @@ class BrokerUnavailable(HeadwaterError):
     def __init__(self, message: str, retry_after_s: float = 2.0) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+
+
+class KafkaAccessRefused(HeadwaterError):
+    """The broker refused our login or we do not trust its certificate: retrying cannot help."""
 
 
 class LocalKafkaError(HeadwaterError):

@@ -33,6 +33,7 @@ from pipeline.ingest.inputs import request_meta, short_text
 from pipeline.ingest.metrics import ReceiverMetrics
 from pipeline.ingest.refusals import BadRequest, OverShare
 from pipeline.kafka.clients import ensure_topics, make_producer
+from pipeline.kafka.security import verify_access
 from pipeline.process import settle_garbage_collector
 from pipeline.rewards.records import split_rewards
 
@@ -165,6 +166,10 @@ class Receiver:
         return web.Server(dispatch, request_factory=make_request, access_log=None)
 
     async def start(self) -> int:
+        if self.settings.kafka.security_protocol != "PLAINTEXT":
+            # A refused login or an untrusted certificate ends the process here (KafkaAccessRefused),
+            # instead of a receiver that listens and answers 503 forever.
+            await verify_access(self.settings.kafka)
         topics = [self.settings.topics.raw(s) for s in self.adapters] + [self.settings.topics.rewards]
         try:
             await ensure_topics(self.settings, topics)

@@ -16,8 +16,9 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPa
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
-from pipeline.config import Settings
+from pipeline.config import KafkaSettings, Settings
 from pipeline.errors import BrokerUnavailable
+from pipeline.kafka.security import client_security, verify_access
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +29,7 @@ def producer_options(settings: Settings, **overrides: Any) -> dict[str, Any]:
     options: dict[str, Any] = {
         "bootstrap_servers": settings.kafka.bootstrap_servers,
         "client_id": settings.kafka.client_id,
+        **client_security(settings.kafka),
         "acks": "all",
         "enable_idempotence": True,
         "linger_ms": settings.receiver.linger_ms,
@@ -46,9 +48,11 @@ def make_producer(settings: Settings, **overrides: Any) -> AIOKafkaProducer:
 
 
 def make_consumer(settings: Settings, *topics: str, **overrides: Any) -> AIOKafkaConsumer:
+    """An AIOKafkaConsumer: no auto-commit, committed records only, `[kafka]`'s security."""
     options: dict[str, Any] = {
         "bootstrap_servers": settings.kafka.bootstrap_servers,
         "client_id": settings.kafka.client_id,
+        **client_security(settings.kafka),
         "enable_auto_commit": False,
         "auto_offset_reset": "earliest",
         # events.canonical and the dedup changelog are written in transactions: our readers see only
@@ -61,17 +65,45 @@ def make_consumer(settings: Settings, *topics: str, **overrides: Any) -> AIOKafk
     return AIOKafkaConsumer(*topics, **options)
 
 
+def make_admin(settings: Settings, **overrides: Any) -> AIOKafkaAdminClient:
+    """An AIOKafkaAdminClient with `[kafka]`'s security."""
+    options: dict[str, Any] = {
+        "bootstrap_servers": settings.kafka.bootstrap_servers,
+        "client_id": settings.kafka.client_id,
+        "request_timeout_ms": 15_000,
+        **client_security(settings.kafka),
+    }
+    options.update(overrides)
+    return AIOKafkaAdminClient(**options)
+
+
 @contextlib.asynccontextmanager
-async def broker_errors(what: str, retry_after_s: float = 2.0) -> AsyncIterator[None]:
-    """Turn aiokafka's retriable failures and timeouts into BrokerUnavailable."""
+async def broker_errors(
+    what: str, retry_after_s: float = 2.0, access: KafkaSettings | None = None
+) -> AsyncIterator[None]:
+    """Turn aiokafka's retriable failures and timeouts into BrokerUnavailable.
+
+    With `access`, a failure to connect over a secured protocol is first checked by logging in once:
+    aiokafka reports a refused login or an untrusted certificate as "unable to bootstrap", and those are
+    KafkaAccessRefused (retrying cannot help), not BrokerUnavailable.
+    """
     try:
         yield
     except TimeoutError as exc:
+        await _refused_access(access)
         raise BrokerUnavailable(f"{what}: Kafka did not answer in time", retry_after_s) from exc
     except KafkaError as exc:
+        await _refused_access(access)
         raise BrokerUnavailable(f"{what}: {type(exc).__name__}: {exc}", retry_after_s) from exc
     except OSError as exc:  # connection refused while bootstrapping
+        await _refused_access(access)
         raise BrokerUnavailable(f"{what}: {exc}", retry_after_s) from exc
+
+
+async def _refused_access(kafka: KafkaSettings | None) -> None:
+    """Raise KafkaAccessRefused if the broker refuses `kafka`'s credentials or certificate."""
+    if kafka is not None and kafka.security_protocol != "PLAINTEXT":
+        await verify_access(kafka)
 
 
 async def ensure_topics(
@@ -86,8 +118,8 @@ async def ensure_topics(
     """
     wanted = sorted(set(names))
     config = {"max.message.bytes": str(settings.max_record_bytes), **(config or {})}
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka.bootstrap_servers, request_timeout_ms=15_000)
-    async with broker_errors("creating topics"):
+    admin = make_admin(settings)
+    async with broker_errors("creating topics", access=settings.kafka):
         await admin.start()
         try:
             existing = set(await admin.list_topics())
@@ -136,7 +168,7 @@ async def _partitions(consumer: AIOKafkaConsumer, topic: str) -> list[TopicParti
 async def end_offsets(settings: Settings, topic: str) -> dict[int, int]:
     """Partition -> end offset of a topic (empty when the topic does not exist)."""
     consumer = make_consumer(settings)
-    async with broker_errors(f"reading offsets of {topic}"):
+    async with broker_errors(f"reading offsets of {topic}", access=settings.kafka):
         await consumer.start()
         try:
             tps = await _partitions(consumer, topic)
@@ -150,7 +182,7 @@ async def offsets_at(settings: Settings, topic: str, timestamp_ms: int) -> dict[
     """Partition -> first offset with a timestamp at or after `timestamp_ms`, else the end offset
     (empty when the topic does not exist)."""
     consumer = make_consumer(settings)
-    async with broker_errors(f"reading offsets of {topic}"):
+    async with broker_errors(f"reading offsets of {topic}", access=settings.kafka):
         await consumer.start()
         try:
             tps = await _partitions(consumer, topic)
@@ -176,7 +208,7 @@ async def read_topic(
     """
     consumer = make_consumer(settings, max_partition_fetch_bytes=16 * 1024 * 1024)
     out: list[ConsumerRecord[bytes, bytes]] = []
-    async with broker_errors(f"reading {topic}"):
+    async with broker_errors(f"reading {topic}", access=settings.kafka):
         await consumer.start()
         try:
             await consumer._client.force_metadata_update()

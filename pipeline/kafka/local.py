@@ -15,7 +15,8 @@ import socket
 import subprocess
 import time
 import uuid
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.config import LocalKafkaSettings
@@ -41,6 +42,48 @@ logger.server.level = info
 
 
 @dataclass(frozen=True)
+class SecuredListener:
+    """An extra SASL_SSL listener next to the plaintext one, for testing Kafka security end to end.
+
+    The broker presents `certfile` (PEM chain) with `keyfile` (PEM, PKCS#8, unencrypted); clients log in
+    with SCRAM as one of `users`, whose credentials are written into the storage when it is formatted
+    (`kafka-storage format --add-scram`), so they exist before the broker takes its first connection.
+    The quick-start broker has none: it stays plaintext on loopback.
+    """
+
+    port: int
+    certfile: Path
+    keyfile: Path
+    users: Mapping[str, str] = field(default_factory=dict)  # SCRAM user name -> password
+
+    def scram_arguments(self) -> list[str]:
+        """`--add-scram` arguments: each user under both SCRAM mechanisms."""
+        out: list[str] = []
+        for name, password in sorted(self.users.items()):
+            for mechanism in SCRAM_MECHANISMS:
+                out += ["--add-scram", f"{mechanism}=[name={name},password={password}]"]
+        return out
+
+    def properties(self) -> list[str]:
+        jaas = "org.apache.kafka.common.security.scram.ScramLoginModule required;"
+        return [
+            f"sasl.enabled.mechanisms={','.join(SCRAM_MECHANISMS)}",
+            *(f"listener.name.sasl_ssl.{m.lower()}.sasl.jaas.config={jaas}" for m in SCRAM_MECHANISMS),
+            "listener.name.sasl_ssl.ssl.keystore.type=PEM",
+            f"listener.name.sasl_ssl.ssl.keystore.location={self._keystore_pem()}",
+        ]
+
+    def _keystore_pem(self) -> Path:
+        """Kafka's PEM keystore is one file: the private key, then the certificate chain."""
+        combined = self.keyfile.with_name(self.keyfile.stem + ".keystore.pem")
+        combined.write_text(self.keyfile.read_text() + self.certfile.read_text())
+        return combined
+
+
+SCRAM_MECHANISMS = ("SCRAM-SHA-256", "SCRAM-SHA-512")
+
+
+@dataclass(frozen=True)
 class BrokerStatus:
     running: bool
     pid: int | None
@@ -58,8 +101,9 @@ class BrokerStatus:
 class LocalKafka:
     """One local broker, identified by its data directory (pid file, config, log and KRaft storage)."""
 
-    def __init__(self, settings: LocalKafkaSettings) -> None:
+    def __init__(self, settings: LocalKafkaSettings, secured: SecuredListener | None = None) -> None:
         self.settings = settings
+        self.secured = secured
         self.data_dir = settings.data_dir.expanduser().resolve()
         self.jars_dir = settings.jars_dir.expanduser().resolve() / KAFKA_VERSION
         self.pid_file = self.data_dir / "broker.pid"
@@ -69,6 +113,13 @@ class LocalKafka:
     @property
     def bootstrap(self) -> str:
         return f"{self.settings.host}:{self.settings.port}"
+
+    @property
+    def secured_bootstrap(self) -> str:
+        """host:port of the SASL_SSL listener (only with a SecuredListener)."""
+        if self.secured is None:
+            raise LocalKafkaError("this broker has no SASL_SSL listener")
+        return f"{self.settings.host}:{self.secured.port}"
 
     # --- jars -------------------------------------------------------------------------------------------
 
@@ -137,6 +188,7 @@ class LocalKafka:
                     f"--cluster-id={cluster_id}",
                     "-c",
                     str(properties),
+                    *(self.secured.scram_arguments() if self.secured else []),
                 ],
                 capture_output=True,
                 text=True,
@@ -226,16 +278,26 @@ class LocalKafka:
         s = self.settings
         (self.data_dir / "log4j2.properties").write_text(_LOG4J2.format(log=self.log_file))
         properties = self.data_dir / "server.properties"
+        listeners = f"PLAINTEXT://{s.host}:{s.port},CONTROLLER://{s.host}:{s.controller_port}"
+        advertised = f"PLAINTEXT://{s.host}:{s.port}"
+        protocols = "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT"
+        secured: list[str] = []
+        if self.secured is not None:
+            listeners += f",SASL_SSL://{s.host}:{self.secured.port}"
+            advertised += f",SASL_SSL://{s.host}:{self.secured.port}"
+            protocols += ",SASL_SSL:SASL_SSL"
+            secured = self.secured.properties()
         properties.write_text(
             "\n".join(
                 [
                     "process.roles=broker,controller",
                     "node.id=1",
                     f"controller.quorum.voters=1@{s.host}:{s.controller_port}",
-                    f"listeners=PLAINTEXT://{s.host}:{s.port},CONTROLLER://{s.host}:{s.controller_port}",
-                    f"advertised.listeners=PLAINTEXT://{s.host}:{s.port}",
+                    f"listeners={listeners}",
+                    f"advertised.listeners={advertised}",
                     "controller.listener.names=CONTROLLER",
-                    "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+                    f"listener.security.protocol.map={protocols}",
+                    *secured,
                     "inter.broker.listener.name=PLAINTEXT",
                     f"log.dirs={self.data_dir / 'kraft'}",
                     "num.network.threads=2",

@@ -288,7 +288,7 @@ async def redrive(settings: Settings, plan: RedrivePlan, dry_run: bool = False) 
     await ensure_topics(settings, {settings.topics.raw(d.source) for d, _ in plan.records})
     await ensure_topics(settings, [log_topic], partitions=1)
     producer = make_producer(settings)
-    async with broker_errors("redriving dead letters"):
+    async with broker_errors("redriving dead letters", access=settings.kafka):
         await producer.start()
         try:
             sends = []

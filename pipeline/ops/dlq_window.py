@@ -91,7 +91,10 @@ class DlqReader:
 
     @contextlib.asynccontextmanager
     async def _session(self) -> AsyncIterator[AIOKafkaConsumer]:
-        async with self.lock, broker_errors(f"reading {self.settings.topics.dlq}"):
+        async with (
+            self.lock,
+            broker_errors(f"reading {self.settings.topics.dlq}", access=self.settings.kafka),
+        ):
             try:
                 if self.consumer is None:
                     consumer = make_consumer(  # short long-polls: a read at the end must not wait

@@ -64,7 +64,7 @@ async def offset_range(
 ) -> dict[int, tuple[int, int]]:
     """partition -> [first, last) offsets covering the time (or offset) range."""
     consumer = make_consumer(settings)
-    async with broker_errors(f"reading offsets of {topic}"):
+    async with broker_errors(f"reading offsets of {topic}", access=settings.kafka):
         await consumer.start()
         try:
             await consumer._client.force_metadata_update()
@@ -118,7 +118,7 @@ async def replay(
     send = _sender(producer)
     consumer = make_consumer(settings, max_poll_records=settings.worker.batch_max)
     try:
-        async with broker_errors(f"replaying {topic}"):
+        async with broker_errors(f"replaying {topic}", access=settings.kafka):
             await producer.start()
             await consumer.start()
             remaining = {TopicPartition(topic, p): high for p, (low, high) in ranges.items() if high > low}

@@ -190,7 +190,7 @@ async def tail(settings: Settings, options: TailOptions, write: Write, stop: asy
     `follow` keep printing new records until `stop` is set."""
     topic = resolve_topic(settings, options.topic)
     consumer = make_consumer(settings, isolation_level="read_committed", auto_offset_reset="latest")
-    async with broker_errors(f"reading {topic}"):
+    async with broker_errors(f"reading {topic}", access=settings.kafka):
         try:
             await consumer.start()  # inside the try: a failed start must still close the consumer
             tps = await _partitions(consumer, topic, settings.kafka.bootstrap_servers)

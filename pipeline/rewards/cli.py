@@ -109,7 +109,7 @@ def redeliver(settings: Settings, letters: list[RewardDeadLetter]) -> int:
     async def send() -> int:
         await ensure_topics(settings, [settings.topics.rewards])
         producer = make_producer(settings)
-        async with broker_errors("redelivering rewards"):
+        async with broker_errors("redelivering rewards", access=settings.kafka):
             await producer.start()
             try:
                 acks = []

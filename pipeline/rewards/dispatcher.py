@@ -33,6 +33,7 @@ from prometheus_client import generate_latest
 from pipeline import reasons
 from pipeline.config import RewardsWebhook, Settings
 from pipeline.kafka.clients import ensure_topics
+from pipeline.kafka.faust_security import faust_credentials
 from pipeline.reasons import Reason
 from pipeline.records import utc_now
 from pipeline.rewards.intake import Intake
@@ -91,6 +92,7 @@ class Dispatcher:
         app = faust.App(
             f"{s.worker.app_id}-rewards",
             broker=[f"kafka://{host.strip()}" for host in s.kafka.bootstrap_servers.split(",")],
+            broker_credentials=faust_credentials(s.kafka),
             store=self.cfg.store,
             datadir=str(s.worker.data_dir / "rewards"),
             key_serializer="raw",

@@ -28,6 +28,7 @@ from adapters import ADAPTERS
 from pipeline.adapting import AdapterModule
 from pipeline.config import Settings
 from pipeline.kafka.clients import ensure_topics, producer_options
+from pipeline.kafka.faust_security import faust_credentials
 from pipeline.process import WORKER_GC_GEN0_THRESHOLD, keep_freed_memory, settle_garbage_collector
 from pipeline.records import KafkaHeaders
 from pipeline.stream import normalize_batch
@@ -83,6 +84,7 @@ class Worker:
         return faust.App(
             s.worker.app_id,
             broker=brokers,
+            broker_credentials=faust_credentials(s.kafka),
             datadir=str(s.worker.data_dir),
             web_enabled=False,
             producer_acks=-1 if producer["acks"] == "all" else producer["acks"],

@@ -60,7 +60,9 @@ def test_an_unknown_tenant_key_is_named_with_its_index(tmp_path: Path) -> None:
 
 def test_a_write_key_shared_by_two_tenants_is_refused(tmp_path: Path) -> None:
     """A credential identifies one tenant; two tenants with the same write key cannot both be right."""
-    path = write(tmp_path, '[[tenants]]\nid = "a"\nwrite_keys = ["k1"]\n[[tenants]]\nid = "b"\nwrite_keys = ["k1"]\n')
+    path = write(
+        tmp_path, '[[tenants]]\nid = "a"\nwrite_keys = ["k1"]\n[[tenants]]\nid = "b"\nwrite_keys = ["k1"]\n'
+    )
     with pytest.raises(ConfigError, match="shared by tenants 'a' and 'b'"):
         load_settings(path, environ={})
 
@@ -68,8 +70,11 @@ def test_a_write_key_shared_by_two_tenants_is_refused(tmp_path: Path) -> None:
 def test_environment_overrides_the_file_and_flags_override_both(tmp_path: Path) -> None:
     """HEADWATER_KAFKA_BOOTSTRAP beats the file; a command-line override beats the environment."""
     path = write(tmp_path, '[kafka]\nbootstrap_servers = "file:9092"\n[receiver]\nport = 1\n')
-    settings = load_settings(path, environ={"HEADWATER_KAFKA_BOOTSTRAP": "env:9092", "HEADWATER_RECEIVER_PORT": "2"},
-                             overrides={"receiver.port": 3})
+    settings = load_settings(
+        path,
+        environ={"HEADWATER_KAFKA_BOOTSTRAP": "env:9092", "HEADWATER_RECEIVER_PORT": "2"},
+        overrides={"receiver.port": 3},
+    )
     assert (settings.kafka.bootstrap_servers, settings.receiver.port) == ("env:9092", 3)
 
 
@@ -84,3 +89,45 @@ def test_a_missing_file_is_a_one_line_error(tmp_path: Path) -> None:
     """HEADWATER_CONFIG pointing nowhere says which path it tried."""
     with pytest.raises(ConfigError, match="config file not found"):
         load_settings(tmp_path / "nope.toml", environ={})
+
+
+def test_a_setting_reads_its_value_from_the_file_its_file_variable_names(tmp_path: Path) -> None:
+    """`<NAME>_FILE` is the Docker/Kubernetes secrets convention: the value is the file's content."""
+    config = write(tmp_path, '[kafka]\nsecurity_protocol = "SASL_SSL"\nsasl_username = "hw"\n')
+    secret = tmp_path / "password"
+    secret.write_text("s3cret\n")
+    settings = load_settings(config, environ={"HEADWATER_KAFKA_SASL_PASSWORD_FILE": str(secret)})
+    assert settings.kafka.sasl_password is not None
+    assert settings.kafka.sasl_password.get_secret_value() == "s3cret"
+    both = {"HEADWATER_KAFKA_SASL_PASSWORD_FILE": str(secret), "HEADWATER_KAFKA_SASL_PASSWORD": "x"}
+    with pytest.raises(ConfigError, match="both HEADWATER_KAFKA_SASL_PASSWORD and"):
+        load_settings(config, environ=both)
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_settings(config, environ={"HEADWATER_KAFKA_SASL_PASSWORD_FILE": str(tmp_path / "none")})
+
+
+def test_tenants_come_from_their_own_file_and_not_from_both(tmp_path: Path) -> None:
+    config = write(tmp_path, "[kafka]\npartitions = 2\n")
+    tenants = tmp_path / "tenants.toml"
+    tenants.write_text('[[tenants]]\nid = "acme"\nwrite_keys = ["wk_from_secret"]\n')
+    settings = load_settings(config, environ={"HEADWATER_TENANTS_FILE": str(tenants)})
+    assert [k.get_secret_value() for k in settings.tenants[0].write_keys] == ["wk_from_secret"]
+    doubled = write(tmp_path, '[[tenants]]\nid = "other"\n')
+    with pytest.raises(ConfigError, match="keep one"):
+        load_settings(doubled, environ={"HEADWATER_TENANTS_FILE": str(tenants)})
+
+
+@pytest.mark.parametrize(
+    ("kafka", "message"),
+    [
+        ('security_protocol = "SASL_SSL"', "needs sasl_username and sasl_password"),
+        ('sasl_username = "hw"', "unused with PLAINTEXT"),
+        ('ssl_cafile = "/ca.pem"', "unused with PLAINTEXT"),
+        ('security_protocol = "SSL"\nssl_certfile = "/c.pem"', "go together"),
+    ],
+)
+def test_kafka_security_settings_that_cannot_work_are_refused(
+    tmp_path: Path, kafka: str, message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_settings(write(tmp_path, f"[kafka]\n{kafka}\n"), environ={})

@@ -1,0 +1,175 @@
+"""Kafka security end to end: one broker whose only listener the processes use is SASL_SSL (SCRAM users
+made when its storage was formatted, a certificate from a CA made here). The receiver, a worker and
+`headwater tail` run through it; a wrong password or an untrusted certificate ends a process at start."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from rigs.kafka import HeadwaterProcess, die_with_parent, toml_text, wait_for
+from rigs.tls import ThrowawayAuthority
+
+from pipeline.config import LocalKafkaSettings, Settings
+from pipeline.kafka.local import LocalKafka, SecuredListener, free_port
+
+USER, PASSWORD = "headwater", "scram-secret-for-tests"
+
+
+class SecuredBroker:
+    def __init__(
+        self, broker: LocalKafka, authority: ThrowawayAuthority, stranger: ThrowawayAuthority
+    ) -> None:
+        self.broker = broker
+        self.authority = authority
+        self.stranger = stranger  # a CA the broker's certificate does not come from
+
+
+@pytest.fixture(scope="module")
+def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecuredBroker]:
+    root = tmp_path_factory.mktemp("secured")
+    authority = ThrowawayAuthority(root / "tls")
+    issued = authority.issue("broker")
+    listener = SecuredListener(free_port(), issued.certfile, issued.keyfile, {USER: PASSWORD})
+    local = LocalKafkaSettings(port=free_port(), controller_port=free_port(), data_dir=root / "kafka")
+    broker = LocalKafka(local, listener)
+    broker.up(bound_to_parent=True)
+    try:
+        yield SecuredBroker(broker, authority, ThrowawayAuthority(root / "stranger", "stranger"))
+    finally:
+        broker.down()
+
+
+@pytest.fixture
+def secured_settings(
+    secured: SecuredBroker, make_settings: Callable[..., Settings]
+) -> Callable[..., Settings]:
+    def factory(password: str = PASSWORD, cafile: Path | None = None, **kafka: Any) -> Settings:
+        return make_settings(
+            kafka={
+                "bootstrap_servers": secured.broker.secured_bootstrap,
+                "partitions": 2,
+                "security_protocol": "SASL_SSL",
+                "sasl_mechanism": "SCRAM-SHA-512",
+                "sasl_username": USER,
+                "sasl_password": password,
+                "ssl_cafile": str(cafile or secured.authority.cafile),
+                **kafka,
+            },
+            receiver={"port": free_port(), "ack_timeout_s": 10.0},
+        )
+
+    return factory
+
+
+def _config(settings: Settings, path: Path) -> dict[str, str]:
+    """Write the settings without the SASL password, which goes to a file named by the environment."""
+    password = settings.kafka.sasl_password
+    assert password is not None
+    lines = [ln for ln in toml_text(settings).splitlines() if not ln.startswith("sasl_password")]
+    path.write_text("\n".join(lines) + "\n")
+    secret = path.with_suffix(".password")
+    secret.write_text(password.get_secret_value() + "\n")
+    return {**os.environ, "HEADWATER_CONFIG": str(path), "HEADWATER_KAFKA_SASL_PASSWORD_FILE": str(secret)}
+
+
+def _headwater(env: dict[str, str], *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        preexec_fn=die_with_parent,
+        check=False,
+    )
+
+
+class _Started(HeadwaterProcess):
+    def __init__(self, env: dict[str, str], log_path: Path, *args: str) -> None:
+        saved = dict(os.environ)
+        os.environ.update(env)  # HeadwaterProcess inherits this process's environment
+        try:
+            super().__init__(list(args), log_path)
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
+
+
+def _post(url: str, body: bytes, key: str) -> int:
+    request = urllib.request.Request(
+        url, data=body, method="POST", headers={"X-API-KEY": key, "Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=15) as answer:
+        return int(answer.status)
+
+
+@pytest.mark.slow
+def test_receiver_worker_and_tail_run_through_sasl_ssl(
+    secured_settings: Callable[..., Settings], tmp_path: Path
+) -> None:
+    settings = secured_settings()
+    env = _config(settings, tmp_path / "headwater.toml")
+    receiver = _Started(env, tmp_path / "receiver.log", "receiver")
+    worker = _Started(env, tmp_path / "worker.log", "worker", "--source", "customerglu")
+    try:
+        base = f"http://127.0.0.1:{settings.receiver.port}"
+
+        def ready() -> bool:
+            assert receiver.process.poll() is None, receiver.output()
+            try:
+                with urllib.request.urlopen(f"{base}/readyz", timeout=5) as answer:
+                    return bool(answer.status == 200)
+            except OSError:
+                return False
+
+        wait_for(ready, timeout=60, explain=receiver.output)
+        event = {
+            "event_id": "evt_secured_1",
+            "event_name": "kyc_completed",
+            "user_id": "usr_1",
+            "timestamp": "2024-03-01T12:00:00Z",
+        }
+        assert _post(f"{base}/server/v4", orjson.dumps(event), "wk_acme_1") == 200
+
+        def canonical() -> list[Any]:
+            assert worker.process.poll() is None, worker.output()
+            tailed = _headwater(env, "tail", settings.topics.canonical, "--from-beginning", "-n", "1")
+            assert tailed.returncode == 0, tailed.stderr
+            return [orjson.loads(line) for line in tailed.stdout.splitlines()]
+
+        (record,) = wait_for(canonical, timeout=90, interval=1.0, explain=worker.output)
+        assert record["event_id"] == "evt_secured_1"
+        assert record["tenant"] == "acme"
+    finally:
+        receiver.stop()
+        worker.stop()
+
+
+@pytest.mark.parametrize("command", [["receiver"], ["worker", "--source", "customerglu"], ["tail", "x"]])
+def test_a_wrong_password_ends_the_process_at_start(
+    secured_settings: Callable[..., Settings], tmp_path: Path, command: list[str]
+) -> None:
+    env = _config(secured_settings(password="not-the-password"), tmp_path / "headwater.toml")
+    result = _headwater(env, *command)
+    assert result.returncode == 1
+    (line,) = [ln for ln in result.stderr.splitlines() if ln.startswith("error:")]
+    assert "refused SASL_SSL/SCRAM-SHA-512 login as 'headwater'" in line
+    assert "not-the-password" not in result.stderr + result.stdout
+
+
+def test_an_untrusted_certificate_ends_the_receiver_at_start(
+    secured: SecuredBroker, secured_settings: Callable[..., Settings], tmp_path: Path
+) -> None:
+    env = _config(secured_settings(cafile=secured.stranger.cafile), tmp_path / "headwater.toml")
+    result = _headwater(env, "receiver")
+    assert result.returncode == 1
+    (line,) = [ln for ln in result.stderr.splitlines() if ln.startswith("error:")]
+    assert "TLS certificate is not trusted" in line
