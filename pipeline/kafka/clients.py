@@ -17,7 +17,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
 from pipeline.config import KafkaSettings, Settings
-from pipeline.errors import BrokerUnavailable
+from pipeline.errors import BrokerUnavailable, ConfigError
 from pipeline.kafka.security import client_security, verify_access
 
 log = logging.getLogger(__name__)
@@ -114,7 +114,8 @@ async def ensure_topics(
 ) -> list[str]:
     """Create the topics that do not exist yet (partition count from kafka.partitions). Returns those created.
 
-    Every topic allows records up to settings.max_record_bytes (the broker's default is 1 MiB).
+    Every topic allows records up to settings.max_record_bytes (the broker's default is 1 MiB). With
+    kafka.create_topics = false the topics are an operator's: a missing one is a ConfigError, not created.
     """
     wanted = sorted(set(names))
     config = {"max.message.bytes": str(settings.max_record_bytes), **(config or {})}
@@ -124,6 +125,11 @@ async def ensure_topics(
         try:
             existing = set(await admin.list_topics())
             missing = [n for n in wanted if n not in existing]
+            if missing and not settings.kafka.create_topics:
+                raise ConfigError(
+                    f"kafka.create_topics = false and topics {', '.join(missing)} do not exist: create them "
+                    "(docs/production.md lists every topic and its settings)"
+                )
             if missing:
                 new = [
                     NewTopic(
