@@ -2,6 +2,8 @@
 # and the operator CLI (`headwater replay ...`). The command is the container's arguments:
 #   docker run --rm -v $PWD/deploy/headwater.compose.toml:/etc/headwater/headwater.toml:ro headwater:0.1.0 receiver
 # Configuration is the TOML file at HEADWATER_CONFIG (mount it); see deploy/headwater.compose.toml.
+# The image holds no credential: tenants come from HEADWATER_TENANTS_FILE (a mounted secret), the Kafka
+# password from HEADWATER_KAFKA_SASL_PASSWORD(_FILE); see docs/production.md.
 
 # --- build: install the package and its dependencies into a virtualenv --------------------------------
 FROM python:3.11.11-slim-bookworm AS build
@@ -29,11 +31,14 @@ RUN groupadd --system --gid 10001 headwater \
             --shell /usr/sbin/nologin headwater \
  && mkdir -p /etc/headwater
 COPY --from=build /opt/headwater /opt/headwater
-# Without a mounted config the image still starts, on the shipped example (its Kafka is 127.0.0.1:9092).
-RUN cp "$(python -c 'import pipeline.config as c; print(c.EXAMPLE_CONFIG)')" /etc/headwater/headwater.toml
+# Without a mounted config the image still starts, on the shipped example (its Kafka is 127.0.0.1:9092)
+# stripped of its demo tenants: a receiver on it accepts nothing until tenants are given.
+RUN python -c "import pipeline.config as c, sys; \
+text = c.EXAMPLE_CONFIG.read_text(); sys.stdout.write(text[:text.index('\n[[tenants]]\n') + 1])" \
+    > /etc/headwater/headwater.toml
 USER 10001:10001
 WORKDIR /var/lib/headwater
-# receiver, worker /metrics, rewards dispatcher /metrics
-EXPOSE 8080 6066 6067
+# receiver (ingestion), receiver operator port (/metrics), worker /metrics + /health, dispatcher /metrics
+EXPOSE 8080 8079 6066 6067
 ENTRYPOINT ["headwater"]
 CMD ["--help"]

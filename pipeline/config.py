@@ -124,7 +124,11 @@ class TopicSettings(_Frozen):
 
 class ReceiverSettings(_Frozen):
     host: str = "127.0.0.1"
-    port: int = Field(8080, ge=0, le=65535)
+    port: int = Field(8080, ge=0, le=65535)  # ingestion, /healthz and /readyz: nothing names a tenant
+    # /metrics (per-tenant volumes and refusals) and /healthz with the pid: an operator surface, on
+    # loopback unless deliberately opened (Prometheus in the pod's network namespace, or a private network)
+    operator_host: str = "127.0.0.1"
+    operator_port: int = Field(8079, ge=0, le=65535)  # 0 = no operator port (no /metrics)
     max_body_bytes: int = Field(5_242_880, ge=1)
     max_in_flight: int = Field(2_000, ge=1)
     ack_timeout_s: float = Field(10.0, gt=0)
@@ -326,6 +330,8 @@ ENV_OVERRIDES = {
     "HEADWATER_KAFKA_CREATE_TOPICS": "kafka.create_topics",
     "HEADWATER_RECEIVER_HOST": "receiver.host",
     "HEADWATER_RECEIVER_PORT": "receiver.port",
+    "HEADWATER_RECEIVER_OPERATOR_HOST": "receiver.operator_host",
+    "HEADWATER_RECEIVER_OPERATOR_PORT": "receiver.operator_port",
     "HEADWATER_DEDUP_WINDOW": "dedup.window",
     "HEADWATER_DEDUP_STORE": "dedup.store",
     "HEADWATER_LOCAL_KAFKA": "local_kafka.enabled",

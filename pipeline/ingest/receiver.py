@@ -103,6 +103,7 @@ class Receiver:
         self.rewards_writer: BatchWriter | None = None
         self.port: int | None = None
         self._runner: web.ServerRunner | None = None
+        self._operator_runner: web.ServerRunner | None = None
         self._connecting: asyncio.Task[None] | None = None
         self._refreshing: asyncio.Task[None] | None = None
         self._source_of: dict[str, str] = {settings.topics.rewards: "rewards"}
@@ -112,29 +113,37 @@ class Receiver:
 
     def routes(self) -> dict[str, dict[str, Handler]]:
         """path -> method -> handler: every adapter's ROUTES (one trailing slash is the same route,
-        sources.md), rewards in for systems without Kafka (issue 5), health, readiness and metrics."""
+        sources.md), rewards in for systems without Kafka (issue 5), liveness and readiness. Nothing here
+        names a tenant: /metrics is on the operator port (`operator_routes`)."""
         table: dict[str, dict[str, Handler]] = {}
         for adapter in self.adapters.values():
             handler = self._handler(adapter)
             for path in adapter.ROUTES:
                 table[path] = table[path + "/"] = {"POST": handler}
         table["/rewards/v1"] = {"POST": self._rewards}
+        for path, get in (("/healthz", self._healthz), ("/readyz", self._readyz)):
+            table[path] = {"GET": get, "HEAD": get}
+        return table
+
+    def operator_routes(self) -> dict[str, dict[str, Handler]]:
+        """The operator port: /metrics (tenant ids with their volumes), /healthz with the pid, /readyz."""
+        table: dict[str, dict[str, Handler]] = {}
         for path, get in (
-            ("/healthz", self._healthz),
+            ("/healthz", self._operator_healthz),
             ("/readyz", self._readyz),
             ("/metrics", self._metrics),
         ):
             table[path] = {"GET": get, "HEAD": get}
         return table
 
-    def server(self) -> web.Server:
+    def server(self, routes: dict[str, dict[str, Handler]] | None = None) -> web.Server:
         """aiohttp's low-level server around one dispatch on a dict of exact paths.
 
         The routes are a fixed set of exact paths, so aiohttp's Application (router, middlewares, match
         info, per-route expect handlers) is work we do not need on every request: measured on the bare
         handler of bench/bare_http.py, the low-level server costs 15-25 % less CPU a request.
         """
-        routes = self.routes()
+        routes = self.routes() if routes is None else routes
         limit = self.settings.receiver.max_body_bytes + 1
 
         async def dispatch(request: web.BaseRequest) -> web.StreamResponse:
@@ -189,6 +198,8 @@ class Receiver:
             backlog=1024,
         )
         await site.start()
+        if self.settings.receiver.operator_port:
+            await self._start_operator_port()
         if self.metrics.multiprocess:
             self._refreshing = asyncio.create_task(self._refresh_in_flight())
         server = site._server
@@ -198,6 +209,22 @@ class Receiver:
             "receiver listening on http://%s:%s (pid %s)", self.settings.receiver.host, self.port, os.getpid()
         )
         return self.port
+
+    async def _start_operator_port(self) -> None:
+        """/metrics apart from ingestion: with --processes N every process listens here too
+        (SO_REUSEPORT), and each answers the sum over all of them."""
+        cfg = self.settings.receiver
+        self._operator_runner = web.ServerRunner(self.server(self.operator_routes()))
+        await self._operator_runner.setup()
+        site = web.TCPSite(
+            self._operator_runner,
+            cfg.operator_host,
+            cfg.operator_port,
+            reuse_address=True,
+            reuse_port=self.reuse_port or None,
+        )
+        await site.start()
+        log.info("receiver operator port (/metrics) on http://%s:%s", cfg.operator_host, cfg.operator_port)
 
     async def _start_producer(self) -> None:
         """Connect in the background: until Kafka answers, writes get 503 and /readyz says not ready.
@@ -257,6 +284,8 @@ class Receiver:
             self._connecting.cancel()
         if self._runner is not None:
             await self._runner.cleanup()
+        if self._operator_runner is not None:
+            await self._operator_runner.cleanup()
         for writer in (self.writer, self.rewards_writer):
             if writer is not None:
                 await writer.close()
@@ -378,6 +407,10 @@ class Receiver:
         return self.header_templates.build(tenant, source, content_type, vendor)
 
     async def _healthz(self, request: web.BaseRequest) -> web.Response:
+        """Liveness on the public port: the event loop answers. Nothing about the process."""
+        return web.json_response({"status": "ok"})
+
+    async def _operator_healthz(self, request: web.BaseRequest) -> web.Response:
         return web.json_response({"status": "ok", "pid": os.getpid()})
 
     async def _readyz(self, request: web.BaseRequest) -> web.Response:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import fnmatch
 import re
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -18,12 +20,14 @@ from urllib.parse import urlsplit
 import click
 import pytest
 import yaml
+from pipeline.config import EXAMPLE_CONFIG, load_settings
 from rigs.compose import (
     EXPECTED_COMMANDS,
     HEADWATER,
     HEADWATER_IMAGE,
     LONG_RUNNING,
     ROOT,
+    SECRETS,
     SERVICES,
     config_mount,
     copy_sources,
@@ -94,7 +98,7 @@ class TestConfig:
         assert settings.local_kafka.enabled is False
         brokers = [s for s in SERVICES.values() if s["image"].startswith("apache/kafka:")]
         assert settings.kafka.replication_factor <= len(brokers)
-        assert [t.id for t in settings.tenants] == ["demo"]
+        assert settings.tenants == ()  # credentials come from the tenants secret, never the repository
 
     def test_the_receiver_listens_on_all_interfaces_at_its_published_port(self) -> None:
         """The receiver binds 0.0.0.0 at receiver.port, which is the container port compose publishes."""
@@ -119,12 +123,13 @@ class TestHealth:
         assert (url.hostname, url.port, url.path) == ("127.0.0.1", port, "/healthz")
 
     @pytest.mark.parametrize("name", ["worker-1", "worker-2"])
-    def test_a_worker_healthcheck_reads_its_metrics_port(self, name: str) -> None:
-        """A worker's healthcheck reads /metrics on worker.web_port, which the worker serves on loopback."""
+    def test_a_worker_healthcheck_reads_its_health(self, name: str) -> None:
+        """A worker's healthcheck reads /health on worker.web_port (503 when a stage stalls), so a stalled
+        worker is restarted."""
         service = HEADWATER[name]
         url = healthcheck_url(service)
         port = settings_of(service).worker.web_port
-        assert (url.hostname, url.port, url.path) == ("127.0.0.1", port, "/metrics")
+        assert (url.hostname, url.port, url.path) == ("127.0.0.1", port, "/health")
 
     def test_the_dispatcher_healthcheck_reads_its_metrics_port(self) -> None:
         """The dispatcher's healthcheck reads /metrics on rewards.web_port, where rewards.web_host binds."""
@@ -199,6 +204,21 @@ class TestImages:
         assert packages | {"pyproject.toml"} <= copied
         assert any(keyword == "RUN" and re.search(r"pip install \.$", args) for keyword, args in instructions)
 
+    def test_the_image_default_config_is_the_example_without_its_demo_tenants(self, tmp_path: Path) -> None:
+        """The image's /etc/headwater/headwater.toml is written by a python -c snippet; run that snippet
+        here: the config loads, and has no tenant, so the image opens the receiver to no one."""
+        [snippet] = [re.search(r'python -c "(.*)"\s*>\s*/etc/headwater/headwater.toml', args)
+                     for keyword, args in final_stage() if keyword == "RUN" and "/etc/headwater/headwater.toml" in args
+                     and "python -c" in args]
+        assert snippet is not None
+        # In shell double quotes the backslashes stay: python -c gets the snippet exactly as written.
+        result = subprocess.run([sys.executable, "-c", snippet.group(1)], capture_output=True, text=True, check=True)
+        written = tmp_path / "headwater.toml"
+        written.write_text(result.stdout)
+        settings = load_settings(written, environ={})
+        assert settings.tenants == () and "wk_demo" not in result.stdout
+        assert settings.kafka == load_settings(EXAMPLE_CONFIG, environ={}).kafka
+
     def test_dockerignore_keeps_what_the_build_copies_and_drops_the_virtualenv(self) -> None:
         """The build context leaves out .venv and .git but none of the files the Dockerfile copies."""
         patterns = [p.strip() for p in (ROOT / ".dockerignore").read_text().splitlines()
@@ -236,6 +256,16 @@ class TestExposure:
         """HEADWATER_DLQ_PAGE_TOKEN is passed through from the host, required, with no default."""
         environment = SERVICES[name]["environment"]
         assert required_from_environment(environment["HEADWATER_DLQ_PAGE_TOKEN"], "HEADWATER_DLQ_PAGE_TOKEN")
+
+    @pytest.mark.parametrize("name", sorted(set(HEADWATER) - {"cli"}) + ["cli"])
+    def test_tenant_credentials_come_from_a_secret_the_host_must_provide(self, name: str) -> None:
+        """Every Headwater service reads its tenants from the `tenants` secret, whose file the host names
+        in HEADWATER_TENANTS_FILE (required, no default): compose ships no usable credential."""
+        service = HEADWATER[name]
+        assert service["environment"]["HEADWATER_TENANTS_FILE"] == "/run/secrets/tenants"
+        assert "tenants" in service["secrets"]
+        source = SECRETS["tenants"]["file"]
+        assert required_from_environment(source, "HEADWATER_TENANTS_FILE")
 
     def test_no_dlq_page_token_is_written_into_the_repository(self) -> None:
         """The mounted config sets no dlq.page_token: the token lives only in the host's environment."""

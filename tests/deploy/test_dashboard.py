@@ -139,7 +139,7 @@ def samples_of(text: str) -> list[tuple[str, dict[str, str], float]]:
 
 # Which setting gives the port of each kind of Headwater process.
 def listening_port(settings: Settings, command: tuple[str, ...]) -> int:
-    return {("receiver",): settings.receiver.port, ("worker",): settings.worker.web_port,
+    return {("receiver",): settings.receiver.operator_port, ("worker",): settings.worker.web_port,
             ("rewards", "run"): settings.rewards.web_port}[command]
 
 
@@ -154,11 +154,12 @@ class TestScrapeConfig:
             service = running[host]
             assert port == listening_port(settings_of(service), resolve(headwater_args(service))), host
 
-    def test_the_receiver_is_scraped_at_the_port_compose_publishes(self) -> None:
-        """The receiver is scraped at the container port compose publishes (one port: HTTP and /metrics)."""
+    def test_the_receiver_is_scraped_at_its_operator_port_which_compose_does_not_publish(self) -> None:
+        """The receiver's /metrics names tenants: it is on the operator port, reachable on the compose
+        network only; the published port is the ingestion port."""
         [(host, port)] = scrape_targets()["headwater-receiver"]
         assert host == "receiver"
-        assert {container for _, _, container in published_ports(SERVICES["receiver"])} == {port}
+        assert port not in {container for _, _, container in published_ports(SERVICES["receiver"])}
 
     @pytest.mark.parametrize("name", ["receiver", "worker-1", "worker-2", "rewards"])
     def test_a_scraped_process_listens_beyond_its_own_loopback(self, name: str) -> None:
@@ -166,7 +167,7 @@ class TestScrapeConfig:
         unless it is the receiver)."""
         settings = settings_of(SERVICES[name])
         command = resolve(headwater_args(SERVICES[name]))
-        host = {("receiver",): settings.receiver.host, ("worker",): settings.worker.web_host,
+        host = {("receiver",): settings.receiver.operator_host, ("worker",): settings.worker.web_host,
                 ("rewards", "run"): settings.rewards.web_host}[command]
         assert host == "0.0.0.0"
 
@@ -284,7 +285,7 @@ def stack(make_settings: Callable[..., Settings], customer: Customer,
           tmp_path: Path) -> Iterator[tuple[Settings, dict[str, str]]]:
     """Receiver, worker and dispatcher as `headwater` subprocesses on free ports; their /metrics URLs."""
     settings = make_settings(
-        receiver={"port": free_port()},
+        receiver={"port": free_port(), "operator_port": free_port()},
         worker={"web_port": free_port()},
         rewards={"web_port": free_port(), "tick": "0.2s"},
         tenants=[{"id": "acme", "write_keys": ["wk_acme_1"], "rewards_keys": ["rk_acme_1"],
@@ -306,7 +307,7 @@ def stack(make_settings: Callable[..., Settings], customer: Customer,
                 preexec_fn=die_with_parent,
             )
         processes.append(Process(name, popen, log_path))
-    urls = {"receiver": f"http://127.0.0.1:{settings.receiver.port}/metrics",
+    urls = {"receiver": f"http://127.0.0.1:{settings.receiver.operator_port}/metrics",
             "worker": f"http://127.0.0.1:{settings.worker.web_port}/metrics",
             "rewards": f"http://127.0.0.1:{settings.rewards.web_port}/metrics"}
     try:

@@ -14,6 +14,7 @@ from multidict import CIMultiDict
 from rigs.kafka import read_records, start_local_broker, wait_for
 
 from pipeline.config import Settings
+from pipeline.kafka.local import free_port
 from pipeline.records import RawHeaders
 
 WEBENGAGE_SECRET = hashlib.md5(b"~acme1234:whsec_acme").hexdigest()
@@ -138,19 +139,26 @@ def test_non_json_body_is_still_stored(settings: Settings, start_receiver: Calla
     assert record.value == junk
 
 
-def test_health_ready_and_metrics(settings: Settings, start_receiver: Callable[[Settings], str]) -> None:
-    """/healthz, /readyz and /metrics answer; metrics count requests by source, tenant and status."""
+def test_health_ready_and_metrics(
+    make_settings: Callable[..., Settings], start_receiver: Callable[[Settings], str]
+) -> None:
+    """/healthz and /readyz answer on the public port, which names no tenant and no pid; /metrics is on the
+    operator port and counts requests by source, tenant and status."""
+    settings = make_settings(receiver={"operator_port": free_port()})
     base = start_receiver(settings)
+    operator = f"http://127.0.0.1:{settings.receiver.operator_port}"
     send(base, "customerglu", b"{}")
     send(base, "customerglu", b"{}", headers={})
 
-    async def get(path: str) -> tuple[int, str]:
-        async with aiohttp.ClientSession() as session, session.get(base + path) as response:
+    async def get(url: str) -> tuple[int, str]:
+        async with aiohttp.ClientSession() as session, session.get(url) as response:
             return response.status, await response.text()
 
-    assert asyncio.run(get("/healthz"))[0] == 200
-    assert asyncio.run(get("/readyz"))[0] == 200
-    status, text = asyncio.run(get("/metrics"))
+    assert asyncio.run(get(base + "/healthz")) == (200, '{"status": "ok"}')
+    assert asyncio.run(get(base + "/readyz"))[0] == 200
+    assert asyncio.run(get(base + "/metrics"))[0] == 404
+    assert '"pid"' in asyncio.run(get(operator + "/healthz"))[1]
+    status, text = asyncio.run(get(operator + "/metrics"))
     assert status == 200
     assert 'headwater_receiver_requests_total{source="customerglu",status="200",tenant="acme"} 1.0' in text
     assert 'headwater_receiver_requests_total{source="customerglu",status="401",tenant="-"} 1.0' in text
@@ -158,13 +166,15 @@ def test_health_ready_and_metrics(settings: Settings, start_receiver: Callable[[
 
 
 def test_request_and_byte_counts_are_exact_at_every_scrape(
-    settings: Settings, start_receiver: Callable[[Settings], str]
+    make_settings: Callable[..., Settings], start_receiver: Callable[[Settings], str]
 ) -> None:
     """The handler adds counts up in plain integers; each scrape still shows every request answered before it."""
+    settings = make_settings(receiver={"operator_port": free_port()})
     base = start_receiver(settings)
+    metrics_url = f"http://127.0.0.1:{settings.receiver.operator_port}/metrics"
 
     async def scrape() -> str:
-        async with aiohttp.ClientSession() as session, session.get(base + "/metrics") as response:
+        async with aiohttp.ClientSession() as session, session.get(metrics_url) as response:
             return await response.text()
 
     requests = 'headwater_receiver_requests_total{source="customerglu",status="200",tenant="acme"}'

@@ -11,6 +11,7 @@ import aiohttp
 from rigs.kafka import read_records, wait_for
 
 from pipeline.config import Settings
+from pipeline.kafka.local import free_port
 from pipeline.records import RawHeaders
 
 PATH = "/server/v4"
@@ -34,7 +35,7 @@ def test_a_flooding_tenant_cannot_starve_a_quiet_one(
 ) -> None:
     """max_in_flight = 16, tenant acme floods with 64 connections; globex's 120 sequential requests are
     stored at least 95% of the time, acme's excess gets 429 + Retry-After, counted by tenant and reason."""
-    settings = make_settings(receiver={"port": 0, "max_in_flight": 16, "linger_ms": 5})
+    settings = make_settings(receiver={"port": 0, "operator_port": free_port(), "max_in_flight": 16, "linger_ms": 5})
     base = start_receiver(settings)
     port = int(base.rsplit(":", 1)[1])
     flood_statuses: Counter[int] = Counter()
@@ -55,7 +56,7 @@ def test_a_flooding_tenant_cannot_starve_a_quiet_one(
 
     async def run() -> None:
         flooding = asyncio.ensure_future(flood(base + PATH, "wk_acme_1", 64, time.monotonic() + 60, flood_statuses))
-        await in_flight_reaches(port, 16)  # the flood holds every slot before the quiet tenant starts
+        await in_flight_reaches(settings.receiver.operator_port, 16)  # the flood holds every slot before the quiet tenant starts
         await quiet()
         flooding.cancel()
         await asyncio.gather(flooding, return_exceptions=True)
@@ -68,7 +69,8 @@ def test_a_flooding_tenant_cannot_starve_a_quiet_one(
     assert sorted(RawHeaders.from_kafka(r.headers).request_id for r in records) == sorted(quiet_ok)
 
     async def metrics() -> str:
-        async with aiohttp.ClientSession() as session, session.get(base + "/metrics") as response:
+        metrics_url = f"http://127.0.0.1:{settings.receiver.operator_port}/metrics"
+        async with aiohttp.ClientSession() as session, session.get(metrics_url) as response:
             return await response.text()
 
     text = asyncio.run(metrics())
@@ -97,7 +99,7 @@ async def open_request(port: int, length: int) -> tuple[asyncio.StreamReader, as
 
 
 async def in_flight_reaches(port: int, count: int, timeout: float = 30) -> None:
-    """Poll the receiver's in-flight gauge until it shows at least `count` slots held."""
+    """Poll the receiver's in-flight gauge (on its operator port) until it shows at least `count` slots held."""
     deadline = asyncio.get_running_loop().time() + timeout
     async with aiohttp.ClientSession() as session:
         while True:
@@ -120,13 +122,15 @@ def test_the_in_flight_slot_counts_body_bytes_before_the_body_is_read(
 ) -> None:
     """max_bytes_in_flight = 10,000: two requests announcing 4,000-byte bodies hold their slots while their
     bodies are still unsent, so a third gets 503 + Retry-After without being read; the two then get 200."""
-    settings = make_settings(receiver={"port": 0, "max_body_bytes": 5_000, "max_bytes_in_flight": 10_000})
+    settings = make_settings(
+        receiver={"port": 0, "operator_port": free_port(), "max_body_bytes": 5_000, "max_bytes_in_flight": 10_000}
+    )
     port = int(start_receiver(settings).rsplit(":", 1)[1])
 
     async def run() -> tuple[list[int], bytes]:
         first = await open_request(port, 4000)
         second = await open_request(port, 4000)
-        await in_flight_reaches(port, 2)  # both are admitted and waiting for their bodies
+        await in_flight_reaches(settings.receiver.operator_port, 2)  # both are admitted and waiting for their bodies
         third_reader, third_writer = await open_request(port, 4000)
         third = await asyncio.wait_for(third_reader.read(), 30)
         third_writer.close()
@@ -150,7 +154,9 @@ def test_a_body_without_content_length_counts_as_the_largest_body_until_read(
 ) -> None:
     """A chunked upload holds max_body_bytes of the budget while it is read: with room for one such body,
     a second concurrent chunked upload gets 503; after the first completes, a chunked upload gets 200."""
-    settings = make_settings(receiver={"port": 0, "max_body_bytes": 5_000, "max_bytes_in_flight": 9_000})
+    settings = make_settings(
+        receiver={"port": 0, "operator_port": free_port(), "max_body_bytes": 5_000, "max_bytes_in_flight": 9_000}
+    )
     port = int(start_receiver(settings).rsplit(":", 1)[1])
 
     async def chunked() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -162,7 +168,7 @@ def test_a_body_without_content_length_counts_as_the_largest_body_until_read(
 
     async def run() -> tuple[int, int, int]:
         reader, writer = await chunked()
-        await in_flight_reaches(port, 1)
+        await in_flight_reaches(settings.receiver.operator_port, 1)
         second_reader, second_writer = await chunked()
         second = await status_of(second_reader)
         second_writer.close()

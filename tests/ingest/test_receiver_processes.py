@@ -68,6 +68,8 @@ def listeners(port: int) -> int:
 
 
 def pids_serving(base: str, tries: int = 200) -> set[int]:
+    """The pids answering on the operator port (its /healthz names the process; every receiver process
+    listens there as on the public port, SO_REUSEPORT)."""
     pids: set[int] = set()
     for _ in range(tries):
         status, text = get(base + "/healthz")
@@ -79,17 +81,18 @@ def pids_serving(base: str, tries: int = 200) -> set[int]:
 
 
 @pytest.fixture
-def two_processes(make_settings: Callable[..., Settings], tmp_path: Path) -> Iterator[tuple[Settings, str]]:
-    settings = make_settings(receiver={"port": free_port(), "processes": 2})
+def two_processes(make_settings: Callable[..., Settings], tmp_path: Path) -> Iterator[tuple[Settings, str, str]]:
+    settings = make_settings(receiver={"port": free_port(), "operator_port": free_port(), "processes": 2})
     config = tmp_path / "headwater.toml"
     config.write_text(toml_text(settings))
     log = (tmp_path / "receiver.log").open("wb")
     process = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "--config", str(config), "receiver"],
                                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{settings.receiver.port}"
+    operator = f"http://127.0.0.1:{settings.receiver.operator_port}"
     try:
         wait_for(lambda: get(base + "/readyz")[0] == 200, timeout=60, interval=0.5)
-        yield settings, base
+        yield settings, base, operator
     finally:
         process.send_signal(signal.SIGTERM)
         try:
@@ -99,11 +102,11 @@ def two_processes(make_settings: Callable[..., Settings], tmp_path: Path) -> Ite
         log.close()
 
 
-def test_with_two_processes_killing_one_leaves_the_other_serving(two_processes: tuple[Settings, str]) -> None:
+def test_with_two_processes_killing_one_leaves_the_other_serving(two_processes: tuple[Settings, str, str]) -> None:
     """Both processes answer on the one port; after SIGKILL of one, every new request is answered by the
     other (and stored); the supervisor then starts a replacement; /metrics sums over the processes."""
-    settings, base = two_processes
-    pids = pids_serving(base)
+    settings, base, operator = two_processes
+    pids = pids_serving(operator)
     assert len(pids) == 2
     victim, survivor = sorted(pids)
     port = int(base.rpartition(":")[2])
@@ -124,9 +127,9 @@ def test_with_two_processes_killing_one_leaves_the_other_serving(two_processes: 
     assert before == [200] * 20 and after == [200] * 40
     records = wait_for(lambda: len(r := read_records(settings, settings.topics.raw("customerglu"))) >= 60 and r)
     assert len(records) == 60
-    replacement = wait_for(lambda: (p := pids_serving(base, tries=50)) - {victim, survivor} and p, timeout=60)
+    replacement = wait_for(lambda: (p := pids_serving(operator, tries=50)) - {victim, survivor} and p, timeout=60)
     assert survivor in replacement
-    text = wait_for(lambda: (m := get(base + "/metrics"))[0] == 200 and m[1])
+    text = wait_for(lambda: (m := get(operator + "/metrics"))[0] == 200 and m[1])
     total = sum(float(v) for v in re.findall(
         r'headwater_receiver_requests_total\{source="customerglu",status="200",tenant="acme"\} (\S+)', text))
     assert total == 60, "every process's requests are counted, the killed one's included"

@@ -22,6 +22,7 @@ COMPOSE: dict[str, Any] = yaml.safe_load((ROOT / "docker-compose.yml").read_text
 
 
 SERVICES: dict[str, dict[str, Any]] = COMPOSE["services"]
+SECRETS: dict[str, dict[str, Any]] = COMPOSE.get("secrets", {})
 
 
 PROJECT_VERSION = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
@@ -122,6 +123,7 @@ def settings_of(service: dict[str, Any]) -> Settings:
     """The Settings the container would load: its mounted file, under its own environment."""
     host_file, _ = config_mount(service)
     environment = {k: str(v) for k, v in service.get("environment", {}).items()}
+    environment.pop("HEADWATER_TENANTS_FILE", None)  # a compose secret: it exists in the container only
     return load_settings(host_file, environ=environment)
 
 

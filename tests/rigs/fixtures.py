@@ -82,7 +82,7 @@ def make_settings(
             "kafka": {"bootstrap_servers": kafka_bootstrap, "partitions": 3},
             "local_kafka": {"enabled": False},
             "topics": topics_for(prefix),
-            "receiver": {"port": 0, "ack_timeout_s": 5.0},
+            "receiver": {"port": 0, "operator_port": 0, "ack_timeout_s": 5.0},
             "worker": {"app_id": prefix, "data_dir": str(tmp_path / "worker"), "web_port": 0},
             "tenants": TENANTS,
         }
