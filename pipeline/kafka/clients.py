@@ -151,6 +151,29 @@ async def ensure_topics(
             await admin.close()
 
 
+async def require_partition_counts(settings: Settings, expected: dict[str, int]) -> None:
+    """Refuse to start (ConfigError) when a topic's real partition count is not the one we route by.
+
+    The keyed topic is written with our own partitioner over kafka.partitions, and its partition p pairs
+    with partition p of the dedup changelog: if the topic has another count (created by an operator,
+    or grown later), ids would land on partitions whose dedup entries are elsewhere.
+    """
+    admin = make_admin(settings)
+    async with broker_errors("reading partition counts", access=settings.kafka):
+        await admin.start()
+        try:
+            described = await admin.describe_topics(sorted(expected))
+        finally:
+            await admin.close()
+    actual = {t["topic"]: len(t["partitions"]) for t in described if t.get("partitions")}
+    for topic, count in sorted(expected.items()):
+        if actual.get(topic, count) != count:
+            raise ConfigError(
+                f"topic {topic} has {actual[topic]} partitions but kafka.partitions = {count}: keyed "
+                "routing and the dedup changelog need the same count (docs/production.md, 'Partitions')"
+            )
+
+
 async def _wait_for_topics(admin: AIOKafkaAdminClient, names: list[str], timeout_s: float = 20.0) -> None:
     deadline = asyncio.get_running_loop().time() + timeout_s
     while True:

@@ -27,7 +27,7 @@ from aiohttp import web
 from adapters import ADAPTERS
 from pipeline.adapting import AdapterModule
 from pipeline.config import Settings
-from pipeline.kafka.clients import ensure_topics, producer_options
+from pipeline.kafka.clients import ensure_topics, producer_options, require_partition_counts
 from pipeline.kafka.faust_security import faust_credentials
 from pipeline.process import WORKER_GC_GEN0_THRESHOLD, keep_freed_memory, settle_garbage_collector
 from pipeline.records import KafkaHeaders
@@ -116,6 +116,10 @@ class Worker:
             [changelog_topic(self.settings)],
             partitions=self.settings.kafka.partitions,
             config=changelog_config(self.settings),
+        )
+        partitions = self.settings.kafka.partitions
+        await require_partition_counts(
+            self.settings, {topics.keyed: partitions, changelog_topic(self.settings): partitions}
         )
 
     def died(self, exc: BaseException) -> None:

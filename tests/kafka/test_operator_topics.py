@@ -4,9 +4,13 @@ checks that they exist and refuses to start without them instead of creating the
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
+from rigs.kafka import die_with_parent, toml_text
 
 from pipeline.config import Settings
 from pipeline.errors import ConfigError
@@ -36,3 +40,20 @@ def test_a_receiver_on_operator_managed_topics_refuses_to_start_until_they_exist
 
     assert asyncio.run(start_and_stop()) > 0
     assert asyncio.run(ensure_topics(managed, needed)) == []
+
+
+def test_a_worker_refuses_to_start_when_the_keyed_topic_has_another_partition_count(
+    make_settings: Callable[..., Settings], tmp_path: Path
+) -> None:
+    """Keyed routing hashes over kafka.partitions: a keyed topic of another size (an operator's, or one
+    grown later) would send ids to partitions whose dedup entries live elsewhere, so the worker stops."""
+    settings = make_settings(kafka={"partitions": 3})
+    asyncio.run(ensure_topics(settings, [settings.topics.keyed], partitions=2))
+    config = tmp_path / "headwater.toml"
+    config.write_text(toml_text(settings))
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "--config", str(config), "worker", "--source", "segment"],
+        capture_output=True, text=True, timeout=120, preexec_fn=die_with_parent, check=False,
+    )
+    assert result.returncode == 1, result.stderr
+    assert f"error: topic {settings.topics.keyed} has 2 partitions but kafka.partitions = 3" in result.stderr
