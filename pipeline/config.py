@@ -134,9 +134,15 @@ class ReceiverSettings(_Frozen):
     ack_timeout_s: float = Field(10.0, gt=0)
     retry_after_s: int = Field(2, ge=1)
     linger_ms: int = Field(0, ge=0)  # the receiver batches itself: one batch per topic with the broker
-    # Bodies held in memory at once (read or awaiting the ack), counted before a body is read: a request
-    # without Content-Length counts as max_body_bytes until read. Beyond this: 503 + Retry-After.
+    # Body bytes held in memory at once (being read or awaiting the ack), counted as they arrive. When full,
+    # a tenant over its share (this / active tenants) gives way (429); else reading waits, then 503.
     max_bytes_in_flight: int = Field(268_435_456, ge=1)
+    # Deadlines (docs/receiver-limits.md): the request head within head_timeout_s; the body within
+    # body_timeout_s in all and, after its first body_grace_s, no slower than body_min_bytes_per_s. Else 408.
+    head_timeout_s: float = Field(10.0, gt=0)
+    body_timeout_s: float = Field(60.0, gt=0)
+    body_grace_s: float = Field(5.0, ge=0)
+    body_min_bytes_per_s: int = Field(16_384, ge=1)
     # Fair shares (issue 11): while other tenants are active, a tenant may hold only its share
     # (max_in_flight / active tenants) of the in-flight bound; over it: 429 + Retry-After. Alone, a tenant
     # may use everything. "Active" = a request in flight, waiting, or seen within fair_window_s.

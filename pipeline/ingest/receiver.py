@@ -25,13 +25,15 @@ from adapters import ADAPTERS
 from pipeline.adapting import AdapterModule
 from pipeline.config import Settings
 from pipeline.errors import AuthError, BrokerUnavailable, PayloadTooLarge
-from pipeline.ingest.admission import Admission
+from pipeline.ingest.admission import Admission, Lease
 from pipeline.ingest.auth import TenantDirectory, verify_body
 from pipeline.ingest.batching import BatchWriter
+from pipeline.ingest.body import read_body
+from pipeline.ingest.connections import DeadlineServer
 from pipeline.ingest.headers import HeaderTemplates, KafkaHeaderList
 from pipeline.ingest.inputs import request_meta, short_text
 from pipeline.ingest.metrics import ReceiverMetrics
-from pipeline.ingest.refusals import BadRequest, OverShare
+from pipeline.ingest.refusals import BadRequest, OverShare, TooSlow
 from pipeline.kafka.clients import ensure_topics, make_producer
 from pipeline.kafka.security import verify_access
 from pipeline.process import settle_garbage_collector
@@ -41,6 +43,7 @@ log = logging.getLogger(__name__)
 
 OK_BODY = b'{"status":"ok"}'
 IN_FLIGHT_REFRESH_S = 1.0
+KEEPALIVE_TIMEOUT_S = 75.0  # an idle keep-alive connection is closed after this (aiohttp's default: an hour)
 KafkaHeaders = Sequence[tuple[str, bytes]]
 Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 
@@ -51,13 +54,15 @@ def _json_error(status: int, message: str, headers: dict[str, str] | None = None
 
 
 def refusal(exc: Exception) -> web.Response:
-    """The answer to a refused request: 400/401/413/429/503, each with a JSON reason."""
+    """The answer to a refused request: 400/401/408/413/429/503, each with a JSON reason."""
     if isinstance(exc, AuthError):
         return _json_error(401, str(exc))
     if isinstance(exc, BadRequest):
         return _json_error(400, str(exc))
     if isinstance(exc, PayloadTooLarge):
-        return _json_error(413, str(exc))
+        return _json_error(413, str(exc), {"Connection": "close"})
+    if isinstance(exc, TooSlow):
+        return _json_error(408, str(exc), {"Connection": "close"})
     retry = {"Retry-After": str(int(max(1, getattr(exc, "retry_after_s", 1))))}
     if isinstance(exc, OverShare):
         return _json_error(429, str(exc), retry)
@@ -65,18 +70,35 @@ def refusal(exc: Exception) -> web.Response:
     return _json_error(503, "temporarily unable to store the request; retry later", retry)
 
 
-async def expect_continue_only(request: web.BaseRequest) -> web.StreamResponse | None:
-    """`Expect: 100-continue` is answered as aiohttp does; any other expectation is a 400, not a 417."""
+def unsupported_expectation(request: web.BaseRequest) -> web.Response | None:
+    """Only `Expect: 100-continue` is supported; any other expectation is a 400, not a 417."""
     expect = request.headers.get("Expect", "")
-    if request.version != (1, 1) or not expect:
-        return None
-    if expect.lower() == "100-continue":
-        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+    if request.version != (1, 1) or not expect or expect.lower() == "100-continue":
         return None
     return _json_error(400, "the Expect header supports only 100-continue")
 
 
-REFUSED = (AuthError, BadRequest, PayloadTooLarge, OverShare, BrokerUnavailable)
+async def grant_continue(request: web.BaseRequest) -> None:
+    """Answer `Expect: 100-continue` once the sender is authenticated and admitted: an unknown sender is
+    refused before it uploads anything, and is never invited to send its body."""
+    if request.version == (1, 1) and request.headers.get("Expect", "").lower() == "100-continue":
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+
+REFUSED = (AuthError, BadRequest, PayloadTooLarge, OverShare, TooSlow, BrokerUnavailable)
+
+
+def abandons_body(exc: Exception) -> bool:
+    """A refusal that leaves a body half read: the connection is closed right after the answer instead of
+    reading and discarding the rest (aiohttp's lingering close), which a slow sender would stretch."""
+    return isinstance(exc, TooSlow | PayloadTooLarge) or (isinstance(exc, OverShare) and exc.evicted)
+
+
+async def answer_and_close(request: web.BaseRequest, response: web.StreamResponse) -> None:
+    """Send the answer now, then close the connection (the transport flushes it before closing)."""
+    await response.prepare(request)
+    await response.write_eof()
+    request.protocol.force_close()
 
 
 class Receiver:
@@ -156,7 +178,7 @@ class Receiver:
                     405, f"{request.method} is not allowed here", {"Allow": ", ".join(methods)}
                 )
             if "Expect" in request.headers:
-                refused = await expect_continue_only(request)
+                refused = unsupported_expectation(request)
                 if refused is not None:
                     return refused
             return await handler(request)
@@ -172,7 +194,13 @@ class Receiver:
                 message, payload, protocol, writer, task, asyncio.get_running_loop(), client_max_size=limit
             )
 
-        return web.Server(dispatch, request_factory=make_request, access_log=None)
+        return DeadlineServer(
+            dispatch,
+            request_factory=make_request,
+            access_log=None,
+            head_timeout_s=self.settings.receiver.head_timeout_s,
+            keepalive_timeout=KEEPALIVE_TIMEOUT_S,
+        )
 
     async def start(self) -> int:
         if self.settings.kafka.security_protocol != "PLAINTEXT":
@@ -308,18 +336,19 @@ class Receiver:
                 meta = request_meta(request, adapter.REQUEST_META) if adapter.REQUEST_META else {}
                 vendor = {**credentials.vendor, **meta} if meta else credentials.vendor
                 request_id, headers = self._headers(source, tenant_id, request, vendor)
-                reserved = await self._admit(tenant_id, request)
+                lease = await self._admit(tenant_id, request)
                 try:
-                    body = await self._read(request, reserved)
-                    reserved = len(body)
+                    body = await read_body(request, lease, self.admission)
                     verify_body(adapter.AUTH, credentials.tenant, request, body)
                     assert self.writer is not None
                     await self.writer.write(topic, body, headers)  # shared by the batch: see _admit
-                    stored = reserved
+                    stored = len(body)
                 finally:
-                    self._release(tenant_id, reserved)
+                    self.admission.leave(lease)
             except REFUSED as exc:
                 response = refusal(exc)
+                if abandons_body(exc):
+                    await answer_and_close(request, response)
             else:
                 response = web.Response(
                     body=OK_BODY, headers={"Content-Type": "application/json", "X-Request-Id": request_id}
@@ -342,19 +371,20 @@ class Receiver:
             credentials = self.directory.rewards_key(request)
             tenant_id = credentials.tenant.id
             request_id, kafka_headers = self._headers("rewards", tenant_id, request, {})
-            reserved = await self._admit(tenant_id, request)
+            lease = await self._admit(tenant_id, request)
             try:
-                body = await self._read(request, reserved)
-                reserved = len(body)
+                body = await read_body(request, lease, self.admission)
                 records, invalid = _split_rewards(body)
                 if records:
                     assert self.rewards_writer is not None
                     batch = [(r, kafka_headers) for r in records]
                     await self.rewards_writer.write_all(self.settings.topics.rewards, batch)
             finally:
-                self._release(tenant_id, reserved)
+                self.admission.leave(lease)
         except REFUSED as exc:
             response = refusal(exc)
+            if abandons_body(exc):
+                await answer_and_close(request, response)
         else:
             answer: dict[str, object] = {"status": "ok", "count": len(records)}
             if invalid:
@@ -367,8 +397,9 @@ class Receiver:
         self.metrics.request("rewards", tenant_id, response.status)
         return response
 
-    async def _admit(self, tenant: str, request: web.BaseRequest) -> int:
-        """Take an in-flight slot (count and bytes) before the body is read; returns the bytes reserved.
+    async def _admit(self, tenant: str, request: web.BaseRequest) -> Lease:
+        """Take an in-flight slot before the body is read (its bytes are counted as they arrive), then
+        grant `Expect: 100-continue`.
 
         Handlers then await the ack future their record's batch shares with other requests, without
         asyncio.shield: aiohttp does not cancel handlers when a client goes away (handler_cancellation is
@@ -380,25 +411,14 @@ class Receiver:
         declared = request.content_length
         if declared is not None and declared > limit:
             raise PayloadTooLarge(f"body of {declared} bytes is over the limit of {limit} bytes")
-        reserved = limit if declared is None else declared
-        waiting = self.admission.enter(tenant, reserved)
-        if waiting is not None:
-            await waiting
-        return reserved
-
-    async def _read(self, request: web.BaseRequest, reserved: int) -> bytes:
+        entered = self.admission.enter(tenant)
+        lease = entered if isinstance(entered, Lease) else await entered
         try:
-            body = await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            raise PayloadTooLarge(
-                f"body is over the limit of {self.settings.receiver.max_body_bytes} bytes"
-            ) from None
-        if len(body) != reserved:
-            self.admission.resize(reserved, len(body))
-        return body
-
-    def _release(self, tenant: str, reserved: int) -> None:
-        self.admission.leave(tenant, reserved)
+            await grant_continue(request)
+        except BaseException:
+            self.admission.leave(lease)
+            raise
+        return lease
 
     def _headers(
         self, source: str, tenant: str, request: web.BaseRequest, vendor: Mapping[str, str]

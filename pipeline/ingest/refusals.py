@@ -12,6 +12,11 @@ class BadRequest(HeadwaterError):
 class OverShare(HeadwaterError):
     """The tenant holds more than its share of the in-flight bound while others wait -> 429 + Retry-After."""
 
-    def __init__(self, message: str, retry_after_s: float) -> None:
+    def __init__(self, message: str, retry_after_s: float, evicted: bool = False) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+        self.evicted = evicted  # raised while its body was being read, to free its bytes
+
+
+class TooSlow(HeadwaterError):
+    """The request body did not arrive within its deadlines -> 408 with the reason; the connection closes."""
