@@ -26,10 +26,16 @@ def test_trickled_uploads_do_not_starve_another_tenant_and_end_with_408(
     """Budget 4 MiB; acme opens 8 uploads announcing 1 MiB each and trickles a byte every 0.3 s. globex's
     60 sequential requests meanwhile all get 200 with a p99 under 0.5 s; every upload ends with 408 and a
     JSON reason once it falls under the minimum rate (1 KiB/s after a 1 s grace)."""
-    settings = make_settings(receiver={
-        "port": 0, "max_body_bytes": 1_048_576, "max_bytes_in_flight": 4_194_304,
-        "body_grace_s": 1.0, "body_min_bytes_per_s": 1024, "body_timeout_s": 20.0,
-    })
+    settings = make_settings(
+        receiver={
+            "port": 0,
+            "max_body_bytes": 1_048_576,
+            "max_bytes_in_flight": 4_194_304,
+            "body_grace_s": 1.0,
+            "body_min_bytes_per_s": 1024,
+            "body_timeout_s": 20.0,
+        }
+    )
     base = start_receiver(settings)
     port = port_of(base)
 
@@ -47,7 +53,9 @@ def test_trickled_uploads_do_not_starve_another_tenant_and_end_with_408(
         assert answer is not None and answer.status == 408, answer
         assert "bytes/s" in orjson.loads(answer.body)["error"]
         assert answer.headers["connection"] == "close"
-    records = wait_for(lambda: len(r := read_records(settings, settings.topics.raw("customerglu"))) >= 60 and r)
+    records = wait_for(
+        lambda: len(r := read_records(settings, settings.topics.raw("customerglu"))) >= 60 and r
+    )
     assert len(records) == 60  # nothing of the trickled uploads was stored
 
 
@@ -89,8 +97,9 @@ def test_a_stalled_body_gets_408_within_its_grace_and_stores_nothing(
 ) -> None:
     """A body announced at 1,000 bytes stops after 10: 408 once body_grace_s (1 s) plus the time its 10
     bytes buy at the minimum rate have passed; the total cap (body_timeout_s) bounds a fast-enough trickle."""
-    settings = make_settings(receiver={"port": 0, "body_grace_s": 1.0, "body_min_bytes_per_s": 100,
-                                       "body_timeout_s": 3.0})
+    settings = make_settings(
+        receiver={"port": 0, "body_grace_s": 1.0, "body_min_bytes_per_s": 100, "body_timeout_s": 3.0}
+    )
     port = port_of(start_receiver(settings))
 
     async def stalled() -> tuple[Answer, float]:
@@ -135,7 +144,9 @@ def test_announced_bytes_hold_nothing_until_they_arrive(
         return third, statuses
 
     assert asyncio.run(run()) == (200, [200, 200])
-    records = wait_for(lambda: len(r := read_records(settings, settings.topics.raw("customerglu"))) == 3 and r)
+    records = wait_for(
+        lambda: len(r := read_records(settings, settings.topics.raw("customerglu"))) == 3 and r
+    )
     assert sorted(r.value[:1] for r in records) == [b"a", b"abc"[:1], b"b"]
 
 
@@ -145,8 +156,15 @@ def test_a_tenant_over_its_byte_share_gives_way_to_another(
     """Budget 10,000 bytes. acme sends 3 bodies of 3,000 bytes each (of 4,000 announced) and stalls: it
     holds 9,000. globex then sends 4,000 bytes: acme (over its 5,000 share) gives way, its largest body is
     refused with 429, and globex gets 200 at once."""
-    settings = make_settings(receiver={"port": 0, "max_body_bytes": 5_000, "max_bytes_in_flight": 10_000,
-                                       "body_grace_s": 30.0, "fair_window_s": 30.0})
+    settings = make_settings(
+        receiver={
+            "port": 0,
+            "max_body_bytes": 5_000,
+            "max_bytes_in_flight": 10_000,
+            "body_grace_s": 30.0,
+            "fair_window_s": 30.0,
+        }
+    )
     port = port_of(start_receiver(settings))
 
     async def run() -> tuple[list[int], Answer, float]:

@@ -31,18 +31,22 @@ def parse_answer(raw: bytes) -> Answer:
     return Answer(int(status_line.split()[1]), headers, body)
 
 
-async def open_upload(port: int, path: str, key: str, length: int,
-                      extra: str = "") -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+async def open_upload(
+    port: int, path: str, key: str, length: int, extra: str = ""
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """Send the head of a POST announcing `length` body bytes, and none of the body yet."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(f"POST {path} HTTP/1.1\r\nHost: x\r\nX-API-KEY: {key}\r\nContent-Length: {length}\r\n"
-                 f"{extra}Connection: close\r\n\r\n".encode())
+    writer.write(
+        f"POST {path} HTTP/1.1\r\nHost: x\r\nX-API-KEY: {key}\r\nContent-Length: {length}\r\n"
+        f"{extra}Connection: close\r\n\r\n".encode()
+    )
     await writer.drain()
     return reader, writer
 
 
-async def trickle(writer: asyncio.StreamWriter, reader: asyncio.StreamReader, every_s: float,
-                  limit_s: float) -> Answer | None:
+async def trickle(
+    writer: asyncio.StreamWriter, reader: asyncio.StreamReader, every_s: float, limit_s: float
+) -> Answer | None:
     """Send one body byte every `every_s` until the receiver answers (or `limit_s` passes): the answer."""
     deadline = time.monotonic() + limit_s
     reading = asyncio.ensure_future(reader.read())
