@@ -100,10 +100,17 @@ class LocalKafkaSettings(_Frozen):
     enabled: bool = True
     host: str = "127.0.0.1"
     port: int = 9092
-    controller_port: int = 9093
+    # 0: the broker port + 1 when free, else any free port (`kafka up` says which; `kafka status` shows it)
+    controller_port: int = Field(0, ge=0, le=65535)
     data_dir: Path = Path(".headwater/kafka")
     jars_dir: Path = Path("~/.cache/headwater/kafka-jars")
     heap: str = "512m"
+
+    @model_validator(mode="after")
+    def _two_ports(self) -> LocalKafkaSettings:
+        if self.controller_port == self.port:
+            raise ValueError("local_kafka.controller_port must differ from local_kafka.port")
+        return self
 
 
 class TopicSettings(_Frozen):
@@ -173,6 +180,8 @@ class WorkerSettings(_Frozen):
     batch_within_s: float = Field(0.05, gt=0)
     max_poll_records: int = Field(2_000, ge=1)
     session_timeout_s: float = Field(10.0, ge=3)  # a dead worker's partitions move after this
+    # How long a stage's consumer waits for the broker's answer; a group join may take a whole session.
+    request_timeout_s: float = Field(40.0, gt=0)
     # A canonical event larger than this is dead-lettered (output_too_large): Kafka's default record
     # limit, so any consumer of events.canonical with default settings can read every event.
     max_event_bytes: int = Field(1_048_576, ge=1024)
@@ -181,6 +190,16 @@ class WorkerSettings(_Frozen):
     # A batch whose outputs fail this many times in a row is processed record by record, and a
     # record whose outputs still fail is dead-lettered (output_refused) if the DLQ takes it.
     isolate_after_failures: int = Field(3, ge=1)
+
+    @model_validator(mode="after")
+    def _session_within_requests(self) -> WorkerSettings:
+        # Kafka clients refuse a session longer than their request timeout (the worker would die at start).
+        if self.session_timeout_s >= self.request_timeout_s:
+            raise ValueError(
+                f"worker.session_timeout_s ({self.session_timeout_s:g}) must be below "
+                f"worker.request_timeout_s ({self.request_timeout_s:g})"
+            )
+        return self
 
 
 class WebEngageCredentials(_Frozen):
@@ -194,6 +213,10 @@ class WebEngageCredentials(_Frozen):
 
     def accepts(self, secret: str) -> bool:
         return hmac.compare_digest(self.expected_secret().encode(), secret.lower().encode())
+
+
+# Faust's broker_request_timeout, which the rewards dispatcher keeps: its session must be shorter.
+FAUST_REQUEST_TIMEOUT_S = 90.0
 
 
 class RewardsWebhook(_Frozen):
@@ -228,6 +251,15 @@ class RewardsSettings(_Frozen):
     session_timeout: Duration = timedelta(seconds=30)  # a dead worker's partitions move after this
     web_host: str = "127.0.0.1"
     web_port: int = Field(6067, ge=0, le=65535)  # /metrics of the dispatcher
+
+    @model_validator(mode="after")
+    def _session_within_requests(self) -> RewardsSettings:
+        if self.session_timeout.total_seconds() >= FAUST_REQUEST_TIMEOUT_S:
+            raise ValueError(
+                f"rewards.session_timeout ({self.session_timeout.total_seconds():g}s) must be below the "
+                f"dispatcher's Kafka request timeout ({FAUST_REQUEST_TIMEOUT_S:g}s)"
+            )
+        return self
 
 
 DEFAULT_REDRIVE_LIMIT = 3
@@ -311,6 +343,30 @@ class Settings(_Frozen):
             raise ValueError("tenant ids must be unique")
         return self
 
+    @model_validator(mode="after")
+    def _listeners_do_not_collide(self) -> Settings:
+        """Two servers of one `headwater up` on one address and port: the second would fail at start."""
+        listeners = [
+            ("receiver.port", self.receiver.host, self.receiver.port),
+            ("receiver.operator_port", self.receiver.operator_host, self.receiver.operator_port),
+            ("worker.web_port", self.worker.web_host, self.worker.web_port),
+            ("rewards.web_port", self.rewards.web_host, self.rewards.web_port),
+            ("dlq.page_port", self.dlq.page_host, self.dlq.page_port),
+        ]
+        if self.local_kafka.enabled:
+            listeners += [
+                ("local_kafka.port", self.local_kafka.host, self.local_kafka.port),
+                ("local_kafka.controller_port", self.local_kafka.host, self.local_kafka.controller_port),
+            ]
+        seen: dict[tuple[str, int], str] = {}
+        for key, host, port in listeners:
+            if port == 0:  # chosen at start
+                continue
+            other = seen.setdefault((host, port), key)
+            if other != key:
+                raise ValueError(f"{key} and {other} are both {host}:{port}")
+        return self
+
     def with_overrides(self, overrides: Mapping[str, Any]) -> Settings:
         """Apply dotted overrides such as {"receiver.port": 18080} (CLI flags); None values are skipped."""
         doc = self.model_dump(mode="python")
@@ -360,7 +416,8 @@ def _validate(doc: Mapping[str, Any], origin: str) -> Settings:
         where = _dotted(first["loc"])
         if first["type"] == "extra_forbidden":
             raise ConfigError(f"unknown key {where} in {origin}") from None
-        raise ConfigError(f"{where or 'config'}: {first['msg']} (in {origin})") from None
+        message = first["msg"].removeprefix("Value error, ")
+        raise ConfigError(f"{where or 'config'}: {message} (in {origin})") from None
 
 
 def _dotted(loc: tuple[int | str, ...]) -> str:

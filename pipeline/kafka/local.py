@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import os
+import re
 import shutil
 import signal
 import socket
@@ -89,13 +90,16 @@ class BrokerStatus:
     pid: int | None
     bootstrap: str
     data_dir: Path
+    controller: str | None = None  # host:port of the KRaft controller; None before the first start
 
     def describe(self) -> str:
+        controller = f", controller on {self.controller}" if self.controller else ""
         if self.running:
             return (
-                f"kafka {KAFKA_VERSION} running (pid {self.pid}) on {self.bootstrap}, data in {self.data_dir}"
+                f"kafka {KAFKA_VERSION} running (pid {self.pid}) on {self.bootstrap}{controller}, "
+                f"data in {self.data_dir}"
             )
-        return f"kafka not running (would listen on {self.bootstrap}, data in {self.data_dir})"
+        return f"kafka not running (would listen on {self.bootstrap}{controller}, data in {self.data_dir})"
 
 
 class LocalKafka:
@@ -109,6 +113,7 @@ class LocalKafka:
         self.pid_file = self.data_dir / "broker.pid"
         self.log_file = self.data_dir / "server.log"  # log4j2 output
         self.stdout_file = self.data_dir / "broker.out"  # JVM stdout/stderr
+        self.properties_file = self.data_dir / "server.properties"
 
     @property
     def bootstrap(self) -> str:
@@ -152,7 +157,24 @@ class LocalKafka:
     def status(self) -> BrokerStatus:
         pid = self._our_pid()
         running = pid is not None and _port_open(self.settings.host, self.settings.port)
-        return BrokerStatus(running, pid, self.bootstrap, self.data_dir)
+        port = self.settings.controller_port or self._last_controller_port()
+        controller = f"{self.settings.host}:{port}" if port else None
+        return BrokerStatus(running, pid, self.bootstrap, self.data_dir, controller)
+
+    def controller_port(self) -> int:
+        """The controller port to start with: local_kafka.controller_port when set; else the one this data
+        dir used last, the broker port + 1, or any free port, whichever is free first."""
+        if self.settings.controller_port:
+            if _port_open(self.settings.host, self.settings.controller_port):
+                raise LocalKafkaError(
+                    f"controller port {self.settings.controller_port} is taken; set "
+                    "local_kafka.controller_port to another, or to 0 to have one chosen"
+                )
+            return self.settings.controller_port
+        for candidate in (self._last_controller_port(), self.settings.port + 1):
+            if candidate and candidate != self.settings.port and _port_free(self.settings.host, candidate):
+                return candidate
+        return free_port(self.settings.host)
 
     def up(self, timeout_s: float = 90.0, bound_to_parent: bool = False) -> BrokerStatus:
         """Start the broker unless it already runs; return once it accepts connections.
@@ -167,14 +189,11 @@ class LocalKafka:
                 f"port {self.settings.port} on {self.settings.host} is taken by something that is not "
                 f"our broker (data dir {self.data_dir}); choose another with --port"
             )
-        if _port_open(self.settings.host, self.settings.controller_port):
-            raise LocalKafkaError(
-                f"controller port {self.settings.controller_port} is taken; set local_kafka.controller_port"
-            )
+        controller_port = self.controller_port()
         jars = self.ensure_jars()
         java = _require("java", "Java (17 or newer)")
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        properties = self._write_config()
+        properties = self._write_config(controller_port)
         classpath = f"{jars}/*"
         if not (self.data_dir / "kraft" / "meta.properties").exists():
             cluster_id = new_cluster_id()
@@ -274,11 +293,20 @@ class LocalKafka:
         except OSError:
             return False
 
-    def _write_config(self) -> Path:
+    def _last_controller_port(self) -> int | None:
+        """The controller port in the config this data dir was last started with."""
+        try:
+            text = self.properties_file.read_text()
+        except OSError:
+            return None
+        match = re.search(r"^controller\.quorum\.voters=1@.*:(\d+)$", text, re.M)
+        return int(match.group(1)) if match else None
+
+    def _write_config(self, controller_port: int) -> Path:
         s = self.settings
         (self.data_dir / "log4j2.properties").write_text(_LOG4J2.format(log=self.log_file))
-        properties = self.data_dir / "server.properties"
-        listeners = f"PLAINTEXT://{s.host}:{s.port},CONTROLLER://{s.host}:{s.controller_port}"
+        properties = self.properties_file
+        listeners = f"PLAINTEXT://{s.host}:{s.port},CONTROLLER://{s.host}:{controller_port}"
         advertised = f"PLAINTEXT://{s.host}:{s.port}"
         protocols = "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT"
         secured: list[str] = []
@@ -292,7 +320,7 @@ class LocalKafka:
                 [
                     "process.roles=broker,controller",
                     "node.id=1",
-                    f"controller.quorum.voters=1@{s.host}:{s.controller_port}",
+                    f"controller.quorum.voters=1@{s.host}:{controller_port}",
                     f"listeners={listeners}",
                     f"advertised.listeners={advertised}",
                     "controller.listener.names=CONTROLLER",
@@ -364,7 +392,17 @@ def _die_with_parent() -> None:
     libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
 
 
-def free_port() -> int:
+def _port_free(host: str, port: int) -> bool:
+    """Whether a server could listen on host:port now (nothing listens, nothing holds it)."""
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
         return int(sock.getsockname()[1])

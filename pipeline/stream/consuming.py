@@ -79,6 +79,7 @@ def stage_consumer(settings: Settings, stage: str, name: str, *topics: str) -> A
         client_id=f"{settings.kafka.client_id}-{name}",
         max_poll_records=settings.worker.max_poll_records,
         session_timeout_ms=int(settings.worker.session_timeout_s * 1000),
+        request_timeout_ms=int(settings.worker.request_timeout_s * 1000),
         heartbeat_interval_ms=int(max(1.0, settings.worker.session_timeout_s / 4) * 1000),
     )
 

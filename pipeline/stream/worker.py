@@ -93,6 +93,7 @@ class Worker:
             producer_max_request_size=producer["max_request_size"],
             producer_compression_type=producer["compression_type"],
             broker_session_timeout=s.worker.session_timeout_s,
+            broker_request_timeout=s.worker.request_timeout_s,
             broker_heartbeat_interval=max(1.0, s.worker.session_timeout_s / 4),
             logging_config=None,
         )

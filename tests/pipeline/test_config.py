@@ -131,3 +131,25 @@ def test_kafka_security_settings_that_cannot_work_are_refused(
 ) -> None:
     with pytest.raises(ConfigError, match=message):
         load_settings(write(tmp_path, f"[kafka]\n{kafka}\n"), environ={})
+
+
+@pytest.mark.parametrize(
+    ("text", "named"),
+    [
+        ("[worker]\nsession_timeout_s = 120\n", r"worker\.session_timeout_s \(120\) must be below worker\.request_timeout_s"),
+        ('[rewards]\nsession_timeout = "2m"\n', r"rewards\.session_timeout \(120s\) must be below"),
+        ("[local_kafka]\nport = 9100\ncontroller_port = 9100\n", r"local_kafka\.controller_port must differ"),
+        ("[worker]\nweb_port = 8080\n", r"worker\.web_port and receiver\.port are both 127\.0\.0\.1:8080"),
+    ],
+)
+def test_settings_that_cannot_work_together_are_refused_with_the_key(tmp_path: Path, text: str, named: str) -> None:
+    """A combination a process would die on at start (a session longer than the request timeout, two
+    servers on one port) is refused when the config is loaded, naming the key to change."""
+    with pytest.raises(ConfigError, match=named):
+        load_settings(write(tmp_path, text), environ={})
+
+
+def test_a_session_below_its_request_timeout_loads(tmp_path: Path) -> None:
+    """A longer session is fine with a longer request timeout beside it."""
+    text = "[worker]\nsession_timeout_s = 120\nrequest_timeout_s = 150\n"
+    assert load_settings(write(tmp_path, text), environ={}).worker.session_timeout_s == 120
