@@ -150,6 +150,9 @@ class ReceiverSettings(_Frozen):
     body_timeout_s: float = Field(60.0, gt=0)
     body_grace_s: float = Field(5.0, ge=0)
     body_min_bytes_per_s: int = Field(16_384, ge=1)
+    # Items in one request, counted while scanning the body, before any per-item work; over: 413.
+    max_items: int = Field(10_000, ge=1)  # elements of a batched source's array (events, profiles, batch)
+    max_rewards: int = Field(1_000, ge=1)  # rewards in one POST /rewards/v1 array
     # Fair shares (issue 11): while other tenants are active, a tenant may hold only its share
     # (max_in_flight / active tenants) of the in-flight bound; over it: 429 + Retry-After. Alone, a tenant
     # may use everything. "Active" = a request in flight, waiting, or seen within fair_window_s.

@@ -32,12 +32,12 @@ from pipeline.ingest.body import read_body
 from pipeline.ingest.connections import DeadlineServer
 from pipeline.ingest.headers import HeaderTemplates, KafkaHeaderList
 from pipeline.ingest.inputs import request_meta, short_text
+from pipeline.ingest.items import ItemLimits
 from pipeline.ingest.metrics import ReceiverMetrics
 from pipeline.ingest.refusals import BadRequest, OverShare, TooSlow
 from pipeline.kafka.clients import ensure_topics, make_producer
 from pipeline.kafka.security import verify_access
 from pipeline.process import settle_garbage_collector
-from pipeline.rewards.records import split_rewards
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +128,7 @@ class Receiver:
         self._operator_runner: web.ServerRunner | None = None
         self._connecting: asyncio.Task[None] | None = None
         self._refreshing: asyncio.Task[None] | None = None
+        self.items = ItemLimits(settings.receiver)
         self._source_of: dict[str, str] = {settings.topics.rewards: "rewards"}
         self._source_of.update({settings.topics.raw(s): s for s in self.adapters})
 
@@ -320,12 +321,14 @@ class Receiver:
         for producer in (self.producer, self.rewards_producer):
             if producer is not None:
                 await producer.stop()
+        self.items.close()
 
     # --- handlers ---------------------------------------------------------------------------------------
 
     def _handler(self, adapter: AdapterModule) -> Handler:
         source = adapter.SOURCE
         topic = self.settings.topics.raw(source)
+        batched = adapter.BATCHED
 
         async def handle(request: web.BaseRequest) -> web.Response:
             tenant_id = "-"
@@ -339,6 +342,8 @@ class Receiver:
                 lease = await self._admit(tenant_id, request)
                 try:
                     body = await read_body(request, lease, self.admission)
+                    if batched:
+                        await self.items.check_batch(body)
                     verify_body(adapter.AUTH, credentials.tenant, request, body)
                     assert self.writer is not None
                     await self.writer.write(topic, body, headers)  # shared by the batch: see _admit
@@ -374,7 +379,7 @@ class Receiver:
             lease = await self._admit(tenant_id, request)
             try:
                 body = await read_body(request, lease, self.admission)
-                records, invalid = _split_rewards(body)
+                records, invalid = await self.items.split_rewards(body)
                 if records:
                     assert self.rewards_writer is not None
                     batch = [(r, kafka_headers) for r in records]
@@ -451,15 +456,6 @@ class Receiver:
             body=self.metrics.render(),
             headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"},
         )
-
-
-def _split_rewards(body: bytes) -> tuple[list[bytes], list[dict[str, object]]]:
-    """split_rewards, but a body it cannot split (nesting too deep to re-encode) is kept whole: intake
-    dead-letters it, and the sender never sees a 5xx for what it sent."""
-    try:
-        return split_rewards(body)
-    except (TypeError, ValueError, RecursionError):
-        return [body], [{"index": None, "reason": "invalid_json"}]
 
 
 async def serve(
