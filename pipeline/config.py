@@ -295,6 +295,9 @@ class Tenant(_Frozen):
     usermaven_tokens: tuple[SecretStr, ...] = ()
     webengage: WebEngageCredentials | None = None
     segment_shared_secret: SecretStr | None = None
+    # With a shared secret: refuse arrays whose signature covers only their first element (Segment's batch
+    # scheme leaves the other elements unsigned). The safe choice; docs/segment-signatures.md.
+    segment_refuse_arrays: bool = False
     rewards_webhook: RewardsWebhook | None = None
 
     @model_validator(mode="after")

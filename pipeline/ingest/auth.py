@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -119,31 +121,69 @@ SCHEMES: Mapping[AuthScheme, Callable[[TenantDirectory, web.BaseRequest], Creden
 }
 
 
-def verify_body(scheme: AuthScheme, tenant: Tenant, request: web.BaseRequest, body: bytes) -> None:
+REPLAY_WINDOW_S = 300.0  # a signature is remembered with its body's digest this long...
+REPLAY_ENTRIES = 50_000  # ...and at most this many (per receiver process), oldest forgotten first
+
+
+class ReplayGuard:
+    """Signatures seen recently, each with the digest of the body it came with: the same signature on a
+    different body is a replay (a captured first element with forged events after it), the same body
+    again is a sender's retry."""
+
+    def __init__(self, window_s: float = REPLAY_WINDOW_S, entries: int = REPLAY_ENTRIES) -> None:
+        self.window_s = window_s
+        self.entries = entries
+        self._seen: OrderedDict[tuple[str, bytes], tuple[float, bytes]] = OrderedDict()
+
+    def check(self, tenant: str, signature: bytes, body: bytes) -> None:
+        now = time.monotonic()
+        while self._seen and next(iter(self._seen.values()))[0] < now - self.window_s:
+            self._seen.popitem(last=False)
+        digest = hashlib.sha256(body).digest()
+        key = (tenant, signature)
+        seen = self._seen.get(key)
+        if seen is not None and not hmac.compare_digest(seen[1], digest):
+            raise AuthError("this X-Signature was already used with a different body")
+        if seen is None:
+            self._seen[key] = (now, digest)
+            if len(self._seen) > self.entries:
+                self._seen.popitem(last=False)
+
+
+def verify_body(
+    scheme: AuthScheme, tenant: Tenant, request: web.BaseRequest, body: bytes, replays: ReplayGuard
+) -> None:
     """The checks a scheme makes on the body once it is read (only Segment's signature, today)."""
     if scheme == "segment_write_key":
-        verify_segment_signature(tenant, request, body)
+        verify_segment_signature(tenant, request, body, replays)
 
 
-def verify_segment_signature(tenant: Tenant, request: web.BaseRequest, body: bytes) -> None:
-    """With a shared secret configured, no body gets in unchecked (sources.md §4.2, issue 11 item 6).
+def verify_segment_signature(
+    tenant: Tenant, request: web.BaseRequest, body: bytes, replays: ReplayGuard
+) -> None:
+    """With a shared secret configured, no body gets in unchecked (docs/segment-signatures.md).
 
     X-Signature = hex HMAC-SHA1(secret, signed bytes), where the signed bytes are the whole body, or, for
     an array, the exact bytes of its first element: Segment's Webhook destination signs
     `JSON.stringify(data[0])` and sends `JSON.stringify(data)`. The other elements of such an array are
-    not covered by the signature; that is Segment's design and cannot be checked here.
+    not covered by the signature, so a tenant may refuse such arrays (`segment_refuse_arrays`, the safe
+    choice); and a signature seen with another body within the replay window is refused.
     """
     if tenant.segment_shared_secret is None:
         return
     secret = tenant.segment_shared_secret.get_secret_value().encode()
     presented = secret_bytes(request.headers.get("X-Signature")).lower()
-    candidates = [body]
-    element = first_element(body)
-    if element is not None:
-        candidates.append(element)
-    matched = False
-    for signed in candidates:
-        expected = hmac.new(secret, signed, hashlib.sha1).hexdigest().encode()
-        matched |= hmac.compare_digest(expected, presented)
-    if not matched:
-        raise AuthError("X-Signature does not match the body (nor, for an array, its first element)")
+    expected = hmac.new(secret, body, hashlib.sha1).hexdigest().encode()
+    if not hmac.compare_digest(expected, presented):
+        element = first_element(body)
+        if element is None:
+            raise AuthError("X-Signature does not match the body")
+        expected = hmac.new(secret, element, hashlib.sha1).hexdigest().encode()
+        if not hmac.compare_digest(expected, presented):
+            raise AuthError("X-Signature does not match the body (nor, for an array, its first element)")
+        if tenant.segment_refuse_arrays:
+            raise AuthError(
+                "this tenant refuses arrays signed over their first element only (segment_refuse_arrays):"
+                " send single events, or sign the whole body"
+            )
+    replays.check(tenant.id, presented, body)

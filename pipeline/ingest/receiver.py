@@ -26,7 +26,7 @@ from pipeline.adapting import AdapterModule
 from pipeline.config import Settings
 from pipeline.errors import AuthError, BrokerUnavailable, PayloadTooLarge
 from pipeline.ingest.admission import Admission, Lease
-from pipeline.ingest.auth import TenantDirectory, verify_body
+from pipeline.ingest.auth import ReplayGuard, TenantDirectory, verify_body
 from pipeline.ingest.batching import BatchWriter
 from pipeline.ingest.body import read_body
 from pipeline.ingest.connections import DeadlineServer
@@ -129,6 +129,7 @@ class Receiver:
         self._connecting: asyncio.Task[None] | None = None
         self._refreshing: asyncio.Task[None] | None = None
         self.items = ItemLimits(settings.receiver)
+        self.replays = ReplayGuard()
         self._source_of: dict[str, str] = {settings.topics.rewards: "rewards"}
         self._source_of.update({settings.topics.raw(s): s for s in self.adapters})
 
@@ -344,7 +345,7 @@ class Receiver:
                     body = await read_body(request, lease, self.admission)
                     if batched:
                         await self.items.check_batch(body)
-                    verify_body(adapter.AUTH, credentials.tenant, request, body)
+                    verify_body(adapter.AUTH, credentials.tenant, request, body, self.replays)
                     assert self.writer is not None
                     await self.writer.write(topic, body, headers)  # shared by the batch: see _admit
                     stored = len(body)

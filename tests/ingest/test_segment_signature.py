@@ -124,3 +124,36 @@ def test_elements_after_the_first_are_not_covered_as_documented(
 def test_first_element_is_found_as_its_exact_bytes(body: bytes, expected: bytes | None) -> None:
     """The first element of an array body, exactly as it stands (strings with brackets and escapes)."""
     assert first_element(body) == expected
+
+
+def test_a_signature_replayed_with_forged_events_after_its_first_element_is_refused(
+    signed_settings: Settings, start_receiver: Callable[[Settings], str]
+) -> None:
+    """A captured batch's signature (over its first element) sent again with other events after that
+    element gets 401; the same body again (a sender's retry) is accepted. Only the two originals are stored."""
+    base = start_receiver(signed_settings)
+    one = js_stringify(event(1))
+    genuine = b"[" + one + b"," + js_stringify(event(2)) + b"]"
+    assert post(base, genuine, sign(one)) == 200
+    assert post(base, b"[" + one + b"," + js_stringify(event(666)) + b"]", sign(one)) == 401
+    assert post(base, genuine, sign(one)) == 200
+    records = wait_for(lambda: len(r := read_records(signed_settings, signed_settings.topics.raw("segment"))) == 2 and r)
+    assert [r.value for r in records] == [genuine, genuine]
+
+
+def test_a_tenant_may_refuse_arrays_signed_over_their_first_element_only(
+    make_settings: Callable[..., Settings], start_receiver: Callable[[Settings], str]
+) -> None:
+    """segment_refuse_arrays = true: an array signed over its first element gets 401; a single event and an
+    array signed over the whole body get 200."""
+    tenants: list[dict[str, Any]] = [dict(t) for t in TENANTS]
+    tenants[0].update(segment_shared_secret=SECRET.decode(), segment_refuse_arrays=True)
+    settings = make_settings(tenants=tenants)
+    base = start_receiver(settings)
+    one = js_stringify(event(1))
+    batch = b"[" + one + b"," + js_stringify(event(2)) + b"]"
+    assert post(base, batch, sign(one)) == 401
+    assert post(base, one, sign(one)) == 200
+    assert post(base, batch, sign(batch)) == 200
+    records = wait_for(lambda: len(r := read_records(settings, settings.topics.raw("segment"))) == 2 and r)
+    assert sorted(r.value for r in records) == sorted([one, batch])
