@@ -1,10 +1,12 @@
 """deploy/kubernetes: the kustomize base and the example overlay render, every object validates offline
-against the Kubernetes schemas, the pods run as non-root on a read-only root filesystem with requests,
+against the Kubernetes schemas (the Strimzi resources, custom kinds, are checked against what the
+processes create instead), the pods run as non-root on a read-only root filesystem with requests,
 credentials are only in Secrets, and the probes, ports, Secret names and environment variables are the
 ones the processes use: the processes are started with a manifest's environment and their probes asked."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import tomllib
 import urllib.error
@@ -15,10 +17,12 @@ from typing import Any
 
 import kubernetes_validate
 import pytest
+import yaml
 from rigs.kafka import HeadwaterProcess, toml_text, topics_for, wait_for
 from rigs.kubernetes import (
     BASE,
     HOST_SETTINGS,
+    KUBERNETES,
     OVERLAY,
     PORT_SETTINGS,
     command,
@@ -34,8 +38,9 @@ from rigs.kubernetes import (
     workloads,
 )
 
-from pipeline.config import ENV_OVERRIDES, TENANTS_FILE_ENV, Settings, load_settings
+from pipeline.config import ENV_OVERRIDES, TENANTS_FILE_ENV, Settings, TopicSettings, load_settings
 from pipeline.kafka.local import free_port
+from pipeline.sources import SOURCES
 
 KUBERNETES_VERSION = "1.30.0"  # the oldest minor still in common support when these were written
 DIRECTORIES = [pytest.param(BASE, id="base"), pytest.param(OVERLAY, id="overlay")]
@@ -200,6 +205,51 @@ def _pod_environment(obj: dict[str, Any], files: dict[str, Path]) -> dict[str, s
     return env
 
 
+def test_the_operator_topics_have_the_partitions_the_config_routes_by() -> None:
+    """deploy/kubernetes/strimzi/topics.yaml: the keyed topic and the dedup changelog have
+    kafka.partitions partitions (the worker refuses to start otherwise); every raw topic exists."""
+    listed = strimzi_topics()
+    partitions = config_doc(BASE)["kafka"]["partitions"]
+    assert (
+        listed["headwater.keyed"]["partitions"]
+        == listed["headwater-dedup-changelog"]["partitions"]
+        == partitions
+    )
+    assert {f"raw.{source}" for source in SOURCES} <= set(listed)
+    for spec in listed.values():
+        assert spec["replicas"] >= 3 and spec["config"]["min.insync.replicas"] == 2
+
+
+def strimzi_topics() -> dict[str, dict[str, Any]]:
+    """Topic name -> KafkaTopic spec, from deploy/kubernetes/strimzi/topics.yaml."""
+    docs = [d for d in yaml.safe_load_all((KUBERNETES / "strimzi" / "topics.yaml").read_text()) if d]
+    return {d["spec"].get("topicName", d["metadata"]["name"]): d["spec"] for d in docs}
+
+
+async def _topics_named(bootstrap: str, prefix: str) -> list[str]:
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        return [t for t in await admin.list_topics() if t.startswith(prefix)]
+    finally:
+        await admin.close()
+
+
+def _default_name(topic: str, prefix: str) -> str:
+    """A topic this test's processes created, under the default names and app id the manifests use."""
+    defaults = TopicSettings()
+    for field, name in topics_for(prefix).items():
+        default = getattr(defaults, field)
+        if field == "raw_prefix" and topic.startswith(name):
+            return default + topic[len(name) :]
+        if topic == name:
+            return str(default)
+    assert topic.startswith(prefix + "-"), topic
+    return "headwater" + topic[len(prefix) :]
+
+
 @pytest.mark.slow
 def test_processes_started_with_the_manifests_environment_answer_their_probes(
     make_settings: Callable[..., Settings], tmp_path: Path, kafka_bootstrap: str
@@ -246,6 +296,8 @@ def test_processes_started_with_the_manifests_environment_answer_their_probes(
             started.append((obj, process))
         for obj, process in started:
             _answers_its_probes(obj, process, ports)
+        created = asyncio.run(_topics_named(kafka_bootstrap, prefix))
+        assert created and {_default_name(t, prefix) for t in created} <= set(strimzi_topics())
     finally:
         for _, process in started:
             process.stop()

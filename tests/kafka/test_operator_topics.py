@@ -53,7 +53,11 @@ def test_a_worker_refuses_to_start_when_the_keyed_topic_has_another_partition_co
     config.write_text(toml_text(settings))
     result = subprocess.run(
         [sys.executable, "-m", "pipeline.cli", "--config", str(config), "worker", "--source", "segment"],
-        capture_output=True, text=True, timeout=120, preexec_fn=die_with_parent, check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        preexec_fn=die_with_parent,
+        check=False,
     )
     assert result.returncode == 1, result.stderr
     assert f"error: topic {settings.topics.keyed} has 2 partitions but kafka.partitions = 3" in result.stderr
