@@ -257,15 +257,13 @@ def up(
         commands.append(base + ["rewards", "run"])
     children = [subprocess.Popen(command) for command in commands]
     log.info(
-        "receiver on http://%s:%s (%d process(es)), %d worker process(es) (metrics from :%s), "
-        "rewards dispatcher %s; Ctrl-C stops everything",
-        settings.receiver.host,
-        port or settings.receiver.port,
+        "starting: receiver (%d process(es)), %d worker process(es), rewards dispatcher %s; "
+        "'ready' follows once the receiver answers and the workers own their partitions",
         settings.receiver.processes,
         0 if no_workers else workers,
-        settings.worker.web_port,
-        "off" if no_rewards else f"(metrics :{settings.rewards.web_port})",
+        "off" if no_rewards else "on",
     )
+    ready = _Readiness(settings, port or settings.receiver.port, 0 if no_workers else workers, no_rewards)
     stopping = False
 
     def request_stop(signum: int, frame: object) -> None:
@@ -281,6 +279,8 @@ def up(
                     what = " ".join(str(arg) for arg in child.args[len(base) :])  # type: ignore[index]
                     log.error("%s exited with %s", what, child.returncode)
                     stopping = True
+            if not stopping and ready.check():
+                log.info("%s", ready.line(ctx.config or f"{EXAMPLE_CONFIG} (the shipped example)"))
             time.sleep(0.2)
     finally:
         for child in children:
@@ -294,6 +294,60 @@ def up(
         if broker is not None:
             broker.down()
             log.info("kafka stopped")
+
+
+class _Readiness:
+    """Polls, every few tenths of a second until it holds once, what `up` needs to say "ready"."""
+
+    def __init__(self, settings: Settings, receiver_port: int, workers: int, no_rewards: bool) -> None:
+        self.settings = settings
+        self.receiver = f"http://{_reachable(settings.receiver.host)}:{receiver_port}"
+        web = settings.worker.web_port
+        host = _reachable(settings.worker.web_host)
+        self.workers = [f"http://{host}:{web + i}" for i in range(workers)] if web else []
+        self.unchecked_workers = workers and not web
+        self.no_rewards = no_rewards
+        self.done = False
+        self.started = time.monotonic()
+        self.waiting: list[str] = []
+        self.reported = 0.0
+
+    def check(self) -> bool:
+        """True once, when everything is ready; later calls say False (the line is printed once)."""
+        from pipeline.ops import ready
+
+        if self.done:
+            return False
+        waiting = [] if ready.answers(f"{self.receiver}/readyz") else ["receiver"]
+        waiting += ready.stages_waiting([ready.health(f"{url}/health") for url in self.workers])
+        waited = time.monotonic() - self.started
+        if waiting and waited - self.reported > 30:  # a long wait says what it waits for
+            self.reported = waited
+            log.info("not ready after %.0fs: waiting for %s", waited, ", ".join(waiting))
+        self.done = not waiting
+        return self.done
+
+    def line(self, config: str) -> str:
+        s = self.settings
+        workers = f"worker /metrics {self.workers[0]}" + (
+            f" (+{len(self.workers) - 1} on the next ports)" if len(self.workers) > 1 else ""
+        )
+        if self.unchecked_workers:
+            workers = "workers started (worker.web_port = 0: their partitions were not checked)"
+        elif not self.workers:
+            workers = "no workers"
+        rewards = "rewards off" if self.no_rewards else f"rewards /metrics :{s.rewards.web_port}"
+        raw = f"{s.topics.raw_prefix}{{{','.join(SOURCES)}}}"
+        return (
+            f"ready in {time.monotonic() - self.started:.1f}s: receiver {self.receiver}, {workers}, "
+            f"{rewards}; "
+            f"topics {raw} -> {s.topics.canonical}, {s.topics.dlq}; config {config}"
+        )
+
+
+def _reachable(host: str) -> str:
+    """The address to reach a server listening on host (a wildcard listener answers on loopback)."""
+    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host  # noqa: S104 - compared, not bound
 
 
 # --- worker ---------------------------------------------------------------------------------------------

@@ -28,8 +28,9 @@ def get(url: str) -> int:
 def test_up_runs_two_rocksdb_workers_side_by_side_from_an_empty_directory(
     make_settings: object, tmp_path: Path
 ) -> None:
-    """Two workers of `up --workers 2` each get their own data dir (a RocksDB store has one owner), an event
-    sent to the receiver comes out canonical, and Ctrl-C stops everything with exit code 0."""
+    """Two workers of `up --workers 2` each get their own data dir (a RocksDB store has one owner); `up`
+    prints one "ready" line once the receiver answers and the workers own every partition; an event sent
+    then comes out canonical within seconds, and Ctrl-C stops everything with exit code 0."""
     assert callable(make_settings)
     ports = {"receiver": free_port(), "worker": free_port(), "rewards": free_port()}
     settings: Settings = make_settings(
@@ -47,14 +48,23 @@ def test_up_runs_two_rocksdb_workers_side_by_side_from_an_empty_directory(
                           env={**os.environ, "HEADWATER_CONFIG": str(config)}, stdout=log, stderr=subprocess.STDOUT,
                           stdin=subprocess.DEVNULL)
     try:
-        wait_for(lambda: get(f"http://127.0.0.1:{ports['receiver']}/healthz") == 200, timeout=60)
+        def ready_lines() -> list[str]:
+            return [line for line in (tmp_path / "up.log").read_text(errors="replace").splitlines()
+                    if " ready in " in line]
+
+        [ready] = wait_for(ready_lines, timeout=90)
+        assert f"receiver http://127.0.0.1:{ports['receiver']}" in ready and f"config {config}" in ready
+        assert settings.topics.canonical in ready
+        for port in (ports["worker"], ports["worker"] + 1):  # what "ready" promised: every partition owned
+            health = orjson.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=3).read())
+            assert health["stages"]["dedup"]["partitions"] == settings.kafka.partitions
         body = orjson.dumps({"event_id": "up_1", "event_name": "kyc", "user_id": "u1",
                              "timestamp": "2024-03-01T12:00:00Z"})
         request = urllib.request.Request(f"http://127.0.0.1:{ports['receiver']}/server/v4", data=body,
                                          headers={"X-API-KEY": "wk_acme_1"}, method="POST")
         with urllib.request.urlopen(request, timeout=10) as response:
             assert response.status == 200
-        [event] = wait_for(lambda: read_records(settings, settings.topics.canonical), timeout=120)
+        [event] = wait_for(lambda: read_records(settings, settings.topics.canonical), timeout=15)
         assert orjson.loads(event.value)["event_id"] == "up_1"
         for port in (ports["worker"], ports["worker"] + 1):
             wait_for(lambda port=port: get(f"http://127.0.0.1:{port}/metrics") == 200, timeout=60)
@@ -68,3 +78,4 @@ def test_up_runs_two_rocksdb_workers_side_by_side_from_an_empty_directory(
         log.close()
     output = (tmp_path / "up.log").read_text(errors="replace")
     assert "StoreLocked" not in output and "Traceback" not in output, output[-3000:]
+    assert len([line for line in output.splitlines() if " ready in " in line]) == 1

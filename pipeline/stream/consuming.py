@@ -40,6 +40,9 @@ class StageProgress:
     lags: dict[TopicPartition, int] = field(default_factory=dict)
     caught_up: float = field(default_factory=time.monotonic)  # when it last had nothing to do
     failures: int = 0  # failed attempts of the current batch in a row
+    topic: str = ""  # the input topic this progress covers (a consumer may read several)
+    owned: frozenset[int] = frozenset()  # partitions of `topic` this stage owns now
+    partitions: int = 0  # partitions `topic` has (metadata): with `owned`, whether the group covers it all
 
     @property
     def lag(self) -> int:
@@ -181,6 +184,9 @@ def record_lag(
     assignment = consumer.assignment()
     for tp in [tp for tp in progress.lags if tp not in assignment]:
         del progress.lags[tp]
+    if progress.topic:
+        progress.owned = frozenset(tp.partition for tp in assignment if tp.topic == progress.topic)
+        progress.partitions = len(consumer.partitions_for_topic(progress.topic) or ())
     if not batch and progress.lag == 0:
         progress.caught_up = time.monotonic()
     for tp, part in batch.items():

@@ -1,12 +1,13 @@
 """The worker process: both stream stages, hosted as services of one Faust worker, plus /metrics and the page.
 
-    raw.<source> --NormalizeStage (one per adapter)--> keyed topic --DedupStage--> events.canonical
+    raw.<source> --NormalizeStage (every adapter)--> keyed topic --DedupStage--> events.canonical
                                \\--------------------> events.dlq
 
 What the Faust app still provides (docs/decisions/0001-explicit-stage-loops.md): the worker process
 (signals, graceful stop, the service tree that starts and stops the stages) and the producer the stages
-send through. It runs no agents and no tables: the stages are explicit consume -> process -> ack -> commit
-loops on their own aiokafka consumers.
+send through. It runs no agents, no tables and no consumer of its own (the app is "producer only", so a
+worker starts without Faust's group join and table recovery): the stages are explicit consume -> process
+-> ack -> commit loops on their own aiokafka consumers.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ EXIT_STAGE_DIED = 70  # EX_SOFTWARE: a stage loop raised; the process must be re
 
 
 class Worker:
-    """The Faust app and its services, built from Settings: one NormalizeStage per adapter, one DedupStage."""
+    """The Faust app and its services from Settings: one NormalizeStage (every adapter), one DedupStage."""
 
     def __init__(
         self,
@@ -54,25 +55,24 @@ class Worker:
         self.adapters = dict(adapters or ADAPTERS)
         self.sources = list(sources or self.adapters)
         self.metrics = WorkerMetrics()
+        topics = settings.topics
         self.progress = {
-            name: StageProgress(name) for name in [*(f"normalize:{s}" for s in self.sources), "dedup"]
+            f"normalize:{s}": StageProgress(f"normalize:{s}", topic=topics.raw(s)) for s in self.sources
         }
+        self.progress["dedup"] = StageProgress("dedup", topic=topics.keyed)
         self.exit_code = 0
         self.app = self._app()
-        for source in self.sources:
-            progress = self.progress[f"normalize:{source}"]
-            adapter = self.adapters[source]
-            self.app.service(
-                _bind(
-                    NormalizeStage,
-                    settings,
-                    adapter,
-                    self._send_with_headers,
-                    self.metrics,
-                    progress,
-                    self.died,
-                )
+        self.app.service(
+            _bind(
+                NormalizeStage,
+                settings,
+                [self.adapters[source] for source in self.sources],
+                self._send_with_headers,
+                self.metrics,
+                {source: self.progress[f"normalize:{source}"] for source in self.sources},
+                self.died,
             )
+        )
         self.app.service(_bind(DedupStage, settings, self.metrics, self.progress["dedup"], self.died))
         if settings.worker.web_port:
             self.app.service(_bind(WebService, settings, self.metrics, self.progress))
@@ -81,7 +81,7 @@ class Worker:
         s = self.settings
         brokers = ";".join(f"kafka://{b.strip()}" for b in s.kafka.bootstrap_servers.split(","))
         producer = producer_options(s, linger_ms=5)
-        return faust.App(
+        app = faust.App(
             s.worker.app_id,
             broker=brokers,
             broker_credentials=faust_credentials(s.kafka),
@@ -97,6 +97,8 @@ class Worker:
             broker_heartbeat_interval=max(1.0, s.worker.session_timeout_s / 4),
             logging_config=None,
         )
+        app.producer_only = True  # start the producer only: no Faust consumer, group, tables or recovery
+        return app
 
     async def _send_with_headers(
         self, topic: str, key: bytes | None, value: bytes, partition: int | None, headers: KafkaHeaders | None
@@ -184,6 +186,9 @@ class WebService(mode.Service):
                 "lag": p.lag,
                 "seconds_since_commit": round(p.seconds_since_commit(), 1),
                 "stalled": p.stalled(limit),
+                "topic": p.topic,
+                "partitions_owned": sorted(p.owned),
+                "partitions": p.partitions,
             }
             for name, p in self.progress.items()
         }

@@ -137,4 +137,4 @@ def test_a_stage_whose_loop_dies_ends_the_worker_with_a_non_zero_exit(
             if process.poll() is None:
                 process.kill()
     assert code == 70, log.read_text()[-3000:]
-    assert "stage normalize:customerglu died" in log.read_text()
+    assert "stage normalize died" in log.read_text()
