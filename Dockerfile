@@ -6,7 +6,9 @@
 # password from HEADWATER_KAFKA_SASL_PASSWORD(_FILE); see docs/production.md.
 
 # --- build: install the package and its dependencies into a virtualenv --------------------------------
-FROM python:3.11.11-slim-bookworm AS build
+# The base image by digest (a tag can be pushed again; a digest cannot): python:3.11.11-slim-bookworm.
+# Update both FROM lines together: `docker buildx imagetools inspect python:3.11.11-slim-bookworm`.
+FROM python:3.11.11-slim-bookworm@sha256:081075da77b2b55c23c088251026fb69a7b2bf92471e491ff5fd75c192fd38e5 AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 # A C compiler for the modules setup.py compiles with mypyc (the runtime stage needs none).
 RUN apt-get update \
@@ -14,14 +16,20 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/*
 RUN python -m venv /opt/headwater
 WORKDIR /src
+# Dependencies (and the build's setuptools and mypy) from hashed pins only, then the package itself,
+# built without fetching anything.
+COPY requirements.lock ./
+RUN /opt/headwater/bin/pip install --require-hashes -r requirements.lock
 COPY pyproject.toml setup.py README.md ./
 COPY pipeline/ pipeline/
 COPY adapters/ adapters/
 COPY headwater/ headwater/
-RUN /opt/headwater/bin/pip install .
+RUN /opt/headwater/bin/pip install --no-deps --no-build-isolation . \
+ && /opt/headwater/bin/pip uninstall --yes mypy \
+ && /opt/headwater/bin/pip check
 
 # --- runtime: the virtualenv only, run by an unprivileged user ----------------------------------------
-FROM python:3.11.11-slim-bookworm
+FROM python:3.11.11-slim-bookworm@sha256:081075da77b2b55c23c088251026fb69a7b2bf92471e491ff5fd75c192fd38e5
 ENV PATH=/opt/headwater/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \

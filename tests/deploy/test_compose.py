@@ -181,9 +181,10 @@ class TestImages:
         assert all(s.get("build") == "." for s in HEADWATER.values())
 
     def test_the_base_image_is_a_pinned_slim_python_3_11(self) -> None:
-        """Every stage starts from python:3.11.<patch>-slim-*, pinned by tag."""
+        """Every stage starts from python:3.11.<patch>-slim-*, pinned by tag and digest."""
         bases = [args.split()[0] for keyword, args in dockerfile_instructions() if keyword == "FROM"]
-        assert bases and all(re.fullmatch(r"python:3\.11\.\d+-slim(-\w+)?", b) for b in bases), bases
+        pinned = r"python:3\.11\.\d+-slim(-\w+)?@sha256:[0-9a-f]{64}"
+        assert bases and all(re.fullmatch(pinned, b) for b in bases), bases
 
     def test_the_image_runs_headwater_as_an_unprivileged_user(self) -> None:
         """The final stage switches to a non-root user before its ENTRYPOINT, which is `headwater`."""
@@ -196,13 +197,15 @@ class TestImages:
         assert yaml.safe_load(entrypoint) == ["headwater"]  # exec form: a JSON list
 
     def test_the_image_installs_the_package_from_the_repository(self) -> None:
-        """The build copies every package pyproject.toml lists and pip-installs the project itself."""
+        """The build copies every package pyproject.toml lists and pip-installs the project itself (its
+        dependencies come from the hashed lock, so the project goes in with --no-deps)."""
         instructions = dockerfile_instructions()
         copied = {Path(source).parts[0] for source in copy_sources()}
         find = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
         packages = {name.split(".")[0] for name in find["include"]}
         assert packages | {"pyproject.toml"} <= copied
-        assert any(keyword == "RUN" and re.search(r"pip install \.$", args) for keyword, args in instructions)
+        assert any(keyword == "RUN" and re.search(r"pip install --no-deps --no-build-isolation \.", args)
+                   for keyword, args in instructions)
 
     def test_the_image_default_config_is_the_example_without_its_demo_tenants(self, tmp_path: Path) -> None:
         """The image's /etc/headwater/headwater.toml is written by a python -c snippet; run that snippet
