@@ -1,7 +1,8 @@
 """Usermaven HTTP API, Jitsu classic s2s (POST /api/v1/s2s/event) -> canonical drafts.
 
 The body is one event or a bulk array of them (the Python SDK always sends an array); the
-receiver keeps the API-key half of the token for the integrity check (sources.md §4.7).
+receiver keeps the API-key half of the token, and the whole token's digest, for the integrity check
+(docs/senders.md).
 """
 
 from __future__ import annotations
@@ -10,7 +11,15 @@ from collections.abc import Mapping
 
 from pipeline import reading as read
 from pipeline import reasons
-from pipeline.adapting import AuthScheme, Draft, RawMeta, RequestValue, VendorRecord, reject
+from pipeline.adapting import (
+    AuthScheme,
+    Draft,
+    RawMeta,
+    RequestValue,
+    VendorRecord,
+    credential_digest,
+    reject,
+)
 
 SOURCE = "usermaven"
 BATCHED = True
@@ -39,13 +48,30 @@ def parse(body: bytes, meta: RawMeta) -> list[VendorRecord]:
     return [read.as_object(doc, "the body")]
 
 
+def _is_the_token(api_key: object, meta: RawMeta) -> bool:
+    """The body's api_key is the token's API-key half, or the whole API_KEY.SERVER_TOKEN (the JavaScript
+    SDK sends its configured key both as ?token= and as api_key); the raw record holds the whole token
+    only as its digest."""
+    if api_key == meta.vendor.get("api_key"):
+        return True
+    digest = meta.vendor.get("token_sha256")
+    return (
+        isinstance(api_key, str)
+        and "." in api_key
+        and digest is not None
+        and (credential_digest(api_key) == digest)
+    )
+
+
 def normalize(record: VendorRecord, meta: RawMeta) -> Draft:
     """Map one Usermaven event onto the canonical fields (§4.7), in the check order of §3.6."""
     event = read.as_object(record, "a Usermaven event")
     api_key = event.get("api_key")
-    if api_key not in (None, "") and api_key != meta.vendor.get("api_key"):
+    if api_key not in (None, "") and not _is_the_token(api_key, meta):
         reject(
-            reasons.API_KEY_MISMATCH, "body api_key is not the API key of the request's token", path="api_key"
+            reasons.API_KEY_MISMATCH,
+            "body api_key is neither the API key of the request's token nor the whole token",
+            path="api_key",
         )
     name = read.event_name(event, "event_type")
     user_id = read.identifier(event, "user.id")  # the Python SDK may send an integer

@@ -7,6 +7,7 @@ into a dead letter (sources.md §3.6). No I/O, no clock, no config inside an ada
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -33,6 +34,12 @@ class Reject(Exception):  # noqa: N818 - a verdict, not an error (like faust's S
         self.reason = reason
         self.detail = detail
         self.path = path
+
+
+def credential_digest(credential: str) -> str:
+    """What a raw record holds of a credential instead of the credential: its SHA-256 (hex). An adapter
+    compares a value in the body with it (a body that repeats the whole credential), never with a secret."""
+    return hashlib.sha256(credential.encode()).hexdigest()
 
 
 def reject(reason: Reason, detail: str, path: str | None = None) -> NoReturn:

@@ -51,9 +51,17 @@ _ISO_COMMON = re.compile(
 )
 
 
+UTF8_BOM = b"\xef\xbb\xbf"
+
+
 def json_body(body: bytes) -> JSONValue:
-    """Decode a request body; anything orjson refuses (bad JSON, bad UTF-8, a BOM) is invalid_json, and
-    nesting deeper than MAX_JSON_DEPTH is nesting_too_deep (its outputs could not be written)."""
+    """Decode a request body; anything orjson refuses (bad JSON, bad UTF-8) is invalid_json, and nesting
+    deeper than MAX_JSON_DEPTH is nesting_too_deep (its outputs could not be written).
+
+    A UTF-8 byte-order mark before the JSON is ignored (RFC 8259 allows a parser to); the raw record keeps
+    it. In an object with a key twice, the last value wins, as in the common parsers."""
+    if body.startswith(UTF8_BOM):
+        body = body[len(UTF8_BOM) :]
     try:
         doc: JSONValue = orjson.loads(body)
     except orjson.JSONDecodeError as exc:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from aiohttp import web
 from pydantic import SecretStr
 
-from pipeline.adapting import AuthScheme
+from pipeline.adapting import AuthScheme, credential_digest
 from pipeline.config import Settings, Tenant
 from pipeline.errors import AuthError
 from pipeline.ingest.inputs import is_text, secret_bytes
@@ -107,10 +107,18 @@ class TenantDirectory:
 
     def usermaven_token(self, request: web.BaseRequest) -> Credentials:
         token = request.query.get("token") or request.headers.get("X-Auth-Token") or ""
+        if token and "." not in token:  # the API key alone, as the JavaScript SDK's README shows
+            raise AuthError(
+                "token has no server part: a server-to-server sender needs the token in the form "
+                "API_KEY.SERVER_TOKEN (the API key alone does not authenticate it)"
+            )
         found = self.by_usermaven_token.find(secret_bytes(token))
-        if found is None or "." not in token:
+        if found is None:
             raise AuthError("missing or unknown token (expected API_KEY.SERVER_TOKEN)")
-        return Credentials(found.tenant, vendor={"api_key": token.split(".", 1)[0]})
+        # The body's api_key may be the key half or the whole token (the SDK sends the token it was
+        # configured with): the adapter checks the latter against the token's digest, not the token.
+        vendor = {"api_key": token.split(".", 1)[0], "token_sha256": credential_digest(token)}
+        return Credentials(found.tenant, vendor=vendor)
 
 
 SCHEMES: Mapping[AuthScheme, Callable[[TenantDirectory, web.BaseRequest], Credentials]] = {

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import orjson
 import pytest
 from multidict import CIMultiDict
 from rigs.kafka import read_records, start_local_broker, wait_for
@@ -74,7 +75,7 @@ def test_valid_request_lands_in_its_raw_topic_byte_for_byte(
     if source == "webengage":
         assert headers.vendor == {"request_id": "a1b2c3", "event_type": "push_accepted", "license_code": "~acme1234"}
     if source == "usermaven":
-        assert headers.vendor == {"api_key": "ak_acme"}
+        assert headers.vendor == {"api_key": "ak_acme", "token_sha256": hashlib.sha256(b"ak_acme.st_acme").hexdigest()}
     stored = b"".join(k.encode() + v for k, v in record.headers)
     for secret in (b"wk_acme_1", b"st_acme", WEBENGAGE_SECRET.encode(), b"whsec_acme"):
         assert secret not in stored, "credentials are never stored"
@@ -115,6 +116,22 @@ def test_usermaven_accepts_a_trailing_slash_and_the_header_token(
     assert send(base, "usermaven", b"[3]", path="/api/v1/s2s/event/")[0] == 200
     records = wait_for(lambda: len(r := read_records(settings, settings.topics.raw("usermaven"))) == 2 and r)
     assert sorted(r.value for r in records) == [b"[2]", b"[3]"]
+
+
+def test_a_usermaven_token_without_a_server_part_is_told_the_expected_form(
+    settings: Settings, start_receiver: Callable[[Settings], str]
+) -> None:
+    """The API key alone (as the JavaScript SDK's README shows) gets 401 whose message names the form
+    API_KEY.SERVER_TOKEN, known key or not; nothing is written."""
+    base = start_receiver(settings)
+    for token in ("ak_acme", "ak_unknown"):
+        status, _, body = send(base, "usermaven", b"[]", query={"token": token})
+        assert status == 401
+        message = orjson.loads(body)["error"]
+        assert "API_KEY.SERVER_TOKEN" in message and "server part" in message
+    assert send(base, "usermaven", b"marker")[0] == 200
+    records = wait_for(lambda: read_records(settings, settings.topics.raw("usermaven")))
+    assert [r.value for r in records] == [b"marker"]
 
 
 def test_oversize_body_gets_413_with_the_limit(
