@@ -1,6 +1,7 @@
 """Kafka security end to end: one broker whose only listener the processes use is SASL_SSL (SCRAM users
-made when its storage was formatted, a certificate from a CA made here). The receiver, a worker and
-`headwater tail` run through it; a wrong password or an untrusted certificate ends a process at start."""
+made when its storage was formatted, a certificate from a CA made here). The receiver, a worker, the
+reward dispatcher and the CLI tools run through it; a wrong password or an untrusted certificate ends a
+process at start."""
 
 from __future__ import annotations
 
@@ -112,13 +113,17 @@ def _post(url: str, body: bytes, key: str) -> int:
 
 
 @pytest.mark.slow
-def test_receiver_worker_and_tail_run_through_sasl_ssl(
+def test_receiver_worker_dispatcher_and_tools_run_through_sasl_ssl(
     secured_settings: Callable[..., Settings], tmp_path: Path
 ) -> None:
+    """An event goes receiver -> worker -> events.canonical and `headwater tail` prints it; a reward for a
+    tenant without a webhook goes receiver -> dispatcher (its Faust agents) -> rewards.dlq, and
+    `headwater rewards dlq ls` lists it; `headwater dlq stats` reads the DLQ. All over SASL_SSL only."""
     settings = secured_settings()
     env = _config(settings, tmp_path / "headwater.toml")
     receiver = _Started(env, tmp_path / "receiver.log", "receiver")
     worker = _Started(env, tmp_path / "worker.log", "worker", "--source", "customerglu")
+    dispatcher = _Started(env, tmp_path / "rewards.log", "rewards", "run")
     try:
         base = f"http://127.0.0.1:{settings.receiver.port}"
 
@@ -138,6 +143,8 @@ def test_receiver_worker_and_tail_run_through_sasl_ssl(
             "timestamp": "2024-03-01T12:00:00Z",
         }
         assert _post(f"{base}/server/v4", orjson.dumps(event), "wk_acme_1") == 200
+        reward = {"campaignId": "c-1", "type": "direct", "userId": "usr_1", "rewardId": "r-secured-1"}
+        assert _post(f"{base}/rewards/v1", orjson.dumps(reward), "rk_acme_1") == 200
 
         def canonical() -> list[Any]:
             assert worker.process.poll() is None, worker.output()
@@ -148,12 +155,32 @@ def test_receiver_worker_and_tail_run_through_sasl_ssl(
         (record,) = wait_for(canonical, timeout=90, interval=1.0, explain=worker.output)
         assert record["event_id"] == "evt_secured_1"
         assert record["tenant"] == "acme"
+
+        def undelivered() -> str:
+            assert dispatcher.process.poll() is None, dispatcher.output()
+            listed = _headwater(env, "rewards", "dlq", "ls", "--json")
+            assert listed.returncode == 0, listed.stderr
+            return listed.stdout if "r-secured-1" in listed.stdout else ""
+
+        assert "no_webhook" in wait_for(undelivered, timeout=90, interval=1.0, explain=dispatcher.output)
+        stats = _headwater(env, "dlq", "stats")
+        assert stats.returncode == 0, stats.stderr
     finally:
         receiver.stop()
         worker.stop()
+        dispatcher.stop()
 
 
-@pytest.mark.parametrize("command", [["receiver"], ["worker", "--source", "customerglu"], ["tail", "x"]])
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["receiver"],
+        ["worker", "--source", "customerglu"],
+        ["rewards", "run"],
+        ["tail", "x"],
+        ["dlq", "stats"],
+    ],
+)
 def test_a_wrong_password_ends_the_process_at_start(
     secured_settings: Callable[..., Settings], tmp_path: Path, command: list[str]
 ) -> None:
