@@ -77,7 +77,7 @@ def bench_settings(bootstrap: str, tmp: Path, partitions: int = 6, **sections: A
                    "rewards": f"{run}.rewards", "rewards_dlq": f"{run}.rewards-dlq",
                    "rewards_deliveries": f"{run}.rewards-deliveries"},
         "worker": {"app_id": run, "data_dir": str(tmp / run), "web_port": 0},
-        "receiver": {"port": free_port()},
+        "receiver": {"port": free_port(), "operator_port": free_port()},  # /metrics: the operator port
         "tenants": [TENANT],
     }
     for section, values in sections.items():

@@ -180,6 +180,7 @@ def main() -> None:
             other_port = port + 2
             other = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "--config", str(config), "receiver",
                                       "--port", str(other_port)], cwd=args.compare, stdin=subprocess.DEVNULL,
+                                     env={**os.environ, "HEADWATER_RECEIVER_OPERATOR_PORT": "0"},  # ours has it
                                      stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
         spy = None
         try:
@@ -209,7 +210,7 @@ def main() -> None:
                         spy = None
                     rounds.append(result)
                     print(result.line(), flush=True)
-            batches = run(produce_batches(f"http://127.0.0.1:{port}", args.source))
+            batches = run(produce_batches(f"http://127.0.0.1:{settings.receiver.operator_port}", args.source))
             served = args.requests // 4 + sum(r.requests for r in rounds if r.server == "receiver")
             print(f"  receiver: {batches:,.0f} record batches acknowledged for {served:,} requests "
                   f"({served / max(1, batches):.1f} records a batch)")
@@ -243,7 +244,8 @@ def summary(rounds: list[Round], total: int) -> None:
 
 
 async def produce_batches(base: str, source: str) -> float:
-    """Record batches the receiver had acknowledged: its produce latency histogram's count."""
+    """Record batches the receiver had acknowledged: its produce latency histogram's count (`base`: its
+    operator port, where /metrics is)."""
     async with aiohttp.ClientSession() as session, session.get(base + "/metrics") as response:
         text = await response.text()
     wanted = f'headwater_receiver_produce_seconds_count{{source="{source}"}}'
