@@ -29,7 +29,14 @@ from adapters import ADAPTERS
 from pipeline.adapting import AdapterModule
 from pipeline.config import Settings
 from pipeline.errors import HeadwaterError
-from pipeline.kafka.clients import broker_errors, end_offsets, ensure_topics, make_consumer, make_producer
+from pipeline.kafka.clients import (
+    broker_errors,
+    end_offsets,
+    ensure_topics,
+    make_consumer,
+    make_producer,
+    require_partition_counts,
+)
 from pipeline.ops.times import parse_time
 from pipeline.records import KafkaHeaders, RawHeaders, ReplayTag
 from pipeline.sources import SOURCES
@@ -111,6 +118,8 @@ async def replay(
     total = sum(high - low for low, high in ranges.values())
     started = time.monotonic()
     await ensure_topics(settings, [settings.topics.replay_results], partitions=1)
+    # Replayed candidates are routed to keyed partitions as the worker routes them: same count or nothing.
+    await require_partition_counts(settings, {settings.topics.keyed: settings.kafka.partitions})
     results_start = await end_offsets(settings, settings.topics.replay_results)
     adapter = adapter or ADAPTERS[source]
     targets = NormalizeTargets.from_settings(settings)

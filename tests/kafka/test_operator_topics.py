@@ -15,7 +15,8 @@ from rigs.kafka import die_with_parent, toml_text
 from pipeline.config import Settings
 from pipeline.errors import ConfigError
 from pipeline.ingest.receiver import Receiver
-from pipeline.kafka.clients import ensure_topics
+from pipeline.kafka.clients import end_offsets, ensure_topics
+from pipeline.ops.replay import replay
 
 
 def test_a_receiver_on_operator_managed_topics_refuses_to_start_until_they_exist(
@@ -61,3 +62,15 @@ def test_a_worker_refuses_to_start_when_the_keyed_topic_has_another_partition_co
     )
     assert result.returncode == 1, result.stderr
     assert f"error: topic {settings.topics.keyed} has 2 partitions but kafka.partitions = 3" in result.stderr
+
+
+def test_a_replay_refuses_to_route_to_a_keyed_topic_of_another_size(
+    make_settings: Callable[..., Settings],
+) -> None:
+    """A replay routes candidates over kafka.partitions, as the worker does: on a keyed topic of another
+    size it stops before sending anything."""
+    settings = make_settings(kafka={"partitions": 3})
+    asyncio.run(ensure_topics(settings, [settings.topics.keyed], partitions=2))
+    with pytest.raises(ConfigError, match=f"topic {settings.topics.keyed} has 2 partitions"):
+        asyncio.run(replay(settings, "segment", {0: (0, 1)}))
+    assert asyncio.run(end_offsets(settings, settings.topics.keyed)) == {0: 0, 1: 0}
