@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Coroutine
+from pathlib import Path
 from typing import Any, TypeVar
 
 import click
@@ -412,6 +413,104 @@ def tail(ctx: Context, topic: str, count: int | None, follow: bool, from_beginni
         run_async(lambda stop: run_tail(settings, options, write, stop))
     except BrokenPipeError:  # `headwater tail ... | head`: the reader has what it wanted
         sys.stderr.close()
+
+
+# --- import ---------------------------------------------------------------------------------------------
+
+
+@main.command("import")
+@click.argument("path", type=click.Path(exists=True, path_type=Path))
+@click.option("--tenant", required=True, help="The tenant the bodies belong to (a configured tenant id).")
+@click.option("--source", required=True, type=click.Choice(SOURCES), help="The source that sent them.")
+@click.option(
+    "--rate",
+    type=click.FloatRange(min=1),
+    default=1000,
+    show_default=True,
+    help="At most this many events per second (the share of the workers' capacity the import takes).",
+)
+@click.option(
+    "--vendor",
+    "vendor_pairs",
+    multiple=True,
+    metavar="NAME=VALUE",
+    help="A vendor header the receiver would have stored (e.g. WebEngage's event_type); repeatable.",
+)
+@click.option(
+    "--state",
+    "state_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The resume state file (default .headwater/imports/<source>-<tenant>-<hash>.json).",
+)
+@click.option("--restart", is_flag=True, help="Ignore an earlier run's state and import everything again.")
+@click.pass_obj
+def import_(
+    ctx: Context,
+    path: Path,
+    tenant: str,
+    source: str,
+    rate: float,
+    vendor_pairs: tuple[str, ...],
+    state_file: Path | None,
+    restart: bool,
+) -> None:
+    """Load request bodies from PATH (an NDJSON file, one body per line; a JSON file, one body; or a
+    directory of them) into raw.<source> for a tenant, as the receiver would have written them, marked
+    hw-imported. Resumable: run the same command again after Ctrl-C or a crash (docs/importing.md)."""
+    from pipeline.ops import importing
+
+    settings = ctx.settings()
+    known = {t.id: t for t in settings.tenants}
+    if tenant not in known:
+        raise importing.ImportError_(f"unknown tenant {tenant!r} (configured: {', '.join(known) or 'none'})")
+    vendor = dict(pair.split("=", 1) for pair in vendor_pairs if "=" in pair)
+    if len(vendor) != len(vendor_pairs):
+        raise importing.ImportError_("--vendor takes NAME=VALUE")
+    files = importing.input_files(path)
+    state_file = state_file or importing.state_path(tenant, source, path)
+    state = None if restart else importing.load_state(state_file)
+    if state is not None and (state.tenant, state.source) != (tenant, source):
+        raise importing.ImportError_(f"{state_file} belongs to an import for {state.tenant}/{state.source}")
+    if state is not None and state.done:
+        click.echo(
+            f"import {state.import_id} is complete ({state.records:,} records); --restart imports again"
+        )
+        return
+    if state is None:
+        state = importing.new_state(tenant, source, path)
+        click.echo(
+            f"import {state.import_id}: {len(files)} file(s) into {settings.topics.raw(source)}, "
+            f"at most {rate:,.0f} events/s; state in {state_file}",
+            err=True,
+        )
+    else:
+        click.echo(
+            f"resuming import {state.import_id} at {files[min(state.file_index, len(files) - 1)]} byte "
+            f"{state.offset} ({state.records:,} records acknowledged before)",
+            err=True,
+        )
+    vendor = importing.vendor_meta(source, known[tenant], vendor)
+    chosen = state
+    done = run_async(
+        lambda stop: importing.run_import(
+            settings, chosen, files, state_file, vendor, rate, stop, importing.terminal_progress()
+        )
+    )
+    click.echo("", err=True)
+    for where in done.refused:
+        click.echo(f"not imported (over receiver.max_body_bytes): {where}", err=True)
+    if done.done:
+        click.echo(
+            f"imported {done.records:,} records ({done.events:,} events, {done.bytes:,} bytes) "
+            f"as {done.import_id}"
+        )
+        return
+    click.echo(
+        f"interrupted: {done.records:,} records acknowledged; the same command resumes at "
+        f"{files[min(done.file_index, len(files) - 1)]} byte {done.offset}",
+        err=True,
+    )
+    sys.exit(130)
 
 
 main.add_command(dlq_command)
