@@ -23,9 +23,12 @@ def sdk_event(api_key: str, event_id: str) -> dict[str, object]:
 
 
 async def post(url: str, token: str, body: bytes) -> int:
-    async with aiohttp.ClientSession() as session, session.post(
-        url, params={"token": token}, data=body, headers={"Content-Type": "application/json"}
-    ) as response:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            url, params={"token": token}, data=body, headers={"Content-Type": "application/json"}
+        ) as response,
+    ):
         return response.status
 
 

@@ -30,8 +30,13 @@ def usermaven_body(first: int, count: int) -> bytes:
 
 
 def headwater(config: Path, *args: str, cwd: Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-m", "pipeline.cli", "--config", str(config), "import", *args],
-                            cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", "--config", str(config), "import", *args],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+    )
 
 
 def state(cwd: Path) -> ImportState | None:
@@ -94,8 +99,15 @@ def test_a_hundred_thousand_events_interrupted_and_resumed_come_out_once_each(
     assert len(raw) >= 200
     for record in raw:
         headers = RawHeaders.from_kafka(record.headers)
-        assert (headers.tenant, headers.source, headers.received_at) == ("acme", "usermaven", final.started_at)
-        assert headers.vendor["api_key"] == "ak_acme" and dict(record.headers)[IMPORTED_HEADER] == final.import_id.encode()
+        assert (headers.tenant, headers.source, headers.received_at) == (
+            "acme",
+            "usermaven",
+            final.started_at,
+        )
+        assert (
+            headers.vendor["api_key"] == "ak_acme"
+            and dict(record.headers)[IMPORTED_HEADER] == final.import_id.encode()
+        )
 
     start_worker(settings, "--source", "usermaven")
     started = time.monotonic()
@@ -107,6 +119,8 @@ def test_a_hundred_thousand_events_interrupted_and_resumed_come_out_once_each(
     ids = [e["event_id"] for e in events]
     assert len(ids) == len(set(ids)) == 100_000, f"{len(ids)} events, {len(set(ids))} ids"
     sample = next(e for e in events if e["event_id"] == "hist-12345")
-    assert sample["timestamp"] == "2020-09-13T12:26:52.345000+00:00"  # its own _timestamp, not the import time
+    assert (
+        sample["timestamp"] == "2020-09-13T12:26:52.345000+00:00"
+    )  # its own _timestamp, not the import time
     assert read_records(settings, settings.topics.dlq) == []
     print(f"100,000 imported events canonical {time.monotonic() - started:.1f}s after the worker started")
