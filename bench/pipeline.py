@@ -56,7 +56,8 @@ from common import (
 )
 
 from pipeline.config import Settings
-from pipeline.kafka.clients import end_offsets, ensure_topics, make_consumer, make_producer
+from pipeline.kafka.clients import ensure_topics, make_consumer, make_producer
+from pipeline.kafka.reading import end_offsets
 
 
 async def preload(settings: Settings, sources: tuple[str, ...], records: int, per_record: int) -> int:

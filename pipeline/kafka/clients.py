@@ -1,5 +1,8 @@
 """aiokafka at the boundary: producer/consumer factories, topic creation, and one error mapping.
 
+Reading topics (ranges, partitions, offsets at a time, tails) is pipeline.kafka.reading's, on consumers
+built here.
+
 Every aiokafka failure that a caller should answer with "try again later" becomes `BrokerUnavailable`
 here, as httpx maps httpcore errors in one place (style.md §2.5).
 """
@@ -12,7 +15,7 @@ import logging
 from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
@@ -183,90 +186,3 @@ async def _wait_for_topics(admin: AIOKafkaAdminClient, names: list[str], timeout
         if asyncio.get_running_loop().time() > deadline:
             raise BrokerUnavailable(f"topics {sorted(set(names) - present)} did not appear")
         await asyncio.sleep(0.1)
-
-
-async def _partitions(consumer: AIOKafkaConsumer, topic: str) -> list[TopicPartition]:
-    """The topic's partitions, sorted (metadata refreshed once if the topic is not known yet)."""
-    parts = consumer.partitions_for_topic(topic) or set()
-    if not parts:
-        await consumer._client.force_metadata_update()
-        parts = consumer.partitions_for_topic(topic) or set()
-    return [TopicPartition(topic, p) for p in sorted(parts)]
-
-
-async def end_offsets(settings: Settings, topic: str) -> dict[int, int]:
-    """Partition -> end offset of a topic (empty when the topic does not exist)."""
-    consumer = make_consumer(settings)
-    async with broker_errors(f"reading offsets of {topic}", access=settings.kafka):
-        await consumer.start()
-        try:
-            tps = await _partitions(consumer, topic)
-            ends = await consumer.end_offsets(tps) if tps else {}
-            return {tp.partition: off for tp, off in ends.items()}
-        finally:
-            await consumer.stop()
-
-
-async def offsets_at(settings: Settings, topic: str, timestamp_ms: int) -> dict[int, int]:
-    """Partition -> first offset with a timestamp at or after `timestamp_ms`, else the end offset
-    (empty when the topic does not exist)."""
-    consumer = make_consumer(settings)
-    async with broker_errors(f"reading offsets of {topic}", access=settings.kafka):
-        await consumer.start()
-        try:
-            tps = await _partitions(consumer, topic)
-            if not tps:
-                return {}
-            ends = await consumer.end_offsets(tps)
-            found = await consumer.offsets_for_times({tp: max(0, timestamp_ms) for tp in tps})
-            return {tp.partition: (found[tp].offset if found.get(tp) else ends[tp]) for tp in tps}
-        finally:
-            await consumer.stop()
-
-
-async def read_topic(
-    settings: Settings,
-    topic: str,
-    start: dict[int, int] | None = None,
-    end: dict[int, int] | None = None,
-) -> list[ConsumerRecord[bytes, bytes]]:
-    """Every record of `topic` from `start` (default: the beginning) up to `end` (default: the current end).
-
-    No consumer group: reading never moves anyone's committed offsets. Records come partition by
-    partition, each in offset order.
-    """
-    consumer = make_consumer(settings, max_partition_fetch_bytes=16 * 1024 * 1024)
-    out: list[ConsumerRecord[bytes, bytes]] = []
-    async with broker_errors(f"reading {topic}", access=settings.kafka):
-        await consumer.start()
-        try:
-            await consumer._client.force_metadata_update()
-            parts = sorted(consumer.partitions_for_topic(topic) or ())
-            tps = [TopicPartition(topic, p) for p in parts]
-            if not tps:
-                return out
-            consumer.assign(tps)
-            ends = end or {tp.partition: off for tp, off in (await consumer.end_offsets(tps)).items()}
-            firsts = await consumer.beginning_offsets(tps)
-            remaining = {}
-            for tp in tps:
-                first = max(firsts[tp], (start or {}).get(tp.partition, 0))
-                if first < ends.get(tp.partition, 0):
-                    consumer.seek(tp, first)
-                    remaining[tp] = ends[tp.partition]
-                else:
-                    consumer.pause(tp)
-            idle_polls = 0
-            while remaining and idle_polls < 10:  # 10 empty polls: nothing more will come (e.g. markers)
-                batch = await consumer.getmany(*remaining, timeout_ms=1000, max_records=10_000)
-                idle_polls = 0 if batch else idle_polls + 1
-                for tp, records in batch.items():
-                    for record in records:
-                        if record.offset < remaining.get(tp, -1):
-                            out.append(record)
-                    if tp in remaining and await consumer.position(tp) >= remaining[tp]:
-                        del remaining[tp]
-                        consumer.pause(tp)
-            return out
-        finally:
-            await consumer.stop()

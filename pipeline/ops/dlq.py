@@ -31,7 +31,8 @@ from pydantic import BaseModel, ConfigDict
 from pipeline import reasons
 from pipeline.config import Settings
 from pipeline.errors import HeadwaterError, NotFound
-from pipeline.kafka.clients import broker_errors, ensure_topics, make_producer, offsets_at, read_topic
+from pipeline.kafka.clients import broker_errors, ensure_topics, make_producer
+from pipeline.kafka.reading import offsets_at, read_topic
 from pipeline.records import DeadLetter, UtcDatetime, utc_now
 
 ID_PATTERN = re.compile(r"^dl_[0-9a-f]{24}$")

@@ -14,6 +14,7 @@ adapter fix, or ids older than the window). `reemit=True` deliberately emits eve
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -23,20 +24,14 @@ from typing import Any
 
 import click
 import orjson
-from aiokafka import AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaProducer
 
 from adapters import ADAPTERS
 from pipeline.adapting import AdapterModule
 from pipeline.config import Settings
 from pipeline.errors import HeadwaterError
-from pipeline.kafka.clients import (
-    broker_errors,
-    end_offsets,
-    ensure_topics,
-    make_consumer,
-    make_producer,
-    require_partition_counts,
-)
+from pipeline.kafka.clients import broker_errors, ensure_topics, make_producer, require_partition_counts
+from pipeline.kafka.reading import TopicReader, end_offsets
 from pipeline.ops.times import parse_time
 from pipeline.records import KafkaHeaders, RawHeaders, ReplayTag
 from pipeline.sources import SOURCES
@@ -70,35 +65,22 @@ async def offset_range(
     end_offset: int | None = None,
 ) -> dict[int, tuple[int, int]]:
     """partition -> [first, last) offsets covering the time (or offset) range."""
-    consumer = make_consumer(settings)
-    async with broker_errors(f"reading offsets of {topic}", access=settings.kafka):
-        await consumer.start()
-        try:
-            await consumer._client.force_metadata_update()
-            tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
-            if not tps:
-                raise HeadwaterError(f"topic {topic} does not exist")
-            firsts = await consumer.beginning_offsets(tps)
-            ends = await consumer.end_offsets(tps)
+    async with TopicReader(settings) as reader:
+        bounds = await reader.bounds(topic)
+        if not bounds:
+            raise HeadwaterError(f"topic {topic} does not exist")
+        lows = await reader.offsets_at(topic, _ms(start)) if start is not None else {}
+        highs = await reader.offsets_at(topic, _ms(end)) if end is not None else {}
+    out = {}
+    for partition, (first, last) in bounds.items():
+        low = max(first, start_offset if start_offset is not None else lows.get(partition, first))
+        high = min(last, end_offset if end_offset is not None else highs.get(partition, last))
+        out[partition] = (low, max(low, high))
+    return out
 
-            async def at(
-                moment: datetime | None, default: dict[TopicPartition, int]
-            ) -> dict[TopicPartition, int]:
-                if moment is None:
-                    return default
-                found = await consumer.offsets_for_times({tp: int(moment.timestamp() * 1000) for tp in tps})
-                return {tp: (found[tp].offset if found.get(tp) else ends[tp]) for tp in tps}
 
-            lows = await at(start, firsts)
-            highs = await at(end, ends)
-            out = {}
-            for tp in tps:
-                low = max(firsts[tp], start_offset if start_offset is not None else lows[tp])
-                high = min(ends[tp], end_offset if end_offset is not None else highs[tp])
-                out[tp.partition] = (low, max(low, high))
-            return out
-        finally:
-            await consumer.stop()
+def _ms(moment: datetime) -> int:
+    return int(moment.timestamp() * 1000)
 
 
 async def replay(
@@ -125,26 +107,15 @@ async def replay(
     targets = NormalizeTargets.from_settings(settings)
     producer = make_producer(settings, linger_ms=5)
     send = _sender(producer)
-    consumer = make_consumer(settings, max_poll_records=settings.worker.batch_max)
     try:
-        async with broker_errors(f"replaying {topic}", access=settings.kafka):
+        # Every offset of the range is read (no idle give-up): the summary counts the whole range.
+        async with (
+            broker_errors(f"replaying {topic}", access=settings.kafka),
+            TopicReader(settings) as reader,
+        ):
             await producer.start()
-            await consumer.start()
-            remaining = {TopicPartition(topic, p): high for p, (low, high) in ranges.items() if high > low}
-            consumer.assign(list(remaining))
-            for tp in remaining:
-                consumer.seek(tp, ranges[tp.partition][0])
-            while remaining:
-                batch = await consumer.getmany(
-                    *remaining, timeout_ms=1000, max_records=settings.worker.batch_max
-                )
-                records = []
-                for tp, part in batch.items():
-                    for record in part:
-                        if record.offset < remaining.get(tp, -1):
-                            records.append(record)
-                    if tp in remaining and part and part[-1].offset + 1 >= remaining[tp]:
-                        del remaining[tp]
+            chunks = reader.chunks(topic, ranges, max_records=settings.worker.batch_max, idle_fetches=None)
+            async for records in chunks:
                 summary.read += len(records)
                 if tenant is not None:
                     kept = [r for r in records if _tenant_of(r.headers) == tenant]
@@ -158,7 +129,6 @@ async def replay(
                     progress(summary.read, total)
         await _collect_reports(settings, summary, results_start, wait_s)
     finally:
-        await consumer.stop()
         await producer.stop()
     summary.seconds = time.monotonic() - started
     return summary
@@ -191,25 +161,18 @@ async def _collect_reports(
         summary.complete = True
         return
     topic = settings.topics.replay_results
-    consumer = make_consumer(settings)
-    await consumer.start()
-    try:
-        tps = [TopicPartition(topic, p) for p in start]
-        consumer.assign(tps)
-        for tp in tps:
-            consumer.seek(tp, start[tp.partition])
-        deadline = time.monotonic() + wait_s
-        while summary.reported_batches < summary.keyed_batches and time.monotonic() < deadline:
-            for part in (await consumer.getmany(timeout_ms=500)).values():
-                for record in part:
-                    report = orjson.loads(record.value)
-                    if report.get("replay_id") == summary.replay_id:
-                        summary.reported_batches += int(report["batches"])
-                        summary.canonical += int(report["canonical"])
-                        summary.duplicates += int(report["duplicates"])
-        summary.complete = summary.reported_batches >= summary.keyed_batches
-    finally:
-        await consumer.stop()
+    deadline = time.monotonic() + wait_s
+    async with TopicReader(settings) as reader, contextlib.aclosing(reader.follow(topic, start)) as fetches:
+        async for records in fetches:
+            for record in records:
+                report = orjson.loads(record.value)
+                if report.get("replay_id") == summary.replay_id:
+                    summary.reported_batches += int(report["batches"])
+                    summary.canonical += int(report["canonical"])
+                    summary.duplicates += int(report["duplicates"])
+            if summary.reported_batches >= summary.keyed_batches or time.monotonic() >= deadline:
+                break
+    summary.complete = summary.reported_batches >= summary.keyed_batches
 
 
 @click.command("replay")

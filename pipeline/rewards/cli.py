@@ -15,7 +15,8 @@ from rich.table import Table
 
 from pipeline.config import Settings
 from pipeline.errors import NotFound
-from pipeline.kafka.clients import broker_errors, ensure_topics, make_producer, read_topic
+from pipeline.kafka.clients import broker_errors, ensure_topics, make_producer
+from pipeline.kafka.reading import read_topic
 from pipeline.records import RawHeaders, new_request_id, utc_now
 from pipeline.rewards.records import RewardDeadLetter
 from pipeline.signing import canonical_body, cg_signature

@@ -215,5 +215,5 @@ def test_an_unreachable_broker_is_one_error_line_and_exit_1(make_settings: Any, 
         main, ["--config", str(config_file(settings, tmp_path)), "tail", "events.dlq"]
     )
     assert result.exit_code == 1
-    assert f"error: reading {settings.topics.dlq}: " in result.output
+    assert f"error: connecting to Kafka at {settings.kafka.bootstrap_servers}: " in result.output
     assert "Traceback" not in result.output and "Unclosed" not in result.output

@@ -77,7 +77,7 @@ def wait_for(
 
 
 def read_records(settings: Settings, topic: str) -> list[Any]:
-    from pipeline.kafka.clients import read_topic
+    from pipeline.kafka.reading import read_topic
 
     return asyncio.run(read_topic(settings, topic))
 

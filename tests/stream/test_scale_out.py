@@ -23,7 +23,8 @@ from aiokafka.admin import AIOKafkaAdminClient
 from rigs.kafka import WorkerProcess, read_records, wait_for
 
 from pipeline.config import Settings
-from pipeline.kafka.clients import end_offsets, ensure_topics, make_producer
+from pipeline.kafka.clients import ensure_topics, make_producer
+from pipeline.kafka.reading import end_offsets
 from pipeline.kafka.local import free_port
 from pipeline.records import DeadLetter, RawHeaders, new_request_id, utc_now
 
