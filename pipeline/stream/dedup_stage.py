@@ -100,9 +100,7 @@ class DedupStage(mode.Service):
     async def on_shutdown(self) -> None:
         """Close the transactional producers and the store once the stage's loops have ended."""
         await self.transactions.close()
-        close = getattr(self.store, "close", None)
-        if close is not None:
-            close()
+        self.store.close()
 
     async def _expire_periodically(self) -> None:
         """Delete ids older than the window every dedup.expire_every (Faust tables have no TTL)."""

@@ -17,6 +17,7 @@ from pipeline.stream.dedup import (
     Candidate,
     Deduplicator,
     RocksStore,
+    Store,
     StoreLocked,
     open_store,
 )
@@ -28,7 +29,7 @@ def candidate(event_id: str, tenant: str = "acme") -> Candidate:
     return (f"{tenant}/{event_id}".encode(), b"acme/u1", orjson.dumps({"event_id": event_id}))
 
 
-def make(store: dict[bytes, Any]) -> Deduplicator:
+def make(store: Store | dict[bytes, Any]) -> Deduplicator:
     return Deduplicator(store, WINDOW_S)
 
 
