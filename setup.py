@@ -2,7 +2,7 @@
 
 mypyc (part of mypy) turns these fully typed modules into C extensions with the same behaviour: the
 adapters, the readers they use, the normalize driver and loop, the dedup table and the stage loop. In
-`bench/pipeline.py` the compiled worker spends ~15 % less CPU per event than the same code run by the
+`bench/worker.py` the compiled worker spends ~15 % less CPU per event than the same code run by the
 interpreter (README, "Performance"). pyproject.toml holds the project's metadata; only the extension
 modules are declared here, because they need code to declare.
 

@@ -31,8 +31,12 @@ from pipeline.config import Settings  # noqa: E402
 from pipeline.kafka.clients import make_consumer  # noqa: E402
 from pipeline.kafka.local import free_port  # noqa: E402
 
-TENANT = {"id": "bench", "write_keys": ["wk_bench_1"], "usermaven_tokens": ["ak_bench.st_bench"],
-          "webengage": {"license_code": "~bench", "secret_key": "whsec_bench"}}
+TENANT = {
+    "id": "bench",
+    "write_keys": ["wk_bench_1"],
+    "usermaven_tokens": ["ak_bench.st_bench"],
+    "webengage": {"license_code": "~bench", "secret_key": "whsec_bench"},
+}
 WEBENGAGE_SECRET = hashlib.md5(b"~bench:whsec_bench").hexdigest()
 
 
@@ -72,10 +76,16 @@ def bench_settings(bootstrap: str, tmp: Path, partitions: int = 6, **sections: A
     doc: dict[str, Any] = {
         "kafka": {"bootstrap_servers": bootstrap, "partitions": partitions},
         "local_kafka": {"enabled": False},
-        "topics": {"raw_prefix": f"{run}.raw.", "canonical": f"{run}.canonical", "dlq": f"{run}.dlq",
-                   "keyed": f"{run}.keyed", "replay_results": f"{run}.replay",
-                   "rewards": f"{run}.rewards", "rewards_dlq": f"{run}.rewards-dlq",
-                   "rewards_deliveries": f"{run}.rewards-deliveries"},
+        "topics": {
+            "raw_prefix": f"{run}.raw.",
+            "canonical": f"{run}.canonical",
+            "dlq": f"{run}.dlq",
+            "keyed": f"{run}.keyed",
+            "replay_results": f"{run}.replay",
+            "rewards": f"{run}.rewards",
+            "rewards_dlq": f"{run}.rewards-dlq",
+            "rewards_deliveries": f"{run}.rewards-deliveries",
+        },
         "worker": {"app_id": run, "data_dir": str(tmp / run), "web_port": 0},
         "receiver": {"port": free_port(), "operator_port": free_port()},  # /metrics: the operator port
         "tenants": [TENANT],
@@ -90,14 +100,20 @@ def write_config(settings: Settings, path: Path) -> Path:
     return path
 
 
-def headwater(config: Path, *args: str, log: Path | None = None, tree: Path | None = None
-              ) -> subprocess.Popen[bytes]:
+def headwater(
+    config: Path, *args: str, log: Path | None = None, tree: Path | None = None
+) -> subprocess.Popen[bytes]:
     """A `headwater` subcommand in its own process, killed by the kernel if this one dies; with `tree`,
     the code of that checkout (`python -m` puts its working directory first on sys.path)."""
     out = log.open("wb") if log else subprocess.DEVNULL
-    return subprocess.Popen([sys.executable, "-m", "pipeline.cli", "--config", str(config), *args],
-                            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=tree,
-                            preexec_fn=die_with_parent)  # a killed benchmark leaves no worker behind
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", "--config", str(config), *args],
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        cwd=tree,
+        preexec_fn=die_with_parent,
+    )  # a killed benchmark leaves no worker behind
 
 
 def stop(process: subprocess.Popen[bytes]) -> None:
@@ -164,7 +180,9 @@ class RecordCounter:
         return self.count
 
 
-async def produce_all(settings: Settings, records: Iterable[tuple[str, bytes, list[tuple[str, bytes]]]]) -> None:
+async def produce_all(
+    settings: Settings, records: Iterable[tuple[str, bytes, list[tuple[str, bytes]]]]
+) -> None:
     """Write (topic, value, headers) records with the receiver's producer settings, acks awaited per 5,000."""
     from pipeline.kafka.clients import make_producer
 
@@ -182,8 +200,9 @@ async def produce_all(settings: Settings, records: Iterable[tuple[str, bytes, li
         await producer.stop()
 
 
-def profile_top(folded: Path, top: int, inclusive_of: tuple[str, ...]) -> tuple[list[tuple[float, str]],
-                                                                               list[tuple[float, str]]]:
+def profile_top(
+    folded: Path, top: int, inclusive_of: tuple[str, ...]
+) -> tuple[list[tuple[float, str]], list[tuple[float, str]]]:
     """(own-time share of every frame, inclusive share of frames whose file matches `inclusive_of`) in a
     py-spy raw (folded) profile."""
     own: collections.Counter[str] = collections.Counter()
@@ -200,12 +219,15 @@ def profile_top(folded: Path, top: int, inclusive_of: tuple[str, ...]) -> tuple[
         for frame in set(frames):
             if any(p in frame for p in inclusive_of):
                 inclusive[frame] += n
-    return ([(n / max(1, total), f) for f, n in own.most_common(top)],
-            [(n / max(1, total), f) for f, n in inclusive.most_common(top)])
+    return (
+        [(n / max(1, total), f) for f, n in own.most_common(top)],
+        [(n / max(1, total), f) for f, n in inclusive.most_common(top)],
+    )
 
 
 def print_profile(folded: Path, what: str, top: int, inclusive_of: tuple[str, ...]) -> None:
-    """The top functions of a py-spy raw profile by own time and by inclusive time (frames of `inclusive_of`)."""
+    """The top functions of a py-spy raw profile by own time and by inclusive time (frames of
+    `inclusive_of`)."""
     if not folded.exists():
         return
     own, inclusive = profile_top(folded, top, inclusive_of)
@@ -237,20 +259,37 @@ def cpu_seconds(pid: int) -> float:
 # --- vendor payloads ------------------------------------------------------------------------------------
 # One event per source in its own shape; `bulk` items go in one request where the source batches.
 
+
 def _segment(i: int) -> dict[str, Any]:
-    return {"type": "track", "event": "Order Completed", "messageId": f"seg-{i}", "userId": f"u{i % 1000}",
-            "timestamp": "2024-03-01T12:00:00.800Z", "properties": {"revenue": i % 97, "currency": "INR"},
-            "context": {"library": {"name": "analytics.js"}, "ip": "10.0.0.1"}}
+    return {
+        "type": "track",
+        "event": "Order Completed",
+        "messageId": f"seg-{i}",
+        "userId": f"u{i % 1000}",
+        "timestamp": "2024-03-01T12:00:00.800Z",
+        "properties": {"revenue": i % 97, "currency": "INR"},
+        "context": {"library": {"name": "analytics.js"}, "ip": "10.0.0.1"},
+    }
 
 
 def _amplitude(i: int) -> dict[str, Any]:
-    return {"$insert_id": f"amp-{i}", "event_type": "Song Played", "user_id": f"u{i % 1000}",
-            "event_time": "2024-03-01 12:00:00.000000", "event_properties": {"genre": "jazz", "n": i}}
+    return {
+        "$insert_id": f"amp-{i}",
+        "event_type": "Song Played",
+        "user_id": f"u{i % 1000}",
+        "event_time": "2024-03-01 12:00:00.000000",
+        "event_properties": {"genre": "jazz", "n": i},
+    }
 
 
 def _moengage(i: int) -> dict[str, Any]:
-    return {"event_name": "Email Clicked", "event_uuid": f"moe-{i}", "event_time": 1709294400 + i % 1000,
-            "uid": f"u{i % 1000}", "event_attributes": {"campaign": "spring", "n": i}}
+    return {
+        "event_name": "Email Clicked",
+        "event_uuid": f"moe-{i}",
+        "event_time": 1709294400 + i % 1000,
+        "uid": f"u{i % 1000}",
+        "event_attributes": {"campaign": "spring", "n": i},
+    }
 
 
 def _clevertap_profile(i: int) -> dict[str, Any]:
@@ -258,22 +297,39 @@ def _clevertap_profile(i: int) -> dict[str, Any]:
 
 
 def _usermaven(i: int) -> dict[str, Any]:
-    return {"api_key": "ak_bench", "event_id": f"um-{i}", "event_type": "signed_up",
-            "_timestamp": 1709294400000 + i, "user": {"id": f"u{i % 1000}"}, "event_attributes": {"n": i}}
+    return {
+        "api_key": "ak_bench",
+        "event_id": f"um-{i}",
+        "event_type": "signed_up",
+        "_timestamp": 1709294400000 + i,
+        "user": {"id": f"u{i % 1000}"},
+        "event_attributes": {"n": i},
+    }
 
 
 def _customerglu(i: int) -> dict[str, Any]:
-    return {"event_id": f"cg-{i}", "event_name": "kyc_completed", "user_id": f"u{i % 1000}",
-            "timestamp": "2024-03-01T12:00:00Z", "event_properties": {"level": "full", "n": i}}
+    return {
+        "event_id": f"cg-{i}",
+        "event_name": "kyc_completed",
+        "user_id": f"u{i % 1000}",
+        "timestamp": "2024-03-01T12:00:00Z",
+        "event_properties": {"level": "full", "n": i},
+    }
 
 
 def _webengage(i: int) -> dict[str, Any]:
-    return {"event_name": "push_notification_accepted", "event_time": "2024-03-01T12:00:00+0000",
-            "license_code": "~bench", "user_id": f"u{i % 1000}@example.com", "event_data": {"n": i}}
+    return {
+        "event_name": "push_notification_accepted",
+        "event_time": "2024-03-01T12:00:00+0000",
+        "license_code": "~bench",
+        "user_id": f"u{i % 1000}@example.com",
+        "event_data": {"n": i},
+    }
 
 
 def body(source: str, first: int, count: int) -> bytes:
-    """The request body of `count` events starting at index `first` (count > 1 only where the source batches)."""
+    """The request body of `count` events starting at index `first` (count > 1 only where the source
+    batches)."""
     items = range(first, first + count)
     match source:
         case "customerglu":
@@ -285,12 +341,22 @@ def body(source: str, first: int, count: int) -> bytes:
         case "segment":
             return orjson.dumps([_segment(i) for i in items] if count > 1 else _segment(first))
         case "moengage":
-            return orjson.dumps({"app_name": "Bench", "source": "MOENGAGE", "moe_request_id": f"r{first}",
-                                 "events": [_moengage(i) for i in items]})
+            return orjson.dumps(
+                {
+                    "app_name": "Bench",
+                    "source": "MOENGAGE",
+                    "moe_request_id": f"r{first}",
+                    "events": [_moengage(i) for i in items],
+                }
+            )
         case "clevertap":
-            return orjson.dumps({"targetId": 1700000001,
-                                 "key_values": {"event_name": "Trial Started", "event_id": f"ct-{first}"},
-                                 "profiles": [_clevertap_profile(i) for i in items]})
+            return orjson.dumps(
+                {
+                    "targetId": 1700000001,
+                    "key_values": {"event_name": "Trial Started", "event_id": f"ct-{first}"},
+                    "profiles": [_clevertap_profile(i) for i in items],
+                }
+            )
         case "usermaven":
             return orjson.dumps([_usermaven(i) for i in items] if count > 1 else _usermaven(first))
     raise ValueError(source)
@@ -312,8 +378,11 @@ def endpoint(source: str) -> tuple[str, dict[str, str], dict[str, str]]:
         "moengage": ("/v3/moengage", {}, key),
         "amplitude": ("/amplitude/v4", {}, key),
         "clevertap": ("/clevertap/v4", {}, key),
-        "webengage": ("/webengage/v4", {"licenseCode": "~bench", "secret": WEBENGAGE_SECRET, "eventType": "push"},
-                      {"x-request-id": "bench", **json}),
+        "webengage": (
+            "/webengage/v4",
+            {"licenseCode": "~bench", "secret": WEBENGAGE_SECRET, "eventType": "push"},
+            {"x-request-id": "bench", **json},
+        ),
         "usermaven": ("/api/v1/s2s/event", {"token": "ak_bench.st_bench"}, json),
     }[source]
 
@@ -327,5 +396,11 @@ def raw_headers(source: str, index: int) -> list[tuple[str, bytes]]:
         extra = {"vendor": {"request_id": f"we-{index}", "event_type": "push", "license_code": "~bench"}}
     elif source == "usermaven":
         extra = {"vendor": {"api_key": "ak_bench"}}
-    return RawHeaders(tenant="bench", source=source, received_at=utc_now(), request_id=new_request_id(),
-                      content_type="application/json", **extra).to_kafka()
+    return RawHeaders(
+        tenant="bench",
+        source=source,
+        received_at=utc_now(),
+        request_id=new_request_id(),
+        content_type="application/json",
+        **extra,
+    ).to_kafka()

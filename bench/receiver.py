@@ -18,7 +18,8 @@ is the load generator (aiohttp client, keep-alive, TCPConnector limit = concurre
 1. Closed loop, C clients for D seconds after a warm-up: single-event requests (POST /server/v4, one
    customerglu event) and bulk requests (POST /segment/v4, 100 segment events): requests/s, events/s,
    p50/p99.
-2. Bare baseline in the same run: an aiokafka producer from pipeline.kafka.clients.make_producer (the receiver's
+2. Bare baseline in the same run: an aiokafka producer from pipeline.kafka.clients.make_producer (the
+receiver's
    acks=all idempotent settings) sends the same payloads to the same raw topics, C coroutines each
    awaiting its own ack (one payload, wait for the ack: the receiver's shape), for D seconds.
    Ratio receiver/bare for single and bulk. Target: >= 0.5 on single-event requests.
@@ -47,6 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
+import vegeta
 from common import (
     bench_settings,
     body,
@@ -61,8 +63,6 @@ from common import (
     topic_size,
     write_config,
 )
-
-import vegeta
 from vegeta import VegetaResult
 from wrk import WrkResult, available, lua_script, run_wrk
 
@@ -120,9 +120,12 @@ class Result:
         main = next(iter(self.cpu.values()), 0.0)  # the receiver's (or the bare loop's) share of a core
         if main:
             cpu += f"; {self.rate / main:,.0f} req per CPU-s"
-        return (f"{self.label:<28} {self.rate:>9,.0f} req/s {self.events:>10,.0f} ev/s  p50 {self.pct(0.50):6.1f} ms"
-                f"  p99 {self.pct(0.99):6.1f} ms  ok {self.ok:>7}  failed {self.failures}"
-                + (f"  cpu[{cpu}]" if cpu else ""))
+        return (
+            f"{self.label:<28} {self.rate:>9,.0f} req/s {self.events:>10,.0f} ev/s  p50 "
+            f"{self.pct(0.50):6.1f} ms"
+            f"  p99 {self.pct(0.99):6.1f} ms  ok {self.ok:>7}  failed {self.failures}"
+            + (f"  cpu[{cpu}]" if cpu else "")
+        )
 
 
 def machine_ticks() -> tuple[int, int]:
@@ -159,8 +162,16 @@ def bodies(source: str, per_request: int) -> list[bytes]:
 
 # --- HTTP load --------------------------------------------------------------------------------------------
 
-async def _request(session: aiohttp.ClientSession, url: str, params: dict[str, str], headers: dict[str, str],
-                   payload: bytes, result: Result, started: float) -> None:
+
+async def _request(
+    session: aiohttp.ClientSession,
+    url: str,
+    params: dict[str, str],
+    headers: dict[str, str],
+    payload: bytes,
+    result: Result,
+    started: float,
+) -> None:
     try:
         async with session.post(url, data=payload, params=params, headers=headers) as response:
             text = await response.read()
@@ -183,8 +194,15 @@ def _session(limit: int) -> aiohttp.ClientSession:
     return aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=30))
 
 
-async def closed_loop(base: str, case: tuple[str, int], concurrency: int, warmup: float, duration: float,
-                      label: str, pids: dict[str, int]) -> Result:
+async def closed_loop(
+    base: str,
+    case: tuple[str, int],
+    concurrency: int,
+    warmup: float,
+    duration: float,
+    label: str,
+    pids: dict[str, int],
+) -> Result:
     """C clients, each posting its next request as soon as the last one is answered."""
     source, per_request = case
     path, params, headers = endpoint(source)
@@ -199,8 +217,9 @@ async def closed_loop(base: str, case: tuple[str, int], concurrency: int, warmup
         async def client() -> None:
             while not stopping.is_set():
                 result = phase["result"]
-                await _request(session, url, params, headers, payloads[next(counter) % POOL], result,
-                               time.perf_counter())
+                await _request(
+                    session, url, params, headers, payloads[next(counter) % POOL], result, time.perf_counter()
+                )
 
         stopping = asyncio.Event()
         tasks = [asyncio.create_task(client()) for _ in range(concurrency)]
@@ -218,8 +237,15 @@ async def closed_loop(base: str, case: tuple[str, int], concurrency: int, warmup
     return measured
 
 
-async def open_loop(base: str, case: tuple[str, int], rate: float, duration: float, limit: int,
-                    label: str, pids: dict[str, int]) -> Result:
+async def open_loop(
+    base: str,
+    case: tuple[str, int],
+    rate: float,
+    duration: float,
+    limit: int,
+    label: str,
+    pids: dict[str, int],
+) -> Result:
     """Requests scheduled every 1/rate s; latency counts from the scheduled time (no coordinated omission)."""
     source, per_request = case
     path, params, headers = endpoint(source)
@@ -242,8 +268,9 @@ async def open_loop(base: str, case: tuple[str, int], rate: float, duration: flo
                 now = time.perf_counter()
                 if scheduled > now:
                     await asyncio.sleep(scheduled - now)
-                task = asyncio.create_task(_request(session, url, params, headers, payloads[k % POOL], target,
-                                                    scheduled))
+                task = asyncio.create_task(
+                    _request(session, url, params, headers, payloads[k % POOL], target, scheduled)
+                )
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
                 k += 1
@@ -260,8 +287,16 @@ async def open_loop(base: str, case: tuple[str, int], rate: float, duration: flo
 
 # --- bare aiokafka baseline -------------------------------------------------------------------------------
 
-async def bare_loop(settings: Settings, case: tuple[str, int], concurrency: int, warmup: float, duration: float,
-                    label: str, pids: dict[str, int]) -> Result:
+
+async def bare_loop(
+    settings: Settings,
+    case: tuple[str, int],
+    concurrency: int,
+    warmup: float,
+    duration: float,
+    label: str,
+    pids: dict[str, int],
+) -> Result:
     """C coroutines, each sending one payload with make_producer() and awaiting its own ack."""
     source, per_request = case
     topic = settings.topics.raw(source)
@@ -275,6 +310,7 @@ async def bare_loop(settings: Settings, case: tuple[str, int], concurrency: int,
     producer = make_producer(settings)
     await producer.start()
     try:
+
         async def client() -> None:
             while not stopping.is_set():
                 result = phase["result"]
@@ -305,12 +341,15 @@ async def bare_loop(settings: Settings, case: tuple[str, int], concurrency: int,
 
 # --- running ----------------------------------------------------------------------------------------------
 
+
 async def wait_ready(base: str, process: subprocess.Popen[bytes], log: Path, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     async with aiohttp.ClientSession() as session:
         while True:
             if process.poll() is not None:
-                raise SystemExit(f"the receiver exited with {process.returncode}; see {log}:\n{log.read_text()}")
+                raise SystemExit(
+                    f"the receiver exited with {process.returncode}; see {log}:\n{log.read_text()}"
+                )
             try:
                 async with session.get(base + "/readyz") as response:
                     if response.status == 200:
@@ -324,29 +363,49 @@ async def wait_ready(base: str, process: subprocess.Popen[bytes], log: Path, tim
 
 def report_failures(result: Result) -> None:
     if result.failures:
-        print(f"  !! {result.label}: {result.failures} failed: statuses {dict(result.statuses)} "
-              f"errors {dict(result.errors)}")
+        print(
+            f"  !! {result.label}: {result.failures} failed: statuses {dict(result.statuses)} "
+            f"errors {dict(result.errors)}"
+        )
         for example in result.examples:
             print(f"     {example}")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--bootstrap", help="An existing broker (default: a local one started for the run).")
-    parser.add_argument("--concurrency", type=int, default=64, help="Concurrent clients / producer coroutines (the issue's load).")
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        default=64,
+        help="Concurrent clients / producer coroutines (the issue's load).",
+    )
     parser.add_argument("--duration", type=float, default=10.0, help="Seconds measured per phase.")
-    parser.add_argument("--warmup", type=float, default=2.0, help="Seconds of warm-up before each closed loop.")
-    parser.add_argument("--load", type=float, default=0.7, help="Open-loop rate as a share of the single peak.")
-    parser.add_argument("--profile", action="store_true", help="py-spy the receiver in the single closed loop.")
+    parser.add_argument(
+        "--warmup", type=float, default=2.0, help="Seconds of warm-up before each closed loop."
+    )
+    parser.add_argument(
+        "--load", type=float, default=0.7, help="Open-loop rate as a share of the single peak."
+    )
+    parser.add_argument(
+        "--profile", action="store_true", help="py-spy the receiver in the single closed loop."
+    )
     parser.add_argument("--loadgen", choices=("wrk", "python"), default="wrk" if available() else "python")
-    parser.add_argument("--processes", type=int, default=1, help="Receiver processes (--processes of the CLI).")
+    parser.add_argument(
+        "--processes", type=int, default=1, help="Receiver processes (--processes of the CLI)."
+    )
     args = parser.parse_args()
     if args.loadgen == "wrk":
         wrk_main(args)
         return
     c, d, w = args.concurrency, args.duration, args.warmup
-    with started_receiver(args, f"concurrency {c}; {d:.0f}s per phase (+{w:.0f}s warm-up); {os.cpu_count()} "
-                          "CPUs shared by broker, receiver and load generator") as (settings, tmp, receiver, base):
+    with started_receiver(
+        args,
+        f"concurrency {c}; {d:.0f}s per phase (+{w:.0f}s warm-up); {os.cpu_count()} "
+        "CPUs shared by broker, receiver and load generator",
+    ) as (settings, tmp, receiver, base):
         log = tmp / "receiver.log"
         spy = None
         try:
@@ -354,10 +413,25 @@ def main() -> None:
             pids = {"receiver": receiver.pid, "loadgen": os.getpid()}
             if args.profile:
                 folded = tmp / "receiver.folded"
-                spy = subprocess.Popen([py_spy(), "record", "--pid", str(receiver.pid), "--rate", "250",
-                                        "--format", "raw", "--output", str(folded), "--nonblocking",
-                                        "--duration", str(int(w + d + 1))],
-                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                spy = subprocess.Popen(
+                    [
+                        py_spy(),
+                        "record",
+                        "--pid",
+                        str(receiver.pid),
+                        "--rate",
+                        "250",
+                        "--format",
+                        "raw",
+                        "--output",
+                        str(folded),
+                        "--nonblocking",
+                        "--duration",
+                        str(int(w + d + 1)),
+                    ],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
             single = run(closed_loop(base, SINGLE, c, w, d, "receiver single (closed)", pids))
             if spy is not None:
                 spy.wait(60)
@@ -370,8 +444,17 @@ def main() -> None:
             bare_bulk = run(bare_loop(settings, BULK, c, w, d, "bare producer bulk x100", bare_pids))
             print(bare_bulk.line())
             target_rate = args.load * single.rate
-            opened = run(open_loop(base, SINGLE, target_rate, d, max(256, 4 * c),
-                                   f"receiver single (open {args.load:.0%})", pids))
+            opened = run(
+                open_loop(
+                    base,
+                    SINGLE,
+                    target_rate,
+                    d,
+                    max(256, 4 * c),
+                    f"receiver single (open {args.load:.0%})",
+                    pids,
+                )
+            )
             print(opened.line() + f"  (target {target_rate:,.0f} req/s, scheduled {opened.sent})")
             stored = {s: run(topic_size(settings, settings.topics.raw(s))) for s in (SINGLE[0], BULK[0])}
         finally:
@@ -383,8 +466,10 @@ def main() -> None:
         for result in (single, bulk, opened, bare_single, bare_bulk):
             report_failures(result)
         http_single = single.total_ok + opened.total_ok  # type: ignore[attr-defined]
-        expect = {SINGLE[0]: http_single + bare_single.total_ok,  # type: ignore[attr-defined]
-                  BULK[0]: bulk.total_ok + bare_bulk.total_ok}  # type: ignore[attr-defined]
+        expect = {
+            SINGLE[0]: http_single + bare_single.total_ok,  # type: ignore[attr-defined]
+            BULK[0]: bulk.total_ok + bare_bulk.total_ok,
+        }  # type: ignore[attr-defined]
         for source, count in stored.items():
             verdict = "ok" if count == expect[source] else "MISMATCH"
             print(f"records on raw.{source}: {count} (200 answers + bare acks: {expect[source]}) {verdict}")
@@ -394,16 +479,29 @@ def main() -> None:
         p99_ok = opened.pct(0.99) < 50 and opened.failures == 0
         print()
         print("summary")
-        print(f"  {'case':<24} {'req/s':>9} {'events/s':>10} {'p50 ms':>7} {'p99 ms':>7} {'bare rec/s':>10} "
-              f"{'bare p50':>8} {'bare p99':>8} {'ratio':>6}")
-        for name, r, b, ratio in (("single (closed, C=%d)" % c, single, bare_single, ratio_single),
-                                  ("bulk x100 (closed, C=%d)" % c, bulk, bare_bulk, ratio_bulk)):
-            print(f"  {name:<24} {r.rate:>9,.0f} {r.events:>10,.0f} {r.pct(.5):>7.1f} {r.pct(.99):>7.1f} "
-                  f"{b.rate:>10,.0f} {b.pct(.5):>8.1f} {b.pct(.99):>8.1f} {ratio:>6.2f}")
-        print(f"  {'single (open, %d%%)' % round(args.load * 100):<24} {opened.rate:>9,.0f} {opened.events:>10,.0f} "
-              f"{opened.pct(.5):>7.1f} {opened.pct(.99):>7.1f}")
-        print(f"  target ratio >= 0.5 on single: {'MET' if ratio_single >= 0.5 else 'NOT MET'} ({ratio_single:.2f}); "
-              f"p99 < 50 ms at {args.load:.0%} of peak: {'MET' if p99_ok else 'NOT MET'} ({opened.pct(.99):.1f} ms)")
+        print(
+            f"  {'case':<24} {'req/s':>9} {'events/s':>10} {'p50 ms':>7} {'p99 ms':>7} {'bare rec/s':>10} "
+            f"{'bare p50':>8} {'bare p99':>8} {'ratio':>6}"
+        )
+        for name, r, b, ratio in (
+            (f"single (closed, C={c})", single, bare_single, ratio_single),
+            (f"bulk x100 (closed, C={c})", bulk, bare_bulk, ratio_bulk),
+        ):
+            print(
+                f"  {name:<24} {r.rate:>9,.0f} {r.events:>10,.0f} {r.pct(0.5):>7.1f} {r.pct(0.99):>7.1f} "
+                f"{b.rate:>10,.0f} {b.pct(0.5):>8.1f} {b.pct(0.99):>8.1f} {ratio:>6.2f}"
+            )
+        print(
+            f"  {f'single (open, {round(args.load * 100)}%)':<24} {opened.rate:>9,.0f} "
+            f"{opened.events:>10,.0f} "
+            f"{opened.pct(0.5):>7.1f} {opened.pct(0.99):>7.1f}"
+        )
+        print(
+            f"  target ratio >= 0.5 on single: {'MET' if ratio_single >= 0.5 else 'NOT MET'} "
+            f"({ratio_single:.2f}); "
+            f"p99 < 50 ms at {args.load:.0%} of peak: {'MET' if p99_ok else 'NOT MET'} "
+            f"({opened.pct(0.99):.1f} ms)"
+        )
         failures = sum(r.failures for r in (single, bulk, opened))
         print(f"  non-200 / failed HTTP requests: {failures}")
 
@@ -412,19 +510,32 @@ def main() -> None:
 
 
 @contextlib.contextmanager
-def started_receiver(args: argparse.Namespace, describe: str
-                     ) -> Iterator[tuple[Settings, Path, subprocess.Popen[bytes], str]]:
+def started_receiver(
+    args: argparse.Namespace, describe: str
+) -> Iterator[tuple[Settings, Path, subprocess.Popen[bytes], str]]:
     """A broker (or --bootstrap), fresh topics and `headwater receiver` in its own process, its log in
     tmp/receiver.log: (settings, tmp, receiver process, base URL). The receiver is stopped on exit."""
-    with broker(args.bootstrap) as bootstrap, tempfile.TemporaryDirectory(prefix="headwater-bench-") as tmp_name:
+    with (
+        broker(args.bootstrap) as bootstrap,
+        tempfile.TemporaryDirectory(prefix="headwater-bench-") as tmp_name,
+    ):
         tmp = Path(tmp_name)
         settings = bench_settings(bootstrap, tmp)
         port = settings.receiver.port
         config = write_config(settings, tmp / "receiver.toml")
-        print(f"broker {bootstrap}; receiver on port {port}, {args.processes} process(es); {describe}; "
-              f"load average {os.getloadavg()[0]:.1f} before the run")
-        receiver = headwater(config, "receiver", "--port", str(port), "--processes", str(args.processes),
-                             log=tmp / "receiver.log")
+        print(
+            f"broker {bootstrap}; receiver on port {port}, {args.processes} process(es); {describe}; "
+            f"load average {os.getloadavg()[0]:.1f} before the run"
+        )
+        receiver = headwater(
+            config,
+            "receiver",
+            "--port",
+            str(port),
+            "--processes",
+            str(args.processes),
+            log=tmp / "receiver.log",
+        )
         try:
             yield settings, tmp, receiver, f"http://127.0.0.1:{port}"
         finally:
@@ -434,12 +545,17 @@ def started_receiver(args: argparse.Namespace, describe: str
 def wrk_main(args: argparse.Namespace) -> None:
     """Receiver, bare aiohttp server and bare producer on the same load, from one run (issue 11)."""
     c, d, w = args.concurrency, args.duration, args.warmup
-    with started_receiver(args, f"wrk -t1 -c{c}, {d:.0f}s per phase (+{w:.0f}s warm-up); {os.cpu_count()} "
-                          "CPUs shared by broker, servers and wrk") as (settings, tmp, receiver, base):
+    with started_receiver(
+        args,
+        f"wrk -t1 -c{c}, {d:.0f}s per phase (+{w:.0f}s warm-up); {os.cpu_count()} "
+        "CPUs shared by broker, servers and wrk",
+    ) as (settings, tmp, receiver, base):
         log = tmp / "receiver.log"
         bare_port = settings.receiver.port + 1
-        bare = subprocess.Popen([sys.executable, str(Path(__file__).with_name("bare_http.py")), str(bare_port)],
-                                stdin=subprocess.DEVNULL)
+        bare = subprocess.Popen(
+            [sys.executable, str(Path(__file__).with_name("bare_http.py")), str(bare_port)],
+            stdin=subprocess.DEVNULL,
+        )
         results: dict[str, WrkResult] = {}
         spy = None
         steal = StealMeter()
@@ -453,15 +569,34 @@ def wrk_main(args: argparse.Namespace) -> None:
                 script = lua_script(tmp / f"{source}.lua", bodies(source, per_request)[0], headers)
                 for label, url, pids in (
                     (f"receiver {name}", base + target, receiver_pids),
-                    (f"bare aiohttp {name}", f"http://127.0.0.1:{bare_port}{target}", {"bare_http": bare.pid}),
+                    (
+                        f"bare aiohttp {name}",
+                        f"http://127.0.0.1:{bare_port}{target}",
+                        {"bare_http": bare.pid},
+                    ),
                 ):
                     run_wrk(url, script, c, w, "warm-up")
                     meter = CpuMeter({**pids, "wrk+broker": os.getpid()})
                     if args.profile and label == "receiver single":
-                        spy = subprocess.Popen([py_spy(), "record", "--pid", str(receiver.pid), "--rate", "250",
-                                                "--format", "raw", "--output", str(tmp / "receiver.folded"),
-                                                "--nonblocking", "--duration", str(int(d))],
-                                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                        spy = subprocess.Popen(
+                            [
+                                py_spy(),
+                                "record",
+                                "--pid",
+                                str(receiver.pid),
+                                "--rate",
+                                "250",
+                                "--format",
+                                "raw",
+                                "--output",
+                                str(tmp / "receiver.folded"),
+                                "--nonblocking",
+                                "--duration",
+                                str(int(d)),
+                            ],
+                            stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL,
+                        )
                     phase_steal = StealMeter()
                     result = run_wrk(url, script, c, d, label)
                     result.steal = phase_steal.share()
@@ -473,14 +608,23 @@ def wrk_main(args: argparse.Namespace) -> None:
                     print(result.line())
                     if spy is not None:
                         spy.wait(60)
-            bare_single = run(bare_loop(settings, SINGLE, c, w, d, "bare producer single", {"bare": os.getpid()}))
+            bare_single = run(
+                bare_loop(settings, SINGLE, c, w, d, "bare producer single", {"bare": os.getpid()})
+            )
             print(bare_single.line())
             peak = results["receiver single"].rate
             opened = open_loop_at(args, base, tmp, args.load * peak, d, receiver_pids)
             # The same rate against the bare server: the tail the machine itself adds (the generator, the
             # broker and the server share its cores), next to the receiver's.
-            bare_opened = open_loop_at(args, f"http://127.0.0.1:{bare_port}", tmp, args.load * peak, d,
-                                       {"bare_http": bare.pid}, who="bare aiohttp")
+            bare_opened = open_loop_at(
+                args,
+                f"http://127.0.0.1:{bare_port}",
+                tmp,
+                args.load * peak,
+                d,
+                {"bare_http": bare.pid},
+                who="bare aiohttp",
+            )
             stored = run(topic_size(settings, settings.topics.raw(SINGLE[0])))
         finally:
             if spy is not None and spy.poll() is None:
@@ -490,28 +634,49 @@ def wrk_main(args: argparse.Namespace) -> None:
         single, bare_http = results["receiver single"], results["bare aiohttp single"]
         bulk, bare_http_bulk = results["receiver bulk x100"], results["bare aiohttp bulk x100"]
         ratio = single.rate / bare_http.rate if bare_http.rate else float("nan")
-        print(f"\nload average at the end {os.getloadavg()[0]:.1f}; CPU steal during the run {steal.share():.1%}")
+        print(
+            f"\nload average at the end {os.getloadavg()[0]:.1f}; CPU steal during the run "
+            f"{steal.share():.1%}"
+        )
         print("summary")
-        print(f"  receiver single {single.rate:,.0f} req/s vs bare aiohttp {bare_http.rate:,.0f} req/s: "
-              f"ratio {ratio:.2f} (target >= 0.5: {'MET' if ratio >= 0.5 else 'NOT MET'})")
-        print(f"  receiver bulk x100 {bulk.rate:,.0f} req/s vs bare aiohttp {bare_http_bulk.rate:,.0f} req/s: "
-              f"ratio {bulk.rate / bare_http_bulk.rate if bare_http_bulk.rate else float('nan'):.2f}")
-        print(f"  receiver single vs bare producer {bare_single.rate:,.0f} rec/s: "
-              f"ratio {single.rate / bare_single.rate if bare_single.rate else float('nan'):.2f}")
+        print(
+            f"  receiver single {single.rate:,.0f} req/s vs bare aiohttp {bare_http.rate:,.0f} req/s: "
+            f"ratio {ratio:.2f} (target >= 0.5: {'MET' if ratio >= 0.5 else 'NOT MET'})"
+        )
+        print(
+            f"  receiver bulk x100 {bulk.rate:,.0f} req/s vs bare aiohttp {bare_http_bulk.rate:,.0f} req/s: "
+            f"ratio {bulk.rate / bare_http_bulk.rate if bare_http_bulk.rate else float('nan'):.2f}"
+        )
+        print(
+            f"  receiver single vs bare producer {bare_single.rate:,.0f} rec/s: "
+            f"ratio {single.rate / bare_single.rate if bare_single.rate else float('nan'):.2f}"
+        )
         cpu = single.cpu["servers"]
-        print(f"  receiver CPU per request {1e6 * cpu / single.rate:,.0f} us; {single.rate / cpu:,.0f} req/s per core"
-              if single.rate and cpu else "  receiver CPU per request: n/a")
+        print(
+            f"  receiver CPU per request {1e6 * cpu / single.rate:,.0f} us; {single.rate / cpu:,.0f} req/s "
+            f"per core"
+            if single.rate and cpu
+            else "  receiver CPU per request: n/a"
+        )
         p50, p99 = opened_percentiles(opened)
         p99_ok = p99 < 50 and opened.failures == 0
-        print(f"  at {args.load:.0%} of peak ({opened.label.split('(')[-1].rstrip(')')}): p50 {p50:.1f} ms, "
-              f"p99 {p99:.1f} ms (target p99 < 50 ms: {'MET' if p99_ok else 'NOT MET'}); "
-              f"sent {opened.rate:,.0f} req/s, {opened.failures} not 200")
+        print(
+            f"  at {args.load:.0%} of peak ({opened.label.split('(')[-1].rstrip(')')}): p50 {p50:.1f} ms, "
+            f"p99 {p99:.1f} ms (target p99 < 50 ms: {'MET' if p99_ok else 'NOT MET'}); "
+            f"sent {opened.rate:,.0f} req/s, {opened.failures} not 200"
+        )
         bare_p50, bare_p99 = opened_percentiles(bare_opened)
-        print(f"  bare aiohttp at the same rate: p50 {bare_p50:.1f} ms, p99 {bare_p99:.1f} ms; "
-              f"sent {bare_opened.rate:,.0f} req/s, {bare_opened.failures} not 200")
-        expected = sum(r.ok for r in results.values() if r.label.endswith("single") and r.label.startswith("receiver"))
-        print(f"  records on raw.{SINGLE[0]}: {stored} (>= measured 200s {expected} + warm-up + open loop "
-              f"{opened.ok} + bare producer {bare_single.total_ok})")  # type: ignore[attr-defined]
+        print(
+            f"  bare aiohttp at the same rate: p50 {bare_p50:.1f} ms, p99 {bare_p99:.1f} ms; "
+            f"sent {bare_opened.rate:,.0f} req/s, {bare_opened.failures} not 200"
+        )
+        expected = sum(
+            r.ok for r in results.values() if r.label.endswith("single") and r.label.startswith("receiver")
+        )
+        print(
+            f"  records on raw.{SINGLE[0]}: {stored} (>= measured 200s {expected} + warm-up + open loop "
+            f"{opened.ok} + bare producer {bare_single.total_ok})"
+        )  # type: ignore[attr-defined]
         if isinstance(opened, Result):
             report_failures(opened)
         elif opened.errors:
@@ -519,14 +684,26 @@ def wrk_main(args: argparse.Namespace) -> None:
         print_profile(tmp / "receiver.folded", "receiver, single closed loop", 20, RECEIVER_CODE)
 
 
-def open_loop_at(args: argparse.Namespace, base: str, tmp: Path, rate: float, seconds: float,
-                 pids: dict[str, int], who: str = "receiver") -> Result | VegetaResult:
-    """Single-event requests at a fixed rate: vegeta when installed (it holds the rate), else the Python loop."""
+def open_loop_at(
+    args: argparse.Namespace,
+    base: str,
+    tmp: Path,
+    rate: float,
+    seconds: float,
+    pids: dict[str, int],
+    who: str = "receiver",
+) -> Result | VegetaResult:
+    """Single-event requests at a fixed rate: vegeta when installed (it holds the rate), else the Python
+    loop."""
     label = f"{who} single (open {args.load:.0%}"
     found = vegeta.binary()
     if found is None:
-        print("  (vegeta not installed: the Python open loop below may not hold the rate; see bench/vegeta.py)")
-        opened = run(open_loop(base, SINGLE, rate, seconds, max(256, 4 * args.concurrency), label + ")", pids))
+        print(
+            "  (vegeta not installed: the Python open loop below may not hold the rate; see bench/vegeta.py)"
+        )
+        opened = run(
+            open_loop(base, SINGLE, rate, seconds, max(256, 4 * args.concurrency), label + ")", pids)
+        )
         print(opened.line() + f"  (target {rate:,.0f} req/s, scheduled {opened.sent})")
         return opened
     target, headers = path_and_query(SINGLE[0])

@@ -27,8 +27,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
-from common import (bench_settings, body, broker, cpu_seconds, headwater, print_profile, py_spy, stop,
-                    write_config)
+from common import (
+    bench_settings,
+    body,
+    broker,
+    cpu_seconds,
+    headwater,
+    print_profile,
+    py_spy,
+    stop,
+    write_config,
+)
 
 from receiver import RECEIVER_CODE, machine_ticks, path_and_query, run, wait_ready
 
@@ -139,9 +148,11 @@ class Round:
         return 1e6 * self.cpu_s / self.requests
 
     def line(self) -> str:
-        return (f"  {self.server:<9} {self.requests:>7} req in {self.seconds:5.2f} s ({self.requests / self.seconds:7,.0f}"
-                f" req/s)  server CPU {self.cpu_s:5.2f} s = {self.us_per_request:6.1f} us/req  steal "
-                f"{self.steal:5.1%}  statuses {self.statuses}")
+        return (
+            f"  {self.server:<9} {self.requests:>7} req in {self.seconds:5.2f} s ({self.requests / self.seconds:7,.0f}"
+            f" req/s)  server CPU {self.cpu_s:5.2f} s = {self.us_per_request:6.1f} us/req  steal "
+            f"{self.steal:5.1%}  statuses {self.statuses}"
+        )
 
 
 def measure(server: str, pid: int, port: int, requests: list[bytes], total: int, concurrency: int) -> Round:
@@ -155,17 +166,28 @@ def measure(server: str, pid: int, port: int, requests: list[bytes], total: int,
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--bootstrap", help="An existing broker (default: a local one started for the run).")
     parser.add_argument("--requests", type=int, default=20_000, help="Requests per measured round.")
     parser.add_argument("--concurrency", type=int, default=64, help="Keep-alive connections.")
     parser.add_argument("--rounds", type=int, default=3, help="Measured rounds per server, alternating.")
     parser.add_argument("--source", default="customerglu", help="Endpoint of the single-event requests.")
-    parser.add_argument("--profile", type=Path, help="Write a py-spy raw profile of the receiver's rounds here.")
-    parser.add_argument("--compare", type=Path, help="Also measure, alternating, the receiver of this source tree "
-                        "(e.g. another worktree): printed as `other`.")
+    parser.add_argument(
+        "--profile", type=Path, help="Write a py-spy raw profile of the receiver's rounds here."
+    )
+    parser.add_argument(
+        "--compare",
+        type=Path,
+        help="Also measure, alternating, the receiver of this source tree "
+        "(e.g. another worktree): printed as `other`.",
+    )
     args = parser.parse_args()
-    with broker(args.bootstrap) as bootstrap, tempfile.TemporaryDirectory(prefix="headwater-cpu-") as tmp_name:
+    with (
+        broker(args.bootstrap) as bootstrap,
+        tempfile.TemporaryDirectory(prefix="headwater-cpu-") as tmp_name,
+    ):
         tmp = Path(tmp_name)
         settings = bench_settings(bootstrap, tmp)
         port = settings.receiver.port
@@ -173,15 +195,30 @@ def main() -> None:
         config = write_config(settings, tmp / "receiver.toml")
         log = tmp / "receiver.log"
         receiver = headwater(config, "receiver", "--port", str(port), log=log)
-        bare = subprocess.Popen([sys.executable, str(Path(__file__).with_name("bare_http.py")), str(bare_port)],
-                                stdin=subprocess.DEVNULL)
+        bare = subprocess.Popen(
+            [sys.executable, str(Path(__file__).with_name("bare_http.py")), str(bare_port)],
+            stdin=subprocess.DEVNULL,
+        )
         other = None
         if args.compare:  # the same receiver command run from another source tree (its cwd), same topics
             other_port = port + 2
-            other = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "--config", str(config), "receiver",
-                                      "--port", str(other_port)], cwd=args.compare, stdin=subprocess.DEVNULL,
-                                     env={**os.environ, "HEADWATER_RECEIVER_OPERATOR_PORT": "0"},  # ours has it
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+            other = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "pipeline.cli",
+                    "--config",
+                    str(config),
+                    "receiver",
+                    "--port",
+                    str(other_port),
+                ],
+                cwd=args.compare,
+                stdin=subprocess.DEVNULL,
+                env={**os.environ, "HEADWATER_RECEIVER_OPERATOR_PORT": "0"},  # ours has it
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.STDOUT,
+            )
         spy = None
         try:
             run(wait_ready(f"http://127.0.0.1:{port}", receiver, log))
@@ -191,17 +228,36 @@ def main() -> None:
                 run(wait_ready(f"http://127.0.0.1:{other_port}", other, log))
                 servers["other"] = (other.pid, other_port)
             load = {name: requests_for("127.0.0.1", p, args.source) for name, (_, p) in servers.items()}
-            print(f"{args.requests} {args.source} requests per round over {args.concurrency} connections; "
-                  f"load average {os.getloadavg()[0]:.1f}")
-            for name, (pid, p) in servers.items():  # warm-up: connections, templates, metadata, JIT-less caches
+            print(
+                f"{args.requests} {args.source} requests per round over {args.concurrency} connections; "
+                f"load average {os.getloadavg()[0]:.1f}"
+            )
+            for name, (
+                pid,
+                p,
+            ) in servers.items():  # warm-up: connections, templates, metadata, JIT-less caches
                 measure(name, pid, p, load[name], args.requests // 4, args.concurrency)
             rounds: list[Round] = []
             for _ in range(args.rounds):
                 for name, (pid, p) in servers.items():
                     if args.profile and name == "receiver":
-                        spy = subprocess.Popen([py_spy(), "record", "--pid", str(pid), "--rate", "500", "--format",
-                                                "raw", "--output", str(args.profile), "--nonblocking"],
-                                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                        spy = subprocess.Popen(
+                            [
+                                py_spy(),
+                                "record",
+                                "--pid",
+                                str(pid),
+                                "--rate",
+                                "500",
+                                "--format",
+                                "raw",
+                                "--output",
+                                str(args.profile),
+                                "--nonblocking",
+                            ],
+                            stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL,
+                        )
                         time.sleep(1.0)
                     result = measure(name, pid, p, load[name], args.requests, args.concurrency)
                     if spy is not None:
@@ -212,8 +268,10 @@ def main() -> None:
                     print(result.line(), flush=True)
             batches = run(produce_batches(f"http://127.0.0.1:{settings.receiver.operator_port}", args.source))
             served = args.requests // 4 + sum(r.requests for r in rounds if r.server == "receiver")
-            print(f"  receiver: {batches:,.0f} record batches acknowledged for {served:,} requests "
-                  f"({served / max(1, batches):.1f} records a batch)")
+            print(
+                f"  receiver: {batches:,.0f} record batches acknowledged for {served:,} requests "
+                f"({served / max(1, batches):.1f} records a batch)"
+            )
         finally:
             if spy is not None and spy.poll() is None:
                 spy.kill()
@@ -228,17 +286,24 @@ def main() -> None:
 
 def summary(rounds: list[Round], total: int) -> None:
     failed = sum(n for r in rounds for s, n in r.statuses.items() if s != 200) + sum(
-        total - sum(r.statuses.values()) for r in rounds)
+        total - sum(r.statuses.values()) for r in rounds
+    )
     names = sorted({r.server for r in rounds})
     median = {name: statistics.median(r.us_per_request for r in rounds if r.server == name) for name in names}
-    rate = {name: statistics.median(r.requests / r.seconds for r in rounds if r.server == name) for name in names}
+    rate = {
+        name: statistics.median(r.requests / r.seconds for r in rounds if r.server == name) for name in names
+    }
     steal = statistics.mean(r.steal for r in rounds)
     if "other" in median:
-        print(f"median other receiver: {median['other']:.1f} us CPU, {rate['other']:,.0f} req/s; this receiver "
-              f"{rate['receiver']:,.0f} req/s")
-    print(f"median CPU per request: receiver {median['receiver']:.1f} us, bare aiohttp {median['bare']:.1f} us, "
-          f"ratio bare/receiver {median['bare'] / median['receiver']:.2f}; mean steal {steal:.1%}; "
-          f"not 200: {failed}")
+        print(
+            f"median other receiver: {median['other']:.1f} us CPU, {rate['other']:,.0f} req/s; this receiver "
+            f"{rate['receiver']:,.0f} req/s"
+        )
+    print(
+        f"median CPU per request: receiver {median['receiver']:.1f} us, bare aiohttp {median['bare']:.1f} us, "
+        f"ratio bare/receiver {median['bare'] / median['receiver']:.2f}; mean steal {steal:.1%}; "
+        f"not 200: {failed}"
+    )
     if failed:
         raise SystemExit(1)
 

@@ -33,10 +33,13 @@ from common import RecordCounter, produce_all  # noqa: E402
 from rigs.kafka import toml_text  # noqa: E402
 
 from pipeline.config import LocalKafkaSettings, Settings  # noqa: E402
-from pipeline.records import new_request_id  # noqa: E402
 from pipeline.kafka.clients import ensure_topics  # noqa: E402
 from pipeline.kafka.local import LocalKafka, free_port  # noqa: E402
-from pipeline.records import RawHeaders, utc_now  # noqa: E402
+from pipeline.records import (  # noqa: E402
+    RawHeaders,
+    new_request_id,  # noqa: E402
+    utc_now,
+)
 
 SOURCE = "customerglu"
 REPEAT_EVERY = 20  # every 20th record repeats an earlier id: dedup has real work
@@ -44,14 +47,21 @@ REPEAT_EVERY = 20  # every 20th record repeats an earlier id: dedup has real wor
 
 def settings_for(bootstrap: str, run: str, partitions: int, data_dir: Path) -> Settings:
     prefix = f"bench_{run}_{uuid.uuid4().hex[:6]}"
-    return Settings.model_validate({
-        "kafka": {"bootstrap_servers": bootstrap, "partitions": partitions},
-        "local_kafka": {"enabled": False},
-        "topics": {"raw_prefix": f"{prefix}.raw.", "canonical": f"{prefix}.canonical", "dlq": f"{prefix}.dlq",
-                   "keyed": f"{prefix}.keyed", "replay_results": f"{prefix}.replay-results"},
-        "worker": {"app_id": prefix, "data_dir": str(data_dir / prefix), "web_port": 0},
-        "tenants": [{"id": "bench", "write_keys": ["wk_bench"]}],
-    })
+    return Settings.model_validate(
+        {
+            "kafka": {"bootstrap_servers": bootstrap, "partitions": partitions},
+            "local_kafka": {"enabled": False},
+            "topics": {
+                "raw_prefix": f"{prefix}.raw.",
+                "canonical": f"{prefix}.canonical",
+                "dlq": f"{prefix}.dlq",
+                "keyed": f"{prefix}.keyed",
+                "replay_results": f"{prefix}.replay-results",
+            },
+            "worker": {"app_id": prefix, "data_dir": str(data_dir / prefix), "web_port": 0},
+            "tenants": [{"id": "bench", "write_keys": ["wk_bench"]}],
+        }
+    )
 
 
 def bodies(count: int) -> tuple[list[bytes], int]:
@@ -59,8 +69,17 @@ def bodies(count: int) -> tuple[list[bytes], int]:
     out = []
     for i in range(count):
         n = i // 2 if i % REPEAT_EVERY == REPEAT_EVERY - 1 else i
-        out.append(orjson.dumps({"event_id": f"b_{n}", "event_name": "tick", "user_id": f"u{n % 997}",
-                                 "timestamp": 1709294400 + n, "event_properties": {"n": n, "plan": "pro"}}))
+        out.append(
+            orjson.dumps(
+                {
+                    "event_id": f"b_{n}",
+                    "event_name": "tick",
+                    "user_id": f"u{n % 997}",
+                    "timestamp": 1709294400 + n,
+                    "event_properties": {"n": n, "plan": "pro"},
+                }
+            )
+        )
     distinct = len({orjson.loads(b)["event_id"] for b in out})
     return out, distinct
 
@@ -70,15 +89,21 @@ async def preload(settings: Settings, records: list[bytes]) -> None:
     await ensure_topics(settings, [topics.raw(SOURCE), topics.keyed, topics.canonical, topics.dlq])
 
     def with_headers(body: bytes) -> tuple[str, bytes, list[tuple[str, bytes]]]:
-        headers = RawHeaders(tenant="bench", source=SOURCE, received_at=utc_now(), request_id=new_request_id(),
-                             content_type="application/json")
+        headers = RawHeaders(
+            tenant="bench",
+            source=SOURCE,
+            received_at=utc_now(),
+            request_id=new_request_id(),
+            content_type="application/json",
+        )
         return topics.raw(SOURCE), body, headers.to_kafka()
 
     await produce_all(settings, map(with_headers, records))
 
 
-def run(settings: Settings, workers: int, expected: int, config_dir: Path,
-        timeout_s: float) -> dict[str, Any]:
+def run(
+    settings: Settings, workers: int, expected: int, config_dir: Path, timeout_s: float
+) -> dict[str, Any]:
     """Start `workers` processes on preloaded topics; time the drain."""
     config = config_dir / f"{settings.worker.app_id}.toml"
     config.write_text(toml_text(settings))
@@ -93,8 +118,10 @@ def run(settings: Settings, workers: int, expected: int, config_dir: Path,
         async with RecordCounter(settings, settings.topics.canonical) as counter:
             while (count := await counter.read()) < expected:
                 if time.monotonic() - started > timeout_s:
-                    raise RuntimeError(f"{workers} worker(s): only {count} of {expected} canonical "
-                                       f"after {timeout_s:.0f}s (logs in {config_dir})")
+                    raise RuntimeError(
+                        f"{workers} worker(s): only {count} of {expected} canonical "
+                        f"after {timeout_s:.0f}s (logs in {config_dir})"
+                    )
                 if any(p.poll() is not None for p in processes):
                     raise RuntimeError(f"a worker exited early (logs in {config_dir})")
                 if count and first_at is None:
@@ -115,25 +142,32 @@ def run(settings: Settings, workers: int, expected: int, config_dir: Path,
         for log in logs:
             log.close()
     drain_s = max(done_at - first_at, 1e-6)
-    return {"workers": workers, "events_per_s": (expected - first_count) / drain_s, "drain_s": drain_s,
-            "wall_s": done_at - started}
+    return {
+        "workers": workers,
+        "events_per_s": (expected - first_count) / drain_s,
+        "drain_s": drain_s,
+        "wall_s": done_at - started,
+    }
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--events", type=int, default=60_000, help="raw records per run (default 60000)")
     parser.add_argument("--partitions", type=int, default=6, help="partitions per topic (default 6)")
-    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2],
-                        help="worker counts to run (default 1 2)")
+    parser.add_argument(
+        "--workers", type=int, nargs="+", default=[1, 2], help="worker counts to run (default 1 2)"
+    )
     parser.add_argument("--timeout", type=float, default=300, help="seconds per run before giving up")
     args = parser.parse_args()
 
     records, distinct = bodies(args.events)
     with tempfile.TemporaryDirectory(prefix="headwater-bench-") as tmp:
         work = Path(tmp)
-        broker = LocalKafka(LocalKafkaSettings(port=free_port(), controller_port=free_port(),
-                                               data_dir=work / "kafka"))
+        broker = LocalKafka(
+            LocalKafkaSettings(port=free_port(), controller_port=free_port(), data_dir=work / "kafka")
+        )
         broker.up(bound_to_parent=True)
         bootstrap = f"127.0.0.1:{broker.settings.port}"
         results = []
@@ -142,20 +176,27 @@ def main() -> None:
                 settings = settings_for(bootstrap, f"w{workers}", args.partitions, work)
                 loaded = time.monotonic()
                 asyncio.run(preload(settings, records))
-                print(f"preloaded {len(records)} raw records ({distinct} distinct ids) in "
-                      f"{time.monotonic() - loaded:.1f}s; running {workers} worker(s)...", flush=True)
+                print(
+                    f"preloaded {len(records)} raw records ({distinct} distinct ids) in "
+                    f"{time.monotonic() - loaded:.1f}s; running {workers} worker(s)...",
+                    flush=True,
+                )
                 result = run(settings, workers, distinct, work, args.timeout)
                 results.append(result)
-                print(f"  {workers} worker(s): {result['events_per_s']:,.0f} events/s "
-                      f"(drain {result['drain_s']:.1f}s, wall incl. start-up {result['wall_s']:.1f}s)",
-                      flush=True)
+                print(
+                    f"  {workers} worker(s): {result['events_per_s']:,.0f} events/s "
+                    f"(drain {result['drain_s']:.1f}s, wall incl. start-up {result['wall_s']:.1f}s)",
+                    flush=True,
+                )
         finally:
             broker.down()
     if len(results) >= 2:
         base = results[0]
         for other in results[1:]:
-            print(f"scaling {base['workers']} -> {other['workers']} workers: "
-                  f"x{other['events_per_s'] / base['events_per_s']:.2f}")
+            print(
+                f"scaling {base['workers']} -> {other['workers']} workers: "
+                f"x{other['events_per_s'] / base['events_per_s']:.2f}"
+            )
 
 
 if __name__ == "__main__":

@@ -44,10 +44,13 @@ class VegetaResult:
 
     def line(self) -> str:
         cpu = " ".join(f"{k} {v:.0%}" for k, v in self.cpu.items())
-        return (f"{self.label:<30} {self.rate:>9,.0f} req/s sent (target {self.target_rate:,.0f})  "
-                f"p50 {self.percentiles_ms.get(50, 0):6.1f} ms  p99 {self.percentiles_ms.get(99, 0):6.1f} ms  "
-                f"max {self.percentiles_ms.get(100, 0):6.1f} ms  ok {self.ok}  failed {self.failures}"
-                + (f"  cpu[{cpu}]" if cpu else "") + (f"  steal {self.steal:.1%}" if self.steal is not None else ""))
+        return (
+            f"{self.label:<30} {self.rate:>9,.0f} req/s sent (target {self.target_rate:,.0f})  "
+            f"p50 {self.percentiles_ms.get(50, 0):6.1f} ms  p99 {self.percentiles_ms.get(99, 0):6.1f} ms  "
+            f"max {self.percentiles_ms.get(100, 0):6.1f} ms  ok {self.ok}  failed {self.failures}"
+            + (f"  cpu[{cpu}]" if cpu else "")
+            + (f"  steal {self.steal:.1%}" if self.steal is not None else "")
+        )
 
 
 def binary() -> str | None:
@@ -73,11 +76,20 @@ def attack(vegeta: str, targets_file: Path, rate: float, seconds: float, label: 
     down is met with thousands of new connections and the generator takes the machine's CPU. With the
     cap, a server slower than MAX_WORKERS / rate makes vegeta fall behind the rate instead, which the
     result shows as `rate` (sent) below `target_rate`."""
-    attack_cmd = [vegeta, "attack", f"-targets={targets_file}", f"-rate={max(1, round(rate))}/1s",
-                  f"-duration={seconds:.0f}s", "-timeout=30s", "-keepalive=true", f"-max-workers={MAX_WORKERS}"]
+    attack_cmd = [
+        vegeta,
+        "attack",
+        f"-targets={targets_file}",
+        f"-rate={max(1, round(rate))}/1s",
+        f"-duration={seconds:.0f}s",
+        "-timeout=30s",
+        "-keepalive=true",
+        f"-max-workers={MAX_WORKERS}",
+    ]
     attacked = subprocess.run(attack_cmd, capture_output=True, check=True)
-    report = subprocess.run([vegeta, "report", "-type=json"], input=attacked.stdout, capture_output=True,
-                            check=True).stdout
+    report = subprocess.run(
+        [vegeta, "report", "-type=json"], input=attacked.stdout, capture_output=True, check=True
+    ).stdout
     data = json.loads(report)
     latencies = data.get("latencies", {})
     result = VegetaResult(label, rate)

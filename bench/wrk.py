@@ -35,10 +35,13 @@ class WrkResult:
         main = next(iter(self.cpu.values()), 0.0)
         if main:
             cpu += f"; {self.rate / main:,.0f} req per CPU-s ({1e6 * main / self.rate:,.0f} us CPU/req)"
-        return (f"{self.label:<30} {self.rate:>9,.0f} req/s {self.rate * self.events_per_request:>10,.0f} ev/s"
-                f"  p50 {self.percentiles_ms.get(50, 0):6.1f} ms  p99 {self.percentiles_ms.get(99, 0):6.1f} ms"
-                f"  non-2xx {self.non_2xx}  socket errors {self.socket_errors}" + (f"  cpu[{cpu}]" if cpu else "")
-                + (f"  steal {self.steal:.1%}" if self.steal is not None else ""))
+        return (
+            f"{self.label:<30} {self.rate:>9,.0f} req/s {self.rate * self.events_per_request:>10,.0f} ev/s"
+            f"  p50 {self.percentiles_ms.get(50, 0):6.1f} ms  p99 {self.percentiles_ms.get(99, 0):6.1f} ms"
+            f"  non-2xx {self.non_2xx}  socket errors {self.socket_errors}"
+            + (f"  cpu[{cpu}]" if cpu else "")
+            + (f"  steal {self.steal:.1%}" if self.steal is not None else "")
+        )
 
 
 def available() -> bool:
@@ -55,11 +58,26 @@ def lua_script(path: Path, body: bytes, headers: dict[str, str]) -> Path:
     return path
 
 
-def run_wrk(url: str, script: Path, connections: int, seconds: float, label: str, threads: int = 1) -> WrkResult:
+def run_wrk(
+    url: str, script: Path, connections: int, seconds: float, label: str, threads: int = 1
+) -> WrkResult:
     out = subprocess.run(
-        ["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{seconds:.0f}s", "--latency", "-s", str(script),
-         url],
-        capture_output=True, text=True, check=True,
+        [
+            "wrk",
+            "-t",
+            str(threads),
+            "-c",
+            str(connections),
+            "-d",
+            f"{seconds:.0f}s",
+            "--latency",
+            "-s",
+            str(script),
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     result = WrkResult(label)
     if match := re.search(r"Requests/sec:\s+([\d.]+)", out):

@@ -29,7 +29,7 @@ def settle_garbage_collector(gen0_threshold: int = GC_GEN0_THRESHOLD) -> None:
     (gc.set_threshold): in the receiver's run GC time fell from 192 to 65 ms and full collections from 2
     to 1. Reference counting still frees almost everything at once; only cycles wait a little longer.
     The worker passes WORKER_GC_GEN0_THRESHOLD: a young collection there scans what the batches in flight
-    still hold, so fewer of them do less work. Timed with gc.callbacks over a `bench/pipeline.py` single-event
+    still hold, so fewer of them do less work. Timed with gc.callbacks over a `bench/worker.py` single-event
     run, the worker's collections after start-up took 0.111 and 0.129 s at 10,000 and 0.060 and 0.074 s at
     100,000 (of ~2.5 s of CPU); the extra young objects are a few MB at most.
     """
