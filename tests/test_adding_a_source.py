@@ -1,4 +1,5 @@
-"""Adding a source is one adapter module: its route, auth and processing come from what it declares (issue 9)."""
+"""Adding a source is one adapter module: its route, auth and processing come from what it declares (issue
+9)."""
 
 from __future__ import annotations
 
@@ -82,8 +83,12 @@ def acmeforms_worker(settings: Settings, tmp_path: Path) -> Iterator[subprocess.
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     with (tmp_path / "worker.log").open("wb") as log:
-        process = subprocess.Popen([sys.executable, str(script), str(config), str(tmp_path / "plugins")],
-                                   stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        process = subprocess.Popen(
+            [sys.executable, str(script), str(config), str(tmp_path / "plugins")],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
         yield process
         process.terminate()
         try:
@@ -101,7 +106,10 @@ def post(url: str, body: bytes, headers: dict[str, str]) -> int:
 
 
 def test_a_registered_adapter_gets_a_route_auth_and_end_to_end_processing(
-    settings: Settings, loop_thread: LoopThread, acmeforms: ModuleType, acmeforms_worker: subprocess.Popen[bytes]
+    settings: Settings,
+    loop_thread: LoopThread,
+    acmeforms: ModuleType,
+    acmeforms_worker: subprocess.Popen[bytes],
 ) -> None:
     """A module that declares ROUTES, AUTH and REQUEST_META is served, authenticated, stored with its request
     metadata and normalized into a canonical event, with no other module changed."""
@@ -109,7 +117,9 @@ def test_a_registered_adapter_gets_a_route_auth_and_end_to_end_processing(
     port = loop_thread.run(receiver.start())
     try:
         url = f"http://127.0.0.1:{port}/acmeforms/v1"
-        body = orjson.dumps({"respondent": "u_7", "submission_id": "sub_1", "submitted_at": "2024-03-01T12:00:00Z"})
+        body = orjson.dumps(
+            {"respondent": "u_7", "submission_id": "sub_1", "submitted_at": "2024-03-01T12:00:00Z"}
+        )
         with pytest.raises(urllib.error.HTTPError) as refused:
             post(url, body, {"X-API-KEY": "not-a-key"})
         assert refused.value.code == 401

@@ -16,7 +16,8 @@ SCRIPTS = sorted(p.name for p in BENCH.glob("*.py") if "argparse" in p.read_text
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_a_benchmark_script_answers_help(script: str) -> None:
     """A benchmark whose imports broke (a moved module) fails here, not on the day someone measures."""
-    done = subprocess.run([sys.executable, str(BENCH / script), "--help"], capture_output=True, text=True,
-                          timeout=60)
+    done = subprocess.run(
+        [sys.executable, str(BENCH / script), "--help"], capture_output=True, text=True, timeout=60
+    )
     assert done.returncode == 0, done.stderr
     assert "usage" in done.stdout.lower()

@@ -255,8 +255,15 @@ def test_a_request_aiohttp_cannot_parse_is_logged_at_debug_not_error() -> None:
     from aiohttp.http_exceptions import BadHttpMessage
 
     def record(exc: BaseException) -> logging.LogRecord:
-        return logging.LogRecord("aiohttp.server", logging.ERROR, __file__, 1, "Error handling request from %s",
-                                 ("127.0.0.1",), (type(exc), exc, None))
+        return logging.LogRecord(
+            "aiohttp.server",
+            logging.ERROR,
+            __file__,
+            1,
+            "Error handling request from %s",
+            ("127.0.0.1",),
+            (type(exc), exc, None),
+        )
 
     quiet, shown = logs.RoutineRetriesToDebug(show_debug=False), logs.RoutineRetriesToDebug(show_debug=True)
     malformed = record(BadHttpMessage("Invalid header token"))

@@ -18,10 +18,19 @@ print("LOADED:" + ",".join(sorted(m for m in ("faust", "mode") if m in sys.modul
 """
 
 
-@pytest.mark.parametrize("args", [
-    ["--help"], ["kafka", "status", "--help"], ["kafka", "up", "--help"], ["dlq", "--help"], ["dlq", "ls", "--help"],
-    ["replay", "--help"], ["rewards", "--help"], ["worker", "--help"],
-])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--help"],
+        ["kafka", "status", "--help"],
+        ["kafka", "up", "--help"],
+        ["dlq", "--help"],
+        ["dlq", "ls", "--help"],
+        ["replay", "--help"],
+        ["rewards", "--help"],
+        ["worker", "--help"],
+    ],
+)
 def test_a_light_command_does_not_import_faust(args: list[str]) -> None:
     """Loading the CLI and running these commands imports neither faust nor its mode library."""
     result = subprocess.run([sys.executable, "-c", PROBE, *args], capture_output=True, text=True, timeout=60)

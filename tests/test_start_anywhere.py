@@ -32,7 +32,11 @@ def run_from_empty_dir(tmp_path: Path) -> Iterator[Callable[[Settings, list[str]
         env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(REPO), "HEADWATER_CONFIG": str(config)}
         log = (tmp_path / f"command{len(started)}.log").open("wb")
         process = subprocess.Popen(
-            [sys.executable, "-m", "pipeline.cli", *args], cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT
+            [sys.executable, "-m", "pipeline.cli", *args],
+            cwd=cwd,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
         started.append(process)
         return process
@@ -52,7 +56,9 @@ def test_a_worker_started_in_an_empty_directory_processes_an_event(
 ) -> None:
     """With the default relative worker.data_dir, `headwater worker` creates it (and its parents) and runs."""
     settings = make_settings(worker={"data_dir": ".headwater/worker", "web_port": free_port()})
-    body = orjson.dumps({"event_id": "anywhere_1", "event_name": "tick", "user_id": "u1", "timestamp": 1709294400})
+    body = orjson.dumps(
+        {"event_id": "anywhere_1", "event_name": "tick", "user_id": "u1", "timestamp": 1709294400}
+    )
     produce_raw(settings, "customerglu", [body])
     worker = run_from_empty_dir(settings, ["worker", "--source", "customerglu"])
     wait_for(lambda: read_records(settings, settings.topics.canonical), timeout=90)
@@ -68,7 +74,9 @@ def test_a_receiver_started_in_an_empty_directory_accepts_a_request(
     port = free_port()
     settings = make_settings(receiver={"port": port})
     receiver = run_from_empty_dir(settings, ["receiver"])
-    body = orjson.dumps({"event_id": "anywhere_2", "event_name": "tick", "user_id": "u1", "timestamp": 1709294400})
+    body = orjson.dumps(
+        {"event_id": "anywhere_2", "event_name": "tick", "user_id": "u1", "timestamp": 1709294400}
+    )
 
     def post() -> int:
         request = urllib.request.Request(

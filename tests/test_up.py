@@ -44,13 +44,22 @@ def test_up_runs_two_rocksdb_workers_side_by_side_from_an_empty_directory(
     config = tmp_path / "headwater.toml"
     config.write_text(toml_text(settings))
     log = (tmp_path / "up.log").open("wb")
-    up = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "up", "--workers", "2", "--no-rewards"], cwd=home,
-                          env={**os.environ, "HEADWATER_CONFIG": str(config)}, stdout=log, stderr=subprocess.STDOUT,
-                          stdin=subprocess.DEVNULL)
+    up = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", "up", "--workers", "2", "--no-rewards"],
+        cwd=home,
+        env={**os.environ, "HEADWATER_CONFIG": str(config)},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+    )
     try:
+
         def ready_lines() -> list[str]:
-            return [line for line in (tmp_path / "up.log").read_text(errors="replace").splitlines()
-                    if " ready in " in line]
+            return [
+                line
+                for line in (tmp_path / "up.log").read_text(errors="replace").splitlines()
+                if " ready in " in line
+            ]
 
         [ready] = wait_for(ready_lines, timeout=90)
         assert f"receiver http://127.0.0.1:{ports['receiver']}" in ready and f"config {config}" in ready
@@ -58,16 +67,21 @@ def test_up_runs_two_rocksdb_workers_side_by_side_from_an_empty_directory(
         for port in (ports["worker"], ports["worker"] + 1):  # what "ready" promised: every partition owned
             health = orjson.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=3).read())
             assert health["stages"]["dedup"]["partitions"] == settings.kafka.partitions
-        body = orjson.dumps({"event_id": "up_1", "event_name": "kyc", "user_id": "u1",
-                             "timestamp": "2024-03-01T12:00:00Z"})
-        request = urllib.request.Request(f"http://127.0.0.1:{ports['receiver']}/server/v4", data=body,
-                                         headers={"X-API-KEY": "wk_acme_1"}, method="POST")
+        body = orjson.dumps(
+            {"event_id": "up_1", "event_name": "kyc", "user_id": "u1", "timestamp": "2024-03-01T12:00:00Z"}
+        )
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{ports['receiver']}/server/v4",
+            data=body,
+            headers={"X-API-KEY": "wk_acme_1"},
+            method="POST",
+        )
         with urllib.request.urlopen(request, timeout=10) as response:
             assert response.status == 200
         [event] = wait_for(lambda: read_records(settings, settings.topics.canonical), timeout=15)
         assert orjson.loads(event.value)["event_id"] == "up_1"
         for port in (ports["worker"], ports["worker"] + 1):
-            wait_for(lambda port=port: get(f"http://127.0.0.1:{port}/metrics") == 200, timeout=60)
+            wait_for(lambda: get(f"http://127.0.0.1:{port}/metrics") == 200, timeout=60)  # noqa: B023
         assert {p.name for p in (home / "state" / "worker").iterdir()} == {"worker-0", "worker-1"}
         up.send_signal(signal.SIGINT)
         assert up.wait(60) == 0

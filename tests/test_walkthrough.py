@@ -82,7 +82,7 @@ def test_every_command_of_the_first_five_minutes_runs_and_shows_what_the_readme_
     sent = 0
     for command in commands:
         if command.startswith("headwater"):  # a person gives the worker a second; the test waits for it
-            wait_for(lambda sent=sent: outcomes() >= sent, timeout=90)
+            wait_for(lambda: outcomes() >= sent, timeout=90)  # noqa: B023 (called before the loop moves on)
         substituted = command.replace(SHIPPED_ADDRESS, base.removeprefix("http://"))
         done = subprocess.run(
             ["bash", "-c", substituted], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120
@@ -90,7 +90,9 @@ def test_every_command_of_the_first_five_minutes_runs_and_shows_what_the_readme_
         assert done.returncode == 0, f"{command}\n{done.stdout}\n{done.stderr}"
         assert "Traceback" not in done.stderr, done.stderr
         runs.append(Run(command, done.stdout, done.stderr))
-        sent += command.startswith("curl") or (command.startswith("headwater dlq redrive") and "--dry-run" not in command)
+        sent += command.startswith("curl") or (
+            command.startswith("headwater dlq redrive") and "--dry-run" not in command
+        )
 
     def outputs(prefix: str) -> list[str]:
         return [run.stdout for run in runs if run.command.startswith(prefix)]
@@ -105,8 +107,11 @@ def test_every_command_of_the_first_five_minutes_runs_and_shows_what_the_readme_
     [shown, _] = outputs("headwater dlq show")  # the second wrote the stored body to evt_3.json
     assert "missing_user_identity" in shown and '"event_id": "evt_3"' in shown
     assert orjson.loads((tmp_path / "evt_3.json").read_bytes()) == {  # as corrected by the sed line
-        "event_id": "evt_3", "user_id": "usr_503", "event_name": "kyc_completed",
-        "timestamp": "2024-03-01T12:10:00Z"}
+        "event_id": "evt_3",
+        "user_id": "usr_503",
+        "event_name": "kyc_completed",
+        "timestamp": "2024-03-01T12:10:00Z",
+    }
     dry, redriven = outputs("headwater dlq redrive")
     assert "would republish 1 raw record(s)" in dry
     assert "republished 1 raw record(s)" in redriven and "corrected body" in redriven

@@ -1,7 +1,8 @@
 """Every vector under vectors/<source>/ through its adapter and through the real driver.
 
 One runner for all sources (sources.md §4): the adapter alone gives drafts and rejections; the driver
-(`pipeline.stream.record_outcomes.outcomes`) adds validation, fingerprinting and the dead letters themselves. A vector holds `body` (a JSON value), `raw_body` (text
+(`pipeline.stream.record_outcomes.outcomes`) adds validation, fingerprinting and the dead letters themselves.
+A vector holds `body` (a JSON value), `raw_body` (text
 sent as is, for invalid JSON) or `raw_body_b64` (bytes), optional `meta` overrides, and the
 `expected` outcomes in order: the draft fields it lists, or {"reason", "index"[, "path"]}.
 """
@@ -119,7 +120,8 @@ def test_vectors_state_their_rule() -> None:
 
 
 def driver_view(outcome: CanonicalEvent | DeadLetter) -> dict[str, Any]:
-    """What the real driver (pipeline.stream.record_outcomes.outcomes) made of an item, in a vector's terms."""
+    """What the real driver (pipeline.stream.record_outcomes.outcomes) made of an item, in a vector's
+    terms."""
     if isinstance(outcome, DeadLetter):
         path = outcome.errors[0].path if outcome.errors else None
         return {"reason": outcome.reason, "index": outcome.index, "path": path}
@@ -152,9 +154,9 @@ def test_vector_through_the_driver(path: Path) -> None:
     made = list(driver_outcomes(raw, ADAPTERS[source]))
     actual = [driver_view(outcome) for outcome in made]
     expected = [{k: v for k, v in want.items() if k != "fingerprint_extra"} for want in vector["expected"]]
-    assert [{key: got.get(key, "<absent>") for key in want} for want, got in zip(expected, actual, strict=False)] == (
-        expected
-    )
+    assert [
+        {key: got.get(key, "<absent>") for key in want} for want, got in zip(expected, actual, strict=False)
+    ] == (expected)
     assert len(actual) == len(expected), actual
     letters = [outcome for outcome in made if isinstance(outcome, DeadLetter)]
     if letters:  # the body is stored once per raw record: the first letter carries it, the others point to it

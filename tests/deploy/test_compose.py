@@ -20,7 +20,6 @@ from urllib.parse import urlsplit
 import click
 import pytest
 import yaml
-from pipeline.config import EXAMPLE_CONFIG, load_settings
 from rigs.compose import (
     EXPECTED_COMMANDS,
     HEADWATER,
@@ -43,6 +42,8 @@ from rigs.compose import (
     settings_of,
 )
 
+from pipeline.config import EXAMPLE_CONFIG, load_settings
+
 
 class TestCommands:
     @pytest.mark.parametrize("name", sorted(EXPECTED_COMMANDS))
@@ -57,8 +58,16 @@ class TestCommands:
             path = ()
         assert path == EXPECTED_COMMANDS[name]
 
-    @pytest.mark.parametrize("args", [["workers"], ["receiver", "--prot", "8080"], ["rewards", "go"],
-                                      ["rewards", "run", "--exit-after", "soon"], ["kafka"]])
+    @pytest.mark.parametrize(
+        "args",
+        [
+            ["workers"],
+            ["receiver", "--prot", "8080"],
+            ["rewards", "go"],
+            ["rewards", "run", "--exit-after", "soon"],
+            ["kafka"],
+        ],
+    )
     def test_a_command_headwater_would_refuse_is_refused_here_too(self, args: list[str]) -> None:
         """The check above is not vacuous: a misspelt subcommand or option, or a bad value, fails."""
         with pytest.raises(click.UsageError):
@@ -67,8 +76,9 @@ class TestCommands:
     def test_the_stack_is_kafka_one_receiver_two_workers_the_dispatcher_and_a_console(self) -> None:
         """By default: one receiver, two workers in one consumer group, one dispatcher, Kafka, a console,
         Prometheus and Grafana."""
-        running = [resolve(headwater_args(s)) for s in LONG_RUNNING.values()
-                   if s.get("image") == HEADWATER_IMAGE]
+        running = [
+            resolve(headwater_args(s)) for s in LONG_RUNNING.values() if s.get("image") == HEADWATER_IMAGE
+        ]
         assert sorted(running) == [("receiver",), ("rewards", "run"), ("worker",), ("worker",)]
         images = [s["image"].split(":")[0] for s in LONG_RUNNING.values()]
         assert "apache/kafka" in images and "docker.redpanda.com/redpandadata/console" in images
@@ -91,9 +101,11 @@ class TestConfig:
         broker advertises on the compose network, no local broker, and no more replicas than brokers."""
         settings = settings_of(HEADWATER[name])
         kafka = SERVICES["kafka"]
-        on_network = {urlsplit(listener).netloc for listener in
-                      kafka["environment"]["KAFKA_ADVERTISED_LISTENERS"].split(",")
-                      if urlsplit(listener).hostname in (kafka["hostname"], "kafka")}
+        on_network = {
+            urlsplit(listener).netloc
+            for listener in kafka["environment"]["KAFKA_ADVERTISED_LISTENERS"].split(",")
+            if urlsplit(listener).hostname in (kafka["hostname"], "kafka")
+        }
         assert settings.kafka.bootstrap_servers in on_network
         assert settings.local_kafka.enabled is False
         brokers = [s for s in SERVICES.values() if s["image"].startswith("apache/kafka:")]
@@ -109,8 +121,11 @@ class TestConfig:
 
     def test_the_workers_cannot_outnumber_the_partitions(self) -> None:
         """Partitions bound the parallelism: every worker must be able to own at least one partition."""
-        workers = [s for s in LONG_RUNNING.values() if s.get("image") == HEADWATER_IMAGE
-                   and resolve(headwater_args(s)) == ("worker",)]
+        workers = [
+            s
+            for s in LONG_RUNNING.values()
+            if s.get("image") == HEADWATER_IMAGE and resolve(headwater_args(s)) == ("worker",)
+        ]
         assert 2 == len(workers) <= settings_of(workers[0]).kafka.partitions
 
 
@@ -210,12 +225,16 @@ class TestImages:
     def test_the_image_default_config_is_the_example_without_its_demo_tenants(self, tmp_path: Path) -> None:
         """The image's /etc/headwater/headwater.toml is written by a python -c snippet; run that snippet
         here: the config loads, and has no tenant, so the image opens the receiver to no one."""
-        [snippet] = [re.search(r'python -c "(.*)"\s*>\s*/etc/headwater/headwater.toml', args)
-                     for keyword, args in final_stage() if keyword == "RUN" and "/etc/headwater/headwater.toml" in args
-                     and "python -c" in args]
+        [snippet] = [
+            re.search(r'python -c "(.*)"\s*>\s*/etc/headwater/headwater.toml', args)
+            for keyword, args in final_stage()
+            if keyword == "RUN" and "/etc/headwater/headwater.toml" in args and "python -c" in args
+        ]
         assert snippet is not None
         # In shell double quotes the backslashes stay: python -c gets the snippet exactly as written.
-        result = subprocess.run([sys.executable, "-c", snippet.group(1)], capture_output=True, text=True, check=True)
+        result = subprocess.run(
+            [sys.executable, "-c", snippet.group(1)], capture_output=True, text=True, check=True
+        )
         written = tmp_path / "headwater.toml"
         written.write_text(result.stdout)
         settings = load_settings(written, environ={})
@@ -224,8 +243,11 @@ class TestImages:
 
     def test_dockerignore_keeps_what_the_build_copies_and_drops_the_virtualenv(self) -> None:
         """The build context leaves out .venv and .git but none of the files the Dockerfile copies."""
-        patterns = [p.strip() for p in (ROOT / ".dockerignore").read_text().splitlines()
-                    if p.strip() and not p.startswith("#")]
+        patterns = [
+            p.strip()
+            for p in (ROOT / ".dockerignore").read_text().splitlines()
+            if p.strip() and not p.startswith("#")
+        ]
         assert {".venv", ".git"} <= set(patterns)
         for source in copy_sources():
             assert not any(fnmatch.fnmatch(source, p) for p in patterns), source

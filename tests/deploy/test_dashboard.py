@@ -50,6 +50,7 @@ GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$__interval": "15s", "$__range":
 
 # --- reading the files ------------------------------------------------------------------------------------
 
+
 def scrape_targets() -> dict[str, list[tuple[str, int]]]:
     """job name -> (host, port) of each static target in deploy/prometheus.yml."""
     out: dict[str, list[tuple[str, int]]] = {}
@@ -116,8 +117,11 @@ def exposed_names(families: dict[str, str]) -> dict[str, str]:
     `x_count`; a gauge under its own name. A query naming the family's bare name for a counter or a
     histogram finds nothing, so that name is not in the result.
     """
-    suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"],
-                "summary": ["_sum", "_count"]}
+    suffixes = {
+        "counter": ["_total"],
+        "histogram": ["_bucket", "_sum", "_count"],
+        "summary": ["_sum", "_count"],
+    }
     out: dict[str, str] = {}
     for family, kind in families.items():
         for suffix in suffixes.get(kind, [""]):
@@ -131,16 +135,21 @@ def families_of(text: str) -> dict[str, str]:
 
 
 def samples_of(text: str) -> list[tuple[str, dict[str, str], float]]:
-    return [(s.name, s.labels, s.value)
-            for family in text_string_to_metric_families(text) for s in family.samples]
+    return [
+        (s.name, s.labels, s.value) for family in text_string_to_metric_families(text) for s in family.samples
+    ]
 
 
 # --- static: the files agree with each other ------------------------------------------------------------
 
+
 # Which setting gives the port of each kind of Headwater process.
 def listening_port(settings: Settings, command: tuple[str, ...]) -> int:
-    return {("receiver",): settings.receiver.operator_port, ("worker",): settings.worker.web_port,
-            ("rewards", "run"): settings.rewards.web_port}[command]
+    return {
+        ("receiver",): settings.receiver.operator_port,
+        ("worker",): settings.worker.web_port,
+        ("rewards", "run"): settings.rewards.web_port,
+    }[command]
 
 
 class TestScrapeConfig:
@@ -167,8 +176,11 @@ class TestScrapeConfig:
         unless it is the receiver)."""
         settings = settings_of(SERVICES[name])
         command = resolve(headwater_args(SERVICES[name]))
-        host = {("receiver",): settings.receiver.operator_host, ("worker",): settings.worker.web_host,
-                ("rewards", "run"): settings.rewards.web_host}[command]
+        host = {
+            ("receiver",): settings.receiver.operator_host,
+            ("worker",): settings.worker.web_host,
+            ("rewards", "run"): settings.rewards.web_host,
+        }[command]
         assert host == "0.0.0.0"
 
     def test_prometheus_runs_on_this_config(self) -> None:
@@ -211,17 +223,24 @@ class TestGrafanaProvisioning:
         letters, duplicates and lag, and the dispatcher's deliveries, queue, in-flight and breakers."""
         names = set().union(*(metric_names(e) for e in dashboard_expressions()))
         assert {
-            "headwater_receiver_requests_total", "headwater_receiver_produce_seconds_bucket",
-            "headwater_worker_raw_records_total", "headwater_worker_dead_letters_total",
-            "headwater_worker_duplicates_dropped_total", "headwater_worker_consumer_lag",
-            "headwater_rewards_deliveries_total", "headwater_rewards_retry_queue_depth",
-            "headwater_rewards_in_flight", "headwater_rewards_breaker_open",
+            "headwater_receiver_requests_total",
+            "headwater_receiver_produce_seconds_bucket",
+            "headwater_worker_raw_records_total",
+            "headwater_worker_dead_letters_total",
+            "headwater_worker_duplicates_dropped_total",
+            "headwater_worker_consumer_lag",
+            "headwater_rewards_deliveries_total",
+            "headwater_rewards_retry_queue_depth",
+            "headwater_rewards_in_flight",
+            "headwater_rewards_breaker_open",
         } <= names
 
     def test_metric_names_are_read_from_the_parsed_query(self) -> None:
         """The name extraction is PromQL's: labels, functions, grouping and range variables are not names."""
-        expr = ('histogram_quantile(0.9, sum by (le, tenant) (rate(a_bucket{status=~"5.."}'
-                "[$__rate_interval]))) / on (tenant) group_left b")
+        expr = (
+            'histogram_quantile(0.9, sum by (le, tenant) (rate(a_bucket{status=~"5.."}'
+            "[$__rate_interval]))) / on (tenant) group_left b"
+        )
         assert metric_names(expr) == {"a_bucket", "b"}
 
     def test_a_counter_or_histogram_is_queried_by_its_exposed_names_only(self) -> None:
@@ -231,6 +250,7 @@ class TestGrafanaProvisioning:
 
 
 # --- live: the processes export what the dashboard asks for -----------------------------------------------
+
 
 @dataclass
 class Process:
@@ -263,8 +283,9 @@ def get(url: str) -> str | None:
 
 
 def post(url: str, body: bytes, key: str) -> int:
-    request = urllib.request.Request(url, data=body, method="POST",
-                                     headers={"X-API-KEY": key, "Content-Type": "application/json"})
+    request = urllib.request.Request(
+        url, data=body, method="POST", headers={"X-API-KEY": key, "Content-Type": "application/json"}
+    )
     try:
         with urllib.request.urlopen(request, timeout=15) as response:
             return int(response.status)
@@ -281,15 +302,22 @@ def customer(loop_thread: LoopThread) -> Iterator[Customer]:
 
 
 @pytest.fixture
-def stack(make_settings: Callable[..., Settings], customer: Customer,
-          tmp_path: Path) -> Iterator[tuple[Settings, dict[str, str]]]:
+def stack(
+    make_settings: Callable[..., Settings], customer: Customer, tmp_path: Path
+) -> Iterator[tuple[Settings, dict[str, str]]]:
     """Receiver, worker and dispatcher as `headwater` subprocesses on free ports; their /metrics URLs."""
     settings = make_settings(
         receiver={"port": free_port(), "operator_port": free_port()},
         worker={"web_port": free_port()},
         rewards={"web_port": free_port(), "tick": "0.2s"},
-        tenants=[{"id": "acme", "write_keys": ["wk_acme_1"], "rewards_keys": ["rk_acme_1"],
-                  "rewards_webhook": {"url": customer.url("acme"), "token": "whk_acme"}}],
+        tenants=[
+            {
+                "id": "acme",
+                "write_keys": ["wk_acme_1"],
+                "rewards_keys": ["rk_acme_1"],
+                "rewards_webhook": {"url": customer.url("acme"), "token": "whk_acme"},
+            }
+        ],
     )
     cwd = tmp_path / "cwd"
     cwd.mkdir()
@@ -303,14 +331,21 @@ def stack(make_settings: Callable[..., Settings], customer: Customer,
         with log_path.open("wb") as log:
             popen = subprocess.Popen(
                 [sys.executable, "-m", "pipeline.cli", "--config", str(config), *command],
-                cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                cwd=cwd,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
                 preexec_fn=die_with_parent,
             )
         processes.append(Process(name, popen, log_path))
-    urls = {"receiver": f"http://127.0.0.1:{settings.receiver.operator_port}/metrics",
-            "worker": f"http://127.0.0.1:{settings.worker.web_port}/metrics",
-            "rewards": f"http://127.0.0.1:{settings.rewards.web_port}/metrics"}
+    urls = {
+        "receiver": f"http://127.0.0.1:{settings.receiver.operator_port}/metrics",
+        "worker": f"http://127.0.0.1:{settings.worker.web_port}/metrics",
+        "rewards": f"http://127.0.0.1:{settings.rewards.web_port}/metrics",
+    }
     try:
+
         def all_up() -> bool:
             for process in processes:
                 assert process.process.poll() is None, f"{process.name} exited:\n{process.output()}"
@@ -327,7 +362,8 @@ def has_sample(text: str | None, name: str, labels: dict[str, str], at_least: fl
     """A sample of that series with those labels (and perhaps more) and a value of at least `at_least`."""
     return text is not None and any(
         n == name and value >= at_least and all(have.get(k) == v for k, v in labels.items())
-        for n, have, value in samples_of(text))
+        for n, have, value in samples_of(text)
+    )
 
 
 def test_every_metric_the_dashboard_and_prometheus_query_is_exported(
@@ -337,54 +373,78 @@ def test_every_metric_the_dashboard_and_prometheus_query_is_exported(
     name that the receiver, the worker or the dispatcher exposes on /metrics."""
     settings, urls = stack
     base = f"http://127.0.0.1:{settings.receiver.port}"
-    event = {"event_id": f"evt_{uuid.uuid4().hex}", "event_name": "kyc_completed", "user_id": "usr_501",
-             "timestamp": "2024-03-01T12:00:00Z"}
-    reward: dict[str, Any] = {"campaignId": "c1", "type": "direct", "userId": "usr_501",
-                              "rewardId": f"r-{uuid.uuid4()}", "rewardName": "50 Points", "rewardAmount": 50}
+    event = {
+        "event_id": f"evt_{uuid.uuid4().hex}",
+        "event_name": "kyc_completed",
+        "user_id": "usr_501",
+        "timestamp": "2024-03-01T12:00:00Z",
+    }
+    reward: dict[str, Any] = {
+        "campaignId": "c1",
+        "type": "direct",
+        "userId": "usr_501",
+        "rewardId": f"r-{uuid.uuid4()}",
+        "rewardName": "50 Points",
+        "rewardAmount": 50,
+    }
     assert post(base + "/server/v4", json.dumps(event).encode(), "wk_acme_1") == 200
-    assert post(base + "/server/v4", json.dumps(event).encode(), "wk_acme_1") == 200   # a duplicate
-    assert post(base + "/server/v4", b"{not json", "wk_acme_1") == 200   # stored; dead-lettered by the worker
+    assert post(base + "/server/v4", json.dumps(event).encode(), "wk_acme_1") == 200  # a duplicate
+    assert post(base + "/server/v4", b"{not json", "wk_acme_1") == 200  # stored; dead-lettered by the worker
     assert post(base + "/server/v4", json.dumps(event).encode(), "wk_nobody") == 401
     assert post(base + "/rewards/v1", json.dumps(reward).encode(), "rk_acme_1") == 200
 
     # The positive signal: the series (labels, least value) this traffic must produce, in each process.
     expected: dict[str, list[tuple[str, dict[str, str], float]]] = {
-        "receiver": [("headwater_receiver_requests_total", {"source": "customerglu", "status": "200"}, 3),
-                     ("headwater_receiver_requests_total", {"source": "rewards", "tenant": "acme"}, 1),
-                     ("headwater_receiver_requests_total", {"status": "401", "tenant": "-"}, 1),
-                     ("headwater_receiver_produce_seconds_count", {"source": "customerglu"}, 3)],
-        "worker": [("headwater_worker_raw_records_total", {"source": "customerglu"}, 3),
-                   ("headwater_worker_dead_letters_total", {"reason": "invalid_json"}, 1),
-                   ("headwater_worker_canonical_events_total", {}, 1),
-                   ("headwater_worker_duplicates_dropped_total", {}, 1),
-                   ("headwater_worker_consumer_lag", {}, 0)],
-        "rewards": [("headwater_rewards_deliveries_total", {"tenant": "acme", "outcome": "delivered"}, 1),
-                    ("headwater_rewards_retry_queue_depth", {"tenant": "acme"}, 0),
-                    ("headwater_rewards_breaker_open", {"tenant": "acme"}, 0)],
+        "receiver": [
+            ("headwater_receiver_requests_total", {"source": "customerglu", "status": "200"}, 3),
+            ("headwater_receiver_requests_total", {"source": "rewards", "tenant": "acme"}, 1),
+            ("headwater_receiver_requests_total", {"status": "401", "tenant": "-"}, 1),
+            ("headwater_receiver_produce_seconds_count", {"source": "customerglu"}, 3),
+        ],
+        "worker": [
+            ("headwater_worker_raw_records_total", {"source": "customerglu"}, 3),
+            ("headwater_worker_dead_letters_total", {"reason": "invalid_json"}, 1),
+            ("headwater_worker_canonical_events_total", {}, 1),
+            ("headwater_worker_duplicates_dropped_total", {}, 1),
+            ("headwater_worker_consumer_lag", {}, 0),
+        ],
+        "rewards": [
+            ("headwater_rewards_deliveries_total", {"tenant": "acme", "outcome": "delivered"}, 1),
+            ("headwater_rewards_retry_queue_depth", {"tenant": "acme"}, 0),
+            ("headwater_rewards_breaker_open", {"tenant": "acme"}, 0),
+        ],
     }
 
-    missing: list[tuple[str, str, dict[str, str], float]] = []   # the last scrape's unmet series, for the failure
+    missing: list[
+        tuple[str, str, dict[str, str], float]
+    ] = []  # the last scrape's unmet series, for the failure
 
     def scraped_with_series() -> dict[str, str] | None:
         pages = {name: get(url) for name, url in urls.items()}
-        missing[:] = [(name, series, labels, least) for name, wanted in expected.items()
-                      for series, labels, least in wanted if not has_sample(pages[name], series, labels, least)]
+        missing[:] = [
+            (name, series, labels, least)
+            for name, wanted in expected.items()
+            for series, labels, least in wanted
+            if not has_sample(pages[name], series, labels, least)
+        ]
         return {name: page for name, page in pages.items() if page is not None} if not missing else None
 
     try:
         pages: dict[str, str] = wait_for(scraped_with_series, timeout=90, interval=0.5)
     except AssertionError as exc:
-        raise AssertionError(f"{exc}; series still missing (process, name, labels, least): {missing}") from None
+        raise AssertionError(
+            f"{exc}; series still missing (process, name, labels, least): {missing}"
+        ) from None
     assert customer.seen("acme", reward["rewardId"])
 
-    exported: dict[str, tuple[str, str]] = {}   # series name -> (process, family)
+    exported: dict[str, tuple[str, str]] = {}  # series name -> (process, family)
     for process, page in pages.items():
         for series, family in exposed_names(families_of(page)).items():
             exported[series] = (process, family)
     expressions = dashboard_expressions() + prometheus_expressions()
     referenced = set().union(*(metric_names(e) for e in expressions))
     assert referenced - PROMETHEUS_OWN, "the dashboard queries no Headwater metric"
-    missing = sorted(referenced - PROMETHEUS_OWN - set(exported))
-    assert not missing, f"queried but exported by no process: {missing}; exported: {sorted(exported)}"
+    unexported = sorted(referenced - PROMETHEUS_OWN - set(exported))
+    assert not unexported, f"queried but exported by no process: {unexported}; exported: {sorted(exported)}"
     # Each process has at least one panel: a dashboard that forgot one of them would pass the check above.
     assert {exported[name][0] for name in referenced - PROMETHEUS_OWN} == set(urls)

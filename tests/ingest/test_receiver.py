@@ -27,9 +27,11 @@ REQUESTS: dict[str, tuple[str, dict[str, str], dict[str, str]]] = {
     "moengage": ("/v3/moengage", {}, {"X-API-KEY": "wk_acme_1"}),
     "amplitude": ("/amplitude/v4", {}, {"X-API-KEY": "wk_acme_1"}),
     "clevertap": ("/clevertap/v4", {}, {"X-API-KEY": "wk_acme_1"}),
-    "webengage": ("/webengage/v4",
-                  {"licenseCode": "~acme1234", "secret": WEBENGAGE_SECRET, "eventType": "push_accepted"},
-                  {"x-request-id": "a1b2c3"}),
+    "webengage": (
+        "/webengage/v4",
+        {"licenseCode": "~acme1234", "secret": WEBENGAGE_SECRET, "eventType": "push_accepted"},
+        {"x-request-id": "a1b2c3"},
+    ),
     "usermaven": ("/api/v1/s2s/event", {"token": "ak_acme.st_acme"}, {}),
 }
 BAD_AUTH: dict[str, tuple[dict[str, str], dict[str, str]]] = {
@@ -43,18 +45,28 @@ BAD_AUTH: dict[str, tuple[dict[str, str], dict[str, str]]] = {
 }
 
 
-async def post(url: str, body: bytes, query: dict[str, str] | None = None,
-               headers: dict[str, str] | None = None) -> tuple[int, CIMultiDict[str], bytes]:
-    async with aiohttp.ClientSession() as session, session.post(
-        url, data=body, params=query, headers={"Content-Type": "application/json", **(headers or {})}
-    ) as response:
+async def post(
+    url: str, body: bytes, query: dict[str, str] | None = None, headers: dict[str, str] | None = None
+) -> tuple[int, CIMultiDict[str], bytes]:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            url, data=body, params=query, headers={"Content-Type": "application/json", **(headers or {})}
+        ) as response,
+    ):
         return response.status, CIMultiDict(response.headers), await response.read()
 
 
 def send(base: str, source: str, body: bytes, **overrides: Any) -> tuple[int, CIMultiDict[str], bytes]:
     path, query, headers = REQUESTS[source]
-    return asyncio.run(post(base + overrides.get("path", path), body, overrides.get("query", query),
-                            overrides.get("headers", headers)))
+    return asyncio.run(
+        post(
+            base + overrides.get("path", path),
+            body,
+            overrides.get("query", query),
+            overrides.get("headers", headers),
+        )
+    )
 
 
 @pytest.mark.parametrize("source", sorted(REQUESTS))
@@ -73,7 +85,11 @@ def test_valid_request_lands_in_its_raw_topic_byte_for_byte(
     assert headers.request_id == response_headers["X-Request-Id"]
     assert headers.received_at.tzinfo is not None
     if source == "webengage":
-        assert headers.vendor == {"request_id": "a1b2c3", "event_type": "push_accepted", "license_code": "~acme1234"}
+        assert headers.vendor == {
+            "request_id": "a1b2c3",
+            "event_type": "push_accepted",
+            "license_code": "~acme1234",
+        }
     if source == "usermaven":
         assert headers.vendor == {"api_key": "ak_acme", "token_sha256": hashlib.sha256(b"ak_acme.st_acme").hexdigest()}
     stored = b"".join(k.encode() + v for k, v in record.headers)
@@ -97,7 +113,9 @@ def test_bad_credentials_get_401_and_write_nothing(
     assert [r.value for r in records] == [b"marker"]
 
 
-def test_a_tenant_is_resolved_from_its_own_key(settings: Settings, start_receiver: Callable[[Settings], str]) -> None:
+def test_a_tenant_is_resolved_from_its_own_key(
+    settings: Settings, start_receiver: Callable[[Settings], str]
+) -> None:
     """The tenant comes from the credential lookup, never from the body (sources.md §1.1)."""
     base = start_receiver(settings)
     assert send(base, "amplitude", b'{"tenant":"acme"}', headers={"X-API-KEY": "wk_globex_1"})[0] == 200
@@ -111,8 +129,17 @@ def test_usermaven_accepts_a_trailing_slash_and_the_header_token(
     """`/api/v1/s2s/event/` is the same route, and X-Auth-Token works like ?token= (sources.md §4.7)."""
     base = start_receiver(settings)
     assert send(base, "usermaven", b"[1]", path="/api/v1/s2s/event/", query={})[0] == 401
-    assert send(base, "usermaven", b"[2]", path="/api/v1/s2s/event/", query={},
-                headers={"X-Auth-Token": "ak_globex.st_globex"})[0] == 200
+    assert (
+        send(
+            base,
+            "usermaven",
+            b"[2]",
+            path="/api/v1/s2s/event/",
+            query={},
+            headers={"X-Auth-Token": "ak_globex.st_globex"},
+        )[0]
+        == 200
+    )
     assert send(base, "usermaven", b"[3]", path="/api/v1/s2s/event/")[0] == 200
     records = wait_for(lambda: len(r := read_records(settings, settings.topics.raw("usermaven"))) == 2 and r)
     assert sorted(r.value for r in records) == [b"[2]", b"[3]"]
@@ -185,7 +212,8 @@ def test_health_ready_and_metrics(
 def test_request_and_byte_counts_are_exact_at_every_scrape(
     make_settings: Callable[..., Settings], start_receiver: Callable[[Settings], str]
 ) -> None:
-    """The handler adds counts up in plain integers; each scrape still shows every request answered before it."""
+    """The handler adds counts up in plain integers; each scrape still shows every request answered before
+    it."""
     settings = make_settings(receiver={"operator_port": free_port()})
     base = start_receiver(settings)
     metrics_url = f"http://127.0.0.1:{settings.receiver.operator_port}/metrics"
@@ -249,7 +277,9 @@ def test_concurrent_clients_every_acknowledged_request_is_stored_exactly_once(
 
     acknowledged = asyncio.run(run())
     assert len(acknowledged) == 2000
-    records = wait_for(lambda: len(r := read_records(settings, settings.topics.raw("customerglu"))) >= 2000 and r)
+    records = wait_for(
+        lambda: len(r := read_records(settings, settings.topics.raw("customerglu"))) >= 2000 and r
+    )
     stored_ids = [RawHeaders.from_kafka(r.headers).request_id for r in records]
     assert sorted(stored_ids) == sorted(acknowledged)
 
@@ -260,8 +290,10 @@ def test_broker_outage_gives_503_then_recovers(
     """With Kafka down the receiver answers 503 + Retry-After (not 200, not a hang); it recovers after."""
     broker = start_local_broker(tmp_path / "outage-kafka")
     try:
-        settings = make_settings(kafka={"bootstrap_servers": broker.bootstrap, "partitions": 1},
-                                 receiver={"port": 0, "ack_timeout_s": 2.0})
+        settings = make_settings(
+            kafka={"bootstrap_servers": broker.bootstrap, "partitions": 1},
+            receiver={"port": 0, "ack_timeout_s": 2.0},
+        )
         base = start_receiver(settings)
         assert send(base, "amplitude", b'{"before":1}')[0] == 200
         broker.down()

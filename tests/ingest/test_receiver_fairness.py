@@ -1,4 +1,5 @@
-"""Fair shares of the in-flight bound (issue 11, items 3 and 4): real HTTP, real broker. Bytes: test_receiver_deadlines."""
+"""Fair shares of the in-flight bound (issue 11, items 3 and 4): real HTTP, real broker. Bytes:
+test_receiver_deadlines."""
 
 from __future__ import annotations
 
@@ -35,9 +36,10 @@ def test_a_flooding_tenant_cannot_starve_a_quiet_one(
 ) -> None:
     """max_in_flight = 16, tenant acme floods with 64 connections; globex's 120 sequential requests are
     stored at least 95% of the time, acme's excess gets 429 + Retry-After, counted by tenant and reason."""
-    settings = make_settings(receiver={"port": 0, "operator_port": free_port(), "max_in_flight": 16, "linger_ms": 5})
+    settings = make_settings(
+        receiver={"port": 0, "operator_port": free_port(), "max_in_flight": 16, "linger_ms": 5}
+    )
     base = start_receiver(settings)
-    port = int(base.rsplit(":", 1)[1])
     flood_statuses: Counter[int] = Counter()
     quiet_ok: list[str] = []
     quiet_statuses: Counter[int] = Counter()
@@ -45,8 +47,9 @@ def test_a_flooding_tenant_cannot_starve_a_quiet_one(
     async def quiet() -> None:
         async with aiohttp.ClientSession() as session:
             for i in range(120):
-                async with session.post(base + PATH, data=f'{{"quiet":{i}}}'.encode(),
-                                        headers={"X-API-KEY": "wk_globex_1"}) as response:
+                async with session.post(
+                    base + PATH, data=f'{{"quiet":{i}}}'.encode(), headers={"X-API-KEY": "wk_globex_1"}
+                ) as response:
                     await response.read()
                     quiet_statuses[response.status] += 1
                     if response.status == 200:
@@ -55,8 +58,12 @@ def test_a_flooding_tenant_cannot_starve_a_quiet_one(
                         assert response.headers["Retry-After"]
 
     async def run() -> None:
-        flooding = asyncio.ensure_future(flood(base + PATH, "wk_acme_1", 64, time.monotonic() + 60, flood_statuses))
-        await in_flight_reaches(settings.receiver.operator_port, 16)  # the flood holds every slot before the quiet tenant starts
+        flooding = asyncio.ensure_future(
+            flood(base + PATH, "wk_acme_1", 64, time.monotonic() + 60, flood_statuses)
+        )
+        await in_flight_reaches(
+            settings.receiver.operator_port, 16
+        )  # the flood holds every slot before the quiet tenant starts
         await quiet()
         flooding.cancel()
         await asyncio.gather(flooding, return_exceptions=True)
@@ -64,8 +71,13 @@ def test_a_flooding_tenant_cannot_starve_a_quiet_one(
     asyncio.run(run())
     assert len(quiet_ok) >= 114, quiet_statuses
     assert flood_statuses[429] > 0 and flood_statuses[200] > 0, flood_statuses
-    records = wait_for(lambda: [r for r in read_records(settings, settings.topics.raw("customerglu"))
-                                if RawHeaders.from_kafka(r.headers).tenant == "globex"])
+    records = wait_for(
+        lambda: [
+            r
+            for r in read_records(settings, settings.topics.raw("customerglu"))
+            if RawHeaders.from_kafka(r.headers).tenant == "globex"
+        ]
+    )
     assert sorted(RawHeaders.from_kafka(r.headers).request_id for r in records) == sorted(quiet_ok)
 
     async def metrics() -> str:
@@ -90,14 +102,18 @@ def test_a_tenant_alone_may_use_every_slot(
 
 
 async def in_flight_reaches(port: int, count: int, timeout: float = 30) -> None:
-    """Poll the receiver's in-flight gauge (on its operator port) until it shows at least `count` slots held."""
+    """Poll the receiver's in-flight gauge (on its operator port) until it shows at least `count` slots
+    held."""
     deadline = asyncio.get_running_loop().time() + timeout
     async with aiohttp.ClientSession() as session:
         while True:
             async with session.get(f"http://127.0.0.1:{port}/metrics") as response:
                 text = await response.text()
-            held = [float(line.split()[1]) for line in text.splitlines()
-                    if line.startswith("headwater_receiver_in_flight ")]
+            held = [
+                float(line.split()[1])
+                for line in text.splitlines()
+                if line.startswith("headwater_receiver_in_flight ")
+            ]
             if held and held[0] >= count:
                 return
             assert asyncio.get_running_loop().time() < deadline, f"in-flight gauge never showed {count}"

@@ -41,8 +41,9 @@ ROUTES: dict[str, tuple[bytes, list[tuple[bytes, bytes]]]] = {
 GETS = ["/healthz", "/readyz", "/metrics"]
 
 
-async def raw_request(port: int, method: str, target: bytes, headers: list[tuple[bytes, bytes]],
-                      body: bytes) -> tuple[int, dict[bytes, bytes], bytes]:
+async def raw_request(
+    port: int, method: str, target: bytes, headers: list[tuple[bytes, bytes]], body: bytes
+) -> tuple[int, dict[bytes, bytes], bytes]:
     """One HTTP/1.1 request written as bytes; returns status, headers (lower-case names) and body."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
@@ -79,35 +80,58 @@ def run(coro: Any) -> Any:
 
 header_bytes = st.binary(max_size=300).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b""))
 header_names = st.one_of(
-    st.sampled_from([b"Content-Type", b"X-API-KEY", b"X-Signature", b"x-request-id", b"X-Auth-Token",
-                     b"Content-Encoding", b"Transfer-Encoding", b"Expect"]),
+    st.sampled_from(
+        [
+            b"Content-Type",
+            b"X-API-KEY",
+            b"X-Signature",
+            b"x-request-id",
+            b"X-Auth-Token",
+            b"Content-Encoding",
+            b"Transfer-Encoding",
+            b"Expect",
+        ]
+    ),
     st.text(alphabet="abcdefghijklmnopqrstuvwxyz-_0123456789", min_size=1, max_size=20).map(str.encode),
-    st.binary(min_size=1, max_size=20).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b"").replace(b":", b"")),
+    st.binary(min_size=1, max_size=20).map(
+        lambda b: b.replace(b"\r", b"").replace(b"\n", b"").replace(b":", b"")
+    ),
 )
 query_parts = st.lists(
-    st.tuples(st.sampled_from([b"licenseCode", b"secret", b"token", b"eventType", b"x"]) | st.binary(max_size=10),
-              st.binary(max_size=300)),
+    st.tuples(
+        st.sampled_from([b"licenseCode", b"secret", b"token", b"eventType", b"x"]) | st.binary(max_size=10),
+        st.binary(max_size=300),
+    ),
     max_size=4,
-).map(lambda pairs: b"&".join(quote_from_bytes(k).encode() + b"=" + quote_from_bytes(v).encode() for k, v in pairs))
-raw_query = st.binary(max_size=50).map(
-    lambda b: bytes(c for c in b if 0x21 <= c <= 0x7E and c not in b"#")
+).map(
+    lambda pairs: b"&".join(
+        quote_from_bytes(k).encode() + b"=" + quote_from_bytes(v).encode() for k, v in pairs
+    )
 )
+raw_query = st.binary(max_size=50).map(lambda b: bytes(c for c in b if 0x21 <= c <= 0x7E and c not in b"#"))
 bodies = st.one_of(
     st.binary(max_size=5000),
-    st.recursive(st.none() | st.booleans() | st.integers(-(2**53), 2**53) | st.text(max_size=20),
-                 lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
-                 max_leaves=20).map(orjson.dumps),
+    st.recursive(
+        st.none() | st.booleans() | st.integers(-(2**53), 2**53) | st.text(max_size=20),
+        lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+        max_leaves=20,
+    ).map(orjson.dumps),
     st.integers(min_value=0, max_value=1200).map(lambda depth: b"[" * depth + b"]" * depth),
 )
 
 
 @st.composite
 def requests(draw: st.DrawFn) -> tuple[str, bytes, list[tuple[bytes, bytes]], bytes]:
-    """A request to any endpoint: its credentials kept, dropped or garbled, plus arbitrary headers/query/body."""
+    """A request to any endpoint: its credentials kept, dropped or garbled, plus arbitrary
+    headers/query/body."""
     if draw(st.integers(0, 9)) == 0:
         path = draw(st.sampled_from(GETS))
-        return "GET", path.encode() + b"?" + draw(raw_query), draw(st.lists(st.tuples(header_names, header_bytes),
-                                                                            max_size=4)), b""
+        return (
+            "GET",
+            path.encode() + b"?" + draw(raw_query),
+            draw(st.lists(st.tuples(header_names, header_bytes), max_size=4)),
+            b"",
+        )
     path = draw(st.sampled_from(sorted(ROUTES)))
     query, headers = ROUTES[path]
     headers = list(headers) if draw(st.booleans()) else []
@@ -123,8 +147,10 @@ def requests(draw: st.DrawFn) -> tuple[str, bytes, list[tuple[bytes, bytes]], by
 
 
 def stored_request_ids(settings: Settings) -> list[str]:
-    topics = [settings.topics.raw(path) for path in
-              ("customerglu", "segment", "moengage", "amplitude", "clevertap", "webengage", "usermaven")]
+    topics = [
+        settings.topics.raw(path)
+        for path in ("customerglu", "segment", "moengage", "amplitude", "clevertap", "webengage", "usermaven")
+    ]
     ids = []
     for topic in topics:
         ids += [RawHeaders.from_kafka(r.headers).request_id for r in read_records(settings, topic)]
@@ -143,8 +169,12 @@ def test_fuzzed_requests_on_every_endpoint_get_only_200_4xx_or_503_and_refusals_
     accepted: list[str] = []
     seen: set[int] = set()
 
-    @hypothesis_settings(max_examples=400, deadline=None, database=None,
-                         suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+    @hypothesis_settings(
+        max_examples=400,
+        deadline=None,
+        database=None,
+        suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+    )
     @given(requests())
     def one(request: tuple[str, bytes, list[tuple[bytes, bytes]], bytes]) -> None:
         method, target, headers, body = request

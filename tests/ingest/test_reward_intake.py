@@ -32,7 +32,9 @@ async def post(url: str, body: bytes, key: str | None) -> tuple[int, CIMultiDict
         return response.status, CIMultiDict(response.headers), await response.json(content_type=None)
 
 
-def send(base: str, doc: Any, key: str | None, path: str = "/rewards/v1") -> tuple[int, CIMultiDict[str], Any]:
+def send(
+    base: str, doc: Any, key: str | None, path: str = "/rewards/v1"
+) -> tuple[int, CIMultiDict[str], Any]:
     return asyncio.run(post(base + path, json.dumps(doc).encode(), key))
 
 
@@ -41,10 +43,12 @@ def test_only_a_rewards_key_opens_the_reward_intake(
 ) -> None:
     """A rewards key gets 200 and its rewards are stored for its tenant; a vendor write key, an unknown
     key, no key, and any key of a tenant without rewards keys get 401; a rewards key opens no vendor route."""
-    settings = make_settings(tenants=[
-        {"id": "acme", "write_keys": ["wk_acme_1"], "rewards_keys": ["rk_acme_1", "rk_acme_2"]},
-        {"id": "plain", "write_keys": ["wk_plain_1"]},
-    ])
+    settings = make_settings(
+        tenants=[
+            {"id": "acme", "write_keys": ["wk_acme_1"], "rewards_keys": ["rk_acme_1", "rk_acme_2"]},
+            {"id": "plain", "write_keys": ["wk_plain_1"]},
+        ]
+    )
     base = start_receiver(settings)
     for key in ("wk_acme_1", "wk_plain_1", "rk_nope", "", None, "rk_acme_1x"):
         status, _, answer = send(base, reward(), key)
@@ -54,19 +58,25 @@ def test_only_a_rewards_key_opens_the_reward_intake(
     assert send(base, first, "rk_acme_1")[:1] == (200,)
     assert send(base, second, "rk_acme_2")[0] == 200
     records = wait_for(lambda: len(r := read_records(settings, settings.topics.rewards)) == 2 and r)
-    assert sorted(json.loads(r.value)["rewardId"] for r in records) == sorted([first["rewardId"], second["rewardId"]])
+    assert sorted(json.loads(r.value)["rewardId"] for r in records) == sorted(
+        [first["rewardId"], second["rewardId"]]
+    )
     assert {RawHeaders.from_kafka(r.headers).tenant for r in records} == {"acme"}
 
 
-@pytest.mark.parametrize("tenants", [
-    [{"id": "a", "write_keys": ["k1"], "rewards_keys": ["k1"]}],
-    [{"id": "a", "write_keys": ["k1"]}, {"id": "b", "rewards_keys": ["k1"]}],
-    [{"id": "a", "rewards_keys": ["k2"]}, {"id": "b", "rewards_keys": ["k2"]}],
-])
+@pytest.mark.parametrize(
+    "tenants",
+    [
+        [{"id": "a", "write_keys": ["k1"], "rewards_keys": ["k1"]}],
+        [{"id": "a", "write_keys": ["k1"]}, {"id": "b", "rewards_keys": ["k1"]}],
+        [{"id": "a", "rewards_keys": ["k2"]}, {"id": "b", "rewards_keys": ["k2"]}],
+    ],
+)
 def test_a_rewards_key_is_never_also_a_write_key_or_shared(
     make_settings: Callable[..., Settings], tenants: list[dict[str, Any]]
 ) -> None:
-    """The credential-uniqueness check covers rewards keys: shared with a write key or another tenant fails."""
+    """The credential-uniqueness check covers rewards keys: shared with a write key or another tenant
+    fails."""
     with pytest.raises((ConfigError, ValueError), match="rewards key|shared"):
         make_settings(tenants=tenants)
 
@@ -75,7 +85,8 @@ def test_an_array_larger_than_the_free_slots_is_stored_whole_in_one_batch(
     make_settings: Callable[..., Settings], start_receiver: Callable[[Settings], str]
 ) -> None:
     """With max_in_flight = 1, an array of 300 rewards is one write: 200, and all 300 are stored, in order,
-    at consecutive offsets of one partition (one record batch, which the broker appends whole or not at all)."""
+    at consecutive offsets of one partition (one record batch, which the broker appends whole or not at
+    all)."""
     settings = make_settings(receiver={"port": 0, "max_in_flight": 1})
     base = start_receiver(settings)
     rewards = [reward(n=n) for n in range(300)]
@@ -96,8 +107,10 @@ def test_during_an_outage_an_array_gets_503_and_none_of_it_is_stored(
     (the batch expired in the producer rather than going out late); the retry then stores all of it."""
     broker = start_local_broker(tmp_path / "outage-kafka")
     try:
-        settings = make_settings(kafka={"bootstrap_servers": broker.bootstrap, "partitions": 1},
-                                 receiver={"port": 0, "ack_timeout_s": 2.0})
+        settings = make_settings(
+            kafka={"bootstrap_servers": broker.bootstrap, "partitions": 1},
+            receiver={"port": 0, "ack_timeout_s": 2.0},
+        )
         base = start_receiver(settings)
         assert send(base, [reward(), reward()], "rk_acme_1")[0] == 200
         broker.down()
@@ -111,8 +124,18 @@ def test_during_an_outage_an_array_gets_503_and_none_of_it_is_stored(
         assert marker["rewardId"] in ids and len(ids) == 3
         assert not {r["rewardId"] for r in during} & set(ids)
         assert send(base, during, "rk_acme_1")[0] == 200
-        ids = wait_for(lambda: len(i := [json.loads(r.value)["rewardId"]
-                                         for r in read_records(settings, settings.topics.rewards)]) == 23 and i)
+        ids = wait_for(
+            lambda: (
+                len(
+                    i := [
+                        json.loads(r.value)["rewardId"]
+                        for r in read_records(settings, settings.topics.rewards)
+                    ]
+                )
+                == 23
+                and i
+            )
+        )
         assert ids[-20:] == [r["rewardId"] for r in during]
     finally:
         broker.down()

@@ -34,8 +34,14 @@ def sign(data: bytes) -> str:
 
 
 def event(n: int) -> dict[str, Any]:
-    return {"type": "track", "event": f"Order {n}", "messageId": f"m-{n}", "properties": {"note": 'say "hi" ]}'},
-            "userId": "ü-1", "timestamp": "2024-03-01T12:00:00.000Z"}
+    return {
+        "type": "track",
+        "event": f"Order {n}",
+        "messageId": f"m-{n}",
+        "properties": {"note": 'say "hi" ]}'},
+        "userId": "ü-1",
+        "timestamp": "2024-03-01T12:00:00.000Z",
+    }
 
 
 def post(base: str, body: bytes, signature: str | None) -> int:
@@ -44,9 +50,10 @@ def post(base: str, body: bytes, signature: str | None) -> int:
         headers["X-Signature"] = signature
 
     async def go() -> int:
-        async with aiohttp.ClientSession() as session, session.post(
-            base + "/segment/v4", data=body, headers=headers
-        ) as response:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(base + "/segment/v4", data=body, headers=headers) as response,
+        ):
             return response.status
 
     return asyncio.run(go())
@@ -70,13 +77,25 @@ def test_a_real_signed_segment_batch_is_accepted_and_stored_byte_for_byte(
     assert post(base, body, sign(js_stringify(batch[0]))) == 200
     single = js_stringify(event(4))
     assert post(base, single, sign(single).upper()) == 200
-    records = wait_for(lambda: len(r := read_records(signed_settings, signed_settings.topics.raw("segment"))) == 2 and r)
+    records = wait_for(
+        lambda: len(r := read_records(signed_settings, signed_settings.topics.raw("segment"))) == 2 and r
+    )
     assert sorted(r.value for r in records) == sorted([body, single])
 
 
-@pytest.mark.parametrize("case", ["unsigned array", "unsigned wrapped object", "signed over the second element",
-                                  "first element tampered", "unsigned empty array", "wrong secret",
-                                  "unsigned object", "object signed over other bytes"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "unsigned array",
+        "unsigned wrapped object",
+        "signed over the second element",
+        "first element tampered",
+        "unsigned empty array",
+        "wrong secret",
+        "unsigned object",
+        "object signed over other bytes",
+    ],
+)
 def test_no_body_gets_in_unchecked_when_a_shared_secret_is_set(
     case: str, signed_settings: Settings, start_receiver: Callable[[Settings], str]
 ) -> None:
@@ -111,16 +130,19 @@ def test_elements_after_the_first_are_not_covered_as_documented(
     assert post(base, b"[" + one + b"," + js_stringify(event(666)) + b"]", sign(one)) == 200
 
 
-@pytest.mark.parametrize(("body", "expected"), [
-    (b'[{"a":"x]}\\"y"},2]', b'{"a":"x]}\\"y"}'),
-    (b' \n[ "s\\\\", 3 ]', b'"s\\\\"'),
-    (b"[12.5e3 , 1]", b"12.5e3"),
-    (b"[[1,[2]],{}]", b"[1,[2]]"),
-    (b"[]", None),
-    (b'{"a":1}', None),
-    (b"[{bad}]", None),
-    (b'["unterminated', None),
-])
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        (b'[{"a":"x]}\\"y"},2]', b'{"a":"x]}\\"y"}'),
+        (b' \n[ "s\\\\", 3 ]', b'"s\\\\"'),
+        (b"[12.5e3 , 1]", b"12.5e3"),
+        (b"[[1,[2]],{}]", b"[1,[2]]"),
+        (b"[]", None),
+        (b'{"a":1}', None),
+        (b"[{bad}]", None),
+        (b'["unterminated', None),
+    ],
+)
 def test_first_element_is_found_as_its_exact_bytes(body: bytes, expected: bytes | None) -> None:
     """The first element of an array body, exactly as it stands (strings with brackets and escapes)."""
     assert first_element(body) == expected
@@ -130,14 +152,17 @@ def test_a_signature_replayed_with_forged_events_after_its_first_element_is_refu
     signed_settings: Settings, start_receiver: Callable[[Settings], str]
 ) -> None:
     """A captured batch's signature (over its first element) sent again with other events after that
-    element gets 401; the same body again (a sender's retry) is accepted. Only the two originals are stored."""
+    element gets 401; the same body again (a sender's retry) is accepted. Only the two originals are
+    stored."""
     base = start_receiver(signed_settings)
     one = js_stringify(event(1))
     genuine = b"[" + one + b"," + js_stringify(event(2)) + b"]"
     assert post(base, genuine, sign(one)) == 200
     assert post(base, b"[" + one + b"," + js_stringify(event(666)) + b"]", sign(one)) == 401
     assert post(base, genuine, sign(one)) == 200
-    records = wait_for(lambda: len(r := read_records(signed_settings, signed_settings.topics.raw("segment"))) == 2 and r)
+    records = wait_for(
+        lambda: len(r := read_records(signed_settings, signed_settings.topics.raw("segment"))) == 2 and r
+    )
     assert [r.value for r in records] == [genuine, genuine]
 
 

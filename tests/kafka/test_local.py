@@ -47,8 +47,12 @@ def test_a_taken_controller_port_that_was_asked_for_is_named(tmp_path: Path) -> 
         holder.bind(("127.0.0.1", 0))
         holder.listen()
         taken = holder.getsockname()[1]
-        broker = local.LocalKafka(LocalKafkaSettings(port=local.free_port(), controller_port=taken, data_dir=tmp_path))
-        with pytest.raises(LocalKafkaError, match=rf"controller port {taken} is taken.*local_kafka\.controller_port"):
+        broker = local.LocalKafka(
+            LocalKafkaSettings(port=local.free_port(), controller_port=taken, data_dir=tmp_path)
+        )
+        with pytest.raises(
+            LocalKafkaError, match=rf"controller port {taken} is taken.*local_kafka\.controller_port"
+        ):
             broker.controller_port()
 
 
@@ -65,8 +69,9 @@ def test_kafka_up_beside_a_taken_controller_port_says_which_it_chose(tmp_path: P
         try:
             started = subprocess.run([*cli, "up", *where], capture_output=True, text=True, timeout=120)
             assert started.returncode == 0, started.stderr
-            match = re.search(r"running \(pid \d+\) on 127\.0\.0\.1:(\d+), controller on 127\.0\.0\.1:(\d+)",
-                              started.stdout)
+            match = re.search(
+                r"running \(pid \d+\) on 127\.0\.0\.1:(\d+), controller on 127\.0\.0\.1:(\d+)", started.stdout
+            )
             assert match, started.stdout
             assert int(match.group(1)) == port and int(match.group(2)) not in (port, port + 1)
             status = subprocess.run([*cli, "status", *where], capture_output=True, text=True, timeout=60)

@@ -20,10 +20,10 @@ from click.testing import CliRunner, Result
 from rigs.dlq import config_file, letter, put
 from rigs.kafka import WorkerProcess, produce_raw, read_records, wait_for
 
-from adapters import segment
+from adapters import ADAPTERS
 from pipeline.cli import main
-from pipeline.ops.dlq import redrive_log_topic
 from pipeline.config import Settings
+from pipeline.ops.dlq import redrive_log_topic
 from pipeline.records import DeadLetter, Origin, RawHeaders, RawRecord, utc_now
 from pipeline.stream.record_outcomes import outcomes
 
@@ -33,17 +33,11 @@ KEY = {"X-API-KEY": "wk_acme_1", "Content-Type": "application/json"}
 # --- helpers ---------------------------------------------------------------------------------------------
 
 
-
-
 def hw(config: Path, *args: str) -> Result:
     """`headwater --config CONFIG dlq ARGS...` in-process."""
     return CliRunner().invoke(
         main, ["--config", str(config), "dlq", *args], catch_exceptions=False, env={"COLUMNS": "250"}
     )
-
-
-
-
 
 
 def json_lines(text: str) -> list[dict[str, Any]]:
@@ -161,7 +155,8 @@ def test_show_body_prints_the_original_bytes_only(populated: Any) -> None:
 
 
 def test_a_corrected_body_goes_back_under_the_original_headers(populated: Any, tmp_path: Path) -> None:
-    """redrive --body sends the given bytes to raw.<source> with the letter's tenant and request id, count + 1,
+    """redrive --body sends the given bytes to raw.<source> with the letter's tenant and request id, count +
+    1,
     and the redrive log marks it edited; a selection of several raw records is refused in one line."""
     settings, config, letters = populated
     fixed = tmp_path / "fixed.json"
@@ -278,9 +273,8 @@ def test_a_record_past_the_redrive_limit_is_one_redrive_limit_letter() -> None:
         headers = RawHeaders(
             tenant="acme", source="segment", received_at=utc_now(), request_id="r", redrive_count=count
         )
-        return list(
-            outcomes(RawRecord(body=body, headers=headers, origin=origin), segment, redrive_limit=limit)
-        )
+        record = RawRecord(body=body, headers=headers, origin=origin)
+        return list(outcomes(record, ADAPTERS["segment"], redrive_limit=limit))
 
     assert len(run(3, 3)) == 2  # at the limit: processed as usual (one event, one dead letter)
     [parked] = run(4, 3)
@@ -329,8 +323,8 @@ def normalize(record, meta):
         reject(reasons.UNSUPPORTED_TYPE, "this release does not support page calls", path="type")
     return segment.normalize(record, meta)
 
-old = types.SimpleNamespace(**{k: getattr(segment, k) for k in ("SOURCE", "BATCHED", "ROUTES", "AUTH",
-                                                                "REQUEST_META", "parse")}, normalize=normalize)
+kept = ("SOURCE", "BATCHED", "ROUTES", "AUTH", "REQUEST_META", "parse")
+old = types.SimpleNamespace(**{k: getattr(segment, k) for k in kept}, normalize=normalize)
 Worker(load_settings(sys.argv[1]), ["segment", "customerglu"], {**ADAPTERS, "segment": old}).run()
 """
 

@@ -66,28 +66,45 @@ def serve(loop_thread: LoopThread, settings: Settings, host: str = "127.0.0.1") 
 
 
 class TestAddresses:
-    @pytest.mark.parametrize(("host", "loopback"), [
-        ("127.0.0.1", True), ("127.0.0.53", True), ("::1", True), ("[::1]", True), ("localhost", True),
-        ("0.0.0.0", False), ("::", False), ("", False), ("10.0.0.5", False), ("dlq.example.com", False),
-    ])
+    @pytest.mark.parametrize(
+        ("host", "loopback"),
+        [
+            ("127.0.0.1", True),
+            ("127.0.0.53", True),
+            ("::1", True),
+            ("[::1]", True),
+            ("localhost", True),
+            ("0.0.0.0", False),
+            ("::", False),
+            ("", False),
+            ("10.0.0.5", False),
+            ("dlq.example.com", False),
+        ],
+    )
     def test_only_loopback_addresses_count_as_loopback(self, host: str, loopback: bool) -> None:
         """0.0.0.0, ::, the empty host and names other than localhost are not loopback."""
         assert is_loopback(host) is loopback
 
-    def test_a_non_loopback_address_is_refused_only_without_a_token(self, make_settings: Callable[..., Settings]) -> None:
-        """refusal() gives a one-line reason for 0.0.0.0 without a token, and nothing with one or on loopback."""
+    def test_a_non_loopback_address_is_refused_only_without_a_token(
+        self, make_settings: Callable[..., Settings]
+    ) -> None:
+        """refusal() gives a one-line reason for 0.0.0.0 without a token, and nothing with one or on
+        loopback."""
         bare, with_token = make_settings().dlq, make_settings(dlq={"page_token": TOKEN}).dlq
         reason = refusal("0.0.0.0", bare)
         assert reason is not None and "\n" not in reason and "dlq.page_token" in reason
         assert refusal("0.0.0.0", with_token) is None and refusal("127.0.0.1", bare) is None
 
 
-def test_dlq_page_on_a_non_loopback_host_without_a_token_refuses_to_start(settings: Settings, tmp_path: Path) -> None:
+def test_dlq_page_on_a_non_loopback_host_without_a_token_refuses_to_start(
+    settings: Settings, tmp_path: Path
+) -> None:
     """`headwater dlq page --host 0.0.0.0` without dlq.page_token exits 1 with one line naming the setting."""
     config = tmp_path / "headwater.toml"
     config.write_text(toml_text(settings))
-    result = CliRunner().invoke(main, ["--config", str(config), "dlq", "page", "--host", "0.0.0.0",
-                                       "--port", str(free_port())])
+    result = CliRunner().invoke(
+        main, ["--config", str(config), "dlq", "page", "--host", "0.0.0.0", "--port", str(free_port())]
+    )
     assert result.exit_code == 1
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and "refusing to serve dead letters on 0.0.0.0" in lines[0]
@@ -102,8 +119,13 @@ def test_with_a_token_the_page_needs_it_as_bearer_or_basic_password(
     made = letter(settings, "segment", "acme", "missing_user_identity", offset=1, index=2)
     put(settings, [made])
     base = f"http://127.0.0.1:{serve(loop_thread, settings)}"
-    for authorization in (None, "Bearer wrong-token-0123456789", basic("ops", "wrong"), "Token " + TOKEN,
-                          basic("ops", TOKEN)[:-2]):
+    for authorization in (
+        None,
+        "Bearer wrong-token-0123456789",
+        basic("ops", "wrong"),
+        "Token " + TOKEN,
+        basic("ops", TOKEN)[:-2],
+    ):
         status, headers, text = get(base + "/", authorization)
         assert status == 401 and made.id not in text, authorization
         assert headers["WWW-Authenticate"].startswith("Basic realm=")
@@ -122,15 +144,24 @@ def test_every_answer_carries_the_security_headers_and_the_csp_admits_only_the_p
     nosniff; the CSP hash is that of the page's one inline style."""
     base = f"http://127.0.0.1:{serve(loop_thread, settings)}"
     digest = base64.b64encode(hashlib.sha256(STYLE.encode()).digest()).decode()
-    for url, expected in ((base + "/", 200), (f"{base}/letters/{stored.id}", 200), (base + "/?since=soon", 400),
-                          (f"{base}/letters/dl_{'0' * 24}", 404), (base + "/nothing-here", 404)):
+    for url, expected in (
+        (base + "/", 200),
+        (f"{base}/letters/{stored.id}", 200),
+        (base + "/?since=soon", 400),
+        (f"{base}/letters/dl_{'0' * 24}", 404),
+        (base + "/nothing-here", 404),
+    ):
         status, headers, text = get(url)
         assert status == expected, url
         assert headers["Content-Security-Policy"] == (
             f"default-src 'none'; style-src 'sha256-{digest}'; form-action 'self'; "
-            "frame-ancestors 'none'; base-uri 'none'")
+            "frame-ancestors 'none'; base-uri 'none'"
+        )
         assert (headers["X-Frame-Options"], headers["Cache-Control"], headers["X-Content-Type-Options"]) == (
-            "DENY", "no-store", "nosniff")
+            "DENY",
+            "no-store",
+            "nosniff",
+        )
         if expected == 200:
             assert re.findall(r"<style>(.*?)</style>", text, flags=re.S) == [STYLE]
 
@@ -152,8 +183,11 @@ def test_the_list_states_its_window_and_limit_and_links_carry_coordinates(
 
 
 @pytest.fixture
-def worker_on(make_settings: Callable[..., Settings], tmp_path: Path) -> Iterator[Callable[..., tuple[Settings, str]]]:
-    """Start a worker whose web server listens on 0.0.0.0 (every interface); the test talks to it on loopback."""
+def worker_on(
+    make_settings: Callable[..., Settings], tmp_path: Path
+) -> Iterator[Callable[..., tuple[Settings, str]]]:
+    """Start a worker whose web server listens on 0.0.0.0 (every interface); the test talks to it on
+    loopback."""
     started: list[WorkerProcess] = []
 
     def start(**dlq: str) -> tuple[Settings, str]:
@@ -177,7 +211,7 @@ def _answers(url: str) -> bool:
 
 
 def test_a_worker_on_every_interface_serves_metrics_but_the_page_only_with_a_token(
-    worker_on: Callable[..., tuple[Settings, str]]
+    worker_on: Callable[..., tuple[Settings, str]],
 ) -> None:
     """worker.web_host = 0.0.0.0 without a token: /metrics 200, the page 404; with one: 401, then the page."""
     settings, base = worker_on()

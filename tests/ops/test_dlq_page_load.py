@@ -39,8 +39,11 @@ def fill_dlq(settings: Settings, count: int) -> None:
             pending = []
             for i in range(count):
                 letter_id = f"dl_{i:024x}".encode()
-                pending.append(await producer.send(settings.topics.dlq, template.replace(first_id, letter_id),
-                                                   key=letter_id))
+                pending.append(
+                    await producer.send(
+                        settings.topics.dlq, template.replace(first_id, letter_id), key=letter_id
+                    )
+                )
                 if len(pending) == 5_000:
                     await asyncio.gather(*pending)
                     pending.clear()
@@ -83,7 +86,9 @@ def test_with_100k_dead_letters_the_list_answers_within_a_second_while_the_stage
     fill_dlq(settings, LETTERS)
     start_worker(settings)
     base = f"http://127.0.0.1:{port}"
-    event = b'{"event_id": "e_%d", "event_name": "paid", "user_id": "u1", "timestamp": "2024-03-01T12:00:00Z"}'
+    event = (
+        b'{"event_id": "e_%d", "event_name": "paid", "user_id": "u1", "timestamp": "2024-03-01T12:00:00Z"}'
+    )
     produce_raw(settings, "customerglu", [event % 0])
     wait_for(lambda: committed(settings, f"{settings.worker.app_id}-dedup") > 0, timeout=120)
     stop = threading.Event()
@@ -94,7 +99,9 @@ def test_with_100k_dead_letters_the_list_answers_within_a_second_while_the_stage
             produce_raw(settings, "customerglu", [event % i for i in range(n, n + 200)])
             n += 200
 
-    before = {stage: committed(settings, f"{settings.worker.app_id}-{stage}") for stage in ("normalize", "dedup")}
+    before = {
+        stage: committed(settings, f"{settings.worker.app_id}-{stage}") for stage in ("normalize", "dedup")
+    }
     producer = threading.Thread(target=stream_events, daemon=True)
     producer.start()
 

@@ -1,4 +1,5 @@
-"""Settings: the shipped example is complete and loads; mistakes are named (style.md §2.6, architecture.md)."""
+"""Settings: the shipped example is complete and loads; mistakes are named (style.md §2.6,
+architecture.md)."""
 
 from __future__ import annotations
 
@@ -136,13 +137,18 @@ def test_kafka_security_settings_that_cannot_work_are_refused(
 @pytest.mark.parametrize(
     ("text", "named"),
     [
-        ("[worker]\nsession_timeout_s = 120\n", r"worker\.session_timeout_s \(120\) must be below worker\.request_timeout_s"),
+        (
+            "[worker]\nsession_timeout_s = 120\n",
+            r"worker\.session_timeout_s \(120\) must be below worker\.request_timeout_s",
+        ),
         ('[rewards]\nsession_timeout = "2m"\n', r"rewards\.session_timeout \(120s\) must be below"),
         ("[local_kafka]\nport = 9100\ncontroller_port = 9100\n", r"local_kafka\.controller_port must differ"),
         ("[worker]\nweb_port = 8080\n", r"worker\.web_port and receiver\.port are both 127\.0\.0\.1:8080"),
     ],
 )
-def test_settings_that_cannot_work_together_are_refused_with_the_key(tmp_path: Path, text: str, named: str) -> None:
+def test_settings_that_cannot_work_together_are_refused_with_the_key(
+    tmp_path: Path, text: str, named: str
+) -> None:
     """A combination a process would die on at start (a session longer than the request timeout, two
     servers on one port) is refused when the config is loaded, naming the key to change."""
     with pytest.raises(ConfigError, match=named):

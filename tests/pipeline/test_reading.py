@@ -239,7 +239,7 @@ def test_event_name_falls_back_only_over_missing_fields() -> None:
 def test_containers_are_objects_or_empty() -> None:
     """Objects are used as is (a copy), null/absent is {}, anything else is wrong_type (§3.3)."""
     inner = {"deep": {"ü": [1, {"x": None}]}}
-    record = {"p": inner}
+    record: dict[str, Any] = {"p": inner}
     assert read.container(record, "p") == inner
     assert read.container(record, "p") is not inner
     assert read.container({"p": None}, "p") == {}

@@ -1,9 +1,9 @@
-"""Records that cross topics: the canonical event's JSON is pydantic's dump; dead letters round-trip exactly."""
+"""Records that cross topics: the canonical event's JSON is pydantic's dump; dead letters round-trip
+exactly."""
 
 from __future__ import annotations
 
 import os
-
 from datetime import UTC, datetime, timedelta, timezone
 
 import orjson
@@ -43,32 +43,61 @@ def test_to_json_equals_the_pydantic_dump(
     properties: dict[str, object], offset_minutes: int, micro: int, anonymous: str | None
 ) -> None:
     zone = timezone(timedelta(minutes=offset_minutes))
-    event = CanonicalEvent.model_validate({
-        "event_id": "e1", "event_id_derived": False, "event_name": "Signed Up ✓", "tenant": "acme",
-        "source": "segment", "user_id": "u1", "anonymous_id": anonymous,
-        "timestamp": datetime(2024, 3, 1, 12, 0, 0, micro, tzinfo=zone),
-        "received_at": datetime(2024, 3, 1, 12, 0, 1, tzinfo=UTC),
-        "properties": properties, "user_traits": {"plan": "pro"}, "context": {"vendor": {"extra": {}}},
-    })
+    event = CanonicalEvent.model_validate(
+        {
+            "event_id": "e1",
+            "event_id_derived": False,
+            "event_name": "Signed Up ✓",
+            "tenant": "acme",
+            "source": "segment",
+            "user_id": "u1",
+            "anonymous_id": anonymous,
+            "timestamp": datetime(2024, 3, 1, 12, 0, 0, micro, tzinfo=zone),
+            "received_at": datetime(2024, 3, 1, 12, 0, 1, tzinfo=UTC),
+            "properties": properties,
+            "user_traits": {"plan": "pro"},
+            "context": {"vendor": {"extra": {}}},
+        }
+    )
     assert event.to_json() == orjson.dumps(event.model_dump(mode="json"))
 
 
 def test_timestamps_are_utc_with_microseconds() -> None:
     plus_five_thirty = timezone(timedelta(hours=5, minutes=30))
-    assert format_utc(datetime(2024, 3, 1, 17, 30, tzinfo=plus_five_thirty)) == "2024-03-01T12:00:00.000000+00:00"
+    assert (
+        format_utc(datetime(2024, 3, 1, 17, 30, tzinfo=plus_five_thirty))
+        == "2024-03-01T12:00:00.000000+00:00"
+    )
 
 
-@given(body=st.binary(max_size=512), index=st.none() | st.integers(0, 10_000),
-       element=json_values, redrive_count=st.integers(0, 50))
-def test_a_dead_letter_survives_its_json_round_trip(body: bytes, index: int | None, element: object,
-                                                    redrive_count: int) -> None:
+@given(
+    body=st.binary(max_size=512),
+    index=st.none() | st.integers(0, 10_000),
+    element=json_values,
+    redrive_count=st.integers(0, 50),
+)
+def test_a_dead_letter_survives_its_json_round_trip(
+    body: bytes, index: int | None, element: object, redrive_count: int
+) -> None:
     """DeadLetter -> JSON -> DeadLetter is the identity, and the original bytes come back exactly
     (snowplow-badrows' "bad rows must roundtrip via byte array")."""
-    headers = RawHeaders(tenant="acme", source="segment", received_at=datetime(2024, 3, 1, tzinfo=UTC),
-                         request_id="r1", redrive_count=redrive_count, vendor={"request_id": "x"})
+    headers = RawHeaders(
+        tenant="acme",
+        source="segment",
+        received_at=datetime(2024, 3, 1, tzinfo=UTC),
+        request_id="r1",
+        redrive_count=redrive_count,
+        vendor={"request_id": "x"},
+    )
     raw = RawRecord(body=body, headers=headers, origin=Origin(topic="raw.segment", partition=2, offset=9))
-    letter = dead_letter(raw, "normalize", reasons.WRONG_TYPE.about("user_id"), "user_id must be a string",
-                         element=element, index=index)
+    letter = dead_letter(
+        raw,
+        "normalize",
+        reasons.WRONG_TYPE.about("user_id"),
+        "user_id must be a string",
+        element=element,
+        index=index,
+    )
     again = DeadLetter.from_json(letter.to_json())
     assert again == letter
     assert again.body == body
@@ -117,8 +146,9 @@ def test_a_forked_child_does_not_repeat_the_request_ids_of_its_parent() -> None:
     assert len(in_child) == 20 and not in_child & in_parent
 
 
-@given(seconds=st.integers(0, 4_102_444_800),
-       micros=st.lists(st.integers(0, 999_999), min_size=1, max_size=4))
+@given(
+    seconds=st.integers(0, 4_102_444_800), micros=st.lists(st.integers(0, 999_999), min_size=1, max_size=4)
+)
 def test_the_receivers_clock_writes_what_format_utc_writes(seconds: int, micros: list[int]) -> None:
     clock = UtcClock()
     for micro in micros:  # several stamps within one cached second
@@ -128,8 +158,12 @@ def test_the_receivers_clock_writes_what_format_utc_writes(seconds: int, micros:
 
 
 utc_offsets = st.builds(lambda minutes: timezone(timedelta(minutes=minutes)), st.integers(-1439, 1439))
-aware_times = st.datetimes(min_value=datetime(1, 1, 2), max_value=datetime(9999, 12, 30),
-                           timezones=st.just(UTC) | utc_offsets)
+aware_times = st.datetimes(
+    # hypothesis takes naive bounds and attaches the zones itself
+    min_value=datetime(1, 1, 2),  # noqa: DTZ001
+    max_value=datetime(9999, 12, 30),  # noqa: DTZ001
+    timezones=st.just(UTC) | utc_offsets,
+)
 
 
 @given(aware_times)
@@ -142,11 +176,22 @@ def test_format_utc_writes_isoformat_of_the_utc_instant_with_microseconds(moment
 @given(timestamp=aware_times, received_at=aware_times)
 def test_to_json_writes_both_times_as_format_utc(timestamp: datetime, received_at: datetime) -> None:
     """Whether to_json hands orjson the datetime or format_utc's text, the JSON says format_utc's text."""
-    event = CanonicalEvent.model_validate({
-        "event_id": "e1", "event_id_derived": False, "event_name": "n", "tenant": "acme", "source": "segment",
-        "user_id": "u1", "anonymous_id": None, "timestamp": timestamp, "received_at": received_at,
-        "properties": {}, "user_traits": {}, "context": {},
-    })
+    event = CanonicalEvent.model_validate(
+        {
+            "event_id": "e1",
+            "event_id_derived": False,
+            "event_name": "n",
+            "tenant": "acme",
+            "source": "segment",
+            "user_id": "u1",
+            "anonymous_id": None,
+            "timestamp": timestamp,
+            "received_at": received_at,
+            "properties": {},
+            "user_traits": {},
+            "context": {},
+        }
+    )
     doc = orjson.loads(event.to_json())
     assert doc["timestamp"] == timestamp.astimezone(UTC).isoformat(timespec="microseconds")
     assert doc["received_at"] == received_at.astimezone(UTC).isoformat(timespec="microseconds")
@@ -157,8 +202,14 @@ def test_to_json_writes_both_times_as_format_utc(timestamp: datetime, received_a
 def test_raw_headers_hold_received_at_in_utc_as_the_same_instant(moment: datetime) -> None:
     """received_at read from any offset is the same instant, held in UTC; its header text is unchanged."""
     headers = RawHeaders(tenant="acme", source="segment", received_at=moment, request_id="r1")
-    again = RawHeaders.from_kafka([("hw-tenant", b"acme"), ("hw-source", b"segment"), ("hw-request-id", b"r1"),
-                                   ("hw-received-at", moment.isoformat().encode())])
+    again = RawHeaders.from_kafka(
+        [
+            ("hw-tenant", b"acme"),
+            ("hw-source", b"segment"),
+            ("hw-request-id", b"r1"),
+            ("hw-received-at", moment.isoformat().encode()),
+        ]
+    )
     for held in (headers.received_at, again.received_at):
         assert held.tzinfo is UTC
         assert held == moment
@@ -166,15 +217,27 @@ def test_raw_headers_hold_received_at_in_utc_as_the_same_instant(moment: datetim
 
 
 def _event(event_id: str, user_id: str) -> CanonicalEvent:
-    return CanonicalEvent.model_validate({
-        "event_id": event_id, "event_id_derived": False, "event_name": "n", "tenant": "acme",
-        "source": "segment", "user_id": user_id, "anonymous_id": None,
-        "timestamp": datetime(2024, 3, 1, tzinfo=UTC), "received_at": datetime(2024, 3, 1, tzinfo=UTC),
-        "properties": {"text": event_id}, "user_traits": {}, "context": {},
-    })
+    return CanonicalEvent.model_validate(
+        {
+            "event_id": event_id,
+            "event_id_derived": False,
+            "event_name": "n",
+            "tenant": "acme",
+            "source": "segment",
+            "user_id": user_id,
+            "anonymous_id": None,
+            "timestamp": datetime(2024, 3, 1, tzinfo=UTC),
+            "received_at": datetime(2024, 3, 1, tzinfo=UTC),
+            "properties": {"text": event_id},
+            "user_traits": {},
+            "context": {},
+        }
+    )
 
 
-@given(ids=st.lists(st.tuples(st.text(min_size=1, max_size=12), st.text(max_size=8)), min_size=1, max_size=20))
+@given(
+    ids=st.lists(st.tuples(st.text(min_size=1, max_size=12), st.text(max_size=8)), min_size=1, max_size=20)
+)
 def test_a_keyed_pack_gives_back_each_events_keys_and_exact_json_in_order(ids: list[tuple[str, str]]) -> None:
     """Ids and user ids may hold tabs, newlines and any character: each event's keys and JSON come back."""
     events = [_event(event_id, user_id) for event_id, user_id in ids]
@@ -190,9 +253,7 @@ def test_a_keyed_pack_of_an_earlier_release_is_still_read() -> None:
     """Packs written before the key header (one [dedup_key, canonical_key] TAB event line per event) may
     still sit on the keyed topic when a worker is upgraded."""
     events = [_event("e1", "u1"), _event("e\t2", "u\n2")]
-    earlier = b"\n".join(
-        orjson.dumps([e.dedup_key(), e.kafka_key()]) + b"\t" + e.to_json() for e in events
-    )
+    earlier = b"\n".join(orjson.dumps([e.dedup_key(), e.kafka_key()]) + b"\t" + e.to_json() for e in events)
     assert KeyedBatch.entries(earlier) == [
         (e.dedup_key().encode(), e.kafka_key().encode(), e.to_json()) for e in events
     ]
@@ -201,10 +262,12 @@ def test_a_keyed_pack_of_an_earlier_release_is_still_read() -> None:
 def test_a_consumed_record_knows_where_it_sits_when_its_dead_letter_asks() -> None:
     """raw_record does not build an Origin per record; the dead letter of one still names its Kafka
     coordinates and time, exactly as a record built with its Origin would."""
-    headers = RawHeaders(tenant="acme", source="segment", received_at=datetime(2024, 3, 1, tzinfo=UTC),
-                         request_id="r1")
-    message = ConsumerRecord("raw.segment", 4, 1234, 1_709_294_400_000, 0, None, b"{", None, -1, 1,
-                             tuple(headers.to_kafka()))
+    headers = RawHeaders(
+        tenant="acme", source="segment", received_at=datetime(2024, 3, 1, tzinfo=UTC), request_id="r1"
+    )
+    message = ConsumerRecord(
+        "raw.segment", 4, 1234, 1_709_294_400_000, 0, None, b"{", None, -1, 1, tuple(headers.to_kafka())
+    )
     raw = raw_record(message)
     located = Origin(topic="raw.segment", partition=4, offset=1234, timestamp_ms=1_709_294_400_000)
     assert raw.origin == located
@@ -212,5 +275,6 @@ def test_a_consumed_record_knows_where_it_sits_when_its_dead_letter_asks() -> No
     built = RawRecord(body=b"{", headers=headers, origin=located)
     letter = dead_letter(raw, "parse", reasons.INVALID_JSON, "body is not valid JSON")
     assert letter == dead_letter(built, "parse", reasons.INVALID_JSON, "body is not valid JSON").model_copy(
-        update={"failed_at": letter.failed_at})
+        update={"failed_at": letter.failed_at}
+    )
     assert RawRecord(body=b"", headers=headers).origin is None

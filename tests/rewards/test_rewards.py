@@ -59,9 +59,14 @@ SW_SECRET_2 = "whsec_c2VjcmV0LW9mLWEtcm90YXRlZC1lbmRwb2ludA=="
 
 
 def reward(reward_id: str | None = None, **fields: Any) -> dict[str, Any]:
-    doc: dict[str, Any] = {"campaignId": "5d1c7e2a-0b3f-4c6d-9a8e-7f1b2c3d4e5f", "type": "direct",
-                           "userId": "usr_1", "rewardId": reward_id or f"r-{uuid.uuid4()}",
-                           "rewardName": "50 Points", "rewardAmount": 50}
+    doc: dict[str, Any] = {
+        "campaignId": "5d1c7e2a-0b3f-4c6d-9a8e-7f1b2c3d4e5f",
+        "type": "direct",
+        "userId": "usr_1",
+        "rewardId": reward_id or f"r-{uuid.uuid4()}",
+        "rewardName": "50 Points",
+        "rewardAmount": 50,
+    }
     doc.update(fields)
     return doc
 
@@ -74,22 +79,26 @@ def body(doc: dict[str, Any]) -> bytes:
 
 
 class TestValidation:
-    @pytest.mark.parametrize(("doc", "reason"), [
-        ([reward()], "not_an_object"),
-        ("x", "not_an_object"),
-        ({**reward(), "rewardId": None}, "missing_field:rewardId"),
-        ({k: v for k, v in reward().items() if k != "userId"}, "missing_field:userId"),
-        ({**reward(), "campaignId": "  "}, "missing_field:campaignId"),
-        ({**reward(), "userId": 42}, "wrong_type:userId"),
-        ({**reward(), "rewardAmount": "50"}, "wrong_type:rewardAmount"),
-        ({**reward(), "rewardAmount": True}, "wrong_type:rewardAmount"),
-        ({**reward(), "details": []}, "wrong_type:details"),
-        ({**reward(), "code": 5}, "wrong_type:code"),
-        ({**reward(), "rewardId": "has space"}, "invalid_id:rewardId"),
-        ({**reward(), "rewardId": "x" * 257}, "invalid_id:rewardId"),
-    ])
+    @pytest.mark.parametrize(
+        ("doc", "reason"),
+        [
+            ([reward()], "not_an_object"),
+            ("x", "not_an_object"),
+            ({**reward(), "rewardId": None}, "missing_field:rewardId"),
+            ({k: v for k, v in reward().items() if k != "userId"}, "missing_field:userId"),
+            ({**reward(), "campaignId": "  "}, "missing_field:campaignId"),
+            ({**reward(), "userId": 42}, "wrong_type:userId"),
+            ({**reward(), "rewardAmount": "50"}, "wrong_type:rewardAmount"),
+            ({**reward(), "rewardAmount": True}, "wrong_type:rewardAmount"),
+            ({**reward(), "details": []}, "wrong_type:details"),
+            ({**reward(), "code": 5}, "wrong_type:code"),
+            ({**reward(), "rewardId": "has space"}, "invalid_id:rewardId"),
+            ({**reward(), "rewardId": "x" * 257}, "invalid_id:rewardId"),
+        ],
+    )
     def test_invalid_reward_is_rejected_with_its_reason(self, doc: object, reason: str) -> None:
-        """A reward without campaignId/userId/rewardId, or not an object, or mistyped, is rejected with a code."""
+        """A reward without campaignId/userId/rewardId, or not an object, or mistyped, is rejected with a
+        code."""
         with pytest.raises(RewardRejected) as rejected:
             validate_reward(doc)
         assert rejected.value.reason.code == reason
@@ -116,10 +125,22 @@ class TestValidation:
 
 
 class TestRetryPolicy:
-    @pytest.mark.parametrize(("status", "verdict"), [
-        (200, "delivered"), (204, "delivered"), (None, "retry"), (500, "retry"), (503, "retry"),
-        (429, "retry"), (408, "retry"), (400, "reject"), (401, "reject"), (404, "reject"), (301, "reject"),
-    ])
+    @pytest.mark.parametrize(
+        ("status", "verdict"),
+        [
+            (200, "delivered"),
+            (204, "delivered"),
+            (None, "retry"),
+            (500, "retry"),
+            (503, "retry"),
+            (429, "retry"),
+            (408, "retry"),
+            (400, "reject"),
+            (401, "reject"),
+            (404, "reject"),
+            (301, "reject"),
+        ],
+    )
     def test_classify(self, status: int | None, verdict: str) -> None:
         """2xx delivered; 5xx, 408, 429 and no answer retried; other statuses dead-lettered at once."""
         assert classify(status) == verdict
@@ -132,7 +153,8 @@ class TestRetryPolicy:
         assert retry_delay_s(8, delays, 0.1, None, 86400) is None
 
     def test_jitter_stays_within_its_fraction_and_retry_after_only_raises(self) -> None:
-        """Delays are scaled by uniform(1-j, 1+j); Retry-After raises a delay up to the cap, never lowers it."""
+        """Delays are scaled by uniform(1-j, 1+j); Retry-After raises a delay up to the cap, never lowers
+        it."""
         rng = random.Random(7)
         samples = [retry_delay_s(1, (10.0,), 0.1, None, 60, rng) for _ in range(200)]
         assert all(s is not None and 9.0 <= s <= 11.0 for s in samples) and len(set(samples)) > 100
@@ -164,8 +186,14 @@ class TestRetryPolicy:
 
 # --- the dispatcher, end to end -------------------------------------------------------------------------
 
-BEHAVIOUR = {"flaky": "flaky", "bad": "bad", "hang": "hang", "limited": "ratelimited", "dead": "hang",
-             "fixme": "bad"}
+BEHAVIOUR = {
+    "flaky": "flaky",
+    "bad": "bad",
+    "hang": "hang",
+    "limited": "ratelimited",
+    "dead": "hang",
+    "fixme": "bad",
+}
 
 
 @dataclass
@@ -193,8 +221,14 @@ def rig(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
         return {"url": customer.url(tenant), **options}
 
     tenants: list[dict[str, Any]] = [
-        {"id": "acme", "write_keys": ["wk_rw_acme"], "rewards_keys": ["rk_rw_acme"],
-         "rewards_webhook": hook("acme", token=WORKED_TOKEN, standard_webhooks_secrets=[SW_SECRET, SW_SECRET_2])},
+        {
+            "id": "acme",
+            "write_keys": ["wk_rw_acme"],
+            "rewards_keys": ["rk_rw_acme"],
+            "rewards_webhook": hook(
+                "acme", token=WORKED_TOKEN, standard_webhooks_secrets=[SW_SECRET, SW_SECRET_2]
+            ),
+        },
         {"id": "flaky", "rewards_webhook": hook("flaky", token="tok_flaky")},
         {"id": "bad", "rewards_webhook": hook("bad")},
         {"id": "hang", "rewards_webhook": hook("hang", timeout_s=0.5)},
@@ -207,13 +241,16 @@ def rig(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
         {"id": "nohook", "write_keys": ["wk_rw_nohook"]},
     ]
     web_port = free_port()
-    doc = settings_doc(kafka_bootstrap, f"t_rewards_{uuid.uuid4().hex[:8]}", tmp / "worker", web_port, tenants)
+    doc = settings_doc(
+        kafka_bootstrap, f"t_rewards_{uuid.uuid4().hex[:8]}", tmp / "worker", web_port, tenants
+    )
     config = tmp / "headwater.toml"
     config.write_text(render_toml(doc))
     dispatcher = Dispatcher(config, tmp / "dispatcher.log")
     try:
-        yield Rig(Settings.model_validate(doc), config, customer, dispatcher,
-                  f"http://127.0.0.1:{web_port}/metrics")
+        yield Rig(
+            Settings.model_validate(doc), config, customer, dispatcher, f"http://127.0.0.1:{web_port}/metrics"
+        )
     finally:
         dispatcher.stop()
         loop.run(customer.stop())
@@ -226,7 +263,9 @@ def test_worked_example_is_delivered_with_its_signature(rig: Rig) -> None:
     doc = json.loads(WORKED_BODY)
     shuffled = json.dumps(dict(reversed(list(doc.items()))), indent=1).encode()
     produce(rig.settings, [("acme", shuffled)])
-    [seen] = wait_for(lambda: rig.customer.seen("acme", doc["rewardId"]), timeout=120)  # first: includes start-up
+    [seen] = wait_for(
+        lambda: rig.customer.seen("acme", doc["rewardId"]), timeout=120
+    )  # first: includes start-up
     assert seen.body == WORKED_BODY
     assert seen.headers["X-CG-SIGNATURE"] == WORKED_DIGEST
     assert seen.headers["Content-Type"] == "application/json"
@@ -256,7 +295,11 @@ def test_two_503s_then_accepted_is_delivered_once_after_three_attempts(rig: Rig)
     assert len({(s.body, s.headers["X-CG-SIGNATURE"], s.headers["X-Reward-Id"]) for s in seen}) == 1
     assert seen[1].at - seen[0].at >= 0.2 and seen[2].at - seen[1].at >= 0.5
     log = wait_for(lambda: len(o := outcomes(rig.settings, doc["rewardId"])) == 3 and o)
-    assert [(o.attempt.status, o.verdict) for o in log] == [(503, "retry"), (503, "retry"), (200, "delivered")]
+    assert [(o.attempt.status, o.verdict) for o in log] == [
+        (503, "retry"),
+        (503, "retry"),
+        (200, "delivered"),
+    ]
     assert all(o.attempt.latency_ms > 0 for o in log)
     time.sleep(1.0)
     assert len(rig.customer.seen("flaky", doc["rewardId"])) == 3
@@ -302,9 +345,13 @@ def test_same_reward_id_produced_twice_is_delivered_once(rig: Rig) -> None:
     doc = reward()
     produce(rig.settings, [("dup", body(doc)), ("dup", body(doc))])
     wait_for(lambda: rig.customer.seen("dup", doc["rewardId"]))
-    wait_for(lambda: 'headwater_rewards_deliveries_total{outcome="duplicate",tenant="dup"} 1.0' in rig.metrics())
+    wait_for(
+        lambda: 'headwater_rewards_deliveries_total{outcome="duplicate",tenant="dup"} 1.0' in rig.metrics()
+    )
     produce(rig.settings, [("dup", body({**doc, "rewardName": "changed"}))])
-    wait_for(lambda: 'headwater_rewards_deliveries_total{outcome="duplicate",tenant="dup"} 2.0' in rig.metrics())
+    wait_for(
+        lambda: 'headwater_rewards_deliveries_total{outcome="duplicate",tenant="dup"} 2.0' in rig.metrics()
+    )
     assert len(rig.customer.seen("dup", doc["rewardId"])) == 1
 
 
@@ -321,8 +368,9 @@ def test_invalid_records_reach_the_dlq_with_reasons_and_their_bytes(rig: Rig) ->
         ("nohook", body(reward(f"{marker}-3")), "no_webhook"),
     ]
     produce(rig.settings, [(tenant, raw) for tenant, raw, _ in cases])
-    letters = wait_for(lambda: len(d := [x for x in dead_letters(rig.settings) if marker.encode() in x.body]) == 7
-                       and d)
+    letters = wait_for(
+        lambda: len(d := [x for x in dead_letters(rig.settings) if marker.encode() in x.body]) == 7 and d
+    )
     by_body = {d.body: d for d in letters}
     for tenant, raw, reason in cases:
         assert (by_body[raw].stage, by_body[raw].reason, by_body[raw].tenant) == ("intake", reason, tenant)
@@ -339,17 +387,26 @@ def test_receiver_route_takes_one_reward_or_an_array(
     payload = json.dumps([*good, bad]).encode()
 
     async def post(key: str) -> tuple[int, Any]:
-        async with aiohttp.ClientSession() as session, session.post(
-            base + "/rewards/v1", data=payload, headers={"X-API-KEY": key, "Content-Type": "application/json"}
-        ) as response:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(
+                base + "/rewards/v1",
+                data=payload,
+                headers={"X-API-KEY": key, "Content-Type": "application/json"},
+            ) as response,
+        ):
             return response.status, await response.json()
 
     assert asyncio.run(post("wk_nope"))[0] == 401
     assert asyncio.run(post("wk_rw_acme"))[0] == 401
     status, answer = asyncio.run(post("rk_rw_acme"))
-    assert (status, answer["count"], answer["invalid"]) == (200, 3, [{"index": 2, "reason": "missing_field:userId"}])
+    assert (status, answer["count"], answer["invalid"]) == (
+        200,
+        3,
+        [{"index": 2, "reason": "missing_field:userId"}],
+    )
     for doc in good:
-        wait_for(lambda doc=doc: rig.customer.seen("acme", doc["rewardId"]))
+        wait_for(lambda: rig.customer.seen("acme", doc["rewardId"]))  # noqa: B023
     [letter] = wait_for(lambda: [d for d in dead_letters(rig.settings) if d.reward_id == bad["rewardId"]])
     assert letter.reason == "missing_field:userId"
 
@@ -361,11 +418,12 @@ def test_a_dead_endpoint_of_one_tenant_does_not_delay_another(rig: Rig) -> None:
     wait_for(lambda: len(rig.customer.seen("dead")) >= 2)
     fast = [reward() for _ in range(10)]
     sent = [produce(rig.settings, [("fast", body(doc))])[0] for doc in fast]
-    arrived = [wait_for(lambda doc=doc: rig.customer.seen("fast", doc["rewardId"]))[0].at for doc in fast]
+    arrived = [wait_for(lambda: rig.customer.seen("fast", doc["rewardId"]))[0].at for doc in fast]  # noqa: B023
     latencies = [a - s for s, a in zip(sent, arrived, strict=True)]
     assert max(latencies) < 0.5, (
         f"fast tenant latency while dead tenant hangs: max {max(latencies) * 1000:.0f} ms, "
-        f"mean {sum(latencies) / len(latencies) * 1000:.0f} ms")
+        f"mean {sum(latencies) / len(latencies) * 1000:.0f} ms"
+    )
     wait_for(lambda: 'headwater_rewards_breaker_open{tenant="dead"} 1.0' in rig.metrics(), timeout=20)
 
 
@@ -376,18 +434,28 @@ def test_dlq_ls_show_and_redeliver(rig: Rig) -> None:
     produce(rig.settings, [("fixme", body(doc))])
     [letter] = wait_for(lambda: [d for d in dead_letters(rig.settings) if d.reward_id == doc["rewardId"]])
     runner = CliRunner()
-    listed = runner.invoke(main, ["--config", str(rig.config), "rewards", "dlq", "ls", "--tenant", "fixme", "--json"])
+    listed = runner.invoke(
+        main, ["--config", str(rig.config), "rewards", "dlq", "ls", "--tenant", "fixme", "--json"]
+    )
     assert listed.exit_code == 0, listed.output
     assert [json.loads(line)["id"] for line in listed.stdout.splitlines()] == [letter.id]
     shown = runner.invoke(main, ["--config", str(rig.config), "rewards", "dlq", "show", letter.id])
     assert shown.exit_code == 0 and json.loads(shown.stdout)["body"] == letter.body.decode()
-    assert runner.invoke(main, ["--config", str(rig.config), "rewards", "dlq", "show", "rdl_nope"]).exit_code == 2
+    assert (
+        runner.invoke(main, ["--config", str(rig.config), "rewards", "dlq", "show", "rdl_nope"]).exit_code
+        == 2
+    )
     rig.customer.behaviour["fixme"] = "ok"
     redo = runner.invoke(main, ["--config", str(rig.config), "rewards", "dlq", "redeliver", letter.id])
     assert redo.exit_code == 0 and "redelivered 1" in redo.stdout, redo.output
     wait_for(lambda: len(rig.customer.seen("fixme", doc["rewardId"])) == 2)
-    assert runner.invoke(main, ["--config", str(rig.config), "rewards", "dlq", "redeliver", letter.id]).exit_code == 0
-    wait_for(lambda: 'headwater_rewards_deliveries_total{outcome="duplicate",tenant="fixme"} 1.0' in rig.metrics())
+    assert (
+        runner.invoke(main, ["--config", str(rig.config), "rewards", "dlq", "redeliver", letter.id]).exit_code
+        == 0
+    )
+    wait_for(
+        lambda: 'headwater_rewards_deliveries_total{outcome="duplicate",tenant="fixme"} 1.0' in rig.metrics()
+    )
     assert len(rig.customer.seen("fixme", doc["rewardId"])) == 2
 
 
@@ -401,4 +469,3 @@ def test_metrics_by_tenant_and_outcome(rig: Rig) -> None:
     assert 'headwater_rewards_attempt_seconds_bucket{le="0.5",tenant="metered"} 1.0' in text
     assert 'headwater_rewards_retry_queue_depth{tenant="metered"} 0.0' in text
     assert "headwater_rewards_in_flight" in text
-

@@ -49,11 +49,20 @@ def test_sigkill_mid_delivery_resends_only_the_reward_in_flight_with_the_same_id
     and a receiver de-duplicating on X-Reward-Id accepts every reward exactly once."""
     loop = LoopThread()
     customer = start_customer(loop, {})
-    tenants: list[dict[str, Any]] = [{"id": "crash", "rewards_webhook": {
-        "url": customer.url("crash"), "token": "tok_crash", "standard_webhooks_secrets": [SW_SECRET],
-        "max_concurrency": 1}}]  # one request at a time: request n+1 starts after outcome n is durable
-    doc = settings_doc(kafka_bootstrap, f"t_rewards_crash_{uuid.uuid4().hex[:8]}", tmp_path / "worker",
-                       free_port(), tenants)
+    tenants: list[dict[str, Any]] = [
+        {
+            "id": "crash",
+            "rewards_webhook": {
+                "url": customer.url("crash"),
+                "token": "tok_crash",
+                "standard_webhooks_secrets": [SW_SECRET],
+                "max_concurrency": 1,
+            },
+        }
+    ]  # one request at a time: request n+1 starts after outcome n is durable
+    doc = settings_doc(
+        kafka_bootstrap, f"t_rewards_crash_{uuid.uuid4().hex[:8]}", tmp_path / "worker", free_port(), tenants
+    )
     settings = Settings.model_validate(doc)
     config = tmp_path / "headwater.toml"
     config.write_text(render_toml(doc))
@@ -70,23 +79,45 @@ def test_sigkill_mid_delivery_resends_only_the_reward_in_flight_with_the_same_id
     customer.on_request = on_request
     ids = [f"crash-{i:02d}-{uuid.uuid4().hex[:6]}" for i in range(12)]
     try:
-        produce(settings, [("crash", json.dumps({"campaignId": "c", "userId": f"u{i}", "rewardId": rid,
-                                                 "rewardName": "ü points", "rewardAmount": i}).encode())
-                           for i, rid in enumerate(ids)])
+        produce(
+            settings,
+            [
+                (
+                    "crash",
+                    json.dumps(
+                        {
+                            "campaignId": "c",
+                            "userId": f"u{i}",
+                            "rewardId": rid,
+                            "rewardName": "ü points",
+                            "rewardAmount": i,
+                        }
+                    ).encode(),
+                )
+                for i, rid in enumerate(ids)
+            ],
+        )
         wait_for(lambda: killed, timeout=120)
         first.process.wait(10)
         second = Dispatcher(config, tmp_path / "second.log", exit_after_s=180)
         try:
-            wait_for(lambda: len(accepted) == 12, timeout=150,
-                     explain=lambda: f"{len(accepted)} of 12 accepted; the restarted dispatcher logged:\n"
-                                     + second.output()[-8000:])
+            wait_for(
+                lambda: len(accepted) == 12,
+                timeout=150,
+                explain=lambda: (
+                    f"{len(accepted)} of 12 accepted; the restarted dispatcher logged:\n"
+                    + second.output()[-8000:]
+                ),
+            )
             wait_for(lambda: delivered(settings) >= set(ids), timeout=60)
         finally:
             second.stop()  # a stopped dispatcher sends nothing more: the counts below are final
         requests = {rid: customer.seen("crash", rid) for rid in ids}
         assert set(accepted) == set(ids)
         [in_flight] = killed
-        assert {rid: len(r) for rid, r in requests.items()} == {rid: 2 if rid == in_flight else 1 for rid in ids}
+        assert {rid: len(r) for rid, r in requests.items()} == {
+            rid: 2 if rid == in_flight else 1 for rid in ids
+        }
         copy1, copy2 = requests[in_flight]
         for header in ("X-Reward-Id", "webhook-id", "X-CG-SIGNATURE", "X-Reward-Attempt"):
             assert copy1.headers[header] == copy2.headers[header], header

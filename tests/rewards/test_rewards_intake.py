@@ -49,20 +49,46 @@ def hostile(marker: str) -> list[tuple[str, list[tuple[str, bytes]], bytes | Non
         ("nested 100 deep", acme, deep("deep100", 100), "too_deep"),
         ("nested 900 deep", acme, deep("deep900", 900), "too_deep"),
         ("nested 2000 deep", acme, deep("deep2000", 2000), "invalid_json"),
-        ("details over the size limit", acme, doc("huge", details={"x": "y" * MAX_REWARD_BYTES}), "too_large"),
-        ("a job that escaping makes too large", acme, doc("escaped", details={"x": "\x01" * 40_000}), "too_large"),
-        ("rewardId a number", acme, json.dumps({**reward(marker), "rewardId": 7, "rewardName": marker}).encode(),
-         "wrong_type:rewardId"),
+        (
+            "details over the size limit",
+            acme,
+            doc("huge", details={"x": "y" * MAX_REWARD_BYTES}),
+            "too_large",
+        ),
+        (
+            "a job that escaping makes too large",
+            acme,
+            doc("escaped", details={"x": "\x01" * 40_000}),
+            "too_large",
+        ),
+        (
+            "rewardId a number",
+            acme,
+            json.dumps({**reward(marker), "rewardId": 7, "rewardName": marker}).encode(),
+            "wrong_type:rewardId",
+        ),
         ("details an array", acme, doc("list", details=[1, 2]), "wrong_type:details"),
         ("rewardAmount a boolean", acme, doc("bool", rewardAmount=True), "wrong_type:rewardAmount"),
         ("campaignId an object", acme, doc("obj", campaignId={"id": 1}), "wrong_type:campaignId"),
-        ("rewardAmount infinite", acme, f'{{"rewardId": "{marker}-inf", "rewardAmount": 1e999}}'.encode(),
-         "invalid_json"),
-        ("a lone surrogate", acme, f'{{"rewardId": "{marker}-sur", "code": "\\ud800"}}'.encode(),
-         "invalid_json"),
+        (
+            "rewardAmount infinite",
+            acme,
+            f'{{"rewardId": "{marker}-inf", "rewardAmount": 1e999}}'.encode(),
+            "invalid_json",
+        ),
+        (
+            "a lone surrogate",
+            acme,
+            f'{{"rewardId": "{marker}-sur", "code": "\\ud800"}}'.encode(),
+            "invalid_json",
+        ),
         ("not UTF-8", acme, marker.encode() + b"\xff\xfe{", "invalid_json"),
-        ("hw-redrive-count not a number", [*acme, ("hw-redrive-count", b"many")], doc("count"),
-         "invalid_header:hw-redrive-count"),
+        (
+            "hw-redrive-count not a number",
+            [*acme, ("hw-redrive-count", b"many")],
+            doc("count"),
+            "invalid_header:hw-redrive-count",
+        ),
         ("hw-tenant not UTF-8", [("hw-tenant", b"\xff\xfeacme")], doc("tenant"), "unknown_tenant"),
         ("hw-tenant of 10 kB", [("hw-tenant", b"t" * 10_000)], doc("longtenant"), "unknown_tenant"),
     ]
@@ -105,8 +131,11 @@ def test_hostile_rewards_on_the_broker_each_end_as_one_dead_letter_and_the_next_
     with acme_dispatcher(kafka_bootstrap, tmp_path, "t_rewards_hostile") as rig:
         settings, config, customer, dispatcher = rig.settings, rig.config, rig.customer, rig.dispatcher
         good = f"{marker}-good"
-        produce_with_headers(settings, [(headers, value) for _, headers, value, _ in cases]
-                             + [([("hw-tenant", b"acme")], json.dumps(reward(good)).encode())])
+        produce_with_headers(
+            settings,
+            [(headers, value) for _, headers, value, _ in cases]
+            + [([("hw-tenant", b"acme")], json.dumps(reward(good)).encode())],
+        )
         wait_for(lambda: customer.seen("acme", good), timeout=120)
         letters = wait_for(lambda: len(found := dead_letters(settings)) >= len(cases) and found, timeout=60)
         by_origin = {d.origin: d for d in letters}

@@ -4,7 +4,8 @@ docs/decisions/0005). Offsets of the topics they read are contiguous, so a jump 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from aiokafka import ConsumerRecord
 from faust.types import Message
@@ -15,6 +16,13 @@ from pipeline.rewards.dispatcher import Dispatcher
 from pipeline.rewards.reads import ContiguousReads, RangeReader, faust_message
 
 T = "deliveries"
+
+
+def headers(record: Any) -> list[tuple[str, bytes]]:
+    """A record's headers as (key, value) pairs, whichever form the reader gave them in."""
+    if isinstance(record.headers, Mapping):
+        return list(record.headers.items())
+    return list(record.headers or [])
 
 
 def verdicts(reads: ContiguousReads, offsets: list[int]) -> list[str]:
@@ -43,7 +51,11 @@ def test_each_partition_and_topic_is_its_own() -> None:
     reads.start(T, 0, 0)
     reads.start(T, 1, 10)
     reads.start("outbound", 0, 3)
-    assert [reads.read(T, 1, 10), reads.read(T, 0, 1), reads.read("outbound", 0, 3)] == ["next", "gap", "next"]
+    assert [reads.read(T, 1, 10), reads.read(T, 0, 1), reads.read("outbound", 0, 3)] == [
+        "next",
+        "gap",
+        "next",
+    ]
 
 
 def test_a_partition_read_before_its_takeover_was_recorded_starts_where_it_is_read() -> None:
@@ -66,8 +78,13 @@ def test_the_range_reader_returns_the_missing_records_as_the_agent_would_have_se
         await producer.start()
         try:
             for i in range(6):
-                await producer.send_and_wait(topic, f"v{i}".encode(), key=f"k{i}".encode(), partition=1,
-                                             headers=[("hw-tenant", b"acme")])
+                await producer.send_and_wait(
+                    topic,
+                    f"v{i}".encode(),
+                    key=f"k{i}".encode(),
+                    partition=1,
+                    headers=[("hw-tenant", b"acme")],
+                )
         finally:
             await producer.stop()
         reader = RangeReader(settings)
@@ -75,7 +92,7 @@ def test_the_range_reader_returns_the_missing_records_as_the_agent_would_have_se
             found = await reader.read(topic, 1, 1, 4)
         finally:
             await reader.close()
-        return [(m.offset, m.key, m.value, list(m.headers or [])) for m in found]
+        return [(m.offset, m.key, m.value, headers(m)) for m in found]
 
     assert asyncio.run(scenario()) == [
         (i, f"k{i}".encode(), f"v{i}".encode(), [("hw-tenant", b"acme")]) for i in (1, 2, 3)
@@ -108,7 +125,9 @@ def test_an_agent_meeting_a_jump_handles_the_missing_records_from_kafka_first(
             handled.append(message.offset)
 
         def arrived(offset: int) -> Message:
-            return faust_message(ConsumerRecord(topic, 1, offset, 0, 0, None, f"v{offset}".encode(), None, 0, 0, []))
+            return faust_message(
+                ConsumerRecord(topic, 1, offset, 0, 0, None, f"v{offset}".encode(), None, 0, 0, [])
+            )
 
         dispatcher.reads.start(topic, 1, 0)
         try:

@@ -28,8 +28,9 @@ def produce_to_partition_0(settings: Settings, body: bytes) -> int:
         producer = make_producer(settings, linger_ms=0)
         await producer.start()
         try:
-            sent = await producer.send_and_wait(settings.topics.rewards, body, partition=0,
-                                                headers=[("hw-tenant", b"acme")])
+            sent = await producer.send_and_wait(
+                settings.topics.rewards, body, partition=0, headers=[("hw-tenant", b"acme")]
+            )
             return int(sent.offset)
         finally:
             await producer.stop()
@@ -55,7 +56,8 @@ def set_max_message_bytes(settings: Settings, topic: str, value: int) -> None:
         await admin.start()
         try:
             await admin.alter_configs(
-                [ConfigResource(ConfigResourceType.TOPIC, topic, {"max.message.bytes": str(value)})])
+                [ConfigResource(ConfigResourceType.TOPIC, topic, {"max.message.bytes": str(value)})]
+            )
         finally:
             await admin.close()
 
@@ -66,10 +68,14 @@ def test_a_dead_letter_the_broker_refuses_is_retried_and_its_record_not_committe
     kafka_bootstrap: str, tmp_path: Path
 ) -> None:
     """After a committed valid reward: while rewards.dlq refuses the letter of an invalid record, the
-    dispatcher retries it and the intake's committed offset stays at that record; once the topic accepts it, the letter lands and the
+    dispatcher retries it and the intake's committed offset stays at that record; once the topic accepts it,
+    the letter lands and the
     offset moves past it."""
+
     def small_dlq(settings: Settings) -> None:
-        asyncio.run(ensure_topics(settings, [settings.topics.rewards_dlq], config={"max.message.bytes": "1000"}))
+        asyncio.run(
+            ensure_topics(settings, [settings.topics.rewards_dlq], config={"max.message.bytes": "1000"})
+        )
 
     with acme_dispatcher(kafka_bootstrap, tmp_path, "t_rewards_writes", prepare=small_dlq) as rig:
         settings, customer, dispatcher = rig.settings, rig.customer, rig.dispatcher

@@ -35,17 +35,24 @@ from pipeline.signing import (
 
 # The vendor page's Python sample: its sampleObj, token and the header value it shows.
 VENDOR_SAMPLE = {
-    "campaignId": "6bab1116-ae8e-4644-9cee-7a3d8ee9aff3", "type": "direct", "userId": "test-8-june-9",
-    "rewardId": "acdc71c6-08ad-4cd9-8c1e-3c812487b854", "rewardName": "$15", "rewardAmount": 15,
-    "details": {"currency": "USD", "value": 15, "reward_reason": "got_referred", "userAName": "Test Solve 7",
-                "userAId": "test-8-june-7"},
+    "campaignId": "6bab1116-ae8e-4644-9cee-7a3d8ee9aff3",
+    "type": "direct",
+    "userId": "test-8-june-9",
+    "rewardId": "acdc71c6-08ad-4cd9-8c1e-3c812487b854",
+    "rewardName": "$15",
+    "rewardAmount": 15,
+    "details": {
+        "currency": "USD",
+        "value": 15,
+        "reward_reason": "got_referred",
+        "userAName": "Test Solve 7",
+        "userAId": "test-8-june-7",
+    },
 }
 VENDOR_TOKEN = "PbTJp694bmgrfJpJPQmrjGfjgq"
 VENDOR_DIGEST = "f2719895b483fbf3f98e1936bc88271cbe74f138"
 SW_ID, SW_TIMESTAMP, SW_BODY = "msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265330, b'{"test": 2432232314}'
 SW_SIGNATURE = "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="
-
-
 
 
 class TestWorkedExamples:
@@ -65,7 +72,11 @@ class TestWorkedExamples:
     def test_standard_webhooks_vector(self) -> None:
         """Our Standard Webhooks signature matches the specification's published test vector."""
         assert standard_signature(SW_ID, SW_TIMESTAMP, SW_BODY, SW_SECRET) == SW_SIGNATURE
-        headers = {"webhook-id": SW_ID, "webhook-timestamp": str(SW_TIMESTAMP), "webhook-signature": SW_SIGNATURE}
+        headers = {
+            "webhook-id": SW_ID,
+            "webhook-timestamp": str(SW_TIMESTAMP),
+            "webhook-signature": SW_SIGNATURE,
+        }
         assert verify_standard(SW_BODY, headers, SW_SECRET, now=SW_TIMESTAMP + 10)
 
 
@@ -99,9 +110,22 @@ class TestCanonicalBody:
 
     def test_spec_key_order_whatever_the_input_order(self) -> None:
         """Known fields in the spec's table order, other keys after them sorted; input order is irrelevant."""
-        shuffled = {"zeta": 1, "details": {}, "rewardId": "r", "alpha": True, "userId": "u", "campaignId": "c"}
+        shuffled = {
+            "zeta": 1,
+            "details": {},
+            "rewardId": "r",
+            "alpha": True,
+            "userId": "u",
+            "campaignId": "c",
+        }
         assert list(json.loads(canonical_body(shuffled))) == [
-            "campaignId", "userId", "rewardId", "details", "alpha", "zeta"]
+            "campaignId",
+            "userId",
+            "rewardId",
+            "details",
+            "alpha",
+            "zeta",
+        ]
 
     def test_integers_stay_integers(self) -> None:
         """15.0 is written 15 (as JSON.stringify does); 12.5 stays 12.5; ints and bools are untouched."""
@@ -114,32 +138,48 @@ class TestCanonicalBody:
         assert body == b'{"details":{"2":4,"10":2,"b":1,"a":3,"01":5}}'
 
     @settings(max_examples=300, deadline=None)
-    @given(st.dictionaries(
-        st.text(max_size=8),
-        st.recursive(
-            st.none() | st.booleans() | st.integers(-(2**53), 2**53) | st.text(),
-            lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
-            max_leaves=8,
-        ),
-        max_size=8,
-    ))
+    @given(
+        st.dictionaries(
+            st.text(max_size=8),
+            st.recursive(
+                st.none() | st.booleans() | st.integers(-(2**53), 2**53) | st.text(),
+                lambda inner: (
+                    st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3)
+                ),
+                max_leaves=8,
+            ),
+            max_size=8,
+        )
+    )
     def test_python_reserialization_reproduces_the_body(self, reward: dict[str, Any]) -> None:
-        """For any JSON object, json.dumps(json.loads(body), compact, ensure_ascii=False) gives our exact bytes."""
+        """For any JSON object, json.dumps(json.loads(body), compact, ensure_ascii=False) gives our exact
+        bytes."""
         body = canonical_body(reward)
         assert python_reserialized(body) == body
 
     @pytest.mark.skipif(shutil.which("node") is None, reason="Node.js is not installed")
     def test_javascript_reserialization_reproduces_the_body(self) -> None:
         """JSON.stringify(JSON.parse(body)), the vendor's Node verifier, gives our exact bytes."""
-        bodies = [canonical_body(r) for r in (
-            UNICODE_REWARD, VENDOR_SAMPLE, json.loads(WORKED_BODY),
-            {"rewardId": "r", "details": {"b": 1, "10": 2, "0": 0, "x": [15.0, -0.0, 1e-3, "\u2028\x7f\x01"]}},
-        )]
-        script = ("const bodies = JSON.parse(require('fs').readFileSync(0, 'utf8'));"
-                  "process.stdout.write(JSON.stringify(bodies.map(b => JSON.stringify(JSON.parse(b)))));")
+        bodies = [
+            canonical_body(r)
+            for r in (
+                UNICODE_REWARD,
+                VENDOR_SAMPLE,
+                json.loads(WORKED_BODY),
+                {
+                    "rewardId": "r",
+                    "details": {"b": 1, "10": 2, "0": 0, "x": [15.0, -0.0, 1e-3, "\u2028\x7f\x01"]},
+                },
+            )
+        ]
+        script = (
+            "const bodies = JSON.parse(require('fs').readFileSync(0, 'utf8'));"
+            "process.stdout.write(JSON.stringify(bodies.map(b => JSON.stringify(JSON.parse(b)))));"
+        )
         payload = json.dumps([b.decode() for b in bodies])
-        out = subprocess.run(["node", "-e", script], input=payload.encode(), capture_output=True, timeout=30,
-                             check=True)
+        out = subprocess.run(
+            ["node", "-e", script], input=payload.encode(), capture_output=True, timeout=30, check=True
+        )
         assert [s.encode() for s in json.loads(out.stdout)] == bodies
 
 
@@ -168,14 +208,18 @@ class TestStandardWebhooks:
 
 class TestSignCommand:
     def test_sign_prints_the_worked_example_digest(self) -> None:
-        """`headwater rewards sign --token T < body.json` prints the X-CG-SIGNATURE value of the exact bytes."""
+        """`headwater rewards sign --token T < body.json` prints the X-CG-SIGNATURE value of the exact
+        bytes."""
         result = CliRunner().invoke(main, ["rewards", "sign", "--token", WORKED_TOKEN], input=WORKED_BODY)
         assert result.exit_code == 0, result.output
         assert result.stdout.strip() == WORKED_DIGEST
 
     def test_sign_canonical_reserializes_first(self) -> None:
-        """--canonical signs what the dispatcher would send, so a pretty-printed file gives the same digest."""
+        """--canonical signs what the dispatcher would send, so a pretty-printed file gives the same
+        digest."""
         pretty = json.dumps(json.loads(WORKED_BODY), indent=2).encode() + b"\n"
-        result = CliRunner().invoke(main, ["rewards", "sign", "--canonical", "--token", WORKED_TOKEN], input=pretty)
+        result = CliRunner().invoke(
+            main, ["rewards", "sign", "--canonical", "--token", WORKED_TOKEN], input=pretty
+        )
         assert result.exit_code == 0, result.output
         assert result.stdout.strip() == WORKED_DIGEST

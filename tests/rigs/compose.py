@@ -1,4 +1,5 @@
-"""docker-compose.yml, the Dockerfile and the compose config, parsed for the static compose checks and the dashboard test."""
+"""docker-compose.yml, the Dockerfile and the compose config, parsed for the static compose checks and the
+dashboard test."""
 
 from __future__ import annotations
 

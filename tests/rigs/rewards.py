@@ -91,7 +91,8 @@ class Customer:
 
 
 def render_toml(doc: dict[str, Any]) -> str:
-    """A settings document as TOML: [section] tables, [[tenants]] with inline tables (by hand, no SecretStr)."""
+    """A settings document as TOML: [section] tables, [[tenants]] with inline tables (by hand, no
+    SecretStr)."""
 
     def value(v: Any) -> str:
         if isinstance(v, bool):
@@ -141,7 +142,8 @@ def settings_doc(
 
 
 class Dispatcher(HeadwaterProcess):
-    """`headwater rewards run` in a subprocess; it exits by itself (--exit-after) and with the test process."""
+    """`headwater rewards run` in a subprocess; it exits by itself (--exit-after) and with the test
+    process."""
 
     def __init__(self, config: Path, log: Path, exit_after_s: float = 240) -> None:
         args = ["--config", str(config), "rewards", "run", "--exit-after", str(exit_after_s)]
@@ -173,7 +175,9 @@ def acme_dispatcher(
     loop = LoopThread()
     customer = start_customer(loop, {})
     tenants = [{"id": "acme", "rewards_webhook": {"url": customer.url("acme")}}]
-    doc = settings_doc(bootstrap, f"{prefix}_{uuid.uuid4().hex[:8]}", tmp_path / "worker", free_port(), tenants)
+    doc = settings_doc(
+        bootstrap, f"{prefix}_{uuid.uuid4().hex[:8]}", tmp_path / "worker", free_port(), tenants
+    )
     settings = Settings.model_validate(doc)
     config = tmp_path / "headwater.toml"
     config.write_text(render_toml(doc))

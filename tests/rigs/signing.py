@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 WORKED_BODY = (
     b'{"campaignId":"5d1c7e2a-0b3f-4c6d-9a8e-7f1b2c3d4e5f","type":"spinthewheel","userId":"usr_3344",'
@@ -21,7 +22,7 @@ WORKED_DIGEST = "4bf3191cdfda708a7469a5eaec0fe1e4ef682a5c"
 SW_SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 
 
-UNICODE_REWARD = {
+UNICODE_REWARD: dict[str, Any] = {
     "campaignId": "c-ü",
     "type": "quiz",
     "userId": "usuário_42",

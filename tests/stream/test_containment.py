@@ -22,14 +22,20 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def event(i: int, **extra: object) -> bytes:
-    return orjson.dumps({"event_id": f"e_{i}", "event_name": "tick", "user_id": f"u{i}",
-                         "timestamp": 1709294400 + i, **extra})
+    return orjson.dumps(
+        {"event_id": f"e_{i}", "event_name": "tick", "user_id": f"u{i}", "timestamp": 1709294400 + i, **extra}
+    )
 
 
 def deep_properties(depth: int) -> bytes:
     """A CustomerGlu body whose event_properties nest `depth` levels (orjson reads it, cannot write it)."""
-    return (b'{"event_id":"deep","event_name":"tick","user_id":"u0","timestamp":1709294400,"event_properties":'
-            + b'{"k":' * depth + b"1" + b"}" * depth + b"}")
+    return (
+        b'{"event_id":"deep","event_name":"tick","user_id":"u0","timestamp":1709294400,"event_properties":'
+        + b'{"k":' * depth
+        + b"1"
+        + b"}" * depth
+        + b"}"
+    )
 
 
 def canonical_ids(settings: Settings) -> list[str]:
@@ -93,7 +99,9 @@ def test_health_fails_while_a_stage_has_lag_and_makes_no_progress(
     """A stage that keeps retrying one batch: /health answers 503 after worker.stall_limit_s, the stage's
     seconds since commit grow on /metrics; before that, an idle worker is healthy."""
     port = free_port()
-    settings = make_settings(worker={"web_port": port, "isolate_after_failures": 1_000_000, "stall_limit_s": 3})
+    settings = make_settings(
+        worker={"web_port": port, "isolate_after_failures": 1_000_000, "stall_limit_s": 3}
+    )
     asyncio.run(ensure_topics(settings, [settings.topics.keyed], config={"max.message.bytes": "20000"}))
     start_worker(settings, "--source", "customerglu")
     assert wait_for(lambda: get(f"http://127.0.0.1:{port}/health")[0] == 200, timeout=60)
@@ -129,8 +137,13 @@ def test_a_stage_whose_loop_dies_ends_the_worker_with_a_non_zero_exit(
     script.write_text(FAULT)
     log = tmp_path / "faulty.log"
     with log.open("wb") as out:
-        process = subprocess.Popen([sys.executable, str(script), str(config)], cwd=REPO, stdout=out,
-                                   stderr=subprocess.STDOUT, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin"})
+        process = subprocess.Popen(
+            [sys.executable, str(script), str(config)],
+            cwd=REPO,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin"},
+        )
         try:
             code = process.wait(90)
         finally:

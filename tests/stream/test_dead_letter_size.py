@@ -27,15 +27,24 @@ def rss_kib(pid: int, field: str) -> int:
 
 def failing_items(count: int, padding: int) -> list[dict[str, object]]:
     """Segment track calls without any identity: every one is missing_user_identity."""
-    return [{"type": "track", "event": "No Identity", "messageId": f"m{i}", "timestamp": "2024-03-01T12:00:00Z",
-             "properties": {"p": "x" * padding}} for i in range(count)]
+    return [
+        {
+            "type": "track",
+            "event": "No Identity",
+            "messageId": f"m{i}",
+            "timestamp": "2024-03-01T12:00:00Z",
+            "properties": {"p": "x" * padding},
+        }
+        for i in range(count)
+    ]
 
 
 def hw_dlq(settings: Settings, tmp_path: Path, *args: str) -> str:
     config = tmp_path / f"dlq-{time.monotonic_ns()}.toml"
     config.write_text(toml_text(settings))
-    result = CliRunner().invoke(main, ["--config", str(config), "dlq", *args], catch_exceptions=False,
-                                env={"COLUMNS": "250"})
+    result = CliRunner().invoke(
+        main, ["--config", str(config), "dlq", *args], catch_exceptions=False, env={"COLUMNS": "250"}
+    )
     assert result.exit_code == 0, result.output
     return result.stdout
 
@@ -80,7 +89,13 @@ def test_show_export_and_redrive_rebuild_the_exact_request_from_a_letter_without
 ) -> None:
     """A letter that only points to its record's body: `dlq show` prints that body, `dlq export` carries
     the carrier along, and `dlq redrive` republishes the original bytes with the original headers."""
-    good = {"type": "track", "event": "Ok", "messageId": "ok_1", "userId": "u1", "timestamp": "2024-03-01T12:00:00Z"}
+    good = {
+        "type": "track",
+        "event": "Ok",
+        "messageId": "ok_1",
+        "userId": "u1",
+        "timestamp": "2024-03-01T12:00:00Z",
+    }
     body = orjson.dumps([*failing_items(3, 10), good])
     produce_raw(settings, "segment", [body])
     start_worker(settings, "--source", "segment")
@@ -92,14 +107,20 @@ def test_show_export_and_redrive_rebuild_the_exact_request_from_a_letter_without
     shown = orjson.loads(hw_dlq(settings, tmp_path, "show", referrer.id, "--json"))
     assert base64.b64decode(shown["body_b64"]) == body
 
-    lines = [orjson.loads(line) for line in hw_dlq(settings, tmp_path, "export", "--source", "segment",
-                                                     "--reason", "missing_user_identity").splitlines()]
+    lines = [
+        orjson.loads(line)
+        for line in hw_dlq(
+            settings, tmp_path, "export", "--source", "segment", "--reason", "missing_user_identity"
+        ).splitlines()
+    ]
     assert {d["id"] for d in lines} == {d.id for d in letters}
     assert [base64.b64decode(d["body_b64"]) for d in lines if d["body_b64"]] == [body]
 
     hw_dlq(settings, tmp_path, "redrive", "--ids", referrer.id)
     raw = read_records(settings, settings.topics.raw("segment"))
     assert [r.value for r in raw] == [body, body]
-    original, redriven = sorted((RawHeaders.from_kafka(r.headers) for r in raw), key=lambda h: h.redrive_count)
+    original, redriven = sorted(
+        (RawHeaders.from_kafka(r.headers) for r in raw), key=lambda h: h.redrive_count
+    )
     assert (original.redrive_count, redriven.redrive_count) == (0, 1)
     assert redriven.model_copy(update={"redrive_count": 0}) == original

@@ -21,8 +21,12 @@ def canonical_ids(settings: Settings) -> list[str]:
 
 
 def single_events(first: int, count: int) -> list[bytes]:
-    return [orjson.dumps({"event_id": f"k_{i}", "event_name": "tick", "user_id": f"u{i % 97}",
-                          "timestamp": 1709294400 + i}) for i in range(first, first + count)]
+    return [
+        orjson.dumps(
+            {"event_id": f"k_{i}", "event_name": "tick", "user_id": f"u{i % 97}", "timestamp": 1709294400 + i}
+        )
+        for i in range(first, first + count)
+    ]
 
 
 @pytest.fixture
@@ -40,8 +44,9 @@ def test_a_broker_restarted_mid_stream_loses_nothing_and_emits_nothing_twice(
 ) -> None:
     """Kafka stops while the worker processes 8,000 events and comes back: every id is on events.canonical
     exactly once once the worker has caught up."""
-    settings = make_settings(kafka={"bootstrap_servers": own_broker.bootstrap, "partitions": 3},
-                             worker={"batch_max": 200})
+    settings = make_settings(
+        kafka={"bootstrap_servers": own_broker.bootstrap, "partitions": 3}, worker={"batch_max": 200}
+    )
     produce_raw(settings, "customerglu", single_events(0, 4000))
     start_worker(settings, "--source", "customerglu")
     wait_for(lambda: len(canonical_ids(settings)) >= 500, timeout=120, interval=0.5)
@@ -63,9 +68,22 @@ def test_a_worker_killed_during_a_large_bulk_record_emits_each_of_its_events_onc
     # record batches, so with 20 records per batch all 12,000 were out before the kill could land.
     settings = make_settings(worker={"batch_max": 1})
     padding = "x" * 600
-    bodies = [orjson.dumps([{"type": "track", "event": "Big", "messageId": f"big_{b}_{i}", "userId": f"u{i % 50}",
-                             "timestamp": "2024-03-01T12:00:00Z", "properties": {"padding": padding}}
-                            for i in range(4000)]) for b in range(3)]
+    bodies = [
+        orjson.dumps(
+            [
+                {
+                    "type": "track",
+                    "event": "Big",
+                    "messageId": f"big_{b}_{i}",
+                    "userId": f"u{i % 50}",
+                    "timestamp": "2024-03-01T12:00:00Z",
+                    "properties": {"padding": padding},
+                }
+                for i in range(4000)
+            ]
+        )
+        for b in range(3)
+    ]
     produce_raw(settings, "segment", bodies)
     worker = start_worker(settings, "--source", "segment")
     wait_for(lambda: len(read_records(settings, settings.topics.keyed)) >= 1, timeout=120, interval=0.1)

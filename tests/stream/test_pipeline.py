@@ -1,4 +1,5 @@
-"""The pipeline end to end on a real broker: HTTP -> receiver -> worker -> events.canonical / events.dlq (issue 3)."""
+"""The pipeline end to end on a real broker: HTTP -> receiver -> worker -> events.canonical / events.dlq
+(issue 3)."""
 
 from __future__ import annotations
 
@@ -19,45 +20,142 @@ from pipeline.kafka.local import free_port
 from pipeline.records import DeadLetter, RawHeaders
 
 KEY = {"X-API-KEY": "wk_acme_1", "Content-Type": "application/json"}
-WEBENGAGE_QUERY = {"licenseCode": "~acme1234", "secret": hashlib.md5(b"~acme1234:whsec_acme").hexdigest(),
-                   "eventType": "push"}
+WEBENGAGE_QUERY = {
+    "licenseCode": "~acme1234",
+    "secret": hashlib.md5(b"~acme1234:whsec_acme").hexdigest(),
+    "eventType": "push",
+}
 
 # One request per source, each mixing good and bad items where the source batches.
 # (path, query, headers, body, expected canonical event ids, expected dead-letter reasons)
 REQUESTS: list[tuple[str, dict[str, str], dict[str, str], Any, set[str], list[str]]] = [
-    ("/server/v4", {}, KEY,
-     {"event_id": "cg_1", "event_name": "kyc_completed", "user_id": "usr_501",
-      "timestamp": "2024-03-01T12:00:00Z", "event_properties": {"level": "full"}},
-     {"cg_1"}, []),
-    ("/segment/v4", {}, KEY,
-     [{"type": "track", "event": "Signup Completed", "messageId": "seg_1", "userId": "u_9",
-       "timestamp": "2024-03-01T12:00:00.800Z"},
-      {"type": "track", "event": "No Identity", "messageId": "seg_2", "timestamp": "2024-03-01T12:00:00Z"},
-      {"type": "identify", "messageId": "seg_3", "userId": "u_9", "traits": {"plan": "pro"},
-       "timestamp": "2024-03-01T12:00:01Z"}],
-     {"seg_1", "seg_3"}, ["missing_user_identity"]),
-    ("/v3/moengage", {}, KEY,
-     {"app_name": "DemoApp", "source": "MOENGAGE", "moe_request_id": "r1", "events": [
-         {"event_name": "Email Clicked", "event_uuid": "moe_1", "event_time": 1709294400, "uid": "u_9"},
-         {"event_name": "Email Opened", "event_uuid": "moe_2", "event_time": "yesterday", "uid": "u_9"}]},
-     {"moe_1"}, ["invalid_timestamp"]),
-    ("/amplitude/v4", {}, KEY,
-     {"$insert_id": "amp_1", "uuid": "x", "event_type": "Song Played", "user_id": "u_9",
-      "event_time": "2024-03-01 12:00:00.000000", "event_properties": {"genre": "jazz"}},
-     {"amp_1"}, []),
-    ("/clevertap/v4", {}, KEY,
-     {"targetId": 1700000001, "key_values": {"event_name": "Trial Started", "event_id": "ct_1"},
-      "profiles": [{"identity": "u_9", "objectId": "__a1b2"}, {"email": "nobody@example.com"}]},
-     {"ct_1"}, ["missing_user_identity"]),
-    ("/webengage/v4", WEBENGAGE_QUERY, {"x-request-id": "we_1", "Content-Type": "application/json"},
-     {"event_name": "push_notification_accepted", "event_time": "2024-03-01T12:00:00+0000",
-      "license_code": "~acme1234", "user_id": "a@example.com", "event_data": {"result": "SUCCESS"}},
-     {"we_1"}, []),
-    ("/api/v1/s2s/event", {"token": "ak_acme.st_acme"}, {"Content-Type": "application/json"},
-     [{"api_key": "ak_acme", "event_id": "um_1", "event_type": "signed_up", "_timestamp": 1709294400000,
-       "user": {"id": "u_9"}},
-      {"api_key": "ak_other", "event_id": "um_2", "event_type": "signed_up", "user": {"id": "u_9"}}],
-     {"um_1"}, ["api_key_mismatch"]),
+    (
+        "/server/v4",
+        {},
+        KEY,
+        {
+            "event_id": "cg_1",
+            "event_name": "kyc_completed",
+            "user_id": "usr_501",
+            "timestamp": "2024-03-01T12:00:00Z",
+            "event_properties": {"level": "full"},
+        },
+        {"cg_1"},
+        [],
+    ),
+    (
+        "/segment/v4",
+        {},
+        KEY,
+        [
+            {
+                "type": "track",
+                "event": "Signup Completed",
+                "messageId": "seg_1",
+                "userId": "u_9",
+                "timestamp": "2024-03-01T12:00:00.800Z",
+            },
+            {
+                "type": "track",
+                "event": "No Identity",
+                "messageId": "seg_2",
+                "timestamp": "2024-03-01T12:00:00Z",
+            },
+            {
+                "type": "identify",
+                "messageId": "seg_3",
+                "userId": "u_9",
+                "traits": {"plan": "pro"},
+                "timestamp": "2024-03-01T12:00:01Z",
+            },
+        ],
+        {"seg_1", "seg_3"},
+        ["missing_user_identity"],
+    ),
+    (
+        "/v3/moengage",
+        {},
+        KEY,
+        {
+            "app_name": "DemoApp",
+            "source": "MOENGAGE",
+            "moe_request_id": "r1",
+            "events": [
+                {
+                    "event_name": "Email Clicked",
+                    "event_uuid": "moe_1",
+                    "event_time": 1709294400,
+                    "uid": "u_9",
+                },
+                {
+                    "event_name": "Email Opened",
+                    "event_uuid": "moe_2",
+                    "event_time": "yesterday",
+                    "uid": "u_9",
+                },
+            ],
+        },
+        {"moe_1"},
+        ["invalid_timestamp"],
+    ),
+    (
+        "/amplitude/v4",
+        {},
+        KEY,
+        {
+            "$insert_id": "amp_1",
+            "uuid": "x",
+            "event_type": "Song Played",
+            "user_id": "u_9",
+            "event_time": "2024-03-01 12:00:00.000000",
+            "event_properties": {"genre": "jazz"},
+        },
+        {"amp_1"},
+        [],
+    ),
+    (
+        "/clevertap/v4",
+        {},
+        KEY,
+        {
+            "targetId": 1700000001,
+            "key_values": {"event_name": "Trial Started", "event_id": "ct_1"},
+            "profiles": [{"identity": "u_9", "objectId": "__a1b2"}, {"email": "nobody@example.com"}],
+        },
+        {"ct_1"},
+        ["missing_user_identity"],
+    ),
+    (
+        "/webengage/v4",
+        WEBENGAGE_QUERY,
+        {"x-request-id": "we_1", "Content-Type": "application/json"},
+        {
+            "event_name": "push_notification_accepted",
+            "event_time": "2024-03-01T12:00:00+0000",
+            "license_code": "~acme1234",
+            "user_id": "a@example.com",
+            "event_data": {"result": "SUCCESS"},
+        },
+        {"we_1"},
+        [],
+    ),
+    (
+        "/api/v1/s2s/event",
+        {"token": "ak_acme.st_acme"},
+        {"Content-Type": "application/json"},
+        [
+            {
+                "api_key": "ak_acme",
+                "event_id": "um_1",
+                "event_type": "signed_up",
+                "_timestamp": 1709294400000,
+                "user": {"id": "u_9"},
+            },
+            {"api_key": "ak_other", "event_id": "um_2", "event_type": "signed_up", "user": {"id": "u_9"}},
+        ],
+        {"um_1"},
+        ["api_key_mismatch"],
+    ),
     ("/server/v4", {}, KEY, "this is not json", set(), ["invalid_json"]),
 ]
 
@@ -71,7 +169,8 @@ def dead_letters(settings: Settings) -> list[DeadLetter]:
 
 
 def test_every_source_end_to_end_with_good_and_bad_items(
-    make_settings: Callable[..., Settings], start_receiver: Callable[[Settings], str],
+    make_settings: Callable[..., Settings],
+    start_receiver: Callable[[Settings], str],
     start_worker: Callable[..., WorkerProcess],
 ) -> None:
     """Each request becomes canonical events and/or dead letters; one bad item only dead-letters itself.
@@ -128,7 +227,8 @@ async def http_get(url: str) -> str:
 def test_a_dead_letter_rebuilds_the_original_request_byte_for_byte(
     settings: Settings, start_worker: Callable[..., WorkerProcess]
 ) -> None:
-    """A dead letter carries the exact body, the raw headers and the record's coordinates (architecture.md)."""
+    """A dead letter carries the exact body, the raw headers and the record's coordinates
+    (architecture.md)."""
     body = b'\xef\xbb\xbf{"broken": \xff}'
     produce_raw(settings, "amplitude", [body])
     start_worker(settings)
@@ -137,7 +237,11 @@ def test_a_dead_letter_rebuilds_the_original_request_byte_for_byte(
     assert letter.body == raw.value == body
     assert base64.b64decode(letter.body_b64) == body
     assert letter.raw_headers() == RawHeaders.from_kafka(raw.headers)
-    assert (letter.origin.topic, letter.origin.partition, letter.origin.offset) == (raw.topic, raw.partition, raw.offset)
+    assert (letter.origin.topic, letter.origin.partition, letter.origin.offset) == (
+        raw.topic,
+        raw.partition,
+        raw.offset,
+    )
     assert letter.reason == "invalid_json" and letter.message
 
 
@@ -148,8 +252,9 @@ def test_the_same_event_in_two_partitions_is_emitted_once_per_tenant(
     """Dedup is on (tenant, event_id) across raw partitions; the same id from another tenant is its own
     event. With either dedup store."""
     settings = make_settings(dedup={"store": store})
-    event = orjson.dumps({"event_id": "dup_1", "event_name": "paid", "user_id": "u1",
-                          "timestamp": "2024-03-01T12:00:00Z"})
+    event = orjson.dumps(
+        {"event_id": "dup_1", "event_name": "paid", "user_id": "u1", "timestamp": "2024-03-01T12:00:00Z"}
+    )
     produce_raw(settings, "customerglu", [event], tenant="acme", partition=0)
     produce_raw(settings, "customerglu", [event], tenant="acme", partition=1)
     produce_raw(settings, "customerglu", [event], tenant="globex", partition=2)
@@ -161,7 +266,10 @@ def test_the_same_event_in_two_partitions_is_emitted_once_per_tenant(
     wait_for(lambda: any(e["event_id"] == "marker" for e in canonical(settings)))
     events = canonical(settings)
     assert sorted((e["tenant"], e["event_id"]) for e in events) == [
-        ("acme", "dup_1"), ("acme", "marker"), ("globex", "dup_1")]
+        ("acme", "dup_1"),
+        ("acme", "marker"),
+        ("globex", "dup_1"),
+    ]
 
 
 def test_a_repeat_after_a_restart_is_dropped_by_the_table_restored_from_the_changelog(
@@ -170,8 +278,10 @@ def test_a_repeat_after_a_restart_is_dropped_by_the_table_restored_from_the_chan
     """A new worker rebuilds the dedup table from the changelog (one record per transaction's ids), so an
     id emitted before the restart is still a duplicate after it."""
     settings = make_settings()
-    bodies = [orjson.dumps({"event_id": f"r_{i}", "event_name": "paid", "user_id": "u1", "timestamp": i})
-              for i in range(50)]
+    bodies = [
+        orjson.dumps({"event_id": f"r_{i}", "event_name": "paid", "user_id": "u1", "timestamp": i})
+        for i in range(50)
+    ]
     produce_raw(settings, "customerglu", bodies)
     worker = start_worker(settings)
     wait_for(lambda: len(canonical(settings)) >= 50, timeout=90)
@@ -180,7 +290,9 @@ def test_a_repeat_after_a_restart_is_dropped_by_the_table_restored_from_the_chan
     marker = orjson.dumps({"event_id": "marker", "event_name": "m", "user_id": "u1", "timestamp": 0})
     produce_raw(settings, "customerglu", [*bodies[:10], marker])
     wait_for(lambda: any(e["event_id"] == "marker" for e in canonical(settings)), timeout=90)
-    assert sorted(e["event_id"] for e in canonical(settings)) == sorted([f"r_{i}" for i in range(50)] + ["marker"])
+    assert sorted(e["event_id"] for e in canonical(settings)) == sorted(
+        [f"r_{i}" for i in range(50)] + ["marker"]
+    )
 
 
 def test_sigkill_mid_stream_loses_nothing_and_emits_nothing_twice(
@@ -194,17 +306,35 @@ def test_sigkill_mid_stream_loses_nothing_and_emits_nothing_twice(
         if i % 100 == 7:
             bodies.append(b"{not json")
         else:
-            bodies.append(orjson.dumps({"event_id": f"k_{i}", "event_name": "tick", "user_id": f"u{i % 97}",
-                                        "timestamp": 1709294400 + i}))
+            bodies.append(
+                orjson.dumps(
+                    {
+                        "event_id": f"k_{i}",
+                        "event_name": "tick",
+                        "user_id": f"u{i % 97}",
+                        "timestamp": 1709294400 + i,
+                    }
+                )
+            )
     produce_raw(settings, "customerglu", bodies[:5000])
     worker = start_worker(settings)
-    wait_for(lambda: len(read_records(settings, settings.topics.canonical)) >= 1500, timeout=120, interval=0.1)
+    wait_for(
+        lambda: len(read_records(settings, settings.topics.canonical)) >= 1500, timeout=120, interval=0.1
+    )
     produce_raw(settings, "customerglu", bodies[5000:])
     worker.kill()
     start_worker(settings)
     expected_events = sum(1 for b in bodies if b != b"{not json")
-    wait_for(lambda: len({orjson.loads(r.value)["event_id"] for r in read_records(settings, settings.topics.canonical)})
-             >= expected_events, timeout=180, interval=1)
+    wait_for(
+        lambda: (
+            len(
+                {orjson.loads(r.value)["event_id"] for r in read_records(settings, settings.topics.canonical)}
+            )
+            >= expected_events
+        ),
+        timeout=180,
+        interval=1,
+    )
     ids = [orjson.loads(r.value)["event_id"] for r in read_records(settings, settings.topics.canonical)]
     duplicates = [i for i, n in Counter(ids).items() if n > 1]
     assert duplicates == []
@@ -219,8 +349,17 @@ def test_a_bulk_body_of_several_megabytes_is_carried_through(
     """A 4,000-event Segment batch of ~3 MB (over Kafka's default 1 MiB record limit) is stored raw,
     split into keyed records of bounded size, and every event comes out once."""
     padding = "x" * 600
-    batch = [{"type": "track", "event": "Big", "messageId": f"big_{i}", "userId": f"u{i % 50}",
-              "timestamp": "2024-03-01T12:00:00Z", "properties": {"padding": padding}} for i in range(4000)]
+    batch = [
+        {
+            "type": "track",
+            "event": "Big",
+            "messageId": f"big_{i}",
+            "userId": f"u{i % 50}",
+            "timestamp": "2024-03-01T12:00:00Z",
+            "properties": {"padding": padding},
+        }
+        for i in range(4000)
+    ]
     body = orjson.dumps(batch)
     assert len(body) > 2_500_000
     produce_raw(settings, "segment", [body])

@@ -32,8 +32,8 @@ SOURCES = ("customerglu", "amplitude")
 TENANTS = ("acme", "globex")
 PARTITIONS = 12
 ORIGINALS = 27_000
-DUPLICATES = 3_000          # 10% of the 30,000 raw records repeat an earlier (tenant, event_id)
-BAD_EVERY = 50              # every 50th original has no user identity: a dead letter, never canonical
+DUPLICATES = 3_000  # 10% of the 30,000 raw records repeat an earlier (tenant, event_id)
+BAD_EVERY = 50  # every 50th original has no user identity: a dead letter, never canonical
 
 
 @dataclass(frozen=True)
@@ -56,9 +56,12 @@ def original(i: int) -> Sent:
         doc = {"event_id": event_id, "event_name": "tick", "timestamp": 1709294400 + i, **user}
     else:
         event_id = f"amp_{i}"
-        doc = {"$insert_id": event_id, "event_type": "Song Played",
-               "event_time": "2024-03-01 12:00:00.000000",
-               **user}
+        doc = {
+            "$insert_id": event_id,
+            "event_type": "Song Played",
+            "event_time": "2024-03-01 12:00:00.000000",
+            **user,
+        }
     return Sent(source, tenant, event_id, good, orjson.dumps(doc))
 
 
@@ -74,8 +77,9 @@ def stream(seed: int = 7) -> list[Sent]:
 class PacedProducer(threading.Thread):
     """Writes the records as the receiver would (same headers), in chunks, spread over some seconds."""
 
-    def __init__(self, settings: Settings, records: list[Sent], chunk: int = 500,
-                 chunk_interval_s: float = 0.3) -> None:
+    def __init__(
+        self, settings: Settings, records: list[Sent], chunk: int = 500, chunk_interval_s: float = 0.3
+    ) -> None:
         super().__init__(daemon=True)
         self.settings, self.records = settings, records
         self.chunk, self.chunk_interval_s = chunk, chunk_interval_s
@@ -94,11 +98,19 @@ class PacedProducer(threading.Thread):
         try:
             for start in range(0, len(self.records), self.chunk):
                 acks = []
-                for sent in self.records[start:start + self.chunk]:
-                    headers = RawHeaders(tenant=sent.tenant, source=sent.source, received_at=utc_now(),
-                                         request_id=new_request_id(), content_type="application/json")
-                    acks.append(await producer.send(self.settings.topics.raw(sent.source), sent.body,
-                                                    headers=headers.to_kafka()))
+                for sent in self.records[start : start + self.chunk]:
+                    headers = RawHeaders(
+                        tenant=sent.tenant,
+                        source=sent.source,
+                        received_at=utc_now(),
+                        request_id=new_request_id(),
+                        content_type="application/json",
+                    )
+                    acks.append(
+                        await producer.send(
+                            self.settings.topics.raw(sent.source), sent.body, headers=headers.to_kafka()
+                        )
+                    )
                 await asyncio.gather(*acks)
                 self.produced = min(len(self.records), start + self.chunk)
                 await asyncio.sleep(self.chunk_interval_s)
@@ -109,8 +121,11 @@ class PacedProducer(threading.Thread):
 def worker_metric(port: int, name: str) -> float:
     """Sum of a counter over its labels, read from a worker's Prometheus endpoint."""
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read().decode()
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith(name + "_total") and not line.startswith("#"))
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith(name + "_total") and not line.startswith("#")
+    )
 
 
 def total_records(settings: Settings, topic: str) -> int:
@@ -150,10 +165,12 @@ def test_three_workers_with_a_crash_and_a_newcomer_emit_every_event_exactly_once
     make_settings: Callable[..., Settings], start_worker: Callable[..., WorkerProcess]
 ) -> None:
     """30,000 raw records (10% repeats) over 12 partitions; of three workers one is SIGKILLed and a fourth
-    joins mid-stream: every id ends on events.canonical exactly once (as a read_committed reader sees it) or on events.dlq, every repeat is
+    joins mid-stream: every id ends on events.canonical exactly once (as a read_committed reader sees it) or
+    on events.dlq, every repeat is
     dropped, and the newcomer takes a share of the partitions (architecture.md "Scaling out")."""
-    settings = make_settings(kafka={"partitions": PARTITIONS},
-                             worker={"batch_max": 500, "session_timeout_s": 6.0})
+    settings = make_settings(
+        kafka={"partitions": PARTITIONS}, worker={"batch_max": 500, "session_timeout_s": 6.0}
+    )
     topics = settings.topics
     asyncio.run(ensure_topics(settings, [topics.raw(s) for s in SOURCES]))
     records = stream()
@@ -181,29 +198,43 @@ def test_three_workers_with_a_crash_and_a_newcomer_emit_every_event_exactly_once
         good = {(s.tenant, s.event_id) for s in records if s.good}
         bad_records = sum(1 for s in records if not s.good)
         try:
-            wait_for(lambda: committed_records(settings, topics.canonical) >= len(good)
-                     and total_records(settings, topics.dlq) >= bad_records, timeout=120, interval=1)
+            wait_for(
+                lambda: (
+                    committed_records(settings, topics.canonical) >= len(good)
+                    and total_records(settings, topics.dlq) >= bad_records
+                ),
+                timeout=120,
+                interval=1,
+            )
         except AssertionError:
             raise AssertionError(
                 f"not drained: {committed_records(settings, topics.canonical)} of {len(good)} canonical, "
                 f"{total_records(settings, topics.dlq)} of {bad_records} dead letters; "
                 f"lag of the dedup group "
-                f"on {topics.keyed}: {group_lag(settings, settings.worker.app_id + '-dedup', topics.keyed)}; of the "
-                f"normalize group: {group_lag(settings, settings.worker.app_id + '-normalize')}") from None
+                f"on {topics.keyed}: "
+                f"{group_lag(settings, settings.worker.app_id + '-dedup', topics.keyed)}; of the "
+                f"normalize group: {group_lag(settings, settings.worker.app_id + '-normalize')}"
+            ) from None
         # Give a late duplicate emission (after a rebalance) the chance to show up before counting.
         time.sleep(3)
         newcomer_raw = _raw_records(ports[3])
-        survivors_duplicates = sum(worker_metric(ports[n], "headwater_worker_duplicates_dropped")
-                                   for n in (1, 2, 3))
+        survivors_duplicates = sum(
+            worker_metric(ports[n], "headwater_worker_duplicates_dropped") for n in (1, 2, 3)
+        )
     finally:
         for worker in workers:
             worker.stop()
 
-    canonical = Counter((e["tenant"], e["event_id"])
-                        for e in (orjson.loads(r.value) for r in read_records(settings, topics.canonical)))
+    canonical = Counter(
+        (e["tenant"], e["event_id"])
+        for e in (orjson.loads(r.value) for r in read_records(settings, topics.canonical))
+    )
     letters = {d.id: d for d in (DeadLetter.from_json(r.value) for r in read_records(settings, topics.dlq))}
-    lettered = {(d.tenant, d.element.get("event_id") or d.element.get("$insert_id"))
-                for d in letters.values()}
+    lettered = {
+        (d.tenant, d.element.get("event_id") or d.element.get("$insert_id"))
+        for d in letters.values()
+        if isinstance(d.element, dict)
+    }
     raw_total = sum(total_records(settings, topics.raw(s)) for s in SOURCES)
 
     emitted_twice = sorted(key for key, n in canonical.items() if n > 1)
@@ -221,7 +252,6 @@ def test_three_workers_with_a_crash_and_a_newcomer_emit_every_event_exactly_once
     assert dropped == good_repeats > 2_500
     assert survivors_duplicates > 0  # the surviving workers counted repeats they dropped
     assert newcomer_raw > 0  # the fourth worker took over partitions
-
 
 
 def _raw_records(port: int) -> float:
