@@ -38,7 +38,6 @@ from common import (
     stop,
     write_config,
 )
-
 from receiver import RECEIVER_CODE, machine_ticks, path_and_query, run, wait_ready
 
 POOL = 256  # distinct request bodies, cycled
@@ -149,7 +148,8 @@ class Round:
 
     def line(self) -> str:
         return (
-            f"  {self.server:<9} {self.requests:>7} req in {self.seconds:5.2f} s ({self.requests / self.seconds:7,.0f}"
+            f"  {self.server:<9} {self.requests:>7} req in {self.seconds:5.2f} s "
+            f"({self.requests / self.seconds:7,.0f}"
             f" req/s)  server CPU {self.cpu_s:5.2f} s = {self.us_per_request:6.1f} us/req  steal "
             f"{self.steal:5.1%}  statuses {self.statuses}"
         )
@@ -300,7 +300,8 @@ def summary(rounds: list[Round], total: int) -> None:
             f"{rate['receiver']:,.0f} req/s"
         )
     print(
-        f"median CPU per request: receiver {median['receiver']:.1f} us, bare aiohttp {median['bare']:.1f} us, "
+        f"median CPU per request: receiver {median['receiver']:.1f} us, bare aiohttp {median['bare']:.1f} "
+        f"us, "
         f"ratio bare/receiver {median['bare'] / median['receiver']:.2f}; mean steal {steal:.1%}; "
         f"not 200: {failed}"
     )

@@ -54,7 +54,7 @@ def unmet(requirements: Iterable[Requirement], installed: Callable[[str], str | 
 def pins(lock: str) -> dict[str, tuple[str, int]]:
     """name -> (pinned version, number of hashes) of a pip-compile style lock file."""
     text = (ROOT / lock).read_text()
-    out = {}
+    out: dict[str, tuple[str, int]] = {}
     for block in re.split(r"\n(?=[A-Za-z0-9])", text):
         match = re.match(r"([A-Za-z0-9_.-]+)==(\S+)", block)
         if match:

@@ -219,8 +219,10 @@ class TestImages:
         find = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
         packages = {name.split(".")[0] for name in find["include"]}
         assert packages | {"pyproject.toml"} <= copied
-        assert any(keyword == "RUN" and re.search(r"pip install --no-deps --no-build-isolation \.", args)
-                   for keyword, args in instructions)
+        assert any(
+            keyword == "RUN" and re.search(r"pip install --no-deps --no-build-isolation \.", args)
+            for keyword, args in instructions
+        )
 
     def test_the_image_default_config_is_the_example_without_its_demo_tenants(self, tmp_path: Path) -> None:
         """The image's /etc/headwater/headwater.toml is written by a python -c snippet; run that snippet

@@ -91,7 +91,10 @@ def test_valid_request_lands_in_its_raw_topic_byte_for_byte(
             "license_code": "~acme1234",
         }
     if source == "usermaven":
-        assert headers.vendor == {"api_key": "ak_acme", "token_sha256": hashlib.sha256(b"ak_acme.st_acme").hexdigest()}
+        assert headers.vendor == {
+            "api_key": "ak_acme",
+            "token_sha256": hashlib.sha256(b"ak_acme.st_acme").hexdigest(),
+        }
     stored = b"".join(k.encode() + v for k, v in record.headers)
     for secret in (b"wk_acme_1", b"st_acme", WEBENGAGE_SECRET.encode(), b"whsec_acme"):
         assert secret not in stored, "credentials are never stored"

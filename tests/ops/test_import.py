@@ -23,8 +23,8 @@ from pipeline.records import RawHeaders
 def usermaven_body(first: int, count: int) -> bytes:
     """A bulk Usermaven body: `count` events with their own ids and historical timestamps."""
     return orjson.dumps([
-        {"api_key": "ak_acme", "event_id": f"hist-{i}", "event_type": "signed_up", "user": {"id": f"u{i % 97}"},
-         "_timestamp": 1_600_000_000_000 + i, "src": "usermaven"}
+        {"api_key": "ak_acme", "event_id": f"hist-{i}", "event_type": "signed_up",
+         "user": {"id": f"u{i % 97}"}, "_timestamp": 1_600_000_000_000 + i, "src": "usermaven"}
         for i in range(first, first + count)
     ])  # fmt: skip
 
