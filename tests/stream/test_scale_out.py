@@ -24,8 +24,8 @@ from rigs.kafka import WorkerProcess, read_records, wait_for
 
 from pipeline.config import Settings
 from pipeline.kafka.clients import ensure_topics, make_producer
-from pipeline.kafka.reading import end_offsets
 from pipeline.kafka.local import free_port
+from pipeline.kafka.reading import end_offsets
 from pipeline.records import DeadLetter, RawHeaders, new_request_id, utc_now
 
 SOURCES = ("customerglu", "amplitude")
