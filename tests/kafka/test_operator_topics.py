@@ -15,7 +15,8 @@ from rigs.kafka import die_with_parent, toml_text
 from pipeline.config import Settings
 from pipeline.errors import ConfigError
 from pipeline.ingest.receiver import Receiver
-from pipeline.kafka.clients import end_offsets, ensure_topics
+from pipeline.kafka.clients import ensure_topics
+from pipeline.kafka.reading import end_offsets
 from pipeline.ops.replay import replay
 
 
