@@ -44,7 +44,12 @@ class Context:
     def settings(self, **overrides: Any) -> Settings:
         """Load the settings, then log as they say unless a flag said otherwise."""
         settings = load_settings(self.config, overrides=overrides)
-        logs.configure(self.log_level or settings.logging.level, self.log_format or settings.logging.format)
+        logs.configure(
+            self.log_level or settings.logging.level,
+            self.log_format or settings.logging.format,
+            kafka_bootstrap=settings.kafka.bootstrap_servers,
+            kafka_outage_summary_s=settings.logging.kafka_outage_summary_s,
+        )
         return settings
 
     def global_options(self) -> list[str]:

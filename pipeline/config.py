@@ -286,6 +286,8 @@ class LoggingSettings(_Frozen):
 
     level: Literal["debug", "info", "warning", "error"] = "info"  # Headwater's own lines; libraries: warnings
     format: Literal["text", "json"] = "text"  # json: one object per line, for log shippers
+    # While Kafka is unreachable: one line when it starts, a summary this often, one line when it ends.
+    kafka_outage_summary_s: float = Field(30.0, gt=0)
 
 
 class Tenant(_Frozen):

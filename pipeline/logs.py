@@ -14,6 +14,8 @@ from typing import IO, Literal
 
 import orjson
 
+from pipeline.kafka.outage import OUTAGE, OutageFilter
+
 Level = Literal["debug", "info", "warning", "error"]
 Format = Literal["text", "json"]
 LEVELS: tuple[Level, ...] = ("debug", "info", "warning", "error")
@@ -102,13 +104,27 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(doc, default=str).decode()
 
 
-def configure(level: Level = "info", fmt: Format = "text", stream: IO[str] | None = None) -> None:
-    """Install (or replace) Headwater's one stderr handler; safe to call again once settings are known."""
+def configure(
+    level: Level = "info",
+    fmt: Format = "text",
+    stream: IO[str] | None = None,
+    kafka_bootstrap: str | None = None,
+    kafka_outage_summary_s: float | None = None,
+) -> None:
+    """Install (or replace) Headwater's one stderr handler; safe to call again once settings are known.
+
+    Kafka outages are logged as one line when Kafka becomes unreachable, a summary every 30 s and one line
+    when it is back (pipeline.kafka.outage): `kafka_bootstrap` is what the outage watcher probes."""
     number = logging.getLevelNamesMapping()[level.upper()]
     handler = logging.StreamHandler(stream) if stream else StderrHandler()
     handler.set_name(_HANDLER_NAME)
     handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
     handler.addFilter(RoutineRetriesToDebug(show_debug=number <= logging.DEBUG))
+    handler.addFilter(OutageFilter())
+    if kafka_bootstrap:
+        OUTAGE.set_bootstrap(kafka_bootstrap)
+    if kafka_outage_summary_s:
+        OUTAGE.summary_every_s = kafka_outage_summary_s
     root = logging.getLogger()
     for old in [h for h in root.handlers if h.get_name() == _HANDLER_NAME]:
         root.removeHandler(old)

@@ -36,6 +36,7 @@ from pipeline.ingest.items import ItemLimits
 from pipeline.ingest.metrics import ReceiverMetrics
 from pipeline.ingest.refusals import BadRequest, OverShare, TooSlow
 from pipeline.kafka.clients import ensure_topics, make_producer
+from pipeline.kafka.outage import OUTAGE
 from pipeline.kafka.security import verify_access
 from pipeline.process import settle_garbage_collector
 
@@ -434,10 +435,10 @@ class Receiver:
 
     async def _healthz(self, request: web.BaseRequest) -> web.Response:
         """Liveness on the public port: the event loop answers. Nothing about the process."""
-        return web.json_response({"status": "ok"})
+        return web.json_response({"status": "ok", "kafka": OUTAGE.state()})
 
     async def _operator_healthz(self, request: web.BaseRequest) -> web.Response:
-        return web.json_response({"status": "ok", "pid": os.getpid()})
+        return web.json_response({"status": "ok", "pid": os.getpid(), "kafka": OUTAGE.state()})
 
     async def _readyz(self, request: web.BaseRequest) -> web.Response:
         ready = False
@@ -447,10 +448,10 @@ class Receiver:
             except Exception:  # noqa: BLE001 - any failure means "not ready"
                 ready = False
         if ready:
-            return web.json_response({"status": "ready"})
-        return _json_error(
-            503, "Kafka is not reachable", {"Retry-After": str(self.settings.receiver.retry_after_s)}
-        )
+            return web.json_response({"status": "ready", "kafka": OUTAGE.state()})
+        body = {"status": "error", "error": "Kafka is not reachable", "kafka": OUTAGE.state()}
+        retry = {"Retry-After": str(self.settings.receiver.retry_after_s)}
+        return web.json_response(body, status=503, headers=retry)
 
     async def _metrics(self, request: web.BaseRequest) -> web.Response:
         return web.Response(

@@ -30,6 +30,7 @@ from pipeline.adapting import AdapterModule
 from pipeline.config import Settings
 from pipeline.kafka.clients import ensure_topics, producer_options, require_partition_counts
 from pipeline.kafka.faust_security import faust_credentials
+from pipeline.kafka.outage import OUTAGE
 from pipeline.process import WORKER_GC_GEN0_THRESHOLD, keep_freed_memory, settle_garbage_collector
 from pipeline.records import KafkaHeaders
 from pipeline.stream import normalize_batch
@@ -194,7 +195,12 @@ class WebService(mode.Service):
         }
         stalled = any(stage["stalled"] for stage in stages.values())
         return web.json_response(
-            {"status": "stalled" if stalled else "ok", "stall_limit_s": limit, "stages": stages},
+            {
+                "status": "stalled" if stalled else "ok",
+                "stall_limit_s": limit,
+                "stages": stages,
+                "kafka": OUTAGE.state(),
+            },
             status=503 if stalled else 200,
         )
 
