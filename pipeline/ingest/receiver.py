@@ -155,7 +155,7 @@ class Receiver:
         table: dict[str, dict[str, Handler]] = {}
         for path, get in (
             ("/healthz", self._operator_healthz),
-            ("/readyz", self._readyz),
+            ("/readyz", self._operator_readyz),
             ("/metrics", self._metrics),
         ):
             table[path] = {"GET": get, "HEAD": get}
@@ -435,23 +435,35 @@ class Receiver:
 
     async def _healthz(self, request: web.BaseRequest) -> web.Response:
         """Liveness on the public port: the event loop answers. Nothing about the process."""
-        return web.json_response({"status": "ok", "kafka": OUTAGE.state()})
+        return web.json_response({"status": "ok"})
 
     async def _operator_healthz(self, request: web.BaseRequest) -> web.Response:
         return web.json_response({"status": "ok", "pid": os.getpid(), "kafka": OUTAGE.state()})
 
     async def _readyz(self, request: web.BaseRequest) -> web.Response:
-        ready = False
-        if self.producer is not None:
-            try:
-                ready = bool(await asyncio.wait_for(self.producer.client.force_metadata_update(), 3.0))
-            except Exception:  # noqa: BLE001 - any failure means "not ready"
-                ready = False
+        """Readiness on the public port: Kafka answers. The details are on the operator port."""
+        if await self._kafka_answers():
+            return web.json_response({"status": "ready"})
+        return _json_error(
+            503, "Kafka is not reachable", {"Retry-After": str(self.settings.receiver.retry_after_s)}
+        )
+
+    async def _operator_readyz(self, request: web.BaseRequest) -> web.Response:
+        """Readiness with the outage's details (broker, since when, the error): pipeline.kafka.outage."""
+        ready = await self._kafka_answers()
+        body = {"status": "ready" if ready else "not ready", "kafka": OUTAGE.state()}
         if ready:
-            return web.json_response({"status": "ready", "kafka": OUTAGE.state()})
-        body = {"status": "error", "error": "Kafka is not reachable", "kafka": OUTAGE.state()}
+            return web.json_response(body)
         retry = {"Retry-After": str(self.settings.receiver.retry_after_s)}
-        return web.json_response(body, status=503, headers=retry)
+        return web.json_response({**body, "error": "Kafka is not reachable"}, status=503, headers=retry)
+
+    async def _kafka_answers(self) -> bool:
+        if self.producer is None:
+            return False
+        try:
+            return bool(await asyncio.wait_for(self.producer.client.force_metadata_update(), 3.0))
+        except Exception:  # noqa: BLE001 - any failure means "not ready"
+            return False
 
     async def _metrics(self, request: web.BaseRequest) -> web.Response:
         return web.Response(
