@@ -77,19 +77,26 @@ class TopicReader:
     def _errors(self, what: str) -> contextlib.AbstractAsyncContextManager[None]:
         return broker_errors(what, access=self.settings.kafka)
 
-    async def __aenter__(self) -> Self:
+    async def start(self) -> None:
+        """Connect (`async with` does it; a long-lived reader calls start and stop itself)."""
         async with self._errors(f"connecting to Kafka at {self.settings.kafka.bootstrap_servers}"):
             try:
                 await self.consumer.start()
             except BaseException:
                 await self.consumer.stop()  # a failed start must still close the connections it opened
                 raise
+
+    async def stop(self) -> None:
+        await self.consumer.stop()
+
+    async def __aenter__(self) -> Self:
+        await self.start()
         return self
 
     async def __aexit__(
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        await self.consumer.stop()
+        await self.stop()
 
     # --- what a topic holds ----------------------------------------------------------------------------
 
@@ -198,12 +205,15 @@ class TopicReader:
         topic: str,
         ranges: Ranges,
         *,
+        max_records: int = 10_000,
         idle_fetches: int | None = IDLE_FETCHES,
         stop: asyncio.Event | None = None,
     ) -> list[Record]:
-        """Every record of the ranges, partition by partition, each in offset order."""
+        """Every record of the ranges, partition by partition, each in offset order (`max_records` per
+        fetch)."""
         found: dict[int, list[Record]] = {p: [] for p in sorted(ranges)}
-        async for records in self.chunks(topic, ranges, idle_fetches=idle_fetches, stop=stop):
+        chunks = self.chunks(topic, ranges, max_records=max_records, idle_fetches=idle_fetches, stop=stop)
+        async for records in chunks:
             for record in records:
                 found[record.partition].append(record)
         return [record for records in found.values() for record in records]

@@ -19,11 +19,12 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 import orjson
-from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka import ConsumerRecord
 
 from pipeline.config import Settings
 from pipeline.errors import HeadwaterError
-from pipeline.kafka.clients import broker_errors, make_consumer
+from pipeline.kafka.clients import broker_errors
+from pipeline.kafka.reading import TopicReader
 from pipeline.ops import dlq
 from pipeline.records import DeadLetter
 
@@ -72,37 +73,37 @@ class DlqReader:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.consumer: AIOKafkaConsumer | None = None
+        self.reader: TopicReader | None = None
         self.lock = asyncio.Lock()
         self.metadata_at = 0.0
 
     async def warm(self) -> None:
         """Start the consumer and learn the DLQ topic's partitions now, so the first request is quick."""
         try:
-            async with self._session() as consumer:
-                await self._ranges(consumer, self.settings.topics.dlq, None, None)
+            async with self._session() as reader:
+                await self._ranges(reader, self.settings.topics.dlq, None, None)
         except HeadwaterError as exc:  # Kafka not there yet: the first request tries again
             log.warning("DLQ page: %s", exc)
 
     async def stop(self) -> None:
-        if self.consumer is not None:
-            consumer, self.consumer = self.consumer, None
-            await consumer.stop()
+        if self.reader is not None:
+            reader, self.reader = self.reader, None
+            await reader.stop()
 
     @contextlib.asynccontextmanager
-    async def _session(self) -> AsyncIterator[AIOKafkaConsumer]:
+    async def _session(self) -> AsyncIterator[TopicReader]:
         async with (
             self.lock,
             broker_errors(f"reading {self.settings.topics.dlq}", access=self.settings.kafka),
         ):
             try:
-                if self.consumer is None:
-                    consumer = make_consumer(  # short long-polls: a read at the end must not wait
+                if self.reader is None:
+                    reader = TopicReader(  # short long-polls: a read at the end must not wait
                         self.settings, max_partition_fetch_bytes=1024 * 1024, fetch_max_wait_ms=20
                     )
-                    await consumer.start()
-                    self.consumer = consumer
-                yield self.consumer
+                    await reader.start()
+                    self.reader = reader
+                yield self.reader
             except BaseException:
                 await self.stop()
                 raise
@@ -114,29 +115,30 @@ class DlqReader:
         `scan_limit` records read in all; `letter_id` narrows it to one id (a link without coordinates)."""
         started = time.monotonic()
         window = Window()
-        async with self._session() as consumer:
-            window.redrives = await self._redrives(consumer, filters.since, scan_limit)
+        topic = self.settings.topics.dlq
+        async with self._session() as reader:
+            window.redrives = await self._redrives(reader, filters.since, scan_limit)
             budget = max(0, scan_limit - len(window.redrives))
-            ranges = await self._ranges(consumer, self.settings.topics.dlq, filters.since, filters.until)
-            found: dict[int, list[tuple[DeadLetter, At]]] = {tp.partition: [] for tp in ranges}
+            ranges = await self._ranges(reader, topic, filters.since, filters.until)
+            found: dict[int, list[tuple[DeadLetter, At]]] = {p: [] for p in ranges}
             chunk = max(FIRST_CHUNK, limit)  # one step when the newest records match
             while ranges and budget > 0:
                 step = {}
-                for tp, (low, high) in ranges.items():
+                for p, (low, high) in ranges.items():
                     size = max(1, min(chunk, budget // len(ranges)))
-                    step[tp] = (max(low, high - size), high)
-                records = await _fetch(consumer, step)
-                for tp, batch in records.items():
-                    window.scanned += len(batch)
-                    budget -= len(batch)
-                    matches = [
-                        m for r in reversed(batch) if (m := _match(r, filters, window.redrives, letter_id))
-                    ]
-                    found[tp.partition].extend(matches)
+                    step[p] = (max(low, high - size), high)
+                records = await reader.read(topic, step, max_records=MAX_CHUNK, idle_fetches=IDLE_POLLS)
+                window.scanned += len(records)
+                budget -= len(records)
+                found_now = [
+                    m for r in reversed(records) if (m := _match(r, filters, window.redrives, letter_id))
+                ]
+                for match in found_now:
+                    found[match[1].partition].append(match)
                 ranges = {
-                    tp: (low, step[tp][0])
-                    for tp, (low, _) in ranges.items()
-                    if step[tp][0] > low and len(found[tp.partition]) < limit
+                    p: (low, step[p][0])
+                    for p, (low, _) in ranges.items()
+                    if step[p][0] > low and len(found[p]) < limit
                 }
                 chunk = min(chunk * 2, MAX_CHUNK)
             window.complete = not ranges
@@ -150,97 +152,68 @@ class DlqReader:
 
     async def letter(self, at: At) -> tuple[DeadLetter | None, dlq.Redrive | None]:
         """The dead letter stored at `at` (None if there is none), and its redrive if one is logged."""
-        async with self._session() as consumer:
-            tp = TopicPartition(self.settings.topics.dlq, at.partition)
-            if at.partition not in await self._partitions(consumer, tp.topic):
+        topic = self.settings.topics.dlq
+        async with self._session() as reader:
+            if at.partition not in await self._partitions(reader, topic):
                 return None, None
-            records = await _fetch(consumer, {tp: (at.offset, at.offset + 1)})
-            record = next((r for r in records.get(tp, []) if r.offset == at.offset), None)
+            records = await reader.read(
+                topic, {at.partition: (at.offset, at.offset + 1)}, idle_fetches=IDLE_POLLS
+            )
+            record = next((r for r in records if r.offset == at.offset), None)
             letter = _letter(record) if record is not None else None
             if letter is None:
                 return None, None
-            redrives = await self._redrives(consumer, letter.failed_at, self.settings.dlq.page_scan_limit)
+            redrives = await self._redrives(reader, letter.failed_at, self.settings.dlq.page_scan_limit)
             return letter, redrives.get(letter.id)
 
-    async def _partitions(self, consumer: AIOKafkaConsumer, topic: str) -> list[int]:
+    async def _partitions(self, reader: TopicReader, topic: str) -> list[int]:
         """The topic's partitions. An unknown DLQ topic refreshes the metadata on every request; an unknown
         redrive log (no redrive yet) at most every few seconds, so it does not tax every list."""
-        parts = consumer.partitions_for_topic(topic)
+        throttled = topic != self.settings.topics.dlq
+        if throttled and time.monotonic() - self.metadata_at <= METADATA_EVERY_S:
+            return await reader.partitions(topic, refresh="never")
+        parts = await reader.partitions(topic, refresh="never")
         if not parts:
-            throttled = topic != self.settings.topics.dlq
-            if not throttled or time.monotonic() - self.metadata_at > METADATA_EVERY_S:
-                self.metadata_at = time.monotonic()
-                await consumer._client.force_metadata_update()  # as pipeline.kafka.clients does
-                parts = consumer.partitions_for_topic(topic)
-        return sorted(parts or ())
+            self.metadata_at = time.monotonic()
+            parts = await reader.partitions(topic, refresh="if_unknown")
+        return parts
 
     async def _ranges(
-        self, consumer: AIOKafkaConsumer, topic: str, since: datetime | None, until: datetime | None
-    ) -> dict[TopicPartition, tuple[int, int]]:
+        self, reader: TopicReader, topic: str, since: datetime | None, until: datetime | None
+    ) -> dict[int, tuple[int, int]]:
         """Partition -> [first offset at or after `since`, first at or after `until` (else the end))."""
-        tps = [TopicPartition(topic, p) for p in await self._partitions(consumer, topic)]
-        if not tps:
+        parts = await self._partitions(reader, topic)
+        if not parts:
             return {}
-        ends = await consumer.end_offsets(tps)
         if since is None:
-            lows = await consumer.beginning_offsets(tps)
+            lows = {p: first for p, (first, _) in (await reader.bounds(topic, parts)).items()}
         else:  # a dead letter is written after it failed: its record is never older
-            lows = await _offsets_at(consumer, tps, since, ends)
-        highs = ends
-        if until is not None:  # ...but may be written a little later: stop a minute past `until`
-            highs = await _offsets_at(consumer, tps, until + timedelta(minutes=1), ends)
-        return {tp: (lows[tp], highs[tp]) for tp in tps if highs[tp] > lows[tp]}
+            lows = await reader.offsets_at(topic, _ms(since), parts)
+        if until is None:
+            highs = await reader.end_offsets(topic, parts)
+        else:  # ...but may be written a little later: stop a minute past `until`
+            highs = await reader.offsets_at(topic, _ms(until + timedelta(minutes=1)), parts)
+        return {p: (lows[p], highs[p]) for p in parts if highs[p] > lows[p]}
 
     async def _redrives(
-        self, consumer: AIOKafkaConsumer, since: datetime | None, scan_limit: int
+        self, reader: TopicReader, since: datetime | None, scan_limit: int
     ) -> dict[str, dlq.Redrive]:
         """Redrives logged at or after `since` (a redrive follows its letter), at most `scan_limit` read."""
-        ranges = await self._ranges(consumer, dlq.redrive_log_topic(self.settings), since, None)
-        ranges = {tp: (low, min(high, low + scan_limit)) for tp, (low, high) in ranges.items()}
+        topic = dlq.redrive_log_topic(self.settings)
+        ranges = await self._ranges(reader, topic, since, None)
+        ranges = {p: (low, min(high, low + scan_limit)) for p, (low, high) in ranges.items()}
         redrives: dict[str, dlq.Redrive] = {}
-        for records in (await _fetch(consumer, ranges)).values():
-            for record in records:
-                try:
-                    entry = dlq.Redrive.model_validate_json(record.value or b"")
-                except ValueError:
-                    continue
-                redrives[entry.id] = entry
+        for record in await reader.read(topic, ranges, max_records=MAX_CHUNK, idle_fetches=IDLE_POLLS):
+            try:
+                entry = dlq.Redrive.model_validate_json(record.value or b"")
+            except ValueError:
+                continue
+            redrives[entry.id] = entry
         return redrives
 
 
-# --- reading ranges ------------------------------------------------------------------------------------
-
-
-async def _offsets_at(
-    consumer: AIOKafkaConsumer, tps: list[TopicPartition], when: datetime, ends: dict[TopicPartition, int]
-) -> dict[TopicPartition, int]:
-    found = await consumer.offsets_for_times({tp: int(when.timestamp() * 1000) for tp in tps})
-    return {tp: (found[tp].offset if found.get(tp) else ends[tp]) for tp in tps}
-
-
-async def _fetch(
-    consumer: AIOKafkaConsumer, ranges: dict[TopicPartition, tuple[int, int]]
-) -> dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]:
-    """The records of each [low, high) range, in offset order (the consumer is reassigned to them)."""
-    out: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]] = {tp: [] for tp in ranges}
-    wanted = {tp: rng for tp, rng in ranges.items() if rng[1] > rng[0]}
-    if not wanted:
-        return out
-    consumer.assign(list(wanted))
-    for tp, (low, _) in wanted.items():
-        consumer.seek(tp, low)
-    idle = 0
-    while wanted and idle < IDLE_POLLS:
-        batch = await consumer.getmany(*wanted, timeout_ms=500, max_records=MAX_CHUNK)
-        idle = 0 if batch else idle + 1
-        for tp, records in batch.items():
-            high = wanted[tp][1] if tp in wanted else -1
-            out[tp].extend(r for r in records if r.offset < high)
-        for tp in list(wanted):
-            if await consumer.position(tp) >= wanted[tp][1]:
-                del wanted[tp]
-                consumer.pause(tp)
-    return out
+def _ms(moment: datetime) -> int:
+    return int(moment.timestamp() * 1000)
 
 
 # --- matching -------------------------------------------------------------------------------------------
