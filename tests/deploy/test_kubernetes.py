@@ -7,7 +7,6 @@ ones the processes use: the processes are started with a manifest's environment 
 from __future__ import annotations
 
 import asyncio
-import os
 import tomllib
 import urllib.error
 import urllib.request
@@ -30,6 +29,8 @@ from rigs.kubernetes import (
     container,
     mounted_secrets,
     objects,
+    pod_environment,
+    pod_files,
     port_number,
     probes,
     render,
@@ -191,20 +192,6 @@ def test_probes_and_ports_are_the_ones_the_config_serves_on(directory: Path) -> 
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 600  # a restore may take minutes
 
 
-def _pod_environment(obj: dict[str, Any], files: dict[str, Path]) -> dict[str, str]:
-    """The container's environment as the pod has it, mounted paths moved to where the test wrote them."""
-    env: dict[str, str] = {}
-    for variable in container(obj).get("env", []):
-        if "value" in variable:
-            value = str(variable["value"])
-            for mount, local in files.items():
-                value = value.replace(mount, str(local))
-            env[variable["name"]] = value
-        elif "fieldRef" in variable.get("valueFrom", {}):
-            env[variable["name"]] = f"{obj['metadata']['name']}-0"
-    return env
-
-
 def test_the_operator_topics_have_the_partitions_the_config_routes_by() -> None:
     """deploy/kubernetes/strimzi/topics.yaml: the keyed topic and the dedup changelog have
     kafka.partitions partitions (the worker refuses to start otherwise); every raw topic exists."""
@@ -277,22 +264,12 @@ def test_processes_started_with_the_manifests_environment_answer_their_probes(
     started: list[tuple[dict[str, Any], HeadwaterProcess]] = []
     try:
         for obj in workloads(BASE):
-            files: dict[str, Path] = {}
-            for mount, secret in mounted_secrets(obj).items():
-                local = tmp_path / obj["metadata"]["name"] / mount.strip("/").replace("/", "_")
-                local.mkdir(parents=True)
-                for name, text in secret_files(BASE, secret.rsplit("-", 1)[0]).items():
-                    (local / name).write_text(toml_text(settings) if name == "headwater.toml" else text)
-                files[mount] = local
-            env = _pod_environment(obj, files)
+            files = pod_files(BASE, obj, tmp_path / obj["metadata"]["name"], toml_text(settings))
+            env = pod_environment(obj, files)
             assert Path(env["HEADWATER_CONFIG"]).is_file() and Path(env[TENANTS_FILE_ENV]).is_file()
-            saved = dict(os.environ)
-            os.environ.update(env)
-            try:
-                process = HeadwaterProcess(list(command(obj)), tmp_path / f"{obj['metadata']['name']}.log")
-            finally:
-                os.environ.clear()
-                os.environ.update(saved)
+            process = HeadwaterProcess(
+                list(command(obj)), tmp_path / f"{obj['metadata']['name']}.log", env=env
+            )
             started.append((obj, process))
         for obj, process in started:
             _answers_its_probes(obj, process, ports)

@@ -16,12 +16,15 @@ from typing import Any
 import orjson
 import pytest
 from rigs.kafka import HeadwaterProcess, die_with_parent, toml_text, wait_for
+from rigs.kubernetes import OVERLAY, command, config_doc, container, pod_environment, pod_files, workload
 from rigs.tls import ThrowawayAuthority
 
 from pipeline.config import LocalKafkaSettings, Settings
 from pipeline.kafka.local import LocalKafka, SecuredListener, free_port
 
 USER, PASSWORD = "headwater", "scram-secret-for-tests"
+# The Kafka user the example Kubernetes overlay gives the receiver (a Strimzi KafkaUser there).
+OVERLAY_RECEIVER_USER, OVERLAY_RECEIVER_PASSWORD = "headwater-receiver", "receiver-scram-secret"
 
 
 class SecuredBroker:
@@ -38,7 +41,8 @@ def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecuredBroker]
     root = tmp_path_factory.mktemp("secured")
     authority = ThrowawayAuthority(root / "tls")
     issued = authority.issue("broker")
-    listener = SecuredListener(free_port(), issued.certfile, issued.keyfile, {USER: PASSWORD})
+    users = {USER: PASSWORD, OVERLAY_RECEIVER_USER: OVERLAY_RECEIVER_PASSWORD}
+    listener = SecuredListener(free_port(), issued.certfile, issued.keyfile, users)
     local = LocalKafkaSettings(port=free_port(), controller_port=free_port(), data_dir=root / "kafka")
     broker = LocalKafka(local, listener)
     broker.up(bound_to_parent=True)
@@ -93,15 +97,8 @@ def _headwater(env: dict[str, str], *args: str, timeout: float = 60) -> subproce
     )
 
 
-class _Started(HeadwaterProcess):
-    def __init__(self, env: dict[str, str], log_path: Path, *args: str) -> None:
-        saved = dict(os.environ)
-        os.environ.update(env)  # HeadwaterProcess inherits this process's environment
-        try:
-            super().__init__(list(args), log_path)
-        finally:
-            os.environ.clear()
-            os.environ.update(saved)
+def _started(env: dict[str, str], log_path: Path, *args: str) -> HeadwaterProcess:
+    return HeadwaterProcess(list(args), log_path, env=env)
 
 
 def _post(url: str, body: bytes, key: str) -> int:
@@ -121,9 +118,9 @@ def test_receiver_worker_dispatcher_and_tools_run_through_sasl_ssl(
     `headwater rewards dlq ls` lists it; `headwater dlq stats` reads the DLQ. All over SASL_SSL only."""
     settings = secured_settings()
     env = _config(settings, tmp_path / "headwater.toml")
-    receiver = _Started(env, tmp_path / "receiver.log", "receiver")
-    worker = _Started(env, tmp_path / "worker.log", "worker", "--source", "customerglu")
-    dispatcher = _Started(env, tmp_path / "rewards.log", "rewards", "run")
+    receiver = _started(env, tmp_path / "receiver.log", "receiver")
+    worker = _started(env, tmp_path / "worker.log", "worker", "--source", "customerglu")
+    dispatcher = _started(env, tmp_path / "rewards.log", "rewards", "run")
     try:
         base = f"http://127.0.0.1:{settings.receiver.port}"
 
@@ -200,3 +197,61 @@ def test_an_untrusted_certificate_ends_the_receiver_at_start(
     assert result.returncode == 1
     (line,) = [ln for ln in result.stderr.splitlines() if ln.startswith("error:")]
     assert "TLS certificate is not trusted" in line
+
+
+def test_the_kubernetes_overlay_receiver_logs_in_with_its_environment_and_secrets(
+    secured: SecuredBroker, make_settings: Callable[..., Settings], tmp_path: Path
+) -> None:
+    """The example overlay's receiver: its config Secret, its environment (user name, password file) and
+    the two Secrets Strimzi would write (the user's password, the cluster CA) mounted where the manifest
+    mounts them. Only the broker address, topics and ports are this test's. It logs in over SASL_SSL and
+    its readiness probe passes."""
+    receiver = workload(OVERLAY, "headwater-receiver")
+    doc = config_doc(OVERLAY)
+    assert doc["kafka"]["security_protocol"] == "SASL_SSL"
+    test = make_settings()
+    doc["kafka"] |= {
+        "bootstrap_servers": secured.broker.secured_bootstrap,
+        "create_topics": True,
+        "partitions": 2,
+        "replication_factor": 1,
+    }
+    doc["topics"] = test.topics.model_dump()
+    doc["receiver"] |= {"port": free_port(), "operator_port": free_port()}
+    login = {"sasl_username": "from-the-environment", "sasl_password": "from-a-file"}
+    settings = Settings.model_validate({**doc, "kafka": {**doc["kafka"], **login}})
+    config = "".join(
+        line + "\n"
+        for line in toml_text(settings).splitlines()
+        if not line.startswith(("sasl_username", "sasl_password"))
+    )
+    external = {
+        OVERLAY_RECEIVER_USER: {"password": OVERLAY_RECEIVER_PASSWORD},
+        "headwater-kafka-cluster-ca-cert": {"ca.crt": secured.authority.cafile.read_text()},
+    }
+    files = pod_files(OVERLAY, receiver, tmp_path / "pod", config, external)
+    config_path = Path(pod_environment(receiver, files)["HEADWATER_CONFIG"])
+    # kafka.ssl_cafile names the CA where the pod mounts it; the test mounted that directory here
+    mounted_ca = str(doc["kafka"]["ssl_cafile"])
+    ca_mount = next(m for m in files if mounted_ca.startswith(m + "/"))
+    config_path.write_text(
+        config_path.read_text().replace(mounted_ca, str(files[ca_mount] / mounted_ca[len(ca_mount) + 1 :]))
+    )
+    env = pod_environment(receiver, files)
+    assert env["HEADWATER_KAFKA_SASL_USERNAME"] == OVERLAY_RECEIVER_USER
+    process = HeadwaterProcess(list(command(receiver)), tmp_path / "receiver.log", env=env)
+    try:
+        readiness = container(receiver)["readinessProbe"]["httpGet"]
+        url = f"http://127.0.0.1:{settings.receiver.port}{readiness['path']}"
+
+        def ready() -> bool:
+            assert process.process.poll() is None, process.output()
+            try:
+                with urllib.request.urlopen(url, timeout=5) as answer:
+                    return bool(answer.status == 200)
+            except OSError:
+                return False
+
+        wait_for(ready, timeout=60, explain=process.output)
+    finally:
+        process.stop()

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import os
 import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -124,7 +125,14 @@ def die_with_parent() -> None:
 class HeadwaterProcess:
     """`headwater ARGS...` in a subprocess, its output in a log file; it dies with the test process."""
 
-    def __init__(self, args: Sequence[str], log_path: Path, stop_timeout_s: float = 30) -> None:
+    def __init__(
+        self,
+        args: Sequence[str],
+        log_path: Path,
+        stop_timeout_s: float = 30,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
+        """`env`: variables set on top of this process's environment."""
         self.log_path = log_path
         self.log = log_path.open("ab")
         self.stop_timeout_s = stop_timeout_s
@@ -134,6 +142,7 @@ class HeadwaterProcess:
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             preexec_fn=die_with_parent,
+            env={**os.environ, **env} if env else None,
         )
 
     def kill(self) -> None:

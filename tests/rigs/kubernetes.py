@@ -87,6 +87,41 @@ def port_number(spec: dict[str, Any], port: str | int) -> int:
     return int(number)
 
 
+def pod_files(
+    directory: Path,
+    workload: dict[str, Any],
+    root: Path,
+    config_text: str,
+    external: dict[str, dict[str, str]] | None = None,
+) -> dict[str, Path]:
+    """Write every Secret the container mounts under `root`, as the kubelet would: generated ones from the
+    render (its headwater.toml replaced by `config_text`), `external` ones (made outside the manifests)
+    from the mapping. Returns mountPath -> the local directory."""
+    files: dict[str, Path] = {}
+    for mount, secret in mounted_secrets(workload).items():
+        local = root / mount.strip("/").replace("/", "_")
+        local.mkdir(parents=True)
+        contents = (external or {}).get(secret) or secret_files(directory, secret.rsplit("-", 1)[0])
+        for name, text in contents.items():
+            (local / name).write_text(config_text if name == "headwater.toml" else text)
+        files[mount] = local
+    return files
+
+
+def pod_environment(workload: dict[str, Any], files: dict[str, Path]) -> dict[str, str]:
+    """The container's environment as the pod has it, mounted paths moved to where `pod_files` wrote them."""
+    env: dict[str, str] = {}
+    for variable in container(workload).get("env", []):
+        if "value" in variable:
+            value = str(variable["value"])
+            for mount, local in files.items():
+                value = value.replace(mount, str(local))
+            env[variable["name"]] = value
+        elif "fieldRef" in variable.get("valueFrom", {}):
+            env[variable["name"]] = f"{workload['metadata']['name']}-0"
+    return env
+
+
 def mounted_secrets(workload: dict[str, Any]) -> dict[str, str]:
     """mountPath -> Secret name, for the container's Secret volumes."""
     pod = workload["spec"]["template"]["spec"]
