@@ -196,6 +196,8 @@ class DedupStage(mode.Service):
             await self.transactions.commit(partition, outputs, offsets)
             self.dedup.remember_emitted(verdicts.emit, partition, now_ms)
             self.metrics.canonical.inc(len(verdicts.emit))
+            for record in run:  # receipt -> committed, per source (headwater_worker_freshness_seconds)
+                self.metrics.committed(record.headers or ())
             self.metrics.duplicates.inc(verdicts.duplicates)
 
     async def _quarantine(self, record: Any, exc: BaseException) -> None:

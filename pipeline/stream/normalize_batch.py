@@ -33,7 +33,7 @@ from pipeline.records import (
     RawRecord,
     ReplayTag,
 )
-from pipeline.stream.metrics import WorkerMetrics
+from pipeline.stream.metrics import RECEIPTS_HEADER, SOURCE_HEADER, WorkerMetrics, receipts_header
 from pipeline.stream.record_outcomes import dead_letter, outcomes
 
 # Hand one record to a producer: (topic, key, value, partition, headers) -> the future of its ack.
@@ -84,6 +84,15 @@ async def normalize_batch(
     acks: list[Awaitable[Any]] = []
     packs: dict[int, KeyedBatch] = defaultdict(KeyedBatch)
     headers = replay.to_headers() if replay else None
+    # Receipt runs per keyed partition for the freshness histogram (not for a replay: old receipts)
+    receipts: dict[int, list[list[int]]] | None = None if replay else defaultdict(list)
+    source_header = (SOURCE_HEADER, adapter.SOURCE.encode())
+
+    def pack_headers(partition: int) -> list[tuple[str, bytes]] | None:
+        if receipts is None:
+            return headers
+        return [source_header, (RECEIPTS_HEADER, receipts_header(receipts.pop(partition, [])))]
+
     sent_packs = 0
     letters = 0
     keyed_partitions, max_event_bytes = targets.keyed_partitions, targets.max_event_bytes
@@ -104,6 +113,7 @@ async def normalize_batch(
             await send_letter(foreign_record(message, adapter.SOURCE, exc))
             continue
         carrier: str | None = None  # this record's dead letter that carries its body
+        received_ms = int(raw.headers.received_at.timestamp() * 1000)
         for position, outcome in enumerate(outcomes(raw, adapter, targets.redrive_limit)):
             if isinstance(outcome, CanonicalEvent):
                 event_json, failure = _event_json(outcome, max_event_bytes)
@@ -118,10 +128,18 @@ async def normalize_batch(
                     partition = key_partition(dedup_key.encode(), keyed_partitions)
                     pack = packs[partition]
                     pack.add_json(dedup_key, outcome.kafka_key(), event_json)
+                    if receipts is not None:
+                        runs = receipts[partition]
+                        if runs and runs[-1][0] == received_ms:
+                            runs[-1][1] += 1
+                        else:
+                            runs.append([received_ms, 1])
                     if pack.size >= KeyedBatch.MAX_BYTES:  # keep keyed records well under any size limit
                         del packs[partition]
                         acks.append(
-                            await send(targets.keyed_topic, None, pack.to_bytes(), partition, headers)
+                            await send(
+                                targets.keyed_topic, None, pack.to_bytes(), partition, pack_headers(partition)
+                            )
                         )
                         sent_packs += 1
                     continue
@@ -129,7 +147,9 @@ async def normalize_batch(
                 carrier = outcome.id
             await send_letter(outcome)
     for partition, pack in packs.items():
-        acks.append(await send(targets.keyed_topic, None, pack.to_bytes(), partition, headers))
+        acks.append(
+            await send(targets.keyed_topic, None, pack.to_bytes(), partition, pack_headers(partition))
+        )
     await asyncio.gather(*acks)
     return sent_packs + len(packs), letters
 
