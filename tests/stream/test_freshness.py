@@ -11,7 +11,9 @@ from pipeline.stream.metrics import RECEIPTS_HEADER, SOURCE_HEADER, WorkerMetric
 def samples(metrics: WorkerMetrics) -> dict[tuple[str, str, str], float]:
     """(sample name, source, le) -> value of the freshness histogram as /metrics shows it."""
     text = generate_latest(metrics.registry).decode()
-    [family] = [f for f in text_string_to_metric_families(text) if f.name == "headwater_worker_freshness_seconds"]
+    [family] = [
+        f for f in text_string_to_metric_families(text) if f.name == "headwater_worker_freshness_seconds"
+    ]
     return {(s.name, s.labels["source"], s.labels.get("le", "")): s.value for s in family.samples}
 
 
