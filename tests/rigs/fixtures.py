@@ -17,6 +17,7 @@ import pytest
 
 from pipeline.config import Settings
 from rigs.kafka import LoopThread, WorkerProcess, start_local_broker, topics_for
+from rigs.watch import WATCHERS
 
 TENANTS: list[dict[str, Any]] = [
     {
@@ -44,6 +45,13 @@ def _docker_answers() -> bool:
         return True
     except Exception:  # noqa: BLE001 - any failure means "no engine"
         return False
+
+
+@pytest.fixture(autouse=True)
+def topic_watchers() -> Iterator[None]:
+    """The test's topic reads share one reader per broker (rigs.watch); it is closed when the test ends."""
+    yield
+    WATCHERS.close()
 
 
 @pytest.fixture(scope="session")

@@ -78,9 +78,13 @@ def wait_for(
 
 
 def read_records(settings: Settings, topic: str) -> list[Any]:
-    from pipeline.kafka.reading import read_topic
+    """Every committed record of `topic` up to its current end, partition by partition, in offset order.
 
-    return asyncio.run(read_topic(settings, topic))
+    Served by the test's TopicWatcher (rigs.watch): one reader kept open, each call reading only what
+    arrived since the last, so polling a topic in a wait does not re-read it from the start."""
+    from rigs.watch import WATCHERS
+
+    return WATCHERS.records(settings, topic)
 
 
 def toml_text(settings: Settings) -> str:
