@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow
+
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 # The benchmarks themselves (the other modules are their parts: common, the bare server, the wrk wrapper).
 SCRIPTS = sorted(p.name for p in BENCH.glob("*.py") if "argparse" in p.read_text())

@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 import aiohttp
 import orjson
+import pytest
 from aiokafka import TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from rigs.dlq import letter
@@ -22,6 +23,8 @@ from rigs.kafka import WorkerProcess, produce_raw, wait_for
 from pipeline.config import Settings
 from pipeline.kafka.clients import ensure_topics, make_producer
 from pipeline.kafka.local import free_port
+
+pytestmark = pytest.mark.slow
 
 LETTERS = 100_000
 

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import orjson
+import pytest
 from click.testing import CliRunner
 from rigs.kafka import WorkerProcess, produce_raw, read_records, toml_text, wait_for
 
@@ -49,6 +50,7 @@ def hw_dlq(settings: Settings, tmp_path: Path, *args: str) -> str:
     return result.stdout
 
 
+@pytest.mark.slow
 def test_a_5_mb_batch_whose_every_item_fails_costs_bounded_memory_and_bytes(
     make_settings: Callable[..., Settings], start_worker: Callable[..., WorkerProcess]
 ) -> None:

@@ -39,6 +39,7 @@ def own_broker(tmp_path: Path) -> Iterator[LocalKafka]:
         broker.down()
 
 
+@pytest.mark.slow
 def test_a_broker_restarted_mid_stream_loses_nothing_and_emits_nothing_twice(
     make_settings: Callable[..., Settings], start_worker: Callable[..., WorkerProcess], own_broker: LocalKafka
 ) -> None:
@@ -59,6 +60,7 @@ def test_a_broker_restarted_mid_stream_loses_nothing_and_emits_nothing_twice(
     assert set(ids) == {f"k_{i}" for i in range(8000)}
 
 
+@pytest.mark.slow
 def test_a_worker_killed_during_a_large_bulk_record_emits_each_of_its_events_once(
     make_settings: Callable[..., Settings], start_worker: Callable[..., WorkerProcess]
 ) -> None:

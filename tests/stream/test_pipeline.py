@@ -295,6 +295,7 @@ def test_a_repeat_after_a_restart_is_dropped_by_the_table_restored_from_the_chan
     )
 
 
+@pytest.mark.slow
 def test_sigkill_mid_stream_loses_nothing_and_emits_nothing_twice(
     make_settings: Callable[..., Settings], start_worker: Callable[..., WorkerProcess]
 ) -> None:
@@ -343,6 +344,7 @@ def test_sigkill_mid_stream_loses_nothing_and_emits_nothing_twice(
     assert len(letters) == 100  # each bad record once by id (a copy after the crash shares its id)
 
 
+@pytest.mark.slow
 def test_a_bulk_body_of_several_megabytes_is_carried_through(
     settings: Settings, start_worker: Callable[..., WorkerProcess]
 ) -> None:
