@@ -82,10 +82,10 @@ def test_a_broker_outage_writes_a_few_lines_and_the_endpoints_say_so(
         broker.up(bound_to_parent=True)
         for process in processes:
             wait_for(
-                lambda p=process: "Kafka reachable again" in p.output(),
+                lambda: "Kafka reachable again" in process.output(),  # noqa: B023 (called in this iteration)
                 timeout=90,
                 interval=0.5,
-                explain=lambda p=process: p.output()[-3000:],
+                explain=lambda: process.output()[-3000:],  # noqa: B023
             )
         wait_for(lambda: get_json(operator + "/readyz")[0] == 200, timeout=60, interval=0.5)
 
