@@ -543,7 +543,7 @@ def started_receiver(
 
 
 def wrk_main(args: argparse.Namespace) -> None:
-    """Receiver, bare aiohttp server and bare producer on the same load, from one run (issue 11)."""
+    """Receiver, bare aiohttp server and bare producer on the same load, from one run."""
     c, d, w = args.concurrency, args.duration, args.warmup
     with started_receiver(
         args,

@@ -1,4 +1,4 @@
-"""CPU per request of the receiver and of the bare aiohttp server, from /proc, without wrk (issue 11, item 1).
+"""CPU per request of the receiver and of the bare aiohttp server, from /proc, without wrk.
 
     .venv/bin/python bench/receiver_cpu.py [--bootstrap HOST:PORT] [--requests 20000] [--concurrency 64]
                                            [--rounds 3] [--source customerglu] [--profile OUT.folded]

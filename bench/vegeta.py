@@ -1,6 +1,6 @@
 """Run vegeta (an open-loop HTTP load generator) at a fixed rate against one endpoint; parse its report.
 
-The latency figure of issue 11, item 7 needs a generator that holds a rate whatever the server does:
+The receiver's latency at a share of its peak needs a generator that holds a rate whatever the server does:
 wrk is closed-loop (a slow answer delays the next request, so its percentiles hide queueing), and a Python
 client in the benchmark process cannot schedule thousands of requests a second on two cores. vegeta sends
 on schedule from as many workers as it needs and measures each request from its own send, so queueing in

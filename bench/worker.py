@@ -1,4 +1,4 @@
-"""Pipeline throughput: one worker process vs a bare consume -> orjson parse -> produce loop (issue 3).
+"""Pipeline throughput: one worker process vs a bare consume -> orjson parse -> produce loop.
 
     .venv/bin/python bench/worker.py [--bootstrap HOST:PORT] [--single N] [--bulk N] [--profile] [--repeat
     N]

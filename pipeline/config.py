@@ -153,7 +153,7 @@ class ReceiverSettings(_Frozen):
     # Items in one request, counted while scanning the body, before any per-item work; over: 413.
     max_items: int = Field(10_000, ge=1)  # elements of a batched source's array (events, profiles, batch)
     max_rewards: int = Field(1_000, ge=1)  # rewards in one POST /rewards/v1 array
-    # Fair shares (issue 11): while other tenants are active, a tenant may hold only its share
+    # Fair shares: while other tenants are active, a tenant may hold only its share
     # (max_in_flight / active tenants) of the in-flight bound; over it: 429 + Retry-After. Alone, a tenant
     # may use everything. "Active" = a request in flight, waiting, or seen within fair_window_s.
     fair_shares: bool = True
@@ -237,7 +237,7 @@ class RewardsWebhook(_Frozen):
 
 
 class RewardsSettings(_Frozen):
-    """The reward webhook dispatcher (`headwater rewards`, issue 5); per-tenant URLs live in the tenants."""
+    """The reward webhook dispatcher (`headwater rewards`); per-tenant URLs live in the tenants."""
 
     # Delay before each retry; attempts = 1 (immediately) + len(retry_delays). The default spreads 8
     # attempts over about a day, like the webhook platforms users know.

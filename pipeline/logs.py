@@ -1,4 +1,4 @@
-"""Process logging for every `headwater` command: one handler on stderr, text or JSON lines (issue 13).
+"""Process logging for every `headwater` command: one handler on stderr, text or JSON lines.
 
 Headwater's own loggers log at the chosen level; Faust, mode, aiokafka and aiohttp only from WARNING up
 (everything at `debug`). The retries Kafka clients log while a broker or a consumer group is still

@@ -19,7 +19,7 @@ WORKER_GC_GEN0_THRESHOLD = 100_000
 def settle_garbage_collector(gen0_threshold: int = GC_GEN0_THRESHOLD) -> None:
     """Collect garbage less often, and never scan what start-up loaded (the receiver and the worker).
 
-    The receiver (issue 11, item 7): a request's objects live across a broker round trip, so young
+    The receiver: a request's objects live across a broker round trip, so young
     collections promote them and full collections follow every few seconds, each scanning every object
     the process holds: 33-46 ms of CPU measured at 2,500 requests/s, longer than the p99 we aim for. The
     worker: every event allocates dicts, lists and tuples, so with the defaults a young collection ran

@@ -1,4 +1,4 @@
-"""Reward webhook bodies and their signatures (sources.md §5; issue 5).
+"""Reward webhook bodies and their signatures (sources.md §5).
 
 The body is compact UTF-8 JSON in a stable key order, so a receiver that re-serializes the parsed JSON
 (the vendor's sample verifiers: `JSON.stringify(req.body)`, `json.dumps(obj, separators=(',', ':'))`)

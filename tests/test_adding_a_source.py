@@ -1,5 +1,4 @@
-"""Adding a source is one adapter module: its route, auth and processing come from what it declares (issue
-9)."""
+"""Adding a source is one adapter module: its route, auth and processing come from what it declares."""
 
 from __future__ import annotations
 

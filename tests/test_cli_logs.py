@@ -1,4 +1,4 @@
-"""Quiet, useful logs (issue 13, item 3): a normal start says what listens where and which config, then only
+"""Quiet, useful logs: a normal start says what listens where and which config, then only
 warnings; no ERROR line; routine aiokafka retries at DEBUG; --log-format json gives one object a line."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""No import cycles anywhere in pipeline/ and adapters/, function-level imports included (issue 9).
+"""No import cycles anywhere in pipeline/ and adapters/, function-level imports included.
 
 The layer contracts themselves are import-linter's ([tool.importlinter] in pyproject.toml, run by ./dev test).
 """

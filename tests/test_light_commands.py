@@ -1,4 +1,4 @@
-"""Light commands stay light: help, kafka, dlq and replay never load Faust (issue 9)."""
+"""Light commands stay light: help, kafka, dlq and replay never load Faust."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Long-running commands start from any directory with only HEADWATER_CONFIG set (issue 10, item 1)."""
+"""Long-running commands start from any directory with only HEADWATER_CONFIG set."""
 
 from __future__ import annotations
 

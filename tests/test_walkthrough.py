@@ -1,5 +1,5 @@
-"""The README's "First five minutes" block, run command by command against a receiver and a worker (issue 13,
-item 5). Only the config (HEADWATER_CONFIG) and the receiver's address are substituted, as the README says."""
+"""The README's "First five minutes" block, run command by command against a receiver and a worker.
+Only the config (HEADWATER_CONFIG) and the receiver's address are substituted, as the README says."""
 
 from __future__ import annotations
 

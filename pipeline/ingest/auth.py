@@ -4,7 +4,7 @@ The dispatch table `SCHEMES` is the only place that knows how a scheme reads a r
 looks a source's scheme up in its adapter (`AUTH`), so a new source with an existing scheme needs no
 change here. Lookups never derive a tenant from key text, and compare secrets in constant time: a secret
 is looked up by its SHA-256 digest, then compared with `hmac.compare_digest`. Rewards keys are a
-credential of their own (issue 12): a vendor write key never opens /rewards/v1.
+credential of their own: a vendor write key never opens /rewards/v1.
 """
 
 from __future__ import annotations

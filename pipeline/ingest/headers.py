@@ -1,4 +1,4 @@
-"""The Kafka headers of a raw record, built per request from a cached template (issue 11, item 1).
+"""The Kafka headers of a raw record, built per request from a cached template.
 
 RawHeaders owns the header names and encoding; this module asks it once per (tenant, source,
 content type, request metadata) for a template and then fills in only the two values that change per

@@ -1,7 +1,7 @@
 """Exact bytes and counts of the items of a JSON body, found by scanning, without parsing or re-encoding.
 
 Segment signs `JSON.stringify(data[0])` and sends `JSON.stringify(data)`, so the first element's bytes as
-they stand in the body are exactly what was signed (issue 11, item 6). A reward array's elements are
+they stand in the body are exactly what was signed. A reward array's elements are
 stored as their exact bytes. Items are counted while scanning, so a body over the item limit is refused
 before any per-item work.
 """

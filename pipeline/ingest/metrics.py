@@ -1,7 +1,7 @@
 """The receiver's Prometheus metrics (GET /metrics on the receiver's port).
 
 With `--processes N` every process writes its values to prometheus_client's multiprocess directory and
-/metrics, on any process, answers the sum over all of them (issue 11, item 2).
+/metrics, on any process, answers the sum over all of them.
 """
 
 from __future__ import annotations

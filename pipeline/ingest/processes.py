@@ -1,4 +1,4 @@
-"""`headwater receiver --processes N`: N receiver processes on one port, one per core (issue 11, item 2).
+"""`headwater receiver --processes N`: N receiver processes on one port, one per core.
 
 Each child binds the port with SO_REUSEPORT, so the kernel spreads new connections over the children
 and a child that dies takes none of the others down. The supervisor restarts a child that exits, and

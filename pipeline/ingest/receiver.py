@@ -138,7 +138,7 @@ class Receiver:
 
     def routes(self) -> dict[str, dict[str, Handler]]:
         """path -> method -> handler: every adapter's ROUTES (one trailing slash is the same route,
-        sources.md), rewards in for systems without Kafka (issue 5), liveness and readiness. Nothing here
+        sources.md), rewards in for systems without Kafka, liveness and readiness. Nothing here
         names a tenant: /metrics is on the operator port (`operator_routes`)."""
         table: dict[str, dict[str, Handler]] = {}
         for adapter in self.adapters.values():
@@ -371,7 +371,7 @@ class Receiver:
         Like the other routes it stores what it is given; invalid rewards are dead-lettered by the
         dispatcher's intake, and listed in the 200 answer so the sender learns about them at once. The
         records of one request go to Kafka as one record batch on one partition, which the broker appends
-        whole or not at all: a 200 means every reward is stored, a 503 that none is (issue 12).
+        whole or not at all: a 200 means every reward is stored, a 503 that none is.
         """
         tenant_id = "-"
         try:

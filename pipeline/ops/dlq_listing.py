@@ -1,5 +1,5 @@
 """How `headwater dlq ls` lays dead letters out: the few columns a person scans, fitted to the terminal, or
-every column with --wide (issue 13)."""
+every column with --wide."""
 
 from __future__ import annotations
 

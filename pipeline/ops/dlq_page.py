@@ -147,7 +147,7 @@ async def list_view(request: web.Request) -> web.Response:
 
 
 def _bounds(window: Window, filters: dlq.Filters, limit: int, page: DlqSettings) -> str:
-    """What the list covers, with the defaults stated (issue 12: a bounded read says where its bounds are)."""
+    """What the list covers, with the defaults stated (a bounded read says where its bounds are)."""
     since = filters.since.strftime("%Y-%m-%d %H:%M:%S") if filters.since else "-"
     until = filters.until.strftime("%Y-%m-%d %H:%M:%S") if filters.until else "now"
     text = (

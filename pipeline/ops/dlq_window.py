@@ -1,4 +1,4 @@
-"""Bounded reads of events.dlq for the DLQ page (issue 12): a time window, a limit, a scan cap.
+"""Bounded reads of events.dlq for the DLQ page: a time window, a limit, a scan cap.
 
     DlqReader(settings).window(filters, limit, scan_limit) -> Window   the newest matches, read backwards
     DlqReader(settings).letter(at) -> (DeadLetter | None, Redrive)     one record, by its DLQ coordinates

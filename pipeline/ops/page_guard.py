@@ -1,4 +1,4 @@
-"""Who may see the DLQ page, and the headers every answer carries (issue 12).
+"""Who may see the DLQ page, and the headers every answer carries.
 
 Dead letters hold raw bodies: personal data. The page is served without credentials only on a loopback
 address; anywhere else `dlq.page_token` is required. With a token set every page request must carry it,

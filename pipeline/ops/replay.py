@@ -1,4 +1,4 @@
-"""Replay: read a range of raw.<source> and feed it through the pipeline again (issue 4).
+"""Replay: read a range of raw.<source> and feed it through the pipeline again.
 
 The replay process runs the normalize stage itself (current adapters, in-process) and hands the
 candidates to the running workers' dedup stage, tagged with a replay id; dead letters go to events.dlq

@@ -1,4 +1,4 @@
-"""`headwater tail TOPIC`: the newest records of any topic as JSON lines, in the spirit of kcat (issue 13).
+"""`headwater tail TOPIC`: the newest records of any topic as JSON lines, in the spirit of kcat.
 
 Reads committed records only and joins no consumer group, so it moves nobody's offsets (it reads through
 pipeline.kafka.reading). Plain aiokafka: tailing never imports Faust.

@@ -1,4 +1,4 @@
-"""`headwater rewards`: run the webhook dispatcher, sign a body, list/show/redeliver rewards.dlq (issue 5).
+"""`headwater rewards`: run the webhook dispatcher, sign a body, list/show/redeliver rewards.dlq.
 
 `headwater rewards` without a subcommand runs the dispatcher, like `headwater rewards run`.
 """

@@ -1,4 +1,4 @@
-"""The reward webhook dispatcher: one Faust app, two agents and a timer (issue 5; sources.md §5).
+"""The reward webhook dispatcher: one Faust app, two agents and a timer (sources.md §5).
 
     rewards.outbound   --intake-->  rewards.deliveries  DeliveryJob, keyed tenant/rewardId (else rewards.dlq)
     rewards.deliveries --deliver--> state table         pending (the durable retry queue) | delivered (dedup)
@@ -9,7 +9,7 @@
 Every table write happens in the deliver agent while it handles a record of the partition that owns the
 key, so table changelog, outputs and consumer offsets move together (at-least-once). Each output is
 awaited on its own ack before its record is acknowledged (Faust's flush before a commit does not look at
-the results; issue 12). No agent awaits a webhook: a retry is parked as a due time in the table. After
+the results). No agent awaits a webhook: a retry is parked as a due time in the table. After
 a rebalance a partition's retries wait, without a time cap, until its catch-up marker has been read.
 Both agents check that every offset of their partitions reaches them, and read again what Faust lost
 (reads.py; docs/decisions/0005).
@@ -406,7 +406,7 @@ class Dispatcher:
 
         Each partition is held before anything is scheduled, and stays held, with no time cap, until the
         deliver agent has read the catch-up marker written to it now: outcomes recorded before a crash are
-        applied before anything could be re-sent, however slow the restart (issue 12).
+        applied before anything could be re-sent, however slow the restart.
         """
         self.generation += 1
         self.recovered_at = time.monotonic()

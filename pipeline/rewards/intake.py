@@ -1,6 +1,6 @@
 """Intake: rewards.outbound -> a DeliveryJob on rewards.deliveries, or a dead letter on rewards.dlq.
 
-Every record gets one of the two, durably, before it is acknowledged (issue 12): intake never raises for
+Every record gets one of the two, durably, before it is acknowledged: intake never raises for
 input, a bug becomes an intake_crashed letter, and a letter that cannot be written becomes the plainest one.
 """
 
@@ -58,7 +58,7 @@ class Intake:
         headers = text_headers(message.headers)
         try:
             outcome = read_intake(body, headers, self.webhooks, origin, utc_now())
-        except Exception as exc:  # a bug in intake: the record still gets an outcome (issue 12)
+        except Exception as exc:  # a bug in intake: the record still gets an outcome
             log.exception("intake crashed on %s; dead-lettering it", origin)
             self.metrics.errors.labels("intake").inc()
             crashed = RewardRejected(reasons.REWARD_INTAKE_CRASHED, f"{type(exc).__name__}: {exc}")

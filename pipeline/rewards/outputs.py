@@ -31,7 +31,7 @@ async def retried(
 
 
 async def write_durably(message: Message, send: Callable[[], Awaitable[Awaitable[Any]]]) -> None:
-    """Send one output and await its own ack, again until it succeeds (issue 12).
+    """Send one output and await its own ack, again until it succeeds.
 
     Faust flushes the producer before it commits but never looks at the results: a record whose output
     failed would be committed over. So the agent stays on the record until its output is durable; if

@@ -206,8 +206,8 @@ class Schedule:
     def hold(self, partition: int, offset: int | None = None) -> None:
         """No retries of `partition` run until the agent has read `offset` there (None: not known yet).
 
-        There is no time cap: on a slow restart a capped hold would re-send rewards already delivered
-        (issue 12). An offset the agent has already read releases the partition at once.
+                There is no time cap: on a slow restart a capped hold would re-send rewards already delivered
+        . An offset the agent has already read releases the partition at once.
         """
         if offset is not None and self._read_up_to.get(partition, -1) >= offset:
             self._release(partition)

@@ -1,6 +1,6 @@
 """The consume -> process -> ack -> commit step that both stream stages share, and what keeps it honest.
 
-Containment (issue 10): a batch whose outputs fail is retried; after `worker.isolate_after_failures`
+Containment: a batch whose outputs fail is retried; after `worker.isolate_after_failures`
 failures in a row it is processed record by record, and a record whose outputs still fail is handed to
 the stage's `quarantine` (its dead letter) so the records behind it flow on. If the quarantine fails too,
 Kafka itself is failing: the batch is retried, the stage's seconds-since-commit grows and /health turns

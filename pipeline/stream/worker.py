@@ -164,7 +164,7 @@ class WebService(mode.Service):
     """/metrics, /health and the read-only DLQ page (/, /letters/{id}) on worker.web_host:worker.web_port.
 
     The server runs in its own thread with its own event loop: a page request reads Kafka and parses dead
-    letters there, never on the loop that runs the stages and their heartbeats (issue 12). On a
+    letters there, never on the loop that runs the stages and their heartbeats. On a
     non-loopback address the page is served only with `dlq.page_token` set; /metrics and /health always are.
     """
 

@@ -1,4 +1,4 @@
-"""The thin receiver against a real broker over real HTTP (issue 2; sources.md §1, §1.1)."""
+"""The thin receiver against a real broker over real HTTP (sources.md §1, §1.1)."""
 
 from __future__ import annotations
 

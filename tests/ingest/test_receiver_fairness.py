@@ -1,4 +1,4 @@
-"""Fair shares of the in-flight bound (issue 11, items 3 and 4): real HTTP, real broker. Bytes:
+"""Fair shares of the in-flight bound: real HTTP, real broker. Bytes:
 test_receiver_deadlines."""
 
 from __future__ import annotations

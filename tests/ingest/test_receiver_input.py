@@ -1,4 +1,4 @@
-"""Bad input is a 4xx with a JSON reason, never a 5xx (issue 11, item 5): real HTTP, real broker.
+"""Bad input is a 4xx with a JSON reason, never a 5xx: real HTTP, real broker.
 
 The requests are written byte by byte on a socket, so header values can be what no HTTP client would
 send (invalid UTF-8, 300-character values, control bytes).

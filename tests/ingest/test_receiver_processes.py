@@ -1,4 +1,4 @@
-"""`headwater receiver --processes 2`: one port, two processes, metrics summed (issue 11, item 2)."""
+"""`headwater receiver --processes 2`: one port, two processes, metrics summed."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""POST /rewards/v1 takes its own credential and stores a request's rewards all or none (issue 12, items 1-2).
+"""POST /rewards/v1 takes its own credential and stores a request's rewards all or none.
 
 Real HTTP against a Receiver, real broker.
 """

@@ -1,4 +1,4 @@
-"""Segment's X-Signature without a bypass (issue 11, item 6): real HTTP, real broker.
+"""Segment's X-Signature without a bypass: real HTTP, real broker.
 
 Segment's Webhook destination (`@segment/action-destinations`, webhook `extendRequest`) signs
 `JSON.stringify(data[0])` and posts `JSON.stringify(data)`. `js_stringify` below is JSON.stringify for

@@ -1,4 +1,4 @@
-"""`headwater dlq` on a real broker: list, show, stats, export, redrive, the redrive limit (issue 6)."""
+"""`headwater dlq` on a real broker: list, show, stats, export, redrive, the redrive limit."""
 
 from __future__ import annotations
 
@@ -248,7 +248,7 @@ def test_redrive_republishes_each_raw_record_once_with_its_headers_and_count_plu
 
     left = json_lines(hw(config, "ls", "--json").stdout)
     assert [d["id"] for d in left] == [letters[3].id]  # only the parked one
-    everything = hw(config, "ls", "--all", "--wide")  # the redrives column is a --wide one (issue 13)
+    everything = hw(config, "ls", "--all", "--wide")  # the redrives column is a --wide one
     assert everything.stdout.count("(redriven)") == 3
     assert hw(config, "redrive", "--source", "segment").stdout.strip().startswith("selected 1 dead letter(s)")
     reset = hw(config, "redrive", "--ids", letters[3].id, "--reset-count", "--json")
@@ -304,7 +304,7 @@ def test_a_letter_redriven_past_the_limit_ends_as_redrive_limit(
     assert [(d.redrive_count, d.body, d.id != first.id) for d in parked] == [(4, b"{still broken", True)]
     [row] = json_lines(hw(config, "ls", "--json").stdout)
     assert (row["id"], row["reason"], row["redrive_count"]) == (parked[0].id, "redrive_limit", 4)
-    assert "4" in hw(config, "ls", "--wide").stdout  # the redrives column is a --wide one (issue 13)
+    assert "4" in hw(config, "ls", "--wide").stdout  # the redrives column is a --wide one
 
 
 # --- the fix-and-redrive story -------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""`headwater dlq ls` reads well in an 80-column terminal; --wide shows the rest (issue 13, item 2)."""
+"""`headwater dlq ls` reads well in an 80-column terminal; --wide shows the rest."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The read-only DLQ web page, served on loopback and loaded in headless Chromium (issue 6).
+"""The read-only DLQ web page, served on loopback and loaded in headless Chromium.
 
 Chromium is part of the test setup (`./dev setup` installs Debian's `chromium`); without it these tests
 fail rather than skip (style.md §3.12).

@@ -1,4 +1,4 @@
-"""Who may see the DLQ page, and what every answer carries (issue 12, item 5): real HTTP, real broker.
+"""Who may see the DLQ page, and what every answer carries: real HTTP, real broker.
 
 A worker or `headwater dlq page` on a non-loopback address serves the page only with `dlq.page_token`;
 with a token every page request needs it (Bearer, or basic auth with the token as password).

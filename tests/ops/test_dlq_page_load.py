@@ -1,4 +1,4 @@
-"""The DLQ page over a large DLQ (issue 12, item 5): bounded reads, off the worker's consumer path.
+"""The DLQ page over a large DLQ: bounded reads, off the worker's consumer path.
 
 100,000 dead letters on events.dlq, a real `headwater worker` serving the page, raw events flowing
 through it meanwhile: every list answers in under a second and both stages keep committing.

@@ -1,4 +1,4 @@
-"""Replay of a raw range through the running pipeline, and what dedup does to it (issue 4)."""
+"""Replay of a raw range through the running pipeline, and what dedup does to it."""
 
 from __future__ import annotations
 

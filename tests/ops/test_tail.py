@@ -1,5 +1,5 @@
 """`headwater tail TOPIC` on a real broker: newest records as JSON lines, --meta, --from-beginning,
---follow, committed records only, and no Faust (issue 13, item 1)."""
+--follow, committed records only, and no Faust."""
 
 from __future__ import annotations
 

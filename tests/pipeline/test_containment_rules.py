@@ -1,4 +1,4 @@
-"""Containment rules of the normalize step, for any body (issue 10, items 2 and 3): every item of a raw
+"""Containment rules of the normalize step, for any body: every item of a raw
 record becomes a canonical event or a dead letter, every output can be written, and the body is stored
 once."""
 

@@ -1,4 +1,4 @@
-"""The dispatcher SIGKILLed between a webhook request and the commit of its outcome (issue 5).
+"""The dispatcher SIGKILLed between a webhook request and the commit of its outcome.
 
 What the design guarantees: at most one *recorded* success per (tenant, rewardId), and a re-send only
 for an attempt whose outcome was not yet durable in Kafka when the process died. Such a re-send is the

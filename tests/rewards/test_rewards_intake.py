@@ -1,4 +1,4 @@
-"""Hostile rewards at the dispatcher's intake (issue 12, item 3): every record ends as a delivery job or a
+"""Hostile rewards at the dispatcher's intake: every record ends as a delivery job or a
 rewards.dlq dead letter with its reason, never as a log line. By value first, then on the real broker
 with a real `headwater rewards run` subprocess and a real webhook server."""
 

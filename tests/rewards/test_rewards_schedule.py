@@ -1,5 +1,5 @@
 """The dispatcher's retry schedule holds a taken-over partition until its catch-up marker is read, with no
-time cap (issue 12, item 4), and writes another marker when one never reaches the agent: by value, no
+time cap, and writes another marker when one never reaches the agent: by value, no
 Kafka."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""An output write that fails is never committed over (issue 12, item 4), on the real broker.
+"""An output write that fails is never committed over, on the real broker.
 
 Faust flushes its producer before a commit but does not look at the results. The dispatcher awaits each
 output's own ack and stays on the record until it is durable. Here rewards.dlq refuses the dead letter

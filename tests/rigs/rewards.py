@@ -1,5 +1,5 @@
 """Test rig for the reward dispatcher: a customer webhook server on loopback, a dispatcher subprocess,
-hand-written TOML, and helpers to produce rewards and read the topics back (issue 5)."""
+hand-written TOML, and helpers to produce rewards and read the topics back."""
 
 from __future__ import annotations
 

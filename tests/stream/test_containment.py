@@ -1,4 +1,4 @@
-"""No single raw record can stop or slow its partition, on a real broker (issue 10, item 2)."""
+"""No single raw record can stop or slow its partition, on a real broker."""
 
 from __future__ import annotations
 

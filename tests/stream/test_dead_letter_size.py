@@ -1,4 +1,4 @@
-"""Dead letters proportional to the request, on a real broker (issue 10, item 3)."""
+"""Dead letters proportional to the request, on a real broker."""
 
 from __future__ import annotations
 

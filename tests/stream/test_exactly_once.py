@@ -1,5 +1,5 @@
 """Exactly once on events.canonical, as a read_committed reader sees it, across a broker restart and a
-SIGKILL in the middle of a large bulk record (issue 10, item 7)."""
+SIGKILL in the middle of a large bulk record."""
 
 from __future__ import annotations
 

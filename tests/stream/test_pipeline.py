@@ -1,5 +1,5 @@
 """The pipeline end to end on a real broker: HTTP -> receiver -> worker -> events.canonical / events.dlq
-(issue 3)."""
+."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """A dedup transaction's outputs, sent as record batches, reach Kafka as per-record sends did: every record
-on the partition of Kafka's default partitioner, in order, all visible only once committed (issue 10)."""
+on the partition of Kafka's default partitioner, in order, all visible only once committed."""
 
 from __future__ import annotations
 
