@@ -16,7 +16,7 @@ import subprocess
 import sys
 import tempfile
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import AsyncGenerator, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +28,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 from rigs.kafka import die_with_parent, start_local_broker, toml_text  # noqa: E402
 
 from pipeline.config import Settings  # noqa: E402
-from pipeline.kafka.clients import make_consumer  # noqa: E402
 from pipeline.kafka.local import free_port  # noqa: E402
+from pipeline.kafka.reading import Record, TopicReader, end_offsets  # noqa: E402
 
 TENANT = {
     "id": "bench",
@@ -128,17 +128,7 @@ def stop(process: subprocess.Popen[bytes]) -> None:
 
 async def topic_size(settings: Settings, topic: str) -> int:
     """Records on a topic (sum of end offsets; our topics are never compacted or truncated here)."""
-    from aiokafka import TopicPartition
-
-    consumer = make_consumer(settings)
-    await consumer.start()
-    try:
-        await consumer._client.force_metadata_update()
-        parts = consumer.partitions_for_topic(topic) or set()
-        ends = await consumer.end_offsets([TopicPartition(topic, p) for p in parts])
-        return sum(ends.values())
-    finally:
-        await consumer.stop()
+    return sum((await end_offsets(settings, topic)).values())
 
 
 class RecordCounter:
@@ -149,28 +139,29 @@ class RecordCounter:
 
     def __init__(self, settings: Settings, topic: str) -> None:
         self.settings, self.topic, self.count = settings, topic, 0
-        self._consumer: Any = None
+        self._reader = TopicReader(settings)
+        self._fetches: AsyncGenerator[list[Record], None] | None = None
 
     async def __aenter__(self) -> RecordCounter:
-        from aiokafka import TopicPartition
-
-        self._consumer = make_consumer(self.settings)
-        await self._consumer.start()
-        while not (parts := self._consumer.partitions_for_topic(self.topic)):
-            await self._consumer._client.force_metadata_update()
+        await self._reader.start()
+        while not await self._reader.partitions(self.topic):  # the worker may not have created it yet
             await asyncio.sleep(0.2)
-        tps = [TopicPartition(self.topic, p) for p in parts]
-        self._consumer.assign(tps)
-        await self._consumer.seek_to_beginning(*tps)
+        firsts = {p: first for p, (first, _) in (await self._reader.bounds(self.topic)).items()}
+        self._fetches = self._reader.follow(self.topic, firsts, max_records=10_000)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        await self._consumer.stop()
+        if self._fetches is not None:
+            await self._fetches.aclose()
+        await self._reader.stop()
 
     async def records(self, timeout_s: float = 0.25) -> list[Any]:
-        """The records that have arrived (waiting up to timeout_s); they join the running count."""
-        batch = await self._consumer.getmany(timeout_ms=int(timeout_s * 1000), max_records=10_000)
-        arrived = [record for records in batch.values() for record in records]
+        """The records that have arrived (waiting up to about timeout_s); they join the running count."""
+        assert self._fetches is not None, "use RecordCounter as `async with`"
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        arrived: list[Any] = []
+        while not arrived and asyncio.get_running_loop().time() < deadline:
+            arrived = await anext(self._fetches)
         self.count += len(arrived)
         return arrived
 

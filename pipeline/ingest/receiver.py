@@ -35,7 +35,7 @@ from pipeline.ingest.inputs import request_meta, short_text
 from pipeline.ingest.items import ItemLimits
 from pipeline.ingest.metrics import ReceiverMetrics
 from pipeline.ingest.refusals import BadRequest, OverShare, TooSlow
-from pipeline.kafka.clients import ensure_topics, make_producer
+from pipeline.kafka.clients import broker_answers, ensure_topics, make_producer
 from pipeline.kafka.outage import OUTAGE
 from pipeline.kafka.security import verify_access
 from pipeline.process import settle_garbage_collector
@@ -460,10 +460,7 @@ class Receiver:
     async def _kafka_answers(self) -> bool:
         if self.producer is None:
             return False
-        try:
-            return bool(await asyncio.wait_for(self.producer.client.force_metadata_update(), 3.0))
-        except Exception:  # noqa: BLE001 - any failure means "not ready"
-            return False
+        return await broker_answers(self.producer)
 
     async def _metrics(self, request: web.BaseRequest) -> web.Response:
         return web.Response(

@@ -68,6 +68,15 @@ def make_consumer(settings: Settings, *topics: str, **overrides: Any) -> AIOKafk
     return AIOKafkaConsumer(*topics, **options)
 
 
+async def broker_answers(producer: AIOKafkaProducer, timeout_s: float = 3.0) -> bool:
+    """Whether the producer's brokers answer a metadata request within `timeout_s` now (readiness probes:
+    a started producer says nothing about the broker being there still)."""
+    try:
+        return bool(await asyncio.wait_for(producer.client.force_metadata_update(), timeout_s))
+    except Exception:  # noqa: BLE001 - any failure means "not answering"
+        return False
+
+
 def make_admin(settings: Settings, **overrides: Any) -> AIOKafkaAdminClient:
     """An AIOKafkaAdminClient with `[kafka]`'s security."""
     options: dict[str, Any] = {
