@@ -5,6 +5,7 @@ process at start."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -20,7 +21,9 @@ from rigs.kubernetes import OVERLAY, command, config_doc, container, pod_environ
 from rigs.tls import ThrowawayAuthority
 
 from pipeline.config import LocalKafkaSettings, Settings
+from pipeline.errors import KafkaAccessRefused
 from pipeline.kafka.local import LocalKafka, SecuredListener, free_port
+from pipeline.kafka.security import verify_access
 
 USER, PASSWORD = "headwater", "scram-secret-for-tests"
 # The Kafka user the example Kubernetes overlay gives the receiver (a Strimzi KafkaUser there).
@@ -255,3 +258,14 @@ def test_the_kubernetes_overlay_receiver_logs_in_with_its_environment_and_secret
         wait_for(ready, timeout=60, explain=process.output)
     finally:
         process.stop()
+
+
+@pytest.mark.parametrize("mechanism", ["SCRAM-SHA-256", "SCRAM-SHA-512"])
+def test_both_scram_mechanisms_log_in_and_a_wrong_password_is_refused(
+    secured_settings: Callable[..., Settings], mechanism: str
+) -> None:
+    """The access check (the one every process makes at start) accepts the right login under either SCRAM
+    mechanism and refuses a wrong password with KafkaAccessRefused."""
+    assert asyncio.run(verify_access(secured_settings(sasl_mechanism=mechanism).kafka)) is True
+    with pytest.raises(KafkaAccessRefused, match=f"refused SASL_SSL/{mechanism} login"):
+        asyncio.run(verify_access(secured_settings(password="wrong", sasl_mechanism=mechanism).kafka))
