@@ -344,8 +344,10 @@ class _Readiness:
             workers = "no workers"
         rewards = "rewards off" if self.no_rewards else f"rewards /metrics :{s.rewards.web_port}"
         raw = f"{s.topics.raw_prefix}{{{','.join(SOURCES)}}}"
+        operator = s.receiver.operator_port
+        receiver = self.receiver + (f" (/metrics :{operator})" if operator else "")
         return (
-            f"ready in {time.monotonic() - self.started:.1f}s: receiver {self.receiver}, {workers}, "
+            f"ready in {time.monotonic() - self.started:.1f}s: receiver {receiver}, {workers}, "
             f"{rewards}; "
             f"topics {raw} -> {s.topics.canonical}, {s.topics.dlq}; config {config}"
         )
