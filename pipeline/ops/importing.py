@@ -12,11 +12,13 @@ them from the bodies).
   of a top-level object), so the import takes a known share of the workers' capacity and never the
   receiver's fair shares.
 - Resume: records are sent in chunks (at most a second's worth); once Kafka has acknowledged a whole
-  chunk, the position after it (file, byte offset) is written to the state file. That position is the
-  resume point: after Ctrl-C (the chunk in flight is acknowledged first) nothing is sent twice; after a
-  crash at most the unacknowledged chunk is sent again, and the dedup stage drops its events (every
-  record of an import carries the import's start time as received_at, so even events without an id
-  fingerprint the same).
+  chunk, the position after it (file, byte offset) is written to the state file with, per partition,
+  the offset past the import's last acknowledged record. That position is the resume point. After
+  Ctrl-C the chunk in flight is acknowledged first, so nothing is sent twice. After a crash the resumed
+  run first reads the raw topic from those offsets and moves the resume point past the bodies the
+  crashed run wrote (each record's request id holds its body's position); a body it cannot account for
+  is sent again, and the dedup stage drops its events (every record of an import carries the import's
+  start time as received_at, so even events without an id fingerprint the same).
 - A body over receiver.max_body_bytes is not written (the receiver would answer 413); each is reported
   with its position.
 """
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import sys
 import time
 import uuid
@@ -41,8 +44,10 @@ from pipeline.adapting import credential_digest
 from pipeline.config import Settings, Tenant
 from pipeline.errors import HeadwaterError
 from pipeline.kafka.clients import broker_errors, ensure_topics, make_producer
+from pipeline.kafka.reading import TopicReader
 from pipeline.records import RawHeaders, utc_now
 
+log = logging.getLogger(__name__)
 IMPORTED_HEADER = "hw-imported"  # the import id: a record written by `headwater import`, not the receiver
 SUFFIXES = (".ndjson", ".jsonl", ".json")
 STATE_DIR = Path(".headwater/imports")
@@ -68,6 +73,9 @@ class ImportState(BaseModel):
     bytes: int = 0
     events: int = 0
     refused: list[str] = []  # positions of bodies over receiver.max_body_bytes
+    # Per partition of raw.<source>: where records this import may have written begin (the end offsets at
+    # its start, then past each acknowledged record). A resume reads from there what a crashed run wrote.
+    written: dict[int, int] = {}
     done: bool = False
 
 
@@ -207,6 +215,14 @@ async def run_import(
     progress.bytes_at_start = done_before
     limit = settings.receiver.max_body_bytes
     await ensure_topics(settings, [topic])
+    async with TopicReader(settings) as reader:
+        if not state.written:  # a new import: nothing of it is on the topic before these offsets
+            state.written = await reader.end_offsets(topic)
+            save_state(state_file, state)
+        else:
+            await _skip_what_was_written(reader, topic, state, files)
+    progress.records, progress.events, progress.events_at_start = state.records, state.events, state.events
+    progress.done_bytes = progress.bytes_at_start = _position_bytes(files, state)
     producer = make_producer(settings, linger_ms=20, max_batch_size=1024 * 1024)
     async with broker_errors("starting the import's producer"):
         await producer.start()
@@ -271,12 +287,44 @@ async def _acknowledged(
 ) -> None:
     """Wait until Kafka has acknowledged every record of the chunk, then move the resume point past it."""
     async with broker_errors("importing"):
-        await asyncio.gather(*pending)
+        written = await asyncio.gather(*pending)
+    for metadata in written:
+        state.written[metadata.partition] = max(state.written.get(metadata.partition, 0), metadata.offset + 1)
     state.file_index, state.offset = last.file_index, last.end
     state.records += len(pending)
     state.bytes += size
     state.events += events
     save_state(path, state)
+
+
+async def _skip_what_was_written(
+    reader: TopicReader, topic: str, state: ImportState, files: list[Path]
+) -> None:
+    """Move the resume point past the bodies a crashed run wrote after its last saved chunk: the records
+    of this import after `state.written`, recognized by hw-imported and their request id (which holds
+    the body's position). Only the unbroken run of bodies after the resume point is skipped; a body after
+    a gap is sent again (dedup drops its events)."""
+    ends = await reader.end_offsets(topic)
+    ranges = {p: (state.written.get(p, 0), end) for p, end in ends.items()}
+    found: set[str] = set()
+    own = state.import_id.encode()
+    async for records in reader.chunks(topic, ranges):
+        for record in records:
+            if (IMPORTED_HEADER, own) in (record.headers or ()):
+                found.update(v.decode() for k, v in record.headers if k == "hw-request-id")
+    if not found:
+        return
+    skipped = 0
+    for body in bodies(files, state.file_index, state.offset):
+        if len(body.value) <= reader.settings.receiver.max_body_bytes:
+            if f"{state.import_id}:{body.file_index}:{body.end}" not in found:
+                break
+            state.records += 1
+            state.bytes += len(body.value)
+            state.events += count_events(body.value)
+            skipped += 1
+        state.file_index, state.offset = body.file_index, body.end
+    log.info("the previous run wrote %d record(s) after its last saved point; resuming after them", skipped)
 
 
 def _position_bytes(files: list[Path], state: ImportState) -> int:

@@ -96,7 +96,7 @@ def test_a_hundred_thousand_events_interrupted_and_resumed_come_out_once_each(
     assert final is not None and final.done and final.import_id == interrupted.import_id
 
     raw = read_records(settings, settings.topics.raw("usermaven"))
-    assert len(raw) >= 200
+    assert len(raw) == 200  # what the killed run wrote after its last saved point was found, not sent again
     for record in raw:
         headers = RawHeaders.from_kafka(record.headers)
         assert (headers.tenant, headers.source, headers.received_at) == (
