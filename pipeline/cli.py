@@ -12,7 +12,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -22,6 +22,7 @@ from pipeline import logs
 from pipeline.config import EXAMPLE_CONFIG, Settings, load_settings
 from pipeline.errors import HeadwaterError
 from pipeline.kafka.local import LocalKafka
+from pipeline.kafka.security import verify_access
 from pipeline.ops.dlq_cli import dlq_command
 from pipeline.ops.replay import replay_command
 from pipeline.rewards.cli import rewards_command
@@ -42,7 +43,17 @@ class Context:
         self.log_format = log_format
 
     def settings(self, **overrides: Any) -> Settings:
-        """Load the settings, then log as they say unless a flag said otherwise."""
+        """Load the settings (see `load`); with a secured Kafka, log in once first: a refused password or an
+        untrusted certificate ends the command here with one line (KafkaAccessRefused), before any client
+        starts retrying it as if Kafka were down."""
+        settings = self.load(overrides)
+        if settings.kafka.security_protocol != "PLAINTEXT":
+            asyncio.run(verify_access(settings.kafka))
+        return settings
+
+    def load(self, overrides: Mapping[str, Any]) -> Settings:
+        """Load the settings, then log as they say unless a flag said otherwise (no Kafka check: for the
+        commands that do not use the configured Kafka)."""
         settings = load_settings(self.config, overrides=overrides)
         logs.configure(
             self.log_level or settings.logging.level,
@@ -135,7 +146,7 @@ def kafka() -> None:
 
 
 def _local_kafka(ctx: Context, port: int | None, data_dir: str | None) -> LocalKafka:
-    settings = ctx.settings(**{"local_kafka.port": port, "local_kafka.data_dir": data_dir})
+    settings = ctx.load({"local_kafka.port": port, "local_kafka.data_dir": data_dir})  # the local broker only
     return LocalKafka(settings.local_kafka)
 
 

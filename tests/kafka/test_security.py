@@ -189,6 +189,8 @@ def test_a_wrong_password_ends_the_process_at_start(
     assert result.returncode == 1
     (line,) = [ln for ln in result.stderr.splitlines() if ln.startswith("error:")]
     assert "refused SASL_SSL/SCRAM-SHA-512 login as 'headwater'" in line
+    # the one line: no outage warning, no retry, no traceback before it
+    assert [ln for ln in result.stderr.splitlines() if " INFO " not in ln] == [line], result.stderr
     assert "not-the-password" not in result.stderr + result.stdout
 
 
@@ -200,6 +202,7 @@ def test_an_untrusted_certificate_ends_the_receiver_at_start(
     assert result.returncode == 1
     (line,) = [ln for ln in result.stderr.splitlines() if ln.startswith("error:")]
     assert "TLS certificate is not trusted" in line
+    assert [ln for ln in result.stderr.splitlines() if " INFO " not in ln] == [line], result.stderr
 
 
 def test_the_kubernetes_overlay_receiver_logs_in_with_its_environment_and_secrets(
