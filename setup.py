@@ -1,9 +1,8 @@
 """Build: the worker's per-event modules compiled with mypyc, everything else installed as Python.
 
 mypyc (part of mypy) turns these fully typed modules into C extensions with the same behaviour: the
-adapters, the readers they use, the normalize driver and loop, the dedup table and the stage loop. In
-`bench/worker.py` the compiled worker spends ~15 % less CPU per event than the same code run by the
-interpreter (README, "Performance"). pyproject.toml holds the project's metadata; only the extension
+adapters, the readers they use, the normalize driver and loop, the dedup table and the stage loop, so the
+worker spends less CPU per event (the measured gain: docs/benchmarks.md, "Compiled modules"). pyproject.toml holds the project's metadata; only the extension
 modules are declared here, because they need code to declare.
 
 HEADWATER_COMPILE=0 installs pure Python (e.g. to step through an adapter in a debugger). So does a

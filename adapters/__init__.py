@@ -1,7 +1,7 @@
-"""The adapter registry: source id -> adapter module (sources.md §4, style.md §2.2).
+"""The adapter registry: source id -> adapter module (docs/sources.md §4).
 
 Registration is explicit, so nothing is looked up by string at run time and one test can check
-that the modules here, these keys and the spec's source table are the same seven.
+that the modules here, these keys and the source table of docs/sources.md are the same seven.
 """
 
 from __future__ import annotations

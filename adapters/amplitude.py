@@ -1,7 +1,7 @@
 """Amplitude Webhook event streaming (POST /amplitude/v4) -> canonical drafts.
 
 One event per request, in Amplitude's export format, or a custom template that keeps those
-field names (sources.md §4.4).
+field names (docs/sources.md §4.4).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """CleverTap webhook campaigns (POST /clevertap/v4) -> canonical drafts.
 
 One request is one campaign (targetId) and one profile object or an array of them; event name,
-id and time come from reserved campaign key-values, our convention (sources.md §4.5, §6.7).
+id and time come from reserved campaign key-values, our convention (docs/sources.md §4.5, §6.7).
 """
 
 from __future__ import annotations

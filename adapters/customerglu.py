@@ -1,6 +1,6 @@
 """CustomerGlu server-to-server API v4 (POST /server/v4) -> canonical drafts.
 
-One JSON object per request; there is no batch form (sources.md §4.1).
+One JSON object per request; there is no batch form (docs/sources.md §4.1).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """MoEngage Streams (POST /v3/moengage) -> canonical drafts.
 
 Always a bulk call: an envelope (app_name, source, moe_request_id) around an `events` array
-(sources.md §4.3). Each element becomes one record that also carries the envelope.
+(docs/sources.md §4.3). Each element becomes one record that also carries the envelope.
 """
 
 from __future__ import annotations

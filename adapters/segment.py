@@ -1,7 +1,7 @@
 """Segment Webhooks (Actions) destination (POST /segment/v4) -> canonical drafts.
 
 The body is one Segment message or, with batching enabled, an array of them; each element is
-independent (sources.md §4.2).
+independent (docs/sources.md §4.2).
 """
 
 from __future__ import annotations

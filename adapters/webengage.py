@@ -1,7 +1,7 @@
 """WebEngage event webhooks (POST /webengage/v4) -> canonical drafts.
 
 One event per request. The event id is the request's x-request-id header and the integrity
-check uses the licenseCode query value; the receiver stores both in the raw headers (sources.md §4.6).
+check uses the licenseCode query value; the receiver stores both in the raw headers (docs/sources.md §4.6).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Headwater's public helpers for customers who receive our reward webhooks (sources.md §5).
+"""Headwater's public helpers for customers who receive our reward webhooks (docs/sources.md §5).
 
     from headwater import verify_signature
     ok = verify_signature(raw_body, request.headers["X-CG-SIGNATURE"], token)

@@ -2,7 +2,7 @@
 
 An adapter is two pure functions: `parse(body, meta) -> [vendor records]` and
 `normalize(record, meta) -> Draft`. Either may call `reject(reason, detail)`; the core turns that
-into a dead letter (sources.md §3.6). No I/O, no clock, no config inside an adapter.
+into a dead letter (docs/sources.md §3.6). No I/O, no clock, no config inside an adapter.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ class Draft:
     """One vendor record mapped onto canonical fields, before the core adds tenant/ids/received_at.
 
     `timestamp=None` means the source legitimately had no time: the core falls back to the
-    record's received_at and sets context.timestamp_source = "received_at" (sources.md §2).
+    record's received_at and sets context.timestamp_source = "received_at" (docs/sources.md §2).
     `vendor_event_id=None` means the core derives the fingerprint of §3.5, with `fingerprint_extra`.
     """
 
@@ -67,7 +67,8 @@ class Draft:
     fingerprint_extra: Mapping[str, JSONValue] | None = None
 
 
-# How the receiver authenticates a source's requests (sources.md §1.1); pipeline.ingest.auth implements each.
+# How the receiver authenticates a source's requests (docs/sources.md §1.1); pipeline.ingest.auth
+# implements each.
 AuthScheme = Literal[
     "write_key",  # X-API-KEY header = a tenant's write key
     "segment_write_key",  # the same, plus X-Signature over the body when the tenant has a shared secret

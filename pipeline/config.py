@@ -1,7 +1,7 @@
 """Settings: one TOML file (path from HEADWATER_CONFIG), a few environment overrides, then CLI flags.
 
 `load_settings` is the only reader of the environment; everything else receives a `Settings`
-(architecture.md, "Configuration"). Unknown keys and a write key shared by two tenants fail at start-up.
+(docs/architecture.md, "Configuration"). Unknown keys and a write key shared by two tenants fail at start-up.
 """
 
 from __future__ import annotations
@@ -210,7 +210,7 @@ class WebEngageCredentials(_Frozen):
     secret_key: SecretStr
 
     def expected_secret(self) -> str:
-        """WebEngage sends md5_hex("<licenseCode>:<secret key>") as `secret` (sources.md §4.6)."""
+        """WebEngage sends md5_hex("<licenseCode>:<secret key>") as `secret` (docs/sources.md §4.6)."""
         material = f"{self.license_code}:{self.secret_key.get_secret_value()}".encode()
         return hashlib.md5(material, usedforsecurity=False).hexdigest()
 

@@ -1,4 +1,4 @@
-"""The deterministic event id for sources that send none (sources.md §3.5).
+"""The deterministic event id for sources that send none (docs/sources.md §3.5).
 
 A retried request must fingerprint identically, so the material excludes received_at and is
 serialized canonically (sorted keys, compact, UTF-8): dedup then collapses vendor retries.

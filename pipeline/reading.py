@@ -1,4 +1,4 @@
-"""Shared field readers for adapters: the parsing rules of sources.md §3.1–3.4, as pure functions.
+"""Shared field readers for adapters: the parsing rules of docs/sources.md §3.1–3.4, as pure functions.
 
 Vendor JSON arrives untyped (`JSONValue`); this is the one module that narrows it. Every reader
 either returns a clean value or calls `reject()` with a §3.6 code and the field's dotted path.

@@ -1,10 +1,10 @@
 """The reason catalogues: every code an adapter, the driver, validation or the rewards side may report.
 
-Event codes are sources.md §3.6 plus our own (adapter_crashed, validation_failed,
+Event codes are docs/sources.md §3.6 plus our own (adapter_crashed, validation_failed,
 invalid_raw_headers, redrive_limit, and the containment codes nesting_too_deep, unserializable_output,
 output_too_large, output_refused); reward codes are those of rewards.dlq. `reject()` and the dead-letter
 constructors take a `Reason`, never a string, so a misspelt code is a name error.
-Modelled on aiokafka's errors.py: one record per code and a lookup table, so the README table and
+Modelled on aiokafka's errors.py: one record per code and a lookup table, so docs/reasons.md and
 the DLQ tooling read the same list.
 """
 

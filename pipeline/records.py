@@ -1,4 +1,4 @@
-"""Every record that crosses a topic, typed: RawRecord -> CanonicalEvent | DeadLetter (architecture.md).
+"""Every record that crosses a topic, typed: RawRecord -> CanonicalEvent | DeadLetter (docs/architecture.md).
 
 `RawHeaders` owns the Kafka header names and their byte encoding; credentials never get a field.
 """
@@ -307,7 +307,7 @@ class RawRecord:
 
 
 class CanonicalEvent(_Record):
-    """The one clean shape every source ends up in (architecture.md, "The canonical event")."""
+    """The one clean shape every source ends up in (docs/architecture.md, "The canonical event")."""
 
     event_id: Annotated[str, StringConstraints(min_length=1, max_length=256)]
     event_id_derived: bool

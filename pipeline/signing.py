@@ -1,4 +1,4 @@
-"""Reward webhook bodies and their signatures (sources.md §5).
+"""Reward webhook bodies and their signatures (docs/sources.md §5).
 
 The body is compact UTF-8 JSON in a stable key order, so a receiver that re-serializes the parsed JSON
 (the vendor's sample verifiers: `JSON.stringify(req.body)`, `json.dumps(obj, separators=(',', ':'))`)
@@ -19,7 +19,7 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-# Body fields in the order of sources.md §5's table: the order our bodies use.
+# Body fields in the order of docs/sources.md §5's table: the order our bodies use.
 FIELD_ORDER = ("campaignId", "type", "userId", "rewardId", "rewardName", "rewardAmount", "code", "details")
 SIGNATURE_HEADER = "X-CG-SIGNATURE"
 WHSEC_PREFIX = "whsec_"

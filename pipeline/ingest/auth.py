@@ -1,4 +1,4 @@
-"""Who sent a request: credential -> tenant, by the scheme each adapter declares (sources.md §1.1).
+"""Who sent a request: credential -> tenant, by the scheme each adapter declares (docs/sources.md §1.1).
 
 The dispatch table `SCHEMES` is the only place that knows how a scheme reads a request; the receiver
 looks a source's scheme up in its adapter (`AUTH`), so a new source with an existing scheme needs no

@@ -1,6 +1,6 @@
 """The thin receiver: authenticate, write the exact body to raw.<source>, answer 200 after the broker's ack.
 
-No parsing beyond what auth needs ("validate late", sources.md §1). Bad credentials -> 401, oversize ->
+No parsing beyond what auth needs ("validate late", docs/sources.md §1). Bad credentials -> 401, oversize ->
 413, Kafka slow or down or the in-flight bound reached -> 503 + Retry-After: never a 200 for a payload
 that is not stored.
 """
@@ -138,7 +138,7 @@ class Receiver:
 
     def routes(self) -> dict[str, dict[str, Handler]]:
         """path -> method -> handler: every adapter's ROUTES (one trailing slash is the same route,
-        sources.md), rewards in for systems without Kafka, liveness and readiness. Nothing here
+        docs/sources.md), rewards in for systems without Kafka, liveness and readiness. Nothing here
         names a tenant: /metrics is on the operator port (`operator_routes`)."""
         table: dict[str, dict[str, Handler]] = {}
         for adapter in self.adapters.values():

@@ -4,7 +4,7 @@ Reading topics (ranges, partitions, offsets at a time, tails) is pipeline.kafka.
 built here.
 
 Every aiokafka failure that a caller should answer with "try again later" becomes `BrokerUnavailable`
-here, as httpx maps httpcore errors in one place (style.md §2.5).
+here, as httpx maps httpcore errors in one place.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Reading, filtering and redriving events.dlq (architecture.md, "The dead-letter record").
+"""Reading, filtering and redriving events.dlq (docs/architecture.md, "The dead-letter record").
 
 Plain functions over a `Snapshot` of the topic, so `headwater dlq`, the DLQ web page and tests share them:
 

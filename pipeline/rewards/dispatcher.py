@@ -1,4 +1,4 @@
-"""The reward webhook dispatcher: one Faust app, two agents and a timer (sources.md §5).
+"""The reward webhook dispatcher: one Faust app, two agents and a timer (docs/sources.md §5).
 
     rewards.outbound   --intake-->  rewards.deliveries  DeliveryJob, keyed tenant/rewardId (else rewards.dlq)
     rewards.deliveries --deliver--> state table         pending (the durable retry queue) | delivered (dedup)

@@ -1,4 +1,4 @@
-"""Reward records (sources.md §5): intake validation, the retry policy, and what crosses topics.
+"""Reward records (docs/sources.md §5): intake validation, the retry policy, and what crosses topics.
 
 Pure: no I/O, no clock of its own. rewards.outbound -> (validate) -> DeliveryJob on rewards.deliveries ->
 AttemptOutcome records on the same topic -> delivered, or a RewardDeadLetter on rewards.dlq.
@@ -74,7 +74,7 @@ def _depth_over(doc: object, limit: int) -> bool:
 def validate_reward(doc: object) -> dict[str, Any]:
     """Check one reward object; optional fields that are null are dropped (null means absent).
 
-    Only campaignId, userId and rewardId are required. Fields outside sources.md §5 are kept:
+    Only campaignId, userId and rewardId are required. Fields outside docs/sources.md §5 are kept:
     the upstream system decides what the customer receives.
     """
     if not isinstance(doc, dict):

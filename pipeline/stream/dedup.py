@@ -1,4 +1,5 @@
-"""Deduplication on (tenant, event_id), exactly once with Kafka transactions (architecture.md, "Dedup").
+"""Deduplication on (tenant, event_id), exactly once with Kafka transactions
+(docs/architecture.md, "Deduplication").
 
 State is a table of the keyed partitions a worker owns, one entry per id: `(state, first_seen_ms,
 partition)`. The table lives in memory or, with dedup.store = "rocksdb://", in a local RocksDB (rocksdict)
@@ -6,7 +7,7 @@ so a large window does not need the RAM; either way it is rebuilt from the chang
 on assignment, so it survives restarts and rebalances. The changelog holds one record per transaction and
 160 KiB of ids (`changelog_records`), not one per id: the ids of a transaction share their time and
 partition, and a record per id cost the stage a Kafka record per event. There is no TTL in either store, so
-entries carry their own time and `expire()` deletes old ones through a time-bucketed index (pitfalls.md);
+entries carry their own time and `expire()` deletes old ones through a time-bucketed index (docs/pitfalls.md);
 the changelog's old records are deleted by the broker's retention (window + 1 h), and a restore skips what
 is past the window.
 

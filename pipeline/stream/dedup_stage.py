@@ -295,7 +295,7 @@ def _runs(records: list[Any]) -> list[tuple[ReplayTag | None, list[Any]]]:
 def changelog_config(settings: Settings) -> dict[str, str]:
     """Time-limited: a segment is rolled every hour and deleted by the broker once its newest record is
     older than the window + 1 h, so the changelog holds at most the window + 2 h. Compacted as well, as
-    changelogs are (pitfalls.md): the per-id entries of earlier releases still collapse to one per id."""
+    changelogs are (docs/pitfalls.md): the per-id entries of earlier releases still collapse to one per id."""
     retention_ms = int(settings.dedup.window.total_seconds() * 1000) + 3_600_000
     return {"cleanup.policy": "compact,delete", "retention.ms": str(retention_ms), "segment.ms": "3600000"}
 

@@ -1,6 +1,6 @@
 """The pure driver: one raw record + its adapter -> canonical events and dead letters, in request order.
 
-No record ever comes out as nothing (style.md §2.3): a Reject from `parse` is one dead letter for the
+No record ever comes out as nothing: a Reject from `parse` is one dead letter for the
 whole body, a Reject from `normalize` one dead letter for that element (with its index in a batch),
 and any other exception is an adapter bug that is logged and still dead-lettered (`adapter_crashed`).
 A raw record redriven more often than the redrive limit is parked as one `redrive_limit` dead letter

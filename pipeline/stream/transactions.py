@@ -1,4 +1,4 @@
-"""One transactional producer per keyed partition the dedup stage owns (pitfalls.md, "aiokafka").
+"""One transactional producer per keyed partition the dedup stage owns (docs/pitfalls.md, "aiokafka").
 
 aiokafka has no KIP-447 consumer-group metadata in `send_offsets_to_transaction`, so zombies are fenced the
 EOS-v1 way: the transactional id is derived from the app id and the keyed partition, and the producer is

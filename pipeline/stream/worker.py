@@ -138,7 +138,7 @@ class Worker:
         if not runs_compiled():
             log.warning(
                 "the per-event modules run as pure Python (installed with HEADWATER_COMPILE=0 or without a"
-                " C compiler): the worker spends 10-25%% more CPU per event (README, 'Compiled modules')"
+                " C compiler): the worker spends more CPU per event (docs/benchmarks.md, 'Compiled modules')"
             )
         asyncio.run(self.prepare_topics())
         # What start-up loaded stays: out of every collection from now on.
