@@ -45,7 +45,7 @@ def broker_parent() -> str | None:
     is a writable tmpfs, else the system temp dir. A throwaway log in memory keeps the broker's disk work
     off the shared CPU: on an ext4 host (kernel 6.18) perf showed the broker's request handlers spending
     40 % of their CPU in the kernel zeroing page-cache folios of its mmapped index files, bursts of 1-1.9
-    cores that starved whichever phase made the broker write more (README, "Worker")."""
+    cores that starved whichever phase made the broker write more (docs/benchmarks.md, "Worker")."""
     chosen = os.environ.get("HEADWATER_BENCH_BROKER_DIR")
     if chosen:
         return chosen

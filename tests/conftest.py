@@ -1,4 +1,4 @@
-"""The test suite's fixtures live in tests/rigs/ (style.md §2.9): rigs.fixtures holds the session broker,
+"""The test suite's fixtures live in tests/rigs/: rigs.fixtures holds the session broker,
 per-test settings with unique topic names, and receivers and workers on loopback.
 
 The suite refuses to start on a stale compiled module (rigs.build): it would test an earlier build's

@@ -1,4 +1,5 @@
-"""CleverTap rules a vector cannot state: how the fingerprint separates campaigns (sources.md §3.5, §6.7)."""
+"""CleverTap rules a vector cannot state: how the fingerprint separates campaigns (docs/sources.md §3.5,
+§6.7)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Property tests over all adapters: any input ends as drafts or Reject verdicts, never a crash.
 
-An exception other than Reject would be an adapter bug (sources.md §1.2, style.md §2.3); these
+An exception other than Reject would be an adapter bug (docs/sources.md §1); these
 tests feed arbitrary bodies and records, biased towards the field names the adapters read.
 """
 
@@ -120,7 +120,7 @@ def run(adapter: AdapterModule, body: bytes, raw_meta: RawHeaders) -> list[Draft
 
 
 def check_draft(source: str, draft: Draft) -> None:
-    """The invariants the canonical model relies on (sources.md §2)."""
+    """The invariants the canonical model relies on (docs/sources.md §2)."""
     assert isinstance(draft.event_name, str) and draft.event_name.strip()
     assert draft.user_id is not None or draft.anonymous_id is not None
     assert draft.vendor_event_id is None or 1 <= len(draft.vendor_event_id) <= 256
@@ -134,7 +134,7 @@ def check_draft(source: str, draft: Draft) -> None:
 @settings(max_examples=200, deadline=None)
 @given(source=st.sampled_from(SOURCES), body=json_values | records | st.lists(records, max_size=3))
 def test_any_json_body_gives_drafts_or_rejects(source: str, body: Any) -> None:
-    """Any JSON body ends as drafts and Reject verdicts only (sources.md §1.2)."""
+    """Any JSON body ends as drafts and Reject verdicts only (docs/sources.md §1)."""
     for outcome in run(ADAPTERS[source], orjson.dumps(body), meta(source)):
         if isinstance(outcome, Draft):
             check_draft(source, outcome)
@@ -143,7 +143,7 @@ def test_any_json_body_gives_drafts_or_rejects(source: str, body: Any) -> None:
 @settings(max_examples=200, deadline=None)
 @given(example=mutated_examples())
 def test_mutated_real_bodies_give_drafts_or_rejects(example: tuple[str, Any]) -> None:
-    """A real body with one field set to any JSON value still ends as drafts or rejects (§1.2, §3)."""
+    """A real body with one field set to any JSON value still ends as drafts or rejects (§1, §3)."""
     source, body = example
     for outcome in run(ADAPTERS[source], orjson.dumps(body), meta(source)):
         if isinstance(outcome, Draft):
@@ -153,14 +153,14 @@ def test_mutated_real_bodies_give_drafts_or_rejects(example: tuple[str, Any]) ->
 @settings(max_examples=200, deadline=None)
 @given(source=st.sampled_from(SOURCES), body=st.binary(max_size=64))
 def test_any_bytes_give_drafts_or_rejects(source: str, body: bytes) -> None:
-    """Arbitrary bytes, including non-UTF-8, never crash an adapter (sources.md §3.6 invalid_json)."""
+    """Arbitrary bytes, including non-UTF-8, never crash an adapter (docs/sources.md §3.6 invalid_json)."""
     run(ADAPTERS[source], body, meta(source))
 
 
 @settings(max_examples=200, deadline=None)
 @given(source=st.sampled_from(SOURCES), record=json_values | records, request_id=st.none() | text)
 def test_any_record_normalizes_or_rejects(source: str, record: Any, request_id: str | None) -> None:
-    """normalize() of any JSON record returns a valid draft or raises Reject (style.md §2.3)."""
+    """normalize() of any JSON record returns a valid draft or raises Reject."""
     raw_meta = meta(source, request_id)
     try:
         draft = ADAPTERS[source].normalize(record, raw_meta)
@@ -172,7 +172,7 @@ def test_any_record_normalizes_or_rejects(source: str, record: Any, request_id: 
 @settings(max_examples=200, deadline=None)
 @given(example=mutated_examples())
 def test_adapters_are_pure(example: tuple[str, Any]) -> None:
-    """Adapters do not mutate their input and give equal outputs for equal inputs (style.md §2.2)."""
+    """Adapters do not mutate their input and give equal outputs for equal inputs."""
     source, body = example
     adapter, raw_meta = ADAPTERS[source], meta(source)
     try:

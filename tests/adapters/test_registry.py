@@ -1,4 +1,4 @@
-"""The adapter registry is explicit and complete (style.md §2.2, sources.md source table)."""
+"""The adapter registry is explicit and complete (docs/sources.md source table)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pkgutil
 import adapters
 from adapters import ADAPTERS
 
-# The source table at the top of sources.md.
+# The source table at the top of docs/sources.md.
 SOURCES = {"customerglu", "segment", "moengage", "amplitude", "clevertap", "webengage", "usermaven"}
 
 
@@ -18,7 +18,7 @@ def test_modules_registry_and_source_ids_are_the_same_seven() -> None:
 
 
 def test_module_name_is_the_source_id() -> None:
-    """Each adapter module is named exactly after its SOURCE (style.md §2.1)."""
+    """Each adapter module is named exactly after its SOURCE."""
     for source, module in ADAPTERS.items():
         assert module.SOURCE == source
         assert getattr(module, "__name__", None) == f"adapters.{source}"

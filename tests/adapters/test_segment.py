@@ -1,4 +1,4 @@
-"""Segment rules a vector cannot state: batches of Segment's maximum size (sources.md §4.2)."""
+"""Segment rules a vector cannot state: batches of Segment's maximum size (docs/sources.md §4.2)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ META = RawHeaders(
 
 
 def test_a_full_batch_keeps_order_and_isolates_bad_elements() -> None:
-    """A 4000-element batch gives 4000 outcomes in order; every 100th bad element fails alone (§1.2, §4.2)."""
+    """A 4000-element batch gives 4000 outcomes in order; every 100th bad element fails alone (§1, §4.2)."""
     messages = [
         {"type": "track", "event": "E", "messageId": f"m{i}", "userId": None if i % 100 == 0 else f"u{i}",
          "timestamp": "2024-03-01T12:00:00Z"}

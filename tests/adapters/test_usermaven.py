@@ -1,4 +1,4 @@
-"""Usermaven rules a vector cannot state: fingerprints of SDK payloads (sources.md §3.5, §4.7, §6.11)."""
+"""Usermaven rules a vector cannot state: fingerprints of SDK payloads (docs/sources.md §3.5, §4.7, §6.11)."""
 
 from __future__ import annotations
 

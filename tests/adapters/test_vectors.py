@@ -1,6 +1,6 @@
 """Every vector under vectors/<source>/ through its adapter and through the real driver.
 
-One runner for all sources (sources.md §4): the adapter alone gives drafts and rejections; the driver
+One runner for all sources (docs/sources.md §4): the adapter alone gives drafts and rejections; the driver
 (`pipeline.stream.record_outcomes.outcomes`) adds validation, fingerprinting and the dead letters themselves.
 A vector holds `body` (a JSON value), `raw_body` (text
 sent as is, for invalid JSON) or `raw_body_b64` (bytes), optional `meta` overrides, and the
@@ -83,7 +83,8 @@ def load(path: Path) -> dict[str, Any]:
 
 @pytest.mark.parametrize("path", CASES, ids=lambda p: f"{p.parent.name}/{p.stem}")
 def test_vector(path: Path) -> None:
-    """A vector's body gives exactly its expected outcomes, in request order (sources.md §1.2, §3.6, §4)."""
+    """A vector's body gives exactly its expected outcomes, in request order (docs/sources.md §1, §3.6,
+    §4)."""
     vector = load(path)
     source = path.parent.name
     adapter = ADAPTERS[source]
@@ -97,14 +98,14 @@ def test_vector(path: Path) -> None:
 
 
 def test_every_source_has_vectors_and_its_spec_example() -> None:
-    """Each source is covered by vectors, starting with its sources.md §4 example."""
+    """Each source is covered by vectors, starting with its docs/sources.md §4 example."""
     for source in ADAPTERS:
         names = {path.stem for path in (VECTORS / source).glob("*.json")}
         assert any(name.startswith("spec_example") for name in names), source
 
 
 def test_vector_reasons_are_catalogued() -> None:
-    """Every reason a vector expects is a catalogue code, not the generic fallback (sources.md §3.6)."""
+    """Every reason a vector expects is a catalogue code, not the generic fallback (docs/sources.md §3.6)."""
     for path in CASES:
         for want in load(path)["expected"]:
             if "reason" in want:
@@ -145,7 +146,7 @@ def driver_view(outcome: CanonicalEvent | DeadLetter) -> dict[str, Any]:
 @pytest.mark.parametrize("path", CASES, ids=lambda p: f"{p.parent.name}/{p.stem}")
 def test_vector_through_the_driver(path: Path) -> None:
     """The driver turns a vector's body into its expected outcomes: validated canonical events (with ids
-    fingerprinted where the vendor sent none) and dead letters that keep the exact body (style.md §2.3)."""
+    fingerprinted where the vendor sent none) and dead letters that keep the exact body."""
     vector = load(path)
     source = path.parent.name
     body = body_bytes(vector)

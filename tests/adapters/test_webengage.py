@@ -1,4 +1,5 @@
-"""WebEngage rules a vector cannot state: the fingerprint without x-request-id (sources.md §3.5, §4.6)."""
+"""WebEngage rules a vector cannot state: the fingerprint without x-request-id (docs/sources.md §3.5,
+§4.6)."""
 
 from __future__ import annotations
 

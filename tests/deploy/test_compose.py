@@ -2,9 +2,9 @@
 
 What is checked is what would break a `docker compose up` silently: a service command that `headwater`
 would refuse, a healthcheck or published port that is not the port the mounted config listens on, a
-config that does not load, an unpinned image, a container running as root (README "Deployment"), a
+config that does not load, an unpinned image, a container running as root (docs/deployment.md), a
 port published beyond this host that should not be, a secret written into the repository instead of
-taken from the environment (README "Dashboards").
+taken from the environment (docs/dashboards.md).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The dashboards (README "Dashboards"): Prometheus scrapes every Headwater process where it listens, and
+"""The dashboards (docs/dashboards.md): Prometheus scrapes every Headwater process where it listens, and
 every metric the Grafana dashboard or the Prometheus config names is one that the processes export today.
 
 The static half reads docker-compose.yml, deploy/prometheus.yml and deploy/grafana. The live half starts

@@ -1,4 +1,4 @@
-"""The thin receiver against a real broker over real HTTP (sources.md §1, §1.1)."""
+"""The thin receiver against a real broker over real HTTP (docs/sources.md §1, §1.1)."""
 
 from __future__ import annotations
 
@@ -104,7 +104,8 @@ def test_valid_request_lands_in_its_raw_topic_byte_for_byte(
 def test_bad_credentials_get_401_and_write_nothing(
     source: str, settings: Settings, start_receiver: Callable[[Settings], str]
 ) -> None:
-    """Unknown or missing credentials: 401 with a JSON error, and nothing reaches Kafka (sources.md §1)."""
+    """Unknown or missing credentials: 401 with a JSON error, and nothing reaches Kafka (docs/sources.md
+    §1)."""
     base = start_receiver(settings)
     query, headers = BAD_AUTH[source]
     status, _, body = send(base, source, b'{"a":1}', query=query, headers=headers)
@@ -119,7 +120,7 @@ def test_bad_credentials_get_401_and_write_nothing(
 def test_a_tenant_is_resolved_from_its_own_key(
     settings: Settings, start_receiver: Callable[[Settings], str]
 ) -> None:
-    """The tenant comes from the credential lookup, never from the body (sources.md §1.1)."""
+    """The tenant comes from the credential lookup, never from the body (docs/sources.md §1.1)."""
     base = start_receiver(settings)
     assert send(base, "amplitude", b'{"tenant":"acme"}', headers={"X-API-KEY": "wk_globex_1"})[0] == 200
     [record] = wait_for(lambda: read_records(settings, settings.topics.raw("amplitude")))
@@ -129,7 +130,7 @@ def test_a_tenant_is_resolved_from_its_own_key(
 def test_usermaven_accepts_a_trailing_slash_and_the_header_token(
     settings: Settings, start_receiver: Callable[[Settings], str]
 ) -> None:
-    """`/api/v1/s2s/event/` is the same route, and X-Auth-Token works like ?token= (sources.md §4.7)."""
+    """`/api/v1/s2s/event/` is the same route, and X-Auth-Token works like ?token= (docs/sources.md §4.7)."""
     base = start_receiver(settings)
     assert send(base, "usermaven", b"[1]", path="/api/v1/s2s/event/", query={})[0] == 401
     assert (

@@ -124,7 +124,7 @@ def test_elements_after_the_first_are_not_covered_as_documented(
     signed_settings: Settings, start_receiver: Callable[[Settings], str]
 ) -> None:
     """Segment's scheme signs only the first element: a batch whose later elements differ from what was
-    signed is accepted (the documented limit of the scheme, sources.md §4.2)."""
+    signed is accepted (the documented limit of the scheme, docs/sources.md §4.2)."""
     base = start_receiver(signed_settings)
     one = js_stringify(event(1))
     assert post(base, b"[" + one + b"," + js_stringify(event(666)) + b"]", sign(one)) == 200

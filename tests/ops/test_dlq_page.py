@@ -1,7 +1,7 @@
 """The read-only DLQ web page, served on loopback and loaded in headless Chromium.
 
 Chromium is part of the test setup (`./dev setup` installs Debian's `chromium`); without it these tests
-fail rather than skip (style.md §3.12).
+fail rather than skip.
 """
 
 from __future__ import annotations

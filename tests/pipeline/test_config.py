@@ -1,5 +1,5 @@
-"""Settings: the shipped example is complete and loads; mistakes are named (style.md §2.6,
-architecture.md)."""
+"""Settings: the shipped example is complete and loads; mistakes are named
+(docs/architecture.md, "Configuration")."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The deterministic event id of sources.md §3.5."""
+"""The deterministic event id of docs/sources.md §3.5."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""The shared field readers: identifiers, names, containers and the §3.4 timestamp rules (sources.md §3)."""
+"""The shared field readers: identifiers, names, containers and the §3.4 timestamp rules (docs/sources.md
+§3)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Reward webhooks out (sources.md §5): validation and retry policy by value, then the dispatcher
+"""Reward webhooks out (docs/sources.md §5): validation and retry policy by value, then the dispatcher
 end to end with a real broker, a real `headwater rewards run` subprocess and a real HTTP server."""
 
 from __future__ import annotations

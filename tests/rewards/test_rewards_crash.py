@@ -3,7 +3,7 @@
 What the design guarantees: at most one *recorded* success per (tenant, rewardId), and a re-send only
 for an attempt whose outcome was not yet durable in Kafka when the process died. Such a re-send is the
 same attempt again: same X-Reward-Id, webhook-id, body bytes and X-CG-SIGNATURE, so a receiver that
-de-duplicates on X-Reward-Id (sources.md §5: "the receiver's de-duplication key") accepts it once.
+de-duplicates on X-Reward-Id (docs/sources.md §5: "the receiver's de-duplication key") accepts it once.
 """
 
 from __future__ import annotations

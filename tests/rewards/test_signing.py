@@ -1,4 +1,4 @@
-"""Reward webhook bodies and signatures (sources.md §5): pure functions, no broker."""
+"""Reward webhook bodies and signatures (docs/sources.md §5): pure functions, no broker."""
 
 from __future__ import annotations
 

@@ -29,7 +29,7 @@ def start_local_broker(data_dir: Path) -> LocalKafka:
 
 
 def topics_for(prefix: str) -> dict[str, str]:
-    """Every topic Headwater writes, under one test's prefix (unique names per test, style.md §2.9)."""
+    """Every topic Headwater writes, under one test's prefix (unique names per test)."""
     return {
         "raw_prefix": f"{prefix}.raw.",
         "canonical": f"{prefix}.canonical",

@@ -1,4 +1,4 @@
-"""The spec's signing examples (sources.md §5), shared by the signing and reward delivery tests."""
+"""The spec's signing examples (docs/sources.md §5), shared by the signing and reward delivery tests."""
 
 from __future__ import annotations
 

@@ -99,7 +99,7 @@ def test_entries_older_than_the_window_expire() -> None:
 
 
 def test_an_expired_id_is_new_again() -> None:
-    """After the window an id is emitted again: the window bounds the guarantee (architecture.md)."""
+    """After the window an id is emitted again: the window bounds the guarantee (docs/architecture.md)."""
     store: dict[bytes, Any] = {b"acme/a": [DONE, 0, 0]}
     dedup = make(store)
     emitted, _ = run(dedup, [candidate("a")])

@@ -1,4 +1,4 @@
-"""The pure driver: no raw record ever comes out as nothing (style.md §2.3, sources.md §3.6)."""
+"""The pure driver: no raw record ever comes out as nothing (docs/sources.md §3.6)."""
 
 from __future__ import annotations
 

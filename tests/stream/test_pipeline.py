@@ -228,7 +228,7 @@ def test_a_dead_letter_rebuilds_the_original_request_byte_for_byte(
     settings: Settings, start_worker: Callable[..., WorkerProcess]
 ) -> None:
     """A dead letter carries the exact body, the raw headers and the record's coordinates
-    (architecture.md)."""
+    (docs/architecture.md)."""
     body = b'\xef\xbb\xbf{"broken": \xff}'
     produce_raw(settings, "amplitude", [body])
     start_worker(settings)
@@ -300,7 +300,7 @@ def test_sigkill_mid_stream_loses_nothing_and_emits_nothing_twice(
     make_settings: Callable[..., Settings], start_worker: Callable[..., WorkerProcess]
 ) -> None:
     """A worker SIGKILLed in the middle of 10,000 events and restarted: every event is canonical or
-    dead-lettered, and no event_id is on events.canonical twice (architecture.md "Guarantees")."""
+    dead-lettered, and no event_id is on events.canonical twice (docs/architecture.md "Guarantees")."""
     settings = make_settings(worker={"batch_max": 200})
     bodies = []
     for i in range(10_000):

@@ -1,6 +1,6 @@
 """Scale-out on a real broker: several worker processes in one group, one SIGKILLed, one added mid-stream.
 
-architecture.md "Scaling out" and "Guarantees": workers scale through the consumer group, and across
+docs/architecture.md "Scaling out" and "Guarantees": workers scale through the consumer group, and across
 crashes and rebalances every raw record ends as canonical events, dead letters or counted duplicates,
 with no event_id emitted twice.
 """
@@ -167,7 +167,7 @@ def test_three_workers_with_a_crash_and_a_newcomer_emit_every_event_exactly_once
     """30,000 raw records (10% repeats) over 12 partitions; of three workers one is SIGKILLed and a fourth
     joins mid-stream: every id ends on events.canonical exactly once (as a read_committed reader sees it) or
     on events.dlq, every repeat is
-    dropped, and the newcomer takes a share of the partitions (architecture.md "Scaling out")."""
+    dropped, and the newcomer takes a share of the partitions (docs/architecture.md "Scaling out")."""
     settings = make_settings(
         kafka={"partitions": PARTITIONS}, worker={"batch_max": 500, "session_timeout_s": 6.0}
     )
