@@ -254,11 +254,13 @@ def test_containers_are_objects_or_empty() -> None:
 
 
 @pytest.mark.parametrize(
-    "body", [b"", b"{", b"{'a': 1}", b"\xff\xfe", b"\xef\xbb\xbf{}", b"NaN", b"[1,]"], ids=repr
+    "body", [b"", b"{", b"{'a': 1}", b"\xff\xfe", b"\xef\xbb\xbf", b"NaN", b"[1,]"], ids=repr
 )
 def test_bodies_that_are_not_json_are_invalid_json(body: bytes) -> None:
-    """Anything orjson refuses, including non-UTF-8 bytes and a BOM, is invalid_json (§3.6)."""
+    """Anything orjson refuses, including non-UTF-8 bytes and a BOM with nothing after it, is invalid_json
+    (§3.6); a BOM before JSON is skipped (§6.18)."""
     assert verdict(read.json_body, body).reason.code == "invalid_json"
+    assert read.json_body(b"\xef\xbb\xbf{}") == {}
 
 
 def test_json_body_keeps_unicode() -> None:
