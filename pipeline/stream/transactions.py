@@ -16,13 +16,21 @@ from collections.abc import Awaitable, Sequence
 from typing import Any
 
 from aiokafka import AIOKafkaProducer, TopicPartition
-from aiokafka.errors import ProducerFenced
+from aiokafka.errors import (
+    MessageSizeTooLargeError,
+    OutOfOrderSequenceNumber,
+    ProducerFenced,
+    RecordListTooLargeError,
+)
 
 from pipeline.config import Settings
 from pipeline.kafka.clients import make_producer
 from pipeline.kafka.partitioning import key_partition
 
 log = logging.getLogger(__name__)
+
+# The broker refused one of the records (the transaction's other records were fine).
+_REFUSED = (MessageSizeTooLargeError, RecordListTooLargeError, OutOfOrderSequenceNumber)
 
 # (topic, key, value, partition or None) of one record of a transaction.
 Output = tuple[str, bytes | None, bytes, int | None]
@@ -86,6 +94,14 @@ class PartitionTransactions:
             log.warning("keyed partition %d: fenced by a newer owner; dropping its producer", partition)
             await _close(self.producers.pop(partition))
             raise
+        except _REFUSED:
+            # The broker refused a record: the producer's sequence numbers for that topic partition are
+            # now behind the broker's, and its next send there would fail OutOfOrderSequenceNumber. Abort,
+            # then replace the producer (init_transactions starts the sequences afresh).
+            await self._abort(partition, producer)
+            if self.producers.get(partition) is producer:
+                await self._replace(partition, producer)
+            raise
         except BaseException:
             await self._abort(partition, producer)
             raise
@@ -97,9 +113,12 @@ class PartitionTransactions:
             log.warning(
                 "keyed partition %d: abort failed; re-creating its producer", partition, exc_info=True
             )
-            self.producers.pop(partition, None)
-            await _close(producer)
-            self.producers[partition] = await self._start(partition)
+            await self._replace(partition, producer)
+
+    async def _replace(self, partition: int, producer: AIOKafkaProducer) -> None:
+        self.producers.pop(partition, None)
+        await _close(producer)
+        self.producers[partition] = await self._start(partition)
 
     async def close(self) -> None:
         for producer in self.producers.values():
