@@ -360,6 +360,13 @@ class CanonicalEvent(_Record):
 # --- dead letter --------------------------------------------------------------------------------------
 
 Stage = Literal["parse", "normalize", "validate"]
+# The stage loop that wrote a letter, and so what its body is: the normalize stage keeps the raw request,
+# the dedup stage a canonical event (it never sees the request).
+WorkerStage = Literal["normalize", "dedup"]
+# Where `headwater dlq redrive` sends a letter's body: "raw" republishes the request to raw.<source> (the
+# adapter runs again); "keyed" sends the canonical event to the keyed topic, where the dedup rules decide
+# again (an event Kafka refused was never marked seen, so it comes out once).
+RedriveTarget = Literal["raw", "keyed"]
 
 
 class FieldError(_Record):
@@ -403,6 +410,9 @@ class DeadLetter(_Record):
     failed_at: UtcDatetime
     redrive_count: int = 0
     processor: Processor = Processor()
+    # Letters of earlier releases lack both: they were all written by the normalize stage, about raw requests.
+    worker_stage: WorkerStage = "normalize"
+    redrive_to: RedriveTarget = "raw"
 
     @model_validator(mode="after")
     def _body_once(self) -> Self:

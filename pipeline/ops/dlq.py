@@ -13,6 +13,11 @@ the first time pass again and the dedup stage drops them (their ids were marked 
 items that were dead-lettered either pass now or come back as new dead letters (new origin, so new ids)
 with the higher count. Every redriven dead letter is recorded on `<topics.dlq>.redrives`, so listings hide
 it from then on (`--all` shows it): its fate is now that of the republished record.
+
+A letter of the dedup stage (`redrive_to == "keyed"`, e.g. output_refused) holds a canonical event, not a
+request: its redrive sends that event to the keyed topic, in the partition its (tenant, event_id) belongs
+to, so the dedup rules decide again; the event was never marked seen, so it comes out once, and a second
+redrive of the same letter is dropped as a duplicate.
 """
 
 from __future__ import annotations
@@ -26,14 +31,15 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 import orjson
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from pipeline import reasons
 from pipeline.config import Settings
 from pipeline.errors import HeadwaterError, NotFound
 from pipeline.kafka.clients import broker_errors, ensure_topics, make_producer
+from pipeline.kafka.partitioning import key_partition
 from pipeline.kafka.reading import offsets_at, read_topic
-from pipeline.records import DeadLetter, UtcDatetime, utc_now
+from pipeline.records import CanonicalEvent, DeadLetter, KeyedBatch, UtcDatetime, utc_now
 
 ID_PATTERN = re.compile(r"^dl_[0-9a-f]{24}$")
 
@@ -262,6 +268,8 @@ def plan_redrive(
             plan.foreign.append(letter)
         elif letter.reason == reasons.REDRIVE_LIMIT.code and not reset_count:
             plan.parked.append(letter)
+        elif letter.redrive_to == "keyed":  # one canonical event per letter
+            groups.setdefault(letter.id, []).append(letter)
         else:
             groups.setdefault(letter.origin.ref(), []).append(letter)
     plan.records = [(group[0], group) for group in groups.values()]
@@ -286,7 +294,9 @@ async def redrive(settings: Settings, plan: RedrivePlan, dry_run: bool = False) 
     if dry_run or not plan.records:
         return summary
     log_topic = redrive_log_topic(settings)
-    await ensure_topics(settings, {settings.topics.raw(d.source) for d, _ in plan.records})
+    raw_topics = {settings.topics.raw(d.source) for d, _ in plan.records if d.redrive_to == "raw"}
+    if raw_topics:
+        await ensure_topics(settings, raw_topics)
     await ensure_topics(settings, [log_topic], partitions=1)
     producer = make_producer(settings)
     async with broker_errors("redriving dead letters", access=settings.kafka):
@@ -294,8 +304,12 @@ async def redrive(settings: Settings, plan: RedrivePlan, dry_run: bool = False) 
         try:
             sends = []
             for letter, _ in plan.records:  # the letters of one raw record share its headers and count
-                headers = letter.raw_headers().model_copy(update={"redrive_count": _next_count(plan, letter)})
                 body = letter.body if plan.body is None else plan.body
+                if letter.redrive_to == "keyed":
+                    topic, partition, value = keyed_record(settings, body)
+                    sends.append(await producer.send(topic, value, partition=partition))
+                    continue
+                headers = letter.raw_headers().model_copy(update={"redrive_count": _next_count(plan, letter)})
                 sends.append(
                     await producer.send(settings.topics.raw(letter.source), body, headers=headers.to_kafka())
                 )
@@ -323,6 +337,19 @@ async def redrive(settings: Settings, plan: RedrivePlan, dry_run: bool = False) 
         finally:
             await producer.stop()
     return summary
+
+
+def keyed_record(settings: Settings, event_json: bytes) -> tuple[str, int, bytes]:
+    """(topic, partition, value) of a canonical event sent back through the dedup rules: a keyed pack of
+    one, in the keyed partition of its (tenant, event_id), as the normalize stage routes it."""
+    try:
+        event = CanonicalEvent.model_validate_json(event_json)
+    except ValidationError as exc:
+        raise HeadwaterError(f"the body is not a valid canonical event: {exc.errors()[0]['msg']}") from exc
+    pack = KeyedBatch()
+    pack.add_json(event.dedup_key(), event.kafka_key(), event_json)
+    partition = key_partition(event.dedup_key().encode(), settings.kafka.partitions)
+    return settings.topics.keyed, partition, pack.to_bytes()
 
 
 def _next_count(plan: RedrivePlan, letter: DeadLetter) -> int:

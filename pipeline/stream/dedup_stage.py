@@ -20,10 +20,9 @@ import mode
 import orjson
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 
-from pipeline import reasons
 from pipeline.config import Settings
 from pipeline.kafka.clients import make_consumer
-from pipeline.records import KeyedBatch, Origin, RawHeaders, RawRecord, ReplayTag, utc_now
+from pipeline.records import KeyedBatch, Origin, ReplayTag
 from pipeline.stream.consuming import (
     StageProgress,
     guard,
@@ -35,7 +34,7 @@ from pipeline.stream.consuming import (
 )
 from pipeline.stream.dedup import Deduplicator, Store, entry_partition, open_store
 from pipeline.stream.metrics import WorkerMetrics
-from pipeline.stream.record_outcomes import dead_letter
+from pipeline.stream.record_outcomes import refused_event_letter
 from pipeline.stream.transactions import Output, PartitionTransactions
 
 log = logging.getLogger(__name__)
@@ -203,27 +202,16 @@ class DedupStage(mode.Service):
     async def _quarantine(self, record: Any, exc: BaseException) -> None:
         """Dead-letter each event of a keyed record whose canonical sends Kafka refused even alone.
 
-        The letter's body is the canonical event (the raw request went through normalize already); its
-        headers name the keyed record, so `dlq show` explains it and `dlq export` keeps the event.
-        """
+        The letter's body is the canonical event (the raw request went through normalize already) and its
+        origin the keyed record; `dlq redrive` sends it back to the keyed topic (record_outcomes)."""
+        keyed = Origin(topic=record.topic, partition=record.partition, offset=record.offset)
+        detail = (
+            "Kafka refused this canonical event while the events around it went through: "
+            f"{type(exc).__name__}: {exc}"
+        )
         outputs: list[Output] = []
         for index, (_, _, event) in enumerate(KeyedBatch.entries(record.value)):
-            fields = orjson.loads(event)
-            headers = RawHeaders(
-                tenant=str(fields.get("tenant", "unknown")),
-                source=str(fields.get("source", "unknown")),
-                received_at=fields.get("received_at") or utc_now(),
-                request_id=f"{record.topic}:{record.partition}:{record.offset}",
-            )
-            origin = Origin(topic=record.topic, partition=record.partition, offset=record.offset)
-            letter = dead_letter(
-                RawRecord(body=event, headers=headers, origin=origin),
-                "validate",
-                reasons.OUTPUT_REFUSED,
-                f"Kafka refused this canonical event while the events around it went through: "
-                f"{type(exc).__name__}: {exc}",
-                index=index,
-            )
+            letter = refused_event_letter(keyed, index, event, detail)
             outputs.append((self.settings.topics.dlq, letter.id.encode(), letter.to_json(), None))
         offsets = {TopicPartition(record.topic, record.partition): record.offset + 1}
         await self.transactions.commit(record.partition, outputs, offsets)

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from datetime import datetime
 from typing import Any
 
+import orjson
 from pydantic import ValidationError
 
 from pipeline import reasons
@@ -205,6 +206,30 @@ def dead_letter(
         index=index,
         failed_at=utc_now(),
         redrive_count=raw.headers.redrive_count,
+    )
+
+
+def refused_event_letter(keyed: Origin, index: int, event: bytes, detail: str) -> DeadLetter:
+    """The dead letter of a canonical event the dedup stage could not write (output_refused).
+
+    Its body is the event's JSON (the dedup stage never sees the request), its origin the keyed record, and
+    `dlq redrive` sends it back to the keyed topic: the dedup rules decide again, and since a refused event
+    was never marked seen, it comes out once."""
+    fields = orjson.loads(event)
+    return DeadLetter(
+        id=DeadLetter.make_id(keyed, index),
+        stage="validate",
+        reason=reasons.OUTPUT_REFUSED.code,
+        message=DeadLetter.capped_text(detail),
+        tenant=str(fields.get("tenant") or ""),
+        source=str(fields.get("source") or ""),
+        origin=keyed,
+        headers={},
+        body_b64=encode_body(event),
+        index=index,
+        failed_at=utc_now(),
+        worker_stage="dedup",
+        redrive_to="keyed",
     )
 
 
