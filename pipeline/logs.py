@@ -15,6 +15,7 @@ from typing import IO, Literal
 import orjson
 
 from pipeline.kafka.outage import OUTAGE, OutageFilter
+from pipeline.printable import printable
 
 Level = Literal["debug", "info", "warning", "error"]
 Format = Literal["text", "json"]
@@ -85,6 +86,19 @@ class StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
         pass  # always sys.stderr
 
 
+class TextFormatter(logging.Formatter):
+    """TEXT_FORMAT lines whose message is one line: outside text in it (a tenant endpoint's response, a
+    header) cannot start lines the process never wrote, nor send a terminal its control sequences. A
+    traceback, which the process does write, keeps its lines."""
+
+    def __init__(self) -> None:
+        super().__init__(TEXT_FORMAT)
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's name
+        record.message = printable(record.message)
+        return super().formatMessage(record)
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: time (UTC, ISO-8601), level, logger, message, and the traceback if any."""
 
@@ -118,7 +132,7 @@ def configure(
     number = logging.getLevelNamesMapping()[level.upper()]
     handler = logging.StreamHandler(stream) if stream else StderrHandler()
     handler.set_name(_HANDLER_NAME)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     handler.addFilter(RoutineRetriesToDebug(show_debug=number <= logging.DEBUG))
     handler.addFilter(OutageFilter())
     if kafka_bootstrap:

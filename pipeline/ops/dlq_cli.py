@@ -7,6 +7,7 @@ An unknown or malformed id prints one line and exits 2; a selection with nothing
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections.abc import Callable
 from datetime import datetime
 from typing import IO, Any, Protocol, TypeVar
@@ -20,6 +21,8 @@ from rich.text import Text
 from pipeline.config import Settings
 from pipeline.ops import dlq
 from pipeline.ops.dlq_listing import narrow_lines, wide_table
+from pipeline.printable import printable
+from pipeline.records import DeadLetter
 from pipeline.sources import SOURCES
 
 NOTHING = "no dead letters match"
@@ -140,7 +143,10 @@ def show(obj: _CliContext, letter_id: str, as_json: bool, body_only: bool) -> No
     snapshot = _snapshot(obj.settings()) if dlq.ID_PATTERN.match(letter_id) else dlq.Snapshot()
     [letter] = snapshot.find([letter_id])
     if body_only:  # e.g. to correct it and `dlq redrive --ids ID --body FILE`
-        click.get_binary_stream("stdout").write(letter.body)
+        if sys.stdout.isatty():  # a person reads it: the sender's control characters are not obeyed
+            click.echo(printable(letter.body.decode("utf-8", "replace"), keep_newlines=True))
+        else:  # a file or a pipe gets the exact bytes
+            click.get_binary_stream("stdout").write(letter.body)
         return
     redrive = snapshot.redrives.get(letter.id)
     body, is_json = dlq.pretty_body(letter)
@@ -159,6 +165,8 @@ def show(obj: _CliContext, letter_id: str, as_json: bool, body_only: bool) -> No
         ("reason", letter.reason),
         ("message", letter.message),
         ("stage", letter.stage),
+        ("written by", f"the {letter.worker_stage} stage"),
+        ("redrive sends", _redrive_target(letter)),
         ("source", letter.source),
         ("tenant", letter.tenant),
         ("failed at", letter.failed_at.isoformat()),
@@ -168,24 +176,30 @@ def show(obj: _CliContext, letter_id: str, as_json: bool, body_only: bool) -> No
         ("redriven", f"{redrive.redriven_at.isoformat()} -> {redrive.raw}" if redrive else "no"),
         ("processor", f"{letter.processor.name} {letter.processor.version}"),
     ]:
-        facts.add_row(name, Text(value))
+        facts.add_row(name, Text(printable(value)))
     console.print(facts)
     if letter.errors:
         errors = Table("field", "error", title="field errors", title_justify="left")
         for error in letter.errors:
-            errors.add_row(Text(error.path), Text(error.message))
+            errors.add_row(Text(printable(error.path)), Text(printable(error.message)))
         console.print(errors)
     headers = Table("header", "value", title="raw headers", title_justify="left")
     for name, value in letter.headers.items():
-        headers.add_row(Text(name), Text(value))
+        headers.add_row(Text(printable(name)), Text(printable(value)))
     console.print(headers)
     if letter.element is not None:
         console.print(Text("failed item:", style="bold"))
-        console.print(Text(orjson.dumps(letter.element, option=orjson.OPT_INDENT_2).decode()))
+        console.print(Text(orjson.dumps(letter.element, option=orjson.OPT_INDENT_2).decode()))  # JSON-escaped
     console.print(
         Text(f"original body ({'JSON' if is_json else 'not JSON'}, {len(letter.body)} bytes):", style="bold")
     )
-    console.print(Text(body))
+    console.print(Text(printable(body, keep_newlines=True)))
+
+
+def _redrive_target(letter: DeadLetter) -> str:
+    if letter.redrive_to == "keyed":
+        return "the canonical event to the keyed topic (the dedup rules decide again)"
+    return f"the request to raw.{letter.source} (its adapter runs again)"
 
 
 @dlq_command.command("stats")

@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 from rich.table import Table
 from rich.text import Text
 
+from pipeline.printable import printable
 from pipeline.records import DeadLetter
 
 
@@ -60,9 +61,9 @@ def narrow_lines(
     for d, row in zip(letters, rows, strict=True):
         style = "dim" if d.id in redriven else ""
         if inline:
-            out.append(Text(cells(row) + GAP + d.message, style=style))
+            out.append(Text(cells(row) + GAP + printable(d.message), style=style))
         else:
-            out += [Text(cells(row).rstrip(), style=style), Text(GAP + d.message, style=style)]
+            out += [Text(cells(row).rstrip(), style=style), Text(GAP + printable(d.message), style=style)]
     for line in out:
         line.rstrip()
         line.truncate(width, overflow="ellipsis")
@@ -81,11 +82,11 @@ def wide_table(letters: list[DeadLetter], redriven: set[str]) -> Table:
             d.id,
             d.failed_at.strftime("%Y-%m-%d %H:%M:%S"),
             d.source,
-            d.tenant,
+            printable(d.tenant),
             d.stage,
             d.reason,
             "-" if d.index is None else str(d.index),
             count,
-            Text(d.message),
+            Text(printable(d.message)),
         )
     return table
