@@ -73,6 +73,7 @@ class TopicReader:
         )
         self.unfinished: dict[int, tuple[int, int]] = {}
         """After a range read: partition -> (position, end) of each partition whose end was not reached."""
+        self._topics: set[str] = set()  # the existing topics this reader has looked up
 
     def _errors(self, what: str) -> contextlib.AbstractAsyncContextManager[None]:
         return broker_errors(what, access=self.settings.kafka)
@@ -103,19 +104,33 @@ class TopicReader:
     async def partitions(self, topic: str, refresh: Refresh = "if_unknown") -> list[int]:
         """The topic's partition numbers, sorted; empty when the topic does not exist.
 
-        The consumer's metadata is refreshed first when the topic is unknown to it (`if_unknown`: a topic
+        The metadata is read again first when the topic is unknown to the reader (`if_unknown`: a topic
         created after the reader started is found), before every answer (`always`: partitions added since
-        are found too), or never (`never`: for callers that throttle refreshes themselves).
+        are found too), or never (`never`: for callers that throttle refreshes themselves). Looking a topic
+        up never creates it (the lookup asks for every topic's metadata, naming none: a request naming a
+        missing topic creates it on a broker with auto.create.topics.enable).
         """
+        client = self.consumer._client
         parts = self.consumer.partitions_for_topic(topic)
-        if refresh == "always" or (refresh == "if_unknown" and not parts):
-            async with self._errors(f"reading the metadata of {topic}"):
-                await self.consumer._client.force_metadata_update()
-            parts = self.consumer.partitions_for_topic(topic)
+        async with self._errors(f"reading the metadata of {topic}"):
+            if refresh == "always" or (refresh == "if_unknown" and not parts):
+                parts = (await client.fetch_all_metadata()).partitions_for_topic(topic)
+            if parts and topic not in self._topics:
+                self._topics.add(topic)
+                await client.add_topic(
+                    topic
+                )  # the consumer's metadata keeps it from now on (leaders, offsets)
         return sorted(parts or ())
 
+    def _assign(self, tps: list[TopicPartition]) -> None:
+        """Assign the consumer `tps`. An assignment narrows the consumer's metadata to the assigned topics;
+        every topic this reader has used stays in it, so a reader can move between topics."""
+        self.consumer.assign(tps)
+        self.consumer._client.set_topics(sorted(self._topics | {tp.topic for tp in tps}))
+
     async def _known(self, topic: str, partitions: Iterable[int] | None) -> list[TopicPartition]:
-        parts = await self.partitions(topic) if partitions is None else sorted(partitions)
+        known = await self.partitions(topic)
+        parts = known if partitions is None else sorted(partitions)
         return [TopicPartition(topic, p) for p in parts]
 
     async def end_offsets(self, topic: str, partitions: Iterable[int] | None = None) -> dict[int, int]:
@@ -171,7 +186,7 @@ class TopicReader:
             return
         consumer = self.consumer
         async with self._errors(f"reading {topic}"):
-            consumer.assign(list(wanted))
+            self._assign(list(wanted))
             for tp in wanted:
                 consumer.seek(tp, ranges[tp.partition][0])
             idle = 0
@@ -255,7 +270,7 @@ class TopicReader:
         the caller can check a deadline or a stop signal between fetches."""
         tps = [TopicPartition(topic, p) for p in sorted(start)]
         async with self._errors(f"reading {topic}"):
-            self.consumer.assign(tps)
+            self._assign(tps)
             for tp in tps:
                 self.consumer.seek(tp, start[tp.partition])
             while True:

@@ -11,7 +11,7 @@ from typing import TypeVar
 from aiokafka import AIOKafkaProducer
 
 from pipeline.config import Settings
-from pipeline.kafka.clients import ensure_topics, make_producer
+from pipeline.kafka.clients import ensure_topics, make_admin, make_producer
 from pipeline.kafka.reading import TopicReader, end_offsets, offsets_at, partitions, read_topic
 
 T = TypeVar("T")
@@ -151,6 +151,51 @@ def test_a_topic_created_after_the_reader_started_is_found(settings: Settings) -
     assert ends == {0: 0, 1: 0}
     assert asyncio.run(partitions(settings, "no.such.topic.for.reading")) == []
     assert asyncio.run(end_offsets(settings, "no.such.topic.for.reading")) == {}
+
+
+def test_a_reader_moves_between_topics_and_finds_one_created_after_its_first_read(settings: Settings) -> None:
+    """Reading one topic narrows the consumer's metadata to it; a topic created afterwards is still
+    found and read, and the first topic is still known."""
+    first, second = settings.topics.canonical, settings.topics.dlq
+    produce(settings, first, 3, partitions=1)
+
+    async def main() -> tuple[list[int], list[int], list[int], dict[int, tuple[int, int]]]:
+        async with TopicReader(settings) as reader:
+            before = values(await reader.read(first, await reader.bounds(first)))
+            producer = make_producer(settings)
+            await ensure_topics(settings, [second], partitions=2)
+            await producer.start()
+            try:
+                await producer.send_and_wait(second, b"5", partition=1)
+            finally:
+                await producer.stop()
+            after = values(await reader.read(second, await reader.bounds(second)))
+            return before, after, await reader.partitions(second, refresh="never"), await reader.bounds(first)
+
+    before, after, known, bounds = asyncio.run(main())
+    assert before == [0, 1, 2]
+    assert after == [5]
+    assert known == [0, 1]
+    assert bounds == {0: (0, 3)}
+
+
+def test_looking_up_a_missing_topic_does_not_create_it(settings: Settings) -> None:
+    """The shared test broker creates topics named in a metadata request (auto.create.topics.enable):
+    a lookup must not name the topic it is looking for."""
+    missing = f"{settings.topics.canonical}.missing"
+
+    async def main() -> tuple[list[int], dict[int, int], bool]:
+        async with TopicReader(settings) as reader:
+            found = await reader.partitions(missing, refresh="always")
+            ends = await reader.end_offsets(missing)
+        admin = make_admin(settings)
+        await admin.start()
+        try:
+            return found, ends, missing in await admin.list_topics()
+        finally:
+            await admin.close()
+
+    assert asyncio.run(main()) == ([], {}, False)
 
 
 def test_offsets_at_a_time_are_the_first_record_at_or_after_it_else_the_end(settings: Settings) -> None:
