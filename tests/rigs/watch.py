@@ -8,9 +8,8 @@ since the last one (from the remembered positions up to the current end offsets)
 What a poll returns is what a fresh read would: every committed record up to the end at the time of the
 call, partition by partition, each in offset order.
 
-One watcher per topic and client settings: a reader assigned one topic asks the broker for that topic's
-metadata only (aiokafka narrows it on assign), so one reader moving between topics would not find a
-topic created after it started. The watchers live for one test (the autouse `topic_watchers` fixture in
+One watcher per topic and client settings, each with its own reader and the positions it reached.
+The watchers live for one test (the autouse `topic_watchers` fixture in
 rigs.fixtures closes them at its end): a test's records never outlive it, and a broker a test stopped
 leaves no consumer behind.
 """
