@@ -78,7 +78,7 @@ def test_up_runs_two_rocksdb_workers_side_by_side_from_an_empty_directory(
         )
         with urllib.request.urlopen(request, timeout=10) as response:
             assert response.status == 200
-        [event] = wait_for(lambda: read_records(settings, settings.topics.canonical), timeout=15)
+        [event] = wait_for(lambda: read_records(settings, settings.topics.canonical), timeout=60)
         assert orjson.loads(event.value)["event_id"] == "up_1"
         for port in (ports["worker"], ports["worker"] + 1):
             wait_for(lambda: get(f"http://127.0.0.1:{port}/metrics") == 200, timeout=60)  # noqa: B023
