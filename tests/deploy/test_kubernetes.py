@@ -295,15 +295,25 @@ def _probe_status(probe: dict[str, Any], port: int) -> int:
 def _answers_its_probes(
     obj: dict[str, Any], process: HeadwaterProcess, ports: dict[tuple[str, str], int]
 ) -> None:
-    """The startup probe passes within two minutes, then every other probe of the container passes."""
+    """The startup probe passes (within three minutes: the test machine may be loaded), then every other
+    probe of the container passes."""
     keys = PORT_SETTINGS[command(obj)]
     found = probes(container(obj))
+    seen: list[int] = []
 
     def passes(probe: dict[str, Any]) -> bool:
         assert process.process.poll() is None, process.output()
-        return _probe_status(probe, ports[keys[probe["httpGet"]["port"]]]) == 200
+        seen.append(_probe_status(probe, ports[keys[probe["httpGet"]["port"]]]))
+        return seen[-1] == 200
 
-    startup = found.pop("startupProbe")
-    wait_for(lambda: passes(startup), timeout=120, explain=process.output)
-    for probe in found.values():
-        wait_for(lambda: passes(probe), timeout=30, explain=process.output)  # noqa: B023 - called at once
+    for kind in ("startupProbe", *sorted(set(found) - {"startupProbe"})):
+        probe = found[kind]
+
+        def explain(kind: str = kind, probe: dict[str, Any] = probe) -> str:
+            where = f"{obj['metadata']['name']} {kind} {probe['httpGet']['path']}"
+            return f"{where}: last status {seen[-1] if seen else None}\n{process.output()[-4000:]}"
+
+        def passing(probe: dict[str, Any] = probe) -> bool:
+            return passes(probe)
+
+        wait_for(passing, timeout=180 if kind == "startupProbe" else 60, explain=explain)
