@@ -1,4 +1,4 @@
-"""Receiver throughput and latency vs a bare aiohttp server and a bare aiokafka producer (issues 2, 11).
+"""Receiver throughput and latency vs a bare aiohttp server and a bare aiokafka producer.
 
     .venv/bin/python bench/receiver.py [--bootstrap HOST:PORT] [--concurrency 64] [--duration 10]
                                        [--warmup 2] [--profile] [--loadgen wrk|python] [--processes N]
