@@ -114,3 +114,15 @@ def test_docs_configuration_lists_every_environment_override() -> None:
     text = (DOCS / "configuration.md").read_text(encoding="utf-8")
     for variable, setting in ENV_OVERRIDES.items():
         assert f"| `{variable}` | `{setting}` |" in text, variable
+
+
+def test_code_names_no_issue_or_stop_numbers() -> None:
+    """Code, docstrings and comments say what a thing does, not which issue or stop asked for it."""
+    history = re.compile(r"\b(?:issues? \d+|stops? \d+|stop-\d+)\b", re.I)
+    found = [
+        f"{name}:{text.count(chr(10), 0, match.start()) + 1}: {match.group(0)}"
+        for name, text in text_files().items()
+        if name.endswith(".py") or name in ("dev", "Dockerfile", "docker-compose.yml")
+        for match in history.finditer(text)
+    ]
+    assert not found, "issue or stop numbers in code:\n" + "\n".join(found)
