@@ -70,8 +70,9 @@ def make_app(settings: Settings, serve_page: bool = True) -> web.Application:
         app.on_startup.append(start_reader)
     app.on_cleanup.append(stop_reader)
     if serve_page:
-        app.router.add_get("/", guarded(settings.dlq, list_view))
-        app.router.add_get("/letters/{id}", guarded(settings.dlq, detail_view))
+        hosts = (settings.worker.web_host,)  # the worker serves the page on its own address
+        app.router.add_get("/", guarded(settings.dlq, list_view, hosts))
+        app.router.add_get("/letters/{id}", guarded(settings.dlq, detail_view, hosts))
     return app
 
 

@@ -4,6 +4,10 @@ Dead letters hold raw bodies: personal data. The page is served without credenti
 address; anywhere else `dlq.page_token` is required. With a token set every page request must carry it,
 as `Authorization: Bearer <token>` (scripts) or as HTTP basic auth with any user name and the token as
 password (browsers ask for it after the 401's `WWW-Authenticate: Basic`).
+
+Without a token the page also answers only requests whose `Host` names loopback or the configured
+`dlq.page_host`: a web page the operator opens could otherwise point a name it controls at 127.0.0.1
+(DNS rebinding) and read the letters through the operator's browser. Such a request gets 421.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import binascii
 import hashlib
 import hmac
 import ipaddress
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 
 from aiohttp import web
 from aiohttp.typedefs import Middleware
@@ -32,6 +36,24 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
+
+
+def host_name(host_header: str) -> str:
+    """The name part of a Host header value, lower case, without port or a trailing dot: '[::1]:6068' -> '::1'."""
+    value = host_header.strip().lower()
+    if value.startswith("["):
+        name = value[1:].partition("]")[0]
+    elif value.count(":") == 1:
+        name = value.partition(":")[0]
+    else:
+        name = value
+    return name.rstrip(".")
+
+
+def names_this_page(host_header: str, configured: Collection[str]) -> bool:
+    """May a request with this Host be answered without a token? Loopback names and the configured hosts."""
+    name = host_name(host_header)
+    return bool(name) and (is_loopback(name) or name in {host_name(host) for host in configured})
 
 
 def refusal(host: str, settings: DlqSettings) -> str | None:
@@ -76,17 +98,24 @@ def headers_middleware(style: str) -> Middleware:
     return add_headers
 
 
-def guarded(settings: DlqSettings, handler: Handler) -> Handler:
+def guarded(settings: DlqSettings, handler: Handler, hosts: Collection[str] = ()) -> Handler:
     """`handler` behind the page's credentials. With a token: 401 unless the request carries it. Without:
     404 on a connection to a non-loopback address (the caller should not have routed the page there; this
-    holds even if it did). /metrics is not guarded: Prometheus scrapes it."""
+    holds even if it did), 421 when the Host names neither loopback nor one of `hosts`, the addresses the page is configured on
+    (`names_this_page`). /metrics is not
+    guarded: Prometheus scrapes it."""
     token = settings.page_token.get_secret_value().encode() if settings.page_token is not None else None
+    configured = (settings.page_host, *hosts)
 
     async def check(request: web.Request) -> web.StreamResponse:
         if token is None:
             local = request.transport.get_extra_info("sockname") if request.transport else None
             if not (isinstance(local, tuple) and is_loopback(str(local[0]))):
                 raise web.HTTPNotFound()
+            if not names_this_page(request.headers.get("Host", ""), configured):
+                raise web.HTTPMisdirectedRequest(
+                    text="the DLQ page answers only to a loopback host name or dlq.page_host without a token"
+                )
         elif not _carries(request.headers.get("Authorization", ""), token):
             raise web.HTTPUnauthorized(
                 text="the DLQ page needs its token (dlq.page_token)",

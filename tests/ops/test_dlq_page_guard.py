@@ -29,11 +29,15 @@ from pipeline.records import DeadLetter
 TOKEN = "page-token-0123456789abcdef"
 
 
-def get(url: str, authorization: str | None = None) -> tuple[int, dict[str, str], str]:
-    """GET url -> (status, headers, text)."""
+def get(
+    url: str, authorization: str | None = None, host: str | None = None
+) -> tuple[int, dict[str, str], str]:
+    """GET url -> (status, headers, text); `host` replaces the Host header (a rebound name)."""
 
     async def run() -> tuple[int, dict[str, str], str]:
         headers = {"Authorization": authorization} if authorization else {}
+        if host is not None:
+            headers["Host"] = host
         async with aiohttp.ClientSession() as session, session.get(url, headers=headers) as response:
             return response.status, dict(response.headers), await response.text()
 
@@ -182,6 +186,29 @@ def test_the_list_states_its_window_and_limit_and_links_carry_coordinates(
     assert "Showing the newest 100 dead letters" in fewer  # the form cannot ask more than dlq.page_limit
 
 
+def test_without_a_token_only_loopback_or_configured_host_names_are_answered(
+    loop_thread: LoopThread, make_settings: Callable[..., Settings], stored: DeadLetter
+) -> None:
+    """DNS rebinding: a page the operator opens points its own name at 127.0.0.1; the browser then sends
+    that name as Host. The page answers 421 to it and serves loopback names and dlq.page_host."""
+    settings = make_settings(dlq={"page_host": "headwater.internal"})  # the same topics as `stored`'s
+    port = serve(loop_thread, settings)
+    base = f"http://127.0.0.1:{port}"
+    for rebound in (f"attacker.example:{port}", "attacker.example", f"127.0.0.1.nip.io:{port}", ""):
+        for path in ("/", f"/letters/{stored.id}"):
+            status, _, text = get(base + path, host=rebound)
+            assert status == 421 and stored.id not in text, (rebound, path, status)
+    for named in (
+        f"127.0.0.1:{port}",
+        f"localhost:{port}",
+        "LOCALHOST.",
+        f"[::1]:{port}",
+        "headwater.internal",
+    ):
+        status, _, text = get(base + "/", host=named)
+        assert status == 200 and stored.id in text, (named, status)
+
+
 @pytest.fixture
 def worker_on(
     make_settings: Callable[..., Settings], tmp_path: Path
@@ -218,6 +245,7 @@ def test_a_worker_on_every_interface_serves_metrics_but_the_page_only_with_a_tok
     made = letter(settings, "segment", "acme", "missing_user_identity", offset=1, index=2)
     put(settings, [made])
     assert "headwater_worker" in get(base + "/metrics")[2]
+    assert get(base + "/metrics", host="attacker.example")[0] == 200  # Prometheus is not a browser
     assert get(base + "/")[0] == 404 and get(f"{base}/letters/{made.id}")[0] == 404
     settings, base = worker_on(page_token=TOKEN)
     put(settings, [made])
