@@ -39,7 +39,7 @@ def is_loopback(host: str) -> bool:
 
 
 def host_name(host_header: str) -> str:
-    """The name part of a Host header value, lower case, without port or a trailing dot: '[::1]:6068' -> '::1'."""
+    """The name in a Host header value, lower case, no port, no trailing dot: '[::1]:6068' -> '::1'."""
     value = host_header.strip().lower()
     if value.startswith("["):
         name = value[1:].partition("]")[0]
@@ -101,9 +101,8 @@ def headers_middleware(style: str) -> Middleware:
 def guarded(settings: DlqSettings, handler: Handler, hosts: Collection[str] = ()) -> Handler:
     """`handler` behind the page's credentials. With a token: 401 unless the request carries it. Without:
     404 on a connection to a non-loopback address (the caller should not have routed the page there; this
-    holds even if it did), 421 when the Host names neither loopback nor one of `hosts`, the addresses the page is configured on
-    (`names_this_page`). /metrics is not
-    guarded: Prometheus scrapes it."""
+    holds even if it did), 421 when the Host names neither loopback nor one of `hosts`, the addresses the
+    page is configured on (`names_this_page`). /metrics is not guarded: Prometheus scrapes it."""
     token = settings.page_token.get_secret_value().encode() if settings.page_token is not None else None
     configured = (settings.page_host, *hosts)
 
