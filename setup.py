@@ -35,6 +35,7 @@ COMPILED = [
     "pipeline/kafka/partitioning.py",
     "pipeline/stream/consuming.py",
     "pipeline/stream/dedup.py",
+    "pipeline/stream/fingerprint_table.py",
     "pipeline/stream/normalize_batch.py",
     "pipeline/stream/record_outcomes.py",
     "pipeline/stream/transactions.py",

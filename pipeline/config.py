@@ -172,6 +172,7 @@ class DedupSettings(_Frozen):
     window: Duration = timedelta(hours=24)
     store: str = "memory://"
     expire_every: Duration = timedelta(minutes=1)
+    checkpoint_every: Duration = timedelta(minutes=1)  # a restart reads the changelog written since
 
 
 class WorkerSettings(_Frozen):
@@ -185,6 +186,9 @@ class WorkerSettings(_Frozen):
     session_timeout_s: float = Field(10.0, ge=3)  # a dead worker's partitions move after this
     # How long a stage's consumer waits for the broker's answer; a group join may take a whole session.
     request_timeout_s: float = Field(40.0, gt=0)
+    # Static group membership (group.instance.id): a worker back within session_timeout_s keeps its
+    # partitions. "" = the pod's name under Kubernetes (HOSTNAME), none elsewhere; unique per worker.
+    instance_id: str = ""
     # A canonical event larger than this is dead-lettered (output_too_large): Kafka's default record
     # limit, so any consumer of events.canonical with default settings can read every event.
     max_event_bytes: int = Field(1_048_576, ge=1024)
@@ -404,6 +408,7 @@ ENV_OVERRIDES = {
     "HEADWATER_RECEIVER_OPERATOR_PORT": "receiver.operator_port",
     "HEADWATER_DEDUP_WINDOW": "dedup.window",
     "HEADWATER_DEDUP_STORE": "dedup.store",
+    "HEADWATER_WORKER_INSTANCE_ID": "worker.instance_id",
     "HEADWATER_LOCAL_KAFKA": "local_kafka.enabled",
     "HEADWATER_LOG_LEVEL": "logging.level",
     "HEADWATER_LOG_FORMAT": "logging.format",

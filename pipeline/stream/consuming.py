@@ -12,13 +12,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import mode
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.coordinator.assignors.roundrobin import RoundRobinPartitionAssignor
+from aiokafka.coordinator.assignors.sticky.sticky_assignor import StickyPartitionAssignor
 from aiokafka.errors import CommitFailedError, ConsumerStoppedError, KafkaError
 
 from pipeline.config import Settings
@@ -43,6 +46,7 @@ class StageProgress:
     topic: str = ""  # the input topic this progress covers (a consumer may read several)
     owned: frozenset[int] = frozenset()  # partitions of `topic` this stage owns now
     partitions: int = 0  # partitions `topic` has (metadata): with `owned`, whether the group covers it all
+    restoring: bool = False  # loading state on assignment: busy, not stalled (liveness stays green)
 
     @property
     def lag(self) -> int:
@@ -53,8 +57,15 @@ class StageProgress:
 
     def stalled(self, limit_s: float) -> bool:
         """Lag and no commit for longer than limit_s: the stage is not keeping up or not moving at all."""
+        if self.restoring:
+            return False
         busy_for = time.monotonic() - max(self.last_commit, self.caught_up)
         return self.lag > 0 and busy_for > limit_s
+
+    def restored(self) -> None:
+        """A restore has ended: the stall clock starts from now, not from before it."""
+        self.restoring = False
+        self.caught_up = time.monotonic()
 
 
 async def stop_consumer(consumer: AIOKafkaConsumer) -> None:
@@ -73,8 +84,19 @@ def stopped_quietly(service: mode.Service) -> Iterator[None]:
             raise
 
 
-def stage_consumer(settings: Settings, stage: str, name: str, *topics: str) -> AIOKafkaConsumer:
-    """The consumer of one worker stage: group <app_id>-<stage>, manual commits, the worker's timeouts."""
+def stage_consumer(
+    settings: Settings, stage: str, name: str, *topics: str, sticky: bool = False
+) -> AIOKafkaConsumer:
+    """The consumer of one worker stage: group <app_id>-<stage>, manual commits, the worker's timeouts,
+    static membership when the worker has an instance id. With `sticky`, the sticky assignor first (a
+    partition stays where its state is); aiokafka's default, round robin, second, so a group still
+    holding members of an earlier release agrees on round robin until they are gone."""
+    options: dict[str, Any] = {}
+    if sticky:
+        options["partition_assignment_strategy"] = (StickyPartitionAssignor, RoundRobinPartitionAssignor)
+    instance_id = group_instance_id(settings)
+    if instance_id:
+        options["group_instance_id"] = instance_id
     return make_consumer(
         settings,
         *topics,
@@ -84,7 +106,19 @@ def stage_consumer(settings: Settings, stage: str, name: str, *topics: str) -> A
         session_timeout_ms=int(settings.worker.session_timeout_s * 1000),
         request_timeout_ms=int(settings.worker.request_timeout_s * 1000),
         heartbeat_interval_ms=int(max(1.0, settings.worker.session_timeout_s / 4) * 1000),
+        **options,
     )
+
+
+def group_instance_id(settings: Settings, environ: Mapping[str, str] = os.environ) -> str | None:
+    """worker.instance_id, else the pod's name under Kubernetes (HOSTNAME there is the pod name, stable
+    in a StatefulSet), else None: a HOSTNAME elsewhere is shared by every worker of the machine, and two
+    members with one instance id fence each other."""
+    if settings.worker.instance_id:
+        return settings.worker.instance_id
+    if environ.get("KUBERNETES_SERVICE_HOST") and environ.get("HOSTNAME"):
+        return environ["HOSTNAME"]
+    return None
 
 
 async def process_then_commit(

@@ -1,10 +1,12 @@
 """Stage 2, dedup: the keyed topic -> events.canonical, dropping repeats of (tenant, event_id) in the window.
 
-The stage owns the dedup table's entries of the keyed partitions it is assigned: restored (read_committed)
-from the changelog on assignment, written through to it in the same Kafka transaction as the canonical
-events and the input offsets (pipeline.stream.transactions), one transaction per keyed partition and
-batch, whose new ids are one changelog record (Deduplicator.changelog_records). Readers of
-events.canonical must read with isolation.level=read_committed.
+The stage owns the dedup tables of the keyed partitions it is assigned: on assignment each is loaded from
+its local checkpoint and the changelog written after it, or restored (read_committed) from the whole
+changelog when no checkpoint can be trusted; written through to the changelog in the same Kafka
+transaction as the canonical events and the input offsets (pipeline.stream.transactions), one
+transaction per keyed partition and batch, whose new ids are one changelog record
+(Deduplicator.changelog_records); checkpointed every dedup.checkpoint_every and when the worker stops.
+Readers of events.canonical must read with isolation.level=read_committed.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import logging
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import mode
@@ -32,7 +35,8 @@ from pipeline.stream.consuming import (
     stop_consumer,
     stopped_quietly,
 )
-from pipeline.stream.dedup import Deduplicator, Store, entry_partition, open_store
+from pipeline.stream.dedup import Deduplicator
+from pipeline.stream.dedup_checkpoint import CheckpointStore, Identity
 from pipeline.stream.metrics import WorkerMetrics
 from pipeline.stream.record_outcomes import refused_event_letter
 from pipeline.stream.transactions import Output, PartitionTransactions
@@ -70,36 +74,81 @@ class DedupStage(mode.Service):
         self.on_death = on_death
         metrics.watch(progress.name, progress.seconds_since_commit)
         self.changelog_topic = changelog_topic(settings)
-        self.store: Store = open_store(
-            settings.dedup.store, settings.worker.data_dir / settings.worker.app_id
-        )
+        if settings.dedup.store.startswith("rocksdb:"):
+            log.warning("dedup.store = rocksdb:// is no longer needed: the compact table is used")
         self.dedup = Deduplicator(
-            self.store,
-            settings.dedup.window.total_seconds(),
-            bucket_s=settings.dedup.expire_every.total_seconds(),
+            settings.dedup.window.total_seconds(), bucket_s=settings.dedup.expire_every.total_seconds()
         )
+        self.checkpoints = CheckpointStore(settings.worker.data_dir / settings.worker.app_id / "dedup")
+        self.checkpointed: dict[int, tuple[int, int]] = {}  # partition -> (changelog offset, ids) written
+        # Per owned keyed partition: the changelog offset its table holds everything before.
+        self.changelog_position: dict[int, int] = {}
         self.group_id = f"{settings.worker.app_id}-dedup"
         self.transactions = PartitionTransactions(settings, self.group_id)
-        metrics.dedup_entries.set_function(lambda: len(self.store))
-        self.lock = asyncio.Lock()  # one batch, restore or expiry at a time
+        metrics.dedup_entries.set_function(lambda: len(self.dedup))
+        self.lock = asyncio.Lock()  # one batch, restore, expiry or checkpoint at a time
         self.owned: set[int] = set()
         self.generation = 0
 
     async def on_start(self) -> None:
-        self.consumer = stage_consumer(self.settings, "dedup", "dedup")
+        self.consumer = stage_consumer(self.settings, "dedup", "dedup", sticky=True)
         self.consumer.subscribe([self.settings.topics.keyed], listener=_Rebalance(self))
         await self.consumer.start()
         self.add_future(guard(self.progress.name, self._consume(self.consumer), self.on_death))
         self.add_future(guard("dedup expiry", self._expire_periodically(), self.on_death))
+        self.add_future(guard("dedup checkpoints", self._checkpoint_periodically(), self.on_death))
 
     async def on_stop(self) -> None:
-        """Leave the group first, so that no rebalance reaches the producers and the store as they close."""
+        """Checkpoint the tables while the partitions are still ours, then leave the group, so that no
+        rebalance reaches the producers and the tables as they close."""
+        try:
+            await self.checkpoint()
+        except Exception:  # noqa: BLE001 - the next start restores from the changelog instead
+            log.exception("dedup: the checkpoint at stop failed")
         await stop_consumer(self.consumer)
 
     async def on_shutdown(self) -> None:
-        """Close the transactional producers and the store once the stage's loops have ended."""
+        """Close the transactional producers and the checkpoint directory once the loops have ended."""
         await self.transactions.close()
-        self.store.close()
+        self.checkpoints.close()
+
+    async def _checkpoint_periodically(self) -> None:
+        """Checkpoint the owned tables every dedup.checkpoint_every, so a restart reads a short tail."""
+        every_s = self.settings.dedup.checkpoint_every.total_seconds()
+        while not self.should_stop:
+            await self.sleep(every_s)
+            if self.should_stop:
+                return
+            try:
+                await self.checkpoint()
+            except Exception:  # noqa: BLE001 - housekeeping; the previous checkpoint stays valid
+                log.exception("dedup: checkpoint failed")
+
+    async def checkpoint(self) -> None:
+        """Write each owned table with the changelog offset it is complete up to: copied under the lock
+        (no batch in flight, every committed id in its table), written to disk off the event loop."""
+        checkpoints = self.checkpoints
+        async with self.lock:
+            snapshot = [
+                (p, self.dedup.table(p).to_parts(), self.changelog_position[p])
+                for p in sorted(self.owned)
+                if p in self.changelog_position
+                and self.checkpointed.get(p) != (self.changelog_position[p], len(self.dedup.table(p)))
+            ]
+            for p, _, offset in snapshot:
+                self.checkpointed[p] = (offset, len(self.dedup.table(p)))
+        started = time.monotonic()
+        loop = asyncio.get_running_loop()
+        written = 0
+        for partition, table, offset in snapshot:
+            written += await loop.run_in_executor(None, checkpoints.write, partition, table, offset)
+        if snapshot:
+            log.info(
+                "dedup: checkpointed keyed partitions %s (%d bytes) in %.1fs",
+                [p for p, _, _ in snapshot],
+                written,
+                time.monotonic() - started,
+            )
 
     async def _expire_periodically(self) -> None:
         """Delete ids older than the window every dedup.expire_every (Faust tables have no TTL)."""
@@ -171,8 +220,10 @@ class DedupStage(mode.Service):
         for replay, run in _runs(records):
             batch = [entry for record in run for entry in KeyedBatch.entries(record.value)]
             now_ms = int(time.time() * 1000)
-            verdicts = self.dedup.decide(batch, now_ms, reemit=bool(replay and replay.reemit))
-            changelog = Deduplicator.changelog_records(verdicts.emit, partition, now_ms, run[0].offset)
+            verdicts = self.dedup.decide(partition, batch, now_ms, reemit=bool(replay and replay.reemit))
+            changelog = Deduplicator.changelog_records(
+                verdicts.fingerprints, partition, now_ms, run[0].offset
+            )
             outputs: list[Output] = [(self.changelog_topic, key, ids, partition) for key, ids in changelog]
             canonical = self.settings.topics.canonical
             outputs += [(canonical, c[1], c[2], None) for c in verdicts.emit]
@@ -192,8 +243,11 @@ class DedupStage(mode.Service):
                     )
                 )
             offsets = {TopicPartition(run[-1].topic, partition): run[-1].offset + 1}
-            await self.transactions.commit(partition, outputs, offsets)
-            self.dedup.remember_emitted(verdicts.emit, partition, now_ms)
+            written = await self.transactions.commit(partition, outputs, offsets)
+            self.dedup.remember_emitted(partition, verdicts.fingerprints, now_ms)
+            end = written.get((self.changelog_topic, partition))
+            if end is not None:
+                self.changelog_position[partition] = end
             self.metrics.canonical.inc(len(verdicts.emit))
             for record in run:  # receipt -> committed, per source (headwater_worker_freshness_seconds)
                 self.metrics.committed(record.headers or ())
@@ -221,51 +275,127 @@ class DedupStage(mode.Service):
         async with self.lock:
             self.generation += 1
             new = partitions - self.owned
-            store = self.store
-            for key in [k for k, entry in store.items() if entry_partition(entry) not in partitions - new]:
-                del store[key]
+            for partition in list(self.dedup.tables):
+                if partition not in partitions or partition in new:  # a table of earlier ownership is stale
+                    self.dedup.drop(partition)
+                    self.changelog_position.pop(partition, None)
+                    self.checkpointed.pop(partition, None)
             started = time.monotonic()
-            await self.transactions.own(partitions)  # before the restore: fences and aborts a zombie's writes
-            restored = await self._restore(new) if new else 0
+            self.progress.restoring = True
+            try:
+                await self.transactions.own(partitions)  # before the restore: fences a zombie's writes
+                restored = await self._restore(new) if new else Restored()
+            finally:
+                self.progress.restored()
             self.owned = set(partitions)
             log.info(
-                "dedup: own keyed partitions %s; restored %d entries of %s in %.1fs",
+                "dedup: own keyed partitions %s; restored %s: %d ids from checkpoints (%s), %d ids from "
+                "%d changelog records, in %.1fs",
                 sorted(partitions),
-                restored,
                 sorted(new),
+                restored.from_checkpoints,
+                sorted(restored.checkpointed),
+                restored.from_changelog,
+                restored.records,
                 time.monotonic() - started,
             )
 
-    async def _restore(self, partitions: set[int]) -> int:
-        """Read the changelog partitions from the beginning to their current end into the store."""
+    def _check_checkpoints_against(self, consumer: AIOKafkaConsumer) -> CheckpointStore:
+        """The checkpoint directory, with what a checkpoint must match (the keyed topic's partition count
+        from the consumer's metadata: ids map to partitions by it)."""
+        if self.checkpoints.identity is None:
+            keyed = self.settings.topics.keyed
+            self.checkpoints.identity = Identity(
+                app_id=self.settings.worker.app_id,
+                changelog_topic=self.changelog_topic,
+                partitions=len(consumer.partitions_for_topic(keyed) or ()),
+                bucket_s=self.dedup.bucket_s,
+            )
+        return self.checkpoints
+
+    async def _restore(self, partitions: set[int]) -> Restored:
+        """Load each partition's table: its checkpoint and the changelog after it, or the whole changelog
+        when the checkpoint is missing, torn, foreign, ahead of the changelog's end or behind its start
+        (retention deleted records it does not hold). Read to the end offsets as of now."""
         topic = self.changelog_topic
+        checkpoints = self._check_checkpoints_against(self.consumer)
         consumer = make_consumer(self.settings, isolation_level="read_committed")
         await consumer.start()
         try:
-            tps = [TopicPartition(topic, p) for p in sorted(partitions)]
-            consumer.assign(tps)
-            await consumer.seek_to_beginning(*tps)
-            ends = await consumer.end_offsets(tps)
-            remaining = {tp for tp in tps if ends[tp] > 0}
-            restore = self.dedup.restore
-            now_ms = int(time.time() * 1000)
-            count = 0
-            while remaining:
-                for tp, part in (
-                    await consumer.getmany(*remaining, timeout_ms=500, max_records=50_000)
-                ).items():
-                    for record in part:
-                        if record.offset >= ends[tp]:
-                            break
-                        count += restore(record.key, record.value, now_ms)
-                    if part and part[-1].offset + 1 >= ends[tp]:
-                        remaining.discard(tp)
-                for tp in list(remaining):
-                    if await consumer.position(tp) >= ends[tp]:
-                        remaining.discard(tp)
-            return count
+            tps = {p: TopicPartition(topic, p) for p in sorted(partitions)}
+            consumer.assign(list(tps.values()))
+            starts = await consumer.beginning_offsets(list(tps.values()))
+            ends = await consumer.end_offsets(list(tps.values()))
+            loop = asyncio.get_running_loop()
+            restored = Restored()
+            for partition, tp in tps.items():
+                found = await loop.run_in_executor(None, checkpoints.read, partition)
+                if found is not None and not starts[tp] <= found.offset <= ends[tp]:
+                    log.warning(
+                        "dedup: the checkpoint of keyed partition %d is at changelog offset %d, outside "
+                        "%d..%d (retention passed it, or the changelog was recreated); restoring from the "
+                        "whole changelog",
+                        partition,
+                        found.offset,
+                        starts[tp],
+                        ends[tp],
+                    )
+                    found = None
+                if found is None:
+                    self.dedup.drop(partition)
+                    consumer.seek(tp, starts[tp])
+                else:
+                    self.dedup.tables[partition] = found.table
+                    consumer.seek(tp, found.offset)
+                    restored.checkpointed.append(partition)
+                    restored.from_checkpoints += len(found.table)
+                self.changelog_position[partition] = ends[tp]
+            await self._read_changelog(consumer, tps, ends, restored)
+            return restored
         finally:
             await consumer.stop()
+
+    async def _read_changelog(
+        self,
+        consumer: AIOKafkaConsumer,
+        tps: dict[int, TopicPartition],
+        ends: dict[TopicPartition, int],
+        restored: Restored,
+    ) -> None:
+        """Read the changelog partitions from their positions to `ends`, then apply each partition's
+        records in order, its table first sized for their ids (no splits while it fills)."""
+        held: dict[int, list[tuple[bytes | None, bytes | None]]] = {p: [] for p in tps}
+        remaining = {tp: p for p, tp in tps.items() if await consumer.position(tp) < ends[tp]}
+        while remaining:
+            for tp, part in (await consumer.getmany(*remaining, timeout_ms=500, max_records=50_000)).items():
+                records = held[remaining[tp]]
+                for record in part:
+                    if record.offset >= ends[tp]:
+                        break
+                    records.append((record.key, record.value))
+                if part and part[-1].offset + 1 >= ends[tp]:
+                    del remaining[tp]
+            for tp in list(remaining):
+                if await consumer.position(tp) >= ends[tp]:
+                    del remaining[tp]
+        now_ms = int(time.time() * 1000)
+        for partition, records in held.items():
+            table = self.dedup.table(partition)
+            table.reserve(len(table) + sum(Deduplicator.restored_ids(value) for _, value in records))
+            restored.records += len(records)
+            for key, value in records:
+                restored.from_changelog += self.dedup.restore(partition, key, value, now_ms)
+            records.clear()
+
+
+@dataclass
+class Restored:
+    """What a restore loaded: ids from checkpoints (of which partitions) and from changelog records."""
+
+    from_checkpoints: int = 0
+    checkpointed: list[int] = field(default_factory=list)
+    from_changelog: int = 0
+    records: int = 0
 
 
 def _runs(records: list[Any]) -> list[tuple[ReplayTag | None, list[Any]]]:

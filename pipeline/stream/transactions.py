@@ -71,8 +71,9 @@ class PartitionTransactions:
 
     async def commit(
         self, partition: int, outputs: Sequence[Output], offsets: dict[TopicPartition, int]
-    ) -> None:
-        """Write the outputs and commit the offsets in one transaction of the partition's producer.
+    ) -> dict[tuple[str, int], int]:
+        """Write the outputs and commit the offsets in one transaction of the partition's producer;
+        returns, per topic partition written, the offset just past this transaction's records there.
 
         On failure the transaction is aborted (or, if that fails, the producer is re-created, which
         aborts it); a fenced producer is dropped, never re-created, since another worker owns the
@@ -83,13 +84,18 @@ class PartitionTransactions:
             raise NotOwned(f"no transactional producer for keyed partition {partition}")
         try:
             await producer.begin_transaction()
-            acks = await send_batched(producer, outputs)
+            sent = await send_batched(producer, outputs)
             # Every output's own ack before the commit (a refused record must abort the transaction, not
             # be committed over); the offsets join the transaction meanwhile, which saves a round trip.
-            await asyncio.gather(
-                asyncio.gather(*acks), producer.send_offsets_to_transaction(offsets, self.group_id)
+            acked, _ = await asyncio.gather(
+                asyncio.gather(*(ack for _, _, ack in sent)),
+                producer.send_offsets_to_transaction(offsets, self.group_id),
             )
             await producer.commit_transaction()
+            ends: dict[tuple[str, int], int] = {}
+            for (where, records, _), metadata in zip(sent, acked, strict=True):
+                ends[where] = max(ends.get(where, 0), int(metadata.offset) + records)
+            return ends
         except ProducerFenced:
             log.warning("keyed partition %d: fenced by a newer owner; dropping its producer", partition)
             await _close(self.producers.pop(partition))
@@ -126,9 +132,12 @@ class PartitionTransactions:
         self.producers.clear()
 
 
-async def send_batched(producer: AIOKafkaProducer, outputs: Sequence[Output]) -> list[Awaitable[Any]]:
+async def send_batched(
+    producer: AIOKafkaProducer, outputs: Sequence[Output]
+) -> list[tuple[tuple[str, int], int, Awaitable[Any]]]:
     """Hand the outputs to the producer as closed record batches, one or more per topic partition, in
-    order; returns the futures of their acks. A batch is closed so that it goes out without lingering."""
+    order; returns each batch's topic partition, record count and the future of its ack (its metadata
+    holds the batch's first offset). A batch is closed so that it goes out without lingering."""
     records: dict[tuple[str, int], list[tuple[bytes | None, bytes]]] = {}
     partitions: dict[str, int] = {}
     placed: dict[tuple[str, bytes], int] = {}  # a user's events share a key: hash it once per call
@@ -142,17 +151,22 @@ async def send_batched(producer: AIOKafkaProducer, outputs: Sequence[Output]) ->
             elif (partition := placed.get((topic, key))) is None:
                 partition = placed[topic, key] = key_partition(key, count)
         records.setdefault((topic, partition), []).append((key, value))
-    acks: list[Awaitable[Any]] = []
+    acks: list[tuple[tuple[str, int], int, Awaitable[Any]]] = []
     for (topic, partition), pairs in records.items():
         batch = producer.create_batch()
+        count = 0
         for key, value in pairs:
             if batch.append(key=key, value=value, timestamp=None) is None:  # full: send it, start the next
                 batch.close()
-                acks.append(await producer.send_batch(batch, topic, partition=partition))
+                ack = await producer.send_batch(batch, topic, partition=partition)
+                acks.append(((topic, partition), count, ack))
                 batch = producer.create_batch()
                 batch.append(key=key, value=value, timestamp=None)  # an empty batch takes any one record
+                count = 0
+            count += 1
         batch.close()
-        acks.append(await producer.send_batch(batch, topic, partition=partition))
+        ack = await producer.send_batch(batch, topic, partition=partition)
+        acks.append(((topic, partition), count, ack))
     return acks
 
 

@@ -190,6 +190,7 @@ class WebService(mode.Service):
                 "topic": p.topic,
                 "partitions_owned": sorted(p.owned),
                 "partitions": p.partitions,
+                "restoring": p.restoring,
             }
             for name, p in self.progress.items()
         }

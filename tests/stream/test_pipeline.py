@@ -245,7 +245,7 @@ def test_a_dead_letter_rebuilds_the_original_request_byte_for_byte(
     assert letter.reason == "invalid_json" and letter.message
 
 
-@pytest.mark.parametrize("store", ["memory://", "rocksdb://"])
+@pytest.mark.parametrize("store", ["memory://", "rocksdb://"])  # rocksdb:// now names the same table
 def test_the_same_event_in_two_partitions_is_emitted_once_per_tenant(
     make_settings: Callable[..., Settings], start_worker: Callable[..., WorkerProcess], store: str
 ) -> None:
