@@ -263,7 +263,7 @@ def up(
     if not no_workers:
         # One /metrics port per worker process: worker.web_port, +1, +2, ...
         web = settings.worker.web_port
-        # ...and one data dir each: the dedup state has one owner (pipeline.stream.dedup_checkpoint.StoreLocked).
+        # ...and one data dir each: the dedup state has one owner (dedup_checkpoint.StoreLocked).
         data = settings.worker.data_dir
         commands += [
             base

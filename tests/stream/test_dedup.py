@@ -1,6 +1,6 @@
 """The dedup check-and-set (pipeline/stream/dedup.py) and its compact table, driven directly: the changelog
 records it writes and restores from, expiry, and the checkpoint files. The transaction that makes an
-emission and its entry atomic is tested on the broker (tests/stream/test_exactly_once.py, test_scale_out.py)."""
+emission and its entry atomic is tested on the broker (test_exactly_once.py, test_scale_out.py)."""
 
 from __future__ import annotations
 
@@ -115,7 +115,9 @@ def test_the_table_keeps_every_id_through_its_splits() -> None:
 
 def test_fingerprints_are_128_bits_of_the_dedup_key() -> None:
     """A fingerprint is fixed-size, stable across processes and releases (BLAKE2b-128 of the key)."""
-    assert fingerprint(b"acme/a") == bytes.fromhex("5113ac642cf9d79ac1a5c2dad965915d")  # changelogs depend on it
+    assert fingerprint(b"acme/a") == bytes.fromhex(
+        "5113ac642cf9d79ac1a5c2dad965915d"
+    )  # changelogs depend on it
     assert fingerprint(b"acme/a") != fingerprint(b"globex/a")
 
 
@@ -217,7 +219,9 @@ def test_a_torn_or_foreign_checkpoint_is_refused(tmp_path: Path) -> None:
         reader.close()
 
 
-def test_a_second_owner_of_a_data_dir_fails_and_leaves_the_first_one_s_checkpoints_alone(tmp_path: Path) -> None:
+def test_a_second_owner_of_a_data_dir_fails_and_leaves_the_first_one_s_checkpoints_alone(
+    tmp_path: Path,
+) -> None:
     """The dedup state directory has one owner: a second opener gets StoreLocked."""
     owner = checkpoints(tmp_path)
     with pytest.raises(StoreLocked, match="in use by pid"):

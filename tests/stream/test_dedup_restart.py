@@ -41,13 +41,17 @@ def restores(worker: WorkerProcess) -> list[Restore]:
     found = []
     for match in RESTORED.finditer(worker.output()):
         numbers = [[int(n) for n in match[name].split(",") if n.strip()] for name in ("new", "checkpointed")]
-        found.append(Restore(numbers[0], numbers[1], int(match["checkpoint_ids"]), int(match["changelog_ids"])))
+        found.append(
+            Restore(numbers[0], numbers[1], int(match["checkpoint_ids"]), int(match["changelog_ids"]))
+        )
     return found
 
 
 def events(first: int, count: int) -> list[bytes]:
-    return [orjson.dumps({"event_id": f"r_{i}", "event_name": "paid", "user_id": f"u{i % 7}", "timestamp": i})
-            for i in range(first, first + count)]
+    return [
+        orjson.dumps({"event_id": f"r_{i}", "event_name": "paid", "user_id": f"u{i % 7}", "timestamp": i})
+        for i in range(first, first + count)
+    ]
 
 
 def canonical_ids(settings: Settings) -> list[str]:
@@ -62,8 +66,11 @@ def send_repeats_and_marker(settings: Settings, bodies: list[bytes], marker: str
     """Send old events again, then a new marker event, and wait until the marker is out: the repeats
     before it in every partition's order have been decided by then."""
     produce_raw(settings, "customerglu", bodies)
-    produce_raw(settings, "customerglu", [orjson.dumps(
-        {"event_id": marker, "event_name": "m", "user_id": "u1", "timestamp": 0})])
+    produce_raw(
+        settings,
+        "customerglu",
+        [orjson.dumps({"event_id": marker, "event_name": "m", "user_id": "u1", "timestamp": 0})],
+    )
     wait_for(lambda: marker in canonical_ids(settings), timeout=120, interval=0.5)
 
 
@@ -143,7 +150,8 @@ def test_a_checkpoint_older_than_the_changelog_s_retention_is_not_trusted(
     wait_canonical(settings, 100)
     first.stop()  # checkpoints everything
     elsewhere = settings.model_copy(
-        update={"worker": settings.worker.model_copy(update={"data_dir": tmp_path / "elsewhere"})})
+        update={"worker": settings.worker.model_copy(update={"data_dir": tmp_path / "elsewhere"})}
+    )
     other = start_worker(elsewhere)
     produce_raw(settings, "customerglu", events(100, 100))
     wait_canonical(settings, 200)
@@ -191,7 +199,8 @@ def test_a_partition_that_comes_back_to_a_worker_that_held_it_before_is_not_read
     wait_canonical(settings, 200)
     wait_for(lambda: checkpointed(a), timeout=30)
     elsewhere = settings.model_copy(
-        update={"worker": settings.worker.model_copy(update={"data_dir": tmp_path / "b"})})
+        update={"worker": settings.worker.model_copy(update={"data_dir": tmp_path / "b"})}
+    )
     b = start_worker(elsewhere)
     wait_for(lambda: any(r.new for r in restores(b)), timeout=120)
     moved = {p for r in restores(b) for p in r.new}
