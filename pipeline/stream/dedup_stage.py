@@ -26,6 +26,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from pipeline.config import Settings
 from pipeline.kafka.clients import make_consumer
 from pipeline.records import KeyedBatch, Origin, ReplayTag
+from pipeline.stream.changelog_reader import ChangelogReader, ChangelogRecord
 from pipeline.stream.consuming import (
     StageProgress,
     guard,
@@ -88,6 +89,7 @@ class DedupStage(mode.Service):
         metrics.dedup_entries.set_function(lambda: len(self.dedup))
         self.lock = asyncio.Lock()  # one batch, restore, expiry or checkpoint at a time
         self.owned: set[int] = set()
+        self.unsynced: set[int] = set()  # partitions whose table may lack a transaction's ids
         self.generation = 0
 
     async def on_start(self) -> None:
@@ -217,6 +219,10 @@ class DedupStage(mode.Service):
             raise failures[0]
 
     async def _dedup_partition(self, partition: int, records: list[Any]) -> None:
+        if partition in self.unsynced:
+            await self.transactions.ensure(partition)  # NotOwned while its re-creation backs off
+            await self._resync(partition)
+            self.unsynced.discard(partition)
         for replay, run in _runs(records):
             batch = [entry for record in run for entry in KeyedBatch.entries(record.value)]
             now_ms = int(time.time() * 1000)
@@ -243,7 +249,11 @@ class DedupStage(mode.Service):
                     )
                 )
             offsets = {TopicPartition(run[-1].topic, partition): run[-1].offset + 1}
-            written = await self.transactions.commit(partition, outputs, offsets)
+            try:
+                written = await self.transactions.commit(partition, outputs, offsets)
+            except BaseException:
+                self.unsynced.add(partition)  # it may have committed: re-sync before deciding again
+                raise
             self.dedup.remember_emitted(partition, verdicts.fingerprints, now_ms)
             end = written.get((self.changelog_topic, partition))
             if end is not None:
@@ -283,7 +293,10 @@ class DedupStage(mode.Service):
             started = time.monotonic()
             self.progress.restoring = True
             try:
-                await self.transactions.own(partitions)  # before the restore: fences a zombie's writes
+                # Before the restore: fences a zombie's writes. A partition whose producer could not be
+                # created is re-synced once it is, since a zombie's transaction may still commit.
+                failed = await self.transactions.own(partitions)
+                self.unsynced = (self.unsynced & partitions) | failed
                 restored = await self._restore(new) if new else Restored()
             finally:
                 self.progress.restored()
@@ -317,67 +330,42 @@ class DedupStage(mode.Service):
         """Load each partition's table: its checkpoint and the changelog after it, or the whole changelog
         when the checkpoint is missing, torn, foreign, ahead of the changelog's end or behind its start
         (retention deleted records it does not hold). Read to the end offsets as of now."""
-        topic = self.changelog_topic
         checkpoints = self._check_checkpoints_against(self.consumer)
-        consumer = make_consumer(self.settings, isolation_level="read_committed")
-        await consumer.start()
-        try:
-            tps = {p: TopicPartition(topic, p) for p in sorted(partitions)}
-            consumer.assign(list(tps.values()))
-            starts = await consumer.beginning_offsets(list(tps.values()))
-            ends = await consumer.end_offsets(list(tps.values()))
+        restored = Restored()
+        async with ChangelogReader(self.settings, self.changelog_topic) as reader:
+            bounds = await reader.bounds(partitions)
             loop = asyncio.get_running_loop()
-            restored = Restored()
-            for partition, tp in tps.items():
+            positions: dict[int, int] = {}
+            for partition, (start, end) in bounds.items():
                 found = await loop.run_in_executor(None, checkpoints.read, partition)
-                if found is not None and not starts[tp] <= found.offset <= ends[tp]:
+                if found is not None and not start <= found.offset <= end:
                     log.warning(
                         "dedup: the checkpoint of keyed partition %d is at changelog offset %d, outside "
                         "%d..%d (retention passed it, or the changelog was recreated); restoring from the "
                         "whole changelog",
                         partition,
                         found.offset,
-                        starts[tp],
-                        ends[tp],
+                        start,
+                        end,
                     )
                     found = None
+                self.dedup.drop(partition)
                 if found is None:
-                    self.dedup.drop(partition)
-                    consumer.seek(tp, starts[tp])
+                    positions[partition] = start
                 else:
                     self.dedup.tables[partition] = found.table
-                    consumer.seek(tp, found.offset)
+                    positions[partition] = found.offset
                     restored.checkpointed.append(partition)
                     restored.from_checkpoints += len(found.table)
-                self.changelog_position[partition] = ends[tp]
-            await self._read_changelog(consumer, tps, ends, restored)
-            return restored
-        finally:
-            await consumer.stop()
+            ends = {p: end for p, (_, end) in bounds.items()}
+            held = await reader.read(positions, ends)
+        self._apply(held, restored)
+        self.changelog_position.update(ends)
+        return restored
 
-    async def _read_changelog(
-        self,
-        consumer: AIOKafkaConsumer,
-        tps: dict[int, TopicPartition],
-        ends: dict[TopicPartition, int],
-        restored: Restored,
-    ) -> None:
-        """Read the changelog partitions from their positions to `ends`, then apply each partition's
-        records in order, its table first sized for their ids (no splits while it fills)."""
-        held: dict[int, list[tuple[bytes | None, bytes | None]]] = {p: [] for p in tps}
-        remaining = {tp: p for p, tp in tps.items() if await consumer.position(tp) < ends[tp]}
-        while remaining:
-            for tp, part in (await consumer.getmany(*remaining, timeout_ms=500, max_records=50_000)).items():
-                records = held[remaining[tp]]
-                for record in part:
-                    if record.offset >= ends[tp]:
-                        break
-                    records.append((record.key, record.value))
-                if part and part[-1].offset + 1 >= ends[tp]:
-                    del remaining[tp]
-            for tp in list(remaining):
-                if await consumer.position(tp) >= ends[tp]:
-                    del remaining[tp]
+    def _apply(self, held: dict[int, list[ChangelogRecord]], restored: Restored) -> None:
+        """Apply each partition's changelog records in order, its table first sized for their ids (no
+        splits while it fills)."""
         now_ms = int(time.time() * 1000)
         for partition, records in held.items():
             table = self.dedup.table(partition)
@@ -386,6 +374,25 @@ class DedupStage(mode.Service):
             for key, value in records:
                 restored.from_changelog += self.dedup.restore(partition, key, value, now_ms)
             records.clear()
+
+    async def _resync(self, partition: int) -> None:
+        """After a transaction of the partition failed, ambiguously perhaps (its commit may have gone
+        through), read what the changelog holds past the table before deciding again: a replayed batch
+        whose ids did get committed is then dropped, not emitted twice."""
+        restored = Restored()
+        async with ChangelogReader(self.settings, self.changelog_topic) as reader:
+            ends = await reader.settled_ends([partition])
+            start = self.changelog_position.get(partition, 0)
+            held = await reader.read({partition: start}, ends)
+        self._apply(held, restored)
+        self.changelog_position[partition] = ends[partition]
+        log.info(
+            "dedup: keyed partition %d re-synced from the changelog after a failed transaction: %d ids "
+            "from %d records",
+            partition,
+            restored.from_changelog,
+            restored.records,
+        )
 
 
 @dataclass

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from collections.abc import Awaitable, Sequence
 from typing import Any
 
@@ -47,17 +48,63 @@ class PartitionTransactions:
         self.settings = settings
         self.group_id = group_id
         self.producers: dict[int, AIOKafkaProducer] = {}
+        self.owned: set[int] = set()  # assigned and not fenced: a missing producer is re-created
+        self.retry_at: dict[int, float] = {}  # partition -> when its re-creation may be tried again
+        self.backoff_s: dict[int, float] = {}
 
     def transactional_id(self, partition: int) -> str:
         return f"{self.settings.worker.app_id}-dedup-{partition}"
 
-    async def own(self, partitions: set[int]) -> None:
-        """Close the producers of partitions no longer owned; create (and so fence for) the new ones."""
+    async def own(self, partitions: set[int]) -> set[int]:
+        """Close the producers of partitions no longer owned; create (and so fence for) the new ones.
+        Returns the partitions whose producer could not be created: `ensure` re-creates them later."""
+        self.owned = set(partitions)
+        self.retry_at.clear()
+        self.backoff_s.clear()
         for partition in [p for p in self.producers if p not in partitions]:
             await _close(self.producers.pop(partition))
         new = sorted(p for p in partitions if p not in self.producers)
-        started = await asyncio.gather(*(self._start(p) for p in new))
-        self.producers.update(zip(new, started, strict=True))
+        started = await asyncio.gather(*(self._start(p) for p in new), return_exceptions=True)
+        failed: set[int] = set()
+        for partition, outcome in zip(new, started, strict=True):
+            if isinstance(outcome, BaseException):
+                log.warning(
+                    "keyed partition %d: its transactional producer did not start: %r", partition, outcome
+                )
+                self._later(partition)
+                failed.add(partition)
+            else:
+                self.producers[partition] = outcome
+        return failed
+
+    async def ensure(self, partition: int) -> AIOKafkaProducer:
+        """The partition's producer; one lost to a failed abort is re-created, at most once per back-off
+        (0.5 s doubling to 30 s), while the partition is owned and not fenced."""
+        producer = self.producers.get(partition)
+        if producer is not None:
+            return producer
+        if partition not in self.owned:
+            raise NotOwned(f"no transactional producer for keyed partition {partition}")
+        wait_s = self.retry_at.get(partition, 0.0) - time.monotonic()
+        if wait_s > 0:
+            raise NotOwned(f"keyed partition {partition}: its producer is re-created in {wait_s:.1f}s")
+        try:
+            producer = await self._start(partition)
+        except Exception as exc:
+            self._later(partition)
+            raise NotOwned(
+                f"keyed partition {partition}: its producer could not be re-created: {exc!r}"
+            ) from exc
+        self.retry_at.pop(partition, None)
+        self.backoff_s.pop(partition, None)
+        self.producers[partition] = producer
+        log.info("keyed partition %d: transactional producer re-created", partition)
+        return producer
+
+    def _later(self, partition: int) -> None:
+        delay = min(30.0, self.backoff_s.get(partition, 0.25) * 2)
+        self.backoff_s[partition] = delay
+        self.retry_at[partition] = time.monotonic() + delay
 
     async def _start(self, partition: int) -> AIOKafkaProducer:
         producer = make_producer(
@@ -79,9 +126,7 @@ class PartitionTransactions:
         aborts it); a fenced producer is dropped, never re-created, since another worker owns the
         partition now and re-creating it would fence that owner in turn.
         """
-        producer = self.producers.get(partition)
-        if producer is None:
-            raise NotOwned(f"no transactional producer for keyed partition {partition}")
+        producer = await self.ensure(partition)
         try:
             await producer.begin_transaction()
             sent = await send_batched(producer, outputs)
@@ -98,6 +143,7 @@ class PartitionTransactions:
             return ends
         except ProducerFenced:
             log.warning("keyed partition %d: fenced by a newer owner; dropping its producer", partition)
+            self.owned.discard(partition)
             await _close(self.producers.pop(partition))
             raise
         except _REFUSED:
@@ -122,9 +168,15 @@ class PartitionTransactions:
             await self._replace(partition, producer)
 
     async def _replace(self, partition: int, producer: AIOKafkaProducer) -> None:
+        """Close the producer and create the partition's anew (init_transactions aborts what it left open);
+        if that fails too, the next batch re-creates it (`ensure`), with back-off."""
         self.producers.pop(partition, None)
         await _close(producer)
-        self.producers[partition] = await self._start(partition)
+        try:
+            self.producers[partition] = await self._start(partition)
+        except Exception:  # noqa: BLE001 - the broker is away: ensure() tries again later
+            log.warning("keyed partition %d: re-creating its producer failed; retrying later", partition)
+            self._later(partition)
 
     async def close(self) -> None:
         for producer in self.producers.values():
