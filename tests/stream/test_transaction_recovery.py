@@ -42,41 +42,47 @@ def test_a_producer_lost_while_the_broker_was_away_is_re_created_and_the_next_ba
     settings = make_settings(kafka={"bootstrap_servers": own_broker.bootstrap, "partitions": 1})
     topics = settings.topics
 
-    async def run() -> list[str]:
-        await ensure_topics(settings, [topics.keyed, topics.canonical])
-        transactions = PartitionTransactions(settings, f"{settings.worker.app_id}-dedup")
-        assert await transactions.own({0}) == set()
-        offsets = {TopicPartition(topics.keyed, 0): 1}
-        outcomes = []
-        try:
-            await asyncio.get_running_loop().run_in_executor(None, own_broker.down)
-            with pytest.raises(Exception):  # noqa: B017 - whichever error the broker's absence gives
-                await asyncio.wait_for(
-                    transactions.commit(0, [(topics.canonical, b"k", b"lost", 0)], offsets), 120
-                )
-            outcomes.append("failed")
-            assert 0 not in transactions.producers
-            await asyncio.get_running_loop().run_in_executor(
-                None, lambda: own_broker.up(bound_to_parent=True)
-            )
-            for _ in range(200):
-                try:
-                    await transactions.commit(0, [(topics.canonical, b"k", b"after", 0)], offsets)
-                except NotOwned:
-                    outcomes.append("backing off")
-                    await asyncio.sleep(0.5)  # the back-off this test observes
-                    continue
-                except Exception:  # noqa: BLE001 - the broker may still be electing
-                    outcomes.append("retry")
-                    await asyncio.sleep(0.5)
-                    continue
-                outcomes.append("committed")
-                break
-        finally:
-            await transactions.close()
-        return outcomes
+    loop = asyncio.new_event_loop()  # one loop across the phases; the broker is stopped and started between
+    transactions = PartitionTransactions(settings, f"{settings.worker.app_id}-dedup")
+    offsets = {TopicPartition(topics.keyed, 0): 1}
+    outcomes: list[str] = []
 
-    outcomes = asyncio.run(run())
+    async def start() -> None:
+        await ensure_topics(settings, [topics.keyed, topics.canonical])
+        assert await transactions.own({0}) == set()
+
+    async def fail() -> None:
+        with pytest.raises(Exception):  # noqa: B017 - whichever error the broker's absence gives
+            await asyncio.wait_for(
+                transactions.commit(0, [(topics.canonical, b"k", b"lost", 0)], offsets), 120
+            )
+        outcomes.append("failed")
+        assert 0 not in transactions.producers
+
+    async def recover() -> None:
+        for _ in range(200):
+            try:
+                await transactions.commit(0, [(topics.canonical, b"k", b"after", 0)], offsets)
+            except NotOwned:
+                outcomes.append("backing off")
+                await asyncio.sleep(0.5)  # the back-off this test observes
+                continue
+            except Exception:  # noqa: BLE001 - the broker may still be electing
+                outcomes.append("retry")
+                await asyncio.sleep(0.5)
+                continue
+            outcomes.append("committed")
+            return
+
+    try:
+        loop.run_until_complete(start())
+        own_broker.down()
+        loop.run_until_complete(fail())
+        own_broker.up(bound_to_parent=True)
+        loop.run_until_complete(recover())
+    finally:
+        loop.run_until_complete(transactions.close())
+        loop.close()
     assert outcomes[0] == "failed" and outcomes[-1] == "committed"
     assert [r.value for r in read_records(settings, topics.canonical)] == [b"after"]
 
