@@ -24,7 +24,6 @@ import orjson
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 
 from pipeline.config import Settings
-from pipeline.kafka.clients import make_consumer
 from pipeline.records import KeyedBatch, Origin, ReplayTag
 from pipeline.stream.changelog_reader import ChangelogReader, ChangelogRecord
 from pipeline.stream.consuming import (
