@@ -90,7 +90,7 @@ def test_the_locks_pin_every_dependency_with_hashes_within_its_floor(
     pinned = pins(lock)
     for requirement in declared(extras):
         name = canonicalize_name(requirement.name)
-        assert name in pinned, f"{name} is not pinned in {lock}"
+        assert name in pinned, f"{name} is not pinned in {lock}: regenerate the locks (docs/dependencies.md)"
         assert requirement.specifier.contains(pinned[name][0], prereleases=True), (name, pinned[name])
     assert all(hashes > 0 for _, hashes in pinned.values()), lock
     build = [Requirement(r) for r in PYPROJECT["build-system"]["requires"]]

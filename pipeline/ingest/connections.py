@@ -57,6 +57,23 @@ class HeadDeadlineHandler(RequestHandler):
         elif data:
             self._arm()
 
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        """A request aiohttp could not parse gets its 4xx with a JSON reason, like every other refusal."""
+        response = super().handle_error(request, status, exc, message)
+        if status >= 500:
+            return response
+        reason = f"the request cannot be parsed: {(message or '').strip()}"[:300]
+        body = orjson.dumps({"status": "error", "error": reason})
+        answer = web.Response(status=status, body=body, content_type="application/json")
+        answer.force_close()
+        return answer
+
     def _arm(self) -> None:
         if self._head_timer is None:
             loop = asyncio.get_running_loop()
