@@ -71,7 +71,9 @@ class Attack:
 reward = st.fixed_dictionaries(
     {"campaignId": st.text(max_size=5), "userId": st.text(max_size=5), "rewardId": st.text(max_size=8)}
 )
-items = st.one_of(st.just({}), st.just(0), st.just([]), reward, st.text(max_size=20))
+items: st.SearchStrategy[object] = st.one_of(
+    st.just({}), st.just(0), st.just([]), reward, st.text(max_size=20)
+)
 
 
 @st.composite
