@@ -28,6 +28,7 @@ from pydantic import (
 
 from pipeline.errors import ConfigError
 from pipeline.signing import whsec_key
+from pipeline.webhook_urls import url_problem
 
 EXAMPLE_CONFIG = Path(__file__).with_name("headwater.example.toml")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)\s*$")
@@ -232,11 +233,15 @@ class RewardsWebhook(_Frozen):
     standard_webhooks_secrets: tuple[SecretStr, ...] = ()
     max_concurrency: int = Field(8, ge=1)
     timeout_s: float = Field(10.0, gt=0)
+    allow_private_url: bool = False  # http:// and loopback/private addresses: tests and internal receivers
 
     @model_validator(mode="after")
     def _secrets_are_whsec(self) -> RewardsWebhook:
         for secret in self.standard_webhooks_secrets:
             whsec_key(secret.get_secret_value())  # ValueError names the expected form
+        problem = url_problem(self.url, self.allow_private_url)
+        if problem is not None:
+            raise ValueError(f"rewards_webhook url {self.url!r} {problem}")
         return self
 
 

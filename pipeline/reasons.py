@@ -196,6 +196,11 @@ REWARD_REJECTED = Reason(
     "The endpoint answered a status that is not retried "
     "(4xx other than 408 and 429, or 3xx); no further attempts.",
 )
+REWARD_ENDPOINT_GONE = Reason(
+    "endpoint_gone",
+    "delivery",
+    "The tenant's endpoint answered 410 Gone: the dispatcher stops calling it until it restarts.",
+)
 REWARD_ATTEMPTS_EXHAUSTED = Reason(
     "attempts_exhausted", "delivery", "Every attempt of the retry schedule failed."
 )
@@ -216,6 +221,7 @@ REWARD_CATALOGUE: dict[str, Reason] = {
         REWARD_INVALID_HEADER,
         REWARD_INTAKE_CRASHED,
         REWARD_REJECTED,
+        REWARD_ENDPOINT_GONE,
         REWARD_ATTEMPTS_EXHAUSTED,
     )
 }

@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from collections.abc import Callable
+
+from aiohttp import web
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 
 from pipeline.rewards.records import Attempt
 
@@ -49,10 +59,44 @@ class RewardMetrics:
             registry=self.registry,
         )
         self.errors = Counter(
-            "headwater_rewards_agent_errors",
-            "Records an agent failed to handle (logged)",
-            ["agent"],
+            "headwater_rewards_stage_errors",
+            "Records a dispatcher stage could not read (logged); should stay at 0",
+            ["stage"],
             registry=self.registry,
+        )
+        self.batches_retried = Counter(
+            "headwater_rewards_batches_retried",
+            "Batches whose outputs were not acknowledged and were processed again, per stage",
+            ["stage"],
+            registry=self.registry,
+        )
+        self.records_isolated = Counter(
+            "headwater_rewards_records_isolated",
+            "Records that failed alone after repeated batch failures, per stage",
+            ["stage"],
+            registry=self.registry,
+        )
+        self.seconds_since_commit = Gauge(
+            "headwater_rewards_seconds_since_commit",
+            "Seconds since the stage last committed offsets",
+            ["stage"],
+            registry=self.registry,
+        )
+        self.consumer_lag = Gauge(
+            "headwater_rewards_consumer_lag",
+            "Records not yet consumed (high watermark - position) per topic partition",
+            ["topic", "partition"],
+            registry=self.registry,
+        )
+
+    def watch(self, stage: str, seconds_since_commit: Callable[[], float]) -> None:
+        """Report a stage's seconds since its last commit at every scrape."""
+        self.seconds_since_commit.labels(stage).set_function(seconds_since_commit)
+
+    async def handle(self, request: web.Request) -> web.Response:
+        """GET /metrics in the Prometheus text format."""
+        return web.Response(
+            body=generate_latest(self.registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
         )
 
 

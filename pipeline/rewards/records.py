@@ -1,7 +1,8 @@
 """Reward records (docs/sources.md §5): intake validation, the retry policy, and what crosses topics.
 
-Pure: no I/O, no clock of its own. rewards.outbound -> (validate) -> DeliveryJob on rewards.deliveries ->
-AttemptOutcome records on the same topic -> delivered, or a RewardDeadLetter on rewards.dlq.
+Pure: no I/O, no clock of its own. rewards.outbound -> (validate, once) -> DeliveryJob on rewards.deliveries
+-> AttemptOutcome records on the same topic -> delivered, or a RewardDeadLetter on rewards.dlq. The
+delivery stage's table holds a DeliveryState per (tenant, rewardId); its changelog holds the same records.
 """
 
 from __future__ import annotations
@@ -138,20 +139,20 @@ def read_intake(
         reward_id = reward["rewardId"]
         if not webhooks[tenant]:
             raise RewardRejected(reasons.REWARD_NO_WEBHOOK, f"tenant {tenant!r} has no rewards_webhook")
-        job = DeliveryJob(
+        canonical = canonical_body(reward)
+        if len(canonical) > MAX_REWARD_BYTES:  # the signing encoder may spell a character longer
+            raise RewardRejected(
+                reasons.REWARD_TOO_LARGE,
+                f"the body to send is {len(canonical)} bytes; the limit is {MAX_REWARD_BYTES}",
+            )
+        return DeliveryJob(
             tenant=tenant,
             reward_id=reward["rewardId"],
-            body=canonical_body(reward).decode(),
+            body=canonical,
             origin=origin,
             redelivery_count=redelivery,
             enqueued_at=now,
         )
-        size = len(job.to_json())
-        if size > MAX_REWARD_BYTES:  # escaping can make the job several times the record
-            raise RewardRejected(
-                reasons.REWARD_TOO_LARGE, f"the delivery job is {size} bytes; the limit is {MAX_REWARD_BYTES}"
-            )
-        return job
     except RewardRejected as rejected:
         return intake_dead_letter(body, tenant, reward_id, rejected, origin, redelivery, now)
 
@@ -289,6 +290,10 @@ def parse_retry_after(value: str | None, now: datetime) -> float | None:
 # --- records that cross topics ---------------------------------------------------------------------------
 
 
+class _Kind(BaseModel):
+    kind: Literal["job", "outcome"]
+
+
 class _Record(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -307,20 +312,36 @@ class Attempt(_Record):
     retry_after_s: float | None = None
 
 
-class DeliveryJob(_Record):
-    """A valid reward, re-keyed by (tenant, rewardId); `body` is the exact text every attempt sends."""
+class _Framed(_Record):
+    """A record whose reward body travels as its exact bytes after the JSON of the other fields:
+    `<fields as JSON>\\n<body>` (orjson never writes a raw newline). The body is neither escaped into the
+    JSON nor parsed again: intake validated it once, and every attempt sends these bytes."""
+
+    body: bytes | None = Field(default=None, exclude=True)
+
+    def to_record(self) -> bytes:
+        return self.to_json() + b"\n" + (self.body or b"")
+
+    @classmethod
+    def from_record(cls, value: bytes) -> Self:
+        head, _, body = value.partition(b"\n")
+        record = cls.model_validate_json(head)
+        return record.model_copy(update={"body": body or None})
+
+
+class DeliveryJob(_Framed):
+    """A valid reward, re-keyed by (tenant, rewardId); `body` is the exact bytes every attempt sends."""
 
     kind: Literal["job"] = "job"
     tenant: str
     reward_id: str
-    body: str
     origin: str  # topic:partition:offset of the rewards.outbound record
     redelivery_count: int = 0
     enqueued_at: UtcDatetime
 
 
 class AttemptOutcome(_Record):
-    """What one attempt ended in; the deliver agent applies it to the state table."""
+    """What one attempt ended in: the attempt log on rewards.deliveries, applied by the delivery stage."""
 
     kind: Literal["outcome"] = "outcome"
     tenant: str
@@ -328,24 +349,25 @@ class AttemptOutcome(_Record):
     attempt: Attempt
     verdict: Verdict
 
-
-class CatchUpMarker(_Record):
-    """Appended to each partition a worker takes over: once the deliver agent reads it, every outcome
-    written before the takeover has been applied, and that partition's retries may run."""
-
-    kind: Literal["marker"] = "marker"
-    written_at: UtcDatetime
+    def to_record(self) -> bytes:
+        return self.to_json()
 
 
-DeliveryMessage = Annotated[DeliveryJob | AttemptOutcome | CatchUpMarker, Field(discriminator="kind")]
-_MESSAGE: TypeAdapter[DeliveryJob | AttemptOutcome | CatchUpMarker] = TypeAdapter(DeliveryMessage)
+_KIND = TypeAdapter(Annotated[_Kind, Field(discriminator="kind")])
 
 
-def parse_message(value: bytes) -> DeliveryJob | AttemptOutcome | CatchUpMarker:
-    return _MESSAGE.validate_json(value)
+def parse_message(value: bytes) -> DeliveryJob | AttemptOutcome:
+    """A rewards.deliveries record: a job (fields, then the body's bytes) or an attempt outcome."""
+    head, newline, _ = value.partition(b"\n")
+    kind = _KIND.validate_json(head).kind
+    if kind == "job":
+        return DeliveryJob.from_record(value)
+    if newline:
+        raise ValueError("an attempt outcome carries no body")
+    return AttemptOutcome.model_validate_json(head)
 
 
-class DeliveryState(_Record):
+class DeliveryState(_Framed):
     """The state table's value for one (tenant, rewardId): the durable retry queue and the dedup marker.
 
     `pending` carries the body, the attempts so far and when the next one is due (epoch seconds);
@@ -358,7 +380,6 @@ class DeliveryState(_Record):
     reward_id: str
     partition: int
     origin: str
-    body: str | None = None
     attempts: tuple[Attempt, ...] = ()
     attempts_made: int = 0  # kept when `attempts` is dropped from a delivered marker
     due_at: float | None = None
@@ -366,10 +387,6 @@ class DeliveryState(_Record):
     finished_at: UtcDatetime | None = None
     redelivery_count: int = 0
     duplicates: int = 0
-
-    @classmethod
-    def from_json(cls, data: bytes) -> Self:
-        return cls.model_validate_json(data)
 
 
 class RewardDeadLetter(_Record):

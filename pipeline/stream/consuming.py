@@ -16,7 +16,7 @@ import os
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import mode
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -26,11 +26,23 @@ from aiokafka.errors import CommitFailedError, ConsumerStoppedError, KafkaError
 
 from pipeline.config import Settings
 from pipeline.kafka.clients import make_consumer
-from pipeline.stream.metrics import WorkerMetrics
 
 log = logging.getLogger(__name__)
 
 Process = Callable[[Sequence[Any]], Awaitable[Any]]
+
+
+class StageMetrics(Protocol):
+    """The counters a stage loop keeps (the worker's and the reward dispatcher's metrics both have them)."""
+
+    @property
+    def batches_retried(self) -> Any: ...
+    @property
+    def records_isolated(self) -> Any: ...
+    @property
+    def consumer_lag(self) -> Any: ...
+
+
 Quarantine = Callable[[Any, BaseException], Awaitable[None]]
 
 
@@ -126,7 +138,7 @@ async def process_then_commit(
     batch: dict[TopicPartition, list[Any]],
     process: Process,
     progress: StageProgress,
-    metrics: WorkerMetrics,
+    metrics: StageMetrics,
     isolate_after: int,
     quarantine: Quarantine | None = None,
     commits_itself: bool = False,
@@ -177,7 +189,7 @@ async def _one_by_one(
     process: Process,
     quarantine: Quarantine,
     progress: StageProgress,
-    metrics: WorkerMetrics,
+    metrics: StageMetrics,
 ) -> None:
     """Each record alone; one whose outputs fail again is quarantined (raises if that fails too)."""
     for record in records:
@@ -208,7 +220,7 @@ async def _replay_later(
 
 
 def record_lag(
-    metrics: WorkerMetrics,
+    metrics: StageMetrics,
     consumer: AIOKafkaConsumer,
     batch: dict[TopicPartition, list[Any]],
     progress: StageProgress,

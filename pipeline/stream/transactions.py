@@ -1,4 +1,5 @@
-"""One transactional producer per keyed partition the dedup stage owns (docs/pitfalls.md, "aiokafka").
+"""One transactional producer per keyed partition a stage owns: the dedup stage, the reward delivery stage
+(docs/pitfalls.md, "aiokafka").
 
 aiokafka has no KIP-447 consumer-group metadata in `send_offsets_to_transaction`, so zombies are fenced the
 EOS-v1 way: the transactional id is derived from the app id and the keyed partition, and the producer is
@@ -33,8 +34,8 @@ log = logging.getLogger(__name__)
 # The broker refused one of the records (the transaction's other records were fine).
 _REFUSED = (MessageSizeTooLargeError, RecordListTooLargeError, OutOfOrderSequenceNumber)
 
-# (topic, key, value, partition or None) of one record of a transaction.
-Output = tuple[str, bytes | None, bytes, int | None]
+# (topic, key, value, partition or None) of one record of a transaction; a None value is a tombstone.
+Output = tuple[str, bytes | None, bytes | None, int | None]
 
 
 class NotOwned(Exception):
@@ -44,16 +45,17 @@ class NotOwned(Exception):
 class PartitionTransactions:
     """The transactional producers of the keyed partitions this worker owns, by partition."""
 
-    def __init__(self, settings: Settings, group_id: str) -> None:
+    def __init__(self, settings: Settings, group_id: str, stage: str = "dedup") -> None:
         self.settings = settings
         self.group_id = group_id
+        self.stage = stage
         self.producers: dict[int, AIOKafkaProducer] = {}
         self.owned: set[int] = set()  # assigned and not fenced: a missing producer is re-created
         self.retry_at: dict[int, float] = {}  # partition -> when its re-creation may be tried again
         self.backoff_s: dict[int, float] = {}
 
     def transactional_id(self, partition: int) -> str:
-        return f"{self.settings.worker.app_id}-dedup-{partition}"
+        return f"{self.settings.worker.app_id}-{self.stage}-{partition}"
 
     async def own(self, partitions: set[int]) -> set[int]:
         """Close the producers of partitions no longer owned; create (and so fence for) the new ones.
@@ -190,7 +192,7 @@ async def send_batched(
     """Hand the outputs to the producer as closed record batches, one or more per topic partition, in
     order; returns each batch's topic partition, record count and the future of its ack (its metadata
     holds the batch's first offset). A batch is closed so that it goes out without lingering."""
-    records: dict[tuple[str, int], list[tuple[bytes | None, bytes]]] = {}
+    records: dict[tuple[str, int], list[tuple[bytes | None, bytes | None]]] = {}
     partitions: dict[str, int] = {}
     placed: dict[tuple[str, bytes], int] = {}  # a user's events share a key: hash it once per call
     for topic, key, value, partition in outputs:

@@ -7,6 +7,7 @@ import asyncio
 import json
 import random
 import time
+import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
@@ -52,7 +53,8 @@ from pipeline.rewards.records import (
     split_rewards,
     validate_reward,
 )
-from pipeline.rewards.webhooks import Breaker
+from pipeline.rewards.breaker import Breaker
+from pipeline.rewards.sender import webhook_id
 from pipeline.signing import cg_signature
 
 SW_SECRET_2 = "whsec_c2VjcmV0LW9mLWEtcm90YXRlZC1lbmRwb2ludA=="
@@ -193,6 +195,7 @@ BEHAVIOUR = {
     "limited": "ratelimited",
     "dead": "hang",
     "fixme": "bad",
+    "gone": "gone",
 }
 
 
@@ -218,7 +221,7 @@ def rig(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
     tmp = tmp_path_factory.mktemp("rewards")
 
     def hook(tenant: str, **options: Any) -> dict[str, Any]:
-        return {"url": customer.url(tenant), **options}
+        return {"url": customer.url(tenant), "allow_private_url": True, **options}
 
     tenants: list[dict[str, Any]] = [
         {
@@ -238,6 +241,7 @@ def rig(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
         {"id": "fast", "rewards_webhook": hook("fast")},
         {"id": "fixme", "rewards_webhook": hook("fixme")},
         {"id": "metered", "rewards_webhook": hook("metered")},
+        {"id": "gone", "rewards_webhook": hook("gone")},
         {"id": "nohook", "write_keys": ["wk_rw_nohook"]},
     ]
     web_port = free_port()
@@ -269,7 +273,8 @@ def test_worked_example_is_delivered_with_its_signature(rig: Rig) -> None:
     assert seen.body == WORKED_BODY
     assert seen.headers["X-CG-SIGNATURE"] == WORKED_DIGEST
     assert seen.headers["Content-Type"] == "application/json"
-    assert seen.headers["X-Reward-Id"] == doc["rewardId"] == seen.headers["webhook-id"]
+    assert seen.headers["X-Reward-Id"] == doc["rewardId"]
+    assert seen.headers["webhook-id"] == webhook_id("acme", doc["rewardId"])
     assert len(seen.headers["webhook-signature"].split()) == 2
     for secret in (SW_SECRET, SW_SECRET_2):
         assert headwater.verify_standard_webhook(seen.body, dict(seen.headers), secret)
@@ -330,6 +335,44 @@ def test_no_answer_is_retried_then_dead_lettered_with_every_attempt(rig: Rig) ->
         assert attempt.status is None and (attempt.error or "").startswith("timeout")
         assert 500 <= attempt.latency_ms < 1500
     assert len(rig.customer.seen("hang", doc["rewardId"])) == 3
+
+
+def test_410_gone_stops_the_endpoint_and_dead_letters_its_rewards(rig: Rig) -> None:
+    """410 Gone (Standard Webhooks): the reward is dead-lettered (endpoint_gone) and the endpoint is not
+    called again: the tenant's next reward is dead-lettered without a request."""
+    first, second = reward(), reward()
+    produce(rig.settings, [("gone", body(first))])
+    [letter] = wait_for(lambda: [d for d in dead_letters(rig.settings) if d.reward_id == first["rewardId"]])
+    assert (letter.reason, [a.status for a in letter.attempts]) == ("endpoint_gone", [410])
+    produce(rig.settings, [("gone", body(second))])
+    [later] = wait_for(lambda: [d for d in dead_letters(rig.settings) if d.reward_id == second["rewardId"]])
+    [attempt] = later.attempts
+    assert later.reason == "endpoint_gone" and attempt.status is None and "410 Gone" in (attempt.error or "")
+    assert [s.reward_id for s in rig.customer.seen("gone")] == [first["rewardId"]]
+
+
+def test_webhook_id_holds_no_dot_though_the_reward_id_does(rig: Rig) -> None:
+    """webhook-id is derived from tenant and rewardId (a Standard Webhooks id has no '.'), the same on
+    every attempt, and the signature verifies over it."""
+    doc = reward(f"r.{uuid.uuid4().hex[:6]}.v2")
+    produce(rig.settings, [("acme", body(doc))])
+    [seen] = wait_for(lambda: rig.customer.seen("acme", doc["rewardId"]), timeout=60)
+    assert "." not in seen.headers["webhook-id"]
+    assert seen.headers["webhook-id"] == webhook_id("acme", doc["rewardId"])
+    assert headwater.verify_standard_webhook(seen.body, dict(seen.headers), SW_SECRET)
+
+
+def test_health_answers_and_no_faust_view_is_served(rig: Rig) -> None:
+    """The dispatcher serves /metrics and /health (200, both stages listed); Faust's views are not there."""
+    base = rig.metrics_url.removesuffix("/metrics")
+    with urllib.request.urlopen(f"{base}/health", timeout=5) as response:
+        health = json.loads(response.read())
+    assert response.status == 200 and health["status"] == "ok"
+    assert set(health["stages"]) == {"rewards-intake", "rewards-delivery"}
+    for view in ("/table", "/router", "/graph", "/", "/stats"):
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(f"{base}{view}", timeout=5)
+        assert refused.value.code == 404, view
 
 
 def test_429_retry_after_is_honoured(rig: Rig) -> None:

@@ -54,6 +54,7 @@ def test_sigkill_mid_delivery_resends_only_the_reward_in_flight_with_the_same_id
             "id": "crash",
             "rewards_webhook": {
                 "url": customer.url("crash"),
+                "allow_private_url": True,
                 "token": "tok_crash",
                 "standard_webhooks_secrets": [SW_SECRET],
                 "max_concurrency": 1,

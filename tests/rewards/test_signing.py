@@ -201,9 +201,9 @@ class TestStandardWebhooks:
     def test_config_refuses_secrets_not_in_whsec_form(self) -> None:
         """standard_webhooks_secrets must be whsec_<base64> of 24-64 bytes; the error says so at start-up."""
         with pytest.raises(ValidationError, match="whsec_"):
-            RewardsWebhook(url="http://x", standard_webhooks_secrets=["plain-secret"])  # type: ignore[list-item]
+            RewardsWebhook(url="https://x.example", standard_webhooks_secrets=["plain-secret"])  # type: ignore[list-item]
         with pytest.raises(ValidationError, match="24..64"):
-            RewardsWebhook(url="http://x", standard_webhooks_secrets=["whsec_c2hvcnQ="])  # type: ignore[list-item]
+            RewardsWebhook(url="https://x.example", standard_webhooks_secrets=["whsec_c2hvcnQ="])  # type: ignore[list-item]
 
 
 class TestSignCommand:

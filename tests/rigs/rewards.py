@@ -41,7 +41,7 @@ class Customer:
     """The tenants' webhook endpoints: POST /hooks/<tenant>, behaviour chosen per tenant, all requests kept.
 
     Behaviours: ok (200), flaky (503 for the first two requests of each X-Reward-Id, then 200), bad (400),
-    hang (never answers in time), ratelimited (429 + Retry-After: 1 once per reward, then 200).
+    hang (never answers in time), ratelimited (429 + Retry-After: 1 once per reward, then 200), gone (410).
     `on_request` runs before the answer (the crash test kills the dispatcher there).
     """
 
@@ -83,6 +83,8 @@ class Customer:
             return web.Response(status=503, text="try later")
         if mode == "bad":
             return web.Response(status=400, text='{"error":"unknown user"}')
+        if mode == "gone":
+            return web.Response(status=410, text="this endpoint is gone")
         if mode == "hang":
             await asyncio.sleep(30)
         if mode == "ratelimited" and earlier == 0:
@@ -174,7 +176,7 @@ def acme_dispatcher(
     topic with special settings). Everything is stopped on exit."""
     loop = LoopThread()
     customer = start_customer(loop, {})
-    tenants = [{"id": "acme", "rewards_webhook": {"url": customer.url("acme")}}]
+    tenants = [{"id": "acme", "rewards_webhook": {"url": customer.url("acme"), "allow_private_url": True}}]
     doc = settings_doc(
         bootstrap, f"{prefix}_{uuid.uuid4().hex[:8]}", tmp_path / "worker", free_port(), tenants
     )
