@@ -259,7 +259,7 @@ class RewardsSettings(_Frozen):
     breaker_open: Duration = timedelta(seconds=30)  # open this long, then one probe (half-open)
     tick: Duration = timedelta(seconds=1)  # how often due retries are looked for
     dedup_window: Duration = timedelta(days=30)  # delivered (tenant, rewardId) markers kept this long
-    store: str = "memory://"  # Faust table store; "rocksdb://" in production
+    store: str = "memory://"  # no longer used (the delivery state is in memory); kept so old configs load
     session_timeout: Duration = timedelta(seconds=30)  # a dead worker's partitions move after this
     web_host: str = "127.0.0.1"
     web_port: int = Field(6067, ge=0, le=65535)  # /metrics of the dispatcher

@@ -328,6 +328,8 @@ class DeliveryStage(mode.Service):
                     self.expiry[state.partition].append((state.finished_at.timestamp() + window, key))
             if new:
                 tps = [TopicPartition(self.topic, p) for p in sorted(new)]
+                for tp, offset in (await self._faust_positions(tps)).items():
+                    self.consumer.seek(tp, offset)
                 ends = await self.consumer.end_offsets(tps)
                 for tp, end in ends.items():
                     if end > 0:
@@ -342,6 +344,29 @@ class DeliveryStage(mode.Service):
                 time.monotonic() - started,
                 sorted(self.takeover_ends),
             )
+
+    async def _faust_positions(self, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
+        """Where the earlier, Faust-based dispatcher (group <app_id>-rewards) left the partitions this
+        stage's group has never committed: what it read before is in its own table, not in ours, and must
+        not be sent again. Empty on a fresh install."""
+        ours = make_consumer(self.settings, group_id=self.group_id)
+        faust_group = make_consumer(self.settings, group_id=f"{self.settings.worker.app_id}-rewards")
+        positions: dict[TopicPartition, int] = {}
+        await ours.start()
+        await faust_group.start()
+        try:
+            for tp in tps:
+                if (
+                    await ours.committed(tp) is None
+                    and (offset := await faust_group.committed(tp)) is not None
+                ):
+                    positions[tp] = offset
+        finally:
+            await ours.stop()
+            await faust_group.stop()
+        if positions:
+            log.warning("rewards.deliveries: starting where the earlier dispatcher left off: %s", positions)
+        return positions
 
     async def revoked(self) -> None:
         async with self.lock:  # wait for the batch in flight (it commits)

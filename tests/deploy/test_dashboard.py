@@ -315,7 +315,11 @@ def stack(
                 "id": "acme",
                 "write_keys": ["wk_acme_1"],
                 "rewards_keys": ["rk_acme_1"],
-                "rewards_webhook": {"url": customer.url("acme"), "token": "whk_acme", "allow_private_url": True},
+                "rewards_webhook": {
+                    "url": customer.url("acme"),
+                    "token": "whk_acme",
+                    "allow_private_url": True,
+                },
             }
         ],
     )

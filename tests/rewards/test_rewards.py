@@ -44,6 +44,7 @@ from pipeline.cli import main
 from pipeline.config import Settings
 from pipeline.kafka.local import free_port
 from pipeline.reasons import REWARD_CATALOGUE
+from pipeline.rewards.breaker import Breaker
 from pipeline.rewards.records import (
     RewardRejected,
     classify,
@@ -53,7 +54,6 @@ from pipeline.rewards.records import (
     split_rewards,
     validate_reward,
 )
-from pipeline.rewards.breaker import Breaker
 from pipeline.rewards.sender import webhook_id
 from pipeline.signing import cg_signature
 

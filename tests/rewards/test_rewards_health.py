@@ -8,6 +8,7 @@ import json
 import time
 import urllib.error
 import urllib.request
+from typing import Any
 
 from aiokafka import TopicPartition
 
@@ -18,7 +19,7 @@ from pipeline.rewards.metrics import RewardMetrics
 from pipeline.stream.consuming import StageProgress
 
 
-def get(url: str) -> tuple[int, dict[str, object]]:
+def get(url: str) -> tuple[int, dict[str, Any]]:
     try:
         with urllib.request.urlopen(url, timeout=5) as response:
             return response.status, json.loads(response.read())
@@ -41,7 +42,10 @@ def test_health_is_503_while_a_stage_with_lag_makes_no_progress_and_200_once_it_
             delivery.last_commit = delivery.caught_up = time.monotonic() - 60  # busy, nothing committed
             status, body = await asyncio.to_thread(get, url)
             assert status == 503 and body["status"] == "stalled"
-            assert body["stages"]["rewards-delivery"]["stalled"] and not body["stages"]["rewards-intake"]["stalled"]
+            assert (
+                body["stages"]["rewards-delivery"]["stalled"]
+                and not body["stages"]["rewards-intake"]["stalled"]
+            )
             delivery.last_commit = time.monotonic()
             assert (await asyncio.to_thread(get, url))[0] == 200
         finally:

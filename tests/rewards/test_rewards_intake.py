@@ -20,7 +20,13 @@ from rigs.rewards import (
 )
 
 from pipeline.cli import main
-from pipeline.rewards.records import MAX_REWARD_BYTES, DeliveryJob, RewardDeadLetter, parse_message, read_intake
+from pipeline.rewards.records import (
+    MAX_REWARD_BYTES,
+    DeliveryJob,
+    RewardDeadLetter,
+    parse_message,
+    read_intake,
+)
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 WEBHOOKS = {"acme": True, "nohook": False}

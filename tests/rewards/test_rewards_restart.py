@@ -15,7 +15,15 @@ from typing import Any
 
 import pytest
 from rigs.kafka import LoopThread, wait_for
-from rigs.rewards import Dispatcher, dead_letters, outcomes, produce, render_toml, settings_doc, start_customer
+from rigs.rewards import (
+    Dispatcher,
+    dead_letters,
+    outcomes,
+    produce,
+    render_toml,
+    settings_doc,
+    start_customer,
+)
 
 from pipeline.config import Settings
 from pipeline.kafka.local import free_port
@@ -30,8 +38,14 @@ def test_retries_survive_a_sigkill_and_a_restart_re_sends_nothing_recorded(
     tenants: list[dict[str, Any]] = [
         {"id": "flaky", "rewards_webhook": {"url": customer.url("flaky"), "allow_private_url": True}}
     ]
-    doc = settings_doc(kafka_bootstrap, f"t_rewards_restart_{uuid.uuid4().hex[:8]}", tmp_path / "worker",
-                       free_port(), tenants, retry_delays=["4s", "0.2s"])
+    doc = settings_doc(
+        kafka_bootstrap,
+        f"t_rewards_restart_{uuid.uuid4().hex[:8]}",
+        tmp_path / "worker",
+        free_port(),
+        tenants,
+        retry_delays=["4s", "0.2s"],
+    )
     settings = Settings.model_validate(doc)
     config = tmp_path / "headwater.toml"
     config.write_text(render_toml(doc))
@@ -42,17 +56,31 @@ def test_retries_survive_a_sigkill_and_a_restart_re_sends_nothing_recorded(
 
     first = Dispatcher(config, tmp_path / "first.log", exit_after_s=120)
     try:
-        produce(settings, [("flaky", json.dumps({"campaignId": "c", "userId": "u", "rewardId": rid}).encode())
-                           for rid in ids])
-        wait_for(lambda: all(len(outcomes(settings, rid)) == 1 for rid in ids), timeout=90,
-                 explain=lambda: first.output()[-4000:])
+        produce(
+            settings,
+            [
+                ("flaky", json.dumps({"campaignId": "c", "userId": "u", "rewardId": rid}).encode())
+                for rid in ids
+            ],
+        )
+        wait_for(
+            lambda: all(len(outcomes(settings, rid)) == 1 for rid in ids),
+            timeout=90,
+            explain=lambda: first.output()[-4000:],
+        )
         first.process.kill()  # within the 4 s retry delay: every reward has one recorded 503 and is pending
         first.process.wait(10)
         assert {rid: attempts(rid) for rid in ids} == {rid: ["1"] for rid in ids}
         second = Dispatcher(config, tmp_path / "second.log", exit_after_s=120)
         try:
-            wait_for(lambda: all([o.verdict for o in outcomes(settings, rid)] == ["retry", "retry", "delivered"]
-                                 for rid in ids), timeout=90, explain=lambda: second.output()[-4000:])
+            wait_for(
+                lambda: all(
+                    [o.verdict for o in outcomes(settings, rid)] == ["retry", "retry", "delivered"]
+                    for rid in ids
+                ),
+                timeout=90,
+                explain=lambda: second.output()[-4000:],
+            )
         finally:
             second.stop()
         assert {rid: attempts(rid) for rid in ids} == {rid: ["1", "2", "3"] for rid in ids}
@@ -61,8 +89,11 @@ def test_retries_survive_a_sigkill_and_a_restart_re_sends_nothing_recorded(
             sentinel = f"restart-new-{uuid.uuid4().hex[:6]}"
             new = json.dumps({"campaignId": "c", "userId": "u", "rewardId": sentinel}).encode()
             produce(settings, [("flaky", new)])
-            wait_for(lambda: [o.verdict for o in outcomes(settings, sentinel)] == ["retry", "retry", "delivered"],
-                     timeout=90, explain=lambda: third.output()[-4000:])
+            wait_for(
+                lambda: [o.verdict for o in outcomes(settings, sentinel)] == ["retry", "retry", "delivered"],
+                timeout=90,
+                explain=lambda: third.output()[-4000:],
+            )
             assert "caught up" in third.output()  # its partitions were released before the sentinel went out
         finally:
             third.stop()

@@ -57,7 +57,7 @@ def test_a_name_that_resolves_to_a_private_address_is_not_called() -> None:
     """The host's own name resolves to loopback/private here: without allow_private_url the attempt fails
     as a connection error naming the address and the server sees no request; with it, the request lands."""
     hostname = socket.gethostname()
-    addresses = {info[4][0] for info in socket.getaddrinfo(hostname, 80, type=socket.SOCK_STREAM)}
+    addresses = {str(info[4][0]) for info in socket.getaddrinfo(hostname, 80, type=socket.SOCK_STREAM)}
     if any(is_public_address(a) for a in addresses):
         pytest.skip(f"{hostname} resolves to a public address here")
 
@@ -81,7 +81,9 @@ def test_a_name_that_resolves_to_a_private_address_is_not_called() -> None:
             refused = await sender.post("a", public_only, "r1", b"{}", 1)
             assert refused.status is None and "no public address" in (refused.error or "")
             assert seen == []
-            allowed = RewardsWebhook(url=f"http://{hostname}:{port}/hook", allow_private_url=True, timeout_s=5)
+            allowed = RewardsWebhook(
+                url=f"http://{hostname}:{port}/hook", allow_private_url=True, timeout_s=5
+            )
             accepted = await sender.post("b", allowed, "r1", b"{}", 1)
             assert accepted.status == 200 and seen == [b"{}"]
         finally:

@@ -42,10 +42,10 @@ def test_outputs_land_on_the_default_partitioners_partition_in_order(settings: S
     commit_once(settings, outputs)
 
     partitioner = DefaultPartitioner()
-    expected: dict[int, list[bytes]] = defaultdict(list)
+    expected: dict[int, list[bytes | None]] = defaultdict(list)
     for _, key, value, _ in outputs[:3000]:
         expected[partitioner(key, [0, 1, 2], [0, 1, 2])].append(value)
-    found: dict[int, list[bytes]] = defaultdict(list)
+    found: dict[int, list[bytes | None]] = defaultdict(list)
     for record in read_records(settings, canonical):
         found[record.partition].append(record.value)
     assert found == expected
