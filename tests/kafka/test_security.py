@@ -117,7 +117,7 @@ def test_receiver_worker_dispatcher_and_tools_run_through_sasl_ssl(
     secured_settings: Callable[..., Settings], tmp_path: Path
 ) -> None:
     """An event goes receiver -> worker -> events.canonical and `headwater tail` prints it; a reward for a
-    tenant without a webhook goes receiver -> dispatcher (its Faust agents) -> rewards.dlq, and
+    tenant without a webhook goes receiver -> dispatcher (its stage loops) -> rewards.dlq, and
     `headwater rewards dlq ls` lists it; `headwater dlq stats` reads the DLQ. All over SASL_SSL only."""
     settings = secured_settings()
     env = _config(settings, tmp_path / "headwater.toml")
