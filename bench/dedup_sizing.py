@@ -46,7 +46,8 @@ from common import (
 )
 
 from pipeline.config import Settings
-from pipeline.kafka.clients import ensure_topics, make_consumer, make_producer
+from pipeline.kafka.clients import ensure_topics, make_producer
+from pipeline.kafka.reading import TopicReader
 from pipeline.stream.dedup import CHANGELOG_MAGIC, CHANGELOG_RECORD_IDS
 from pipeline.stream.dedup_stage import changelog_config, changelog_topic
 
@@ -104,23 +105,16 @@ async def timed_start(
     settings: Settings, config: Path, log: Path, keep: bool = False
 ) -> tuple[Start, subprocess.Popen[bytes]]:
     """Start a worker, produce a marker at once, wait for it on events.canonical (read_committed)."""
-    from aiokafka import TopicPartition
-
     canonical = settings.topics.canonical
     await ensure_topics(settings, [canonical, settings.topics.raw(SOURCE)])
-    consumer = make_consumer(settings, fetch_max_wait_ms=50)
+    reader = TopicReader(settings, fetch_max_wait_ms=50)
     producer = make_producer(settings)
-    await consumer.start()
+    await reader.start()
     await producer.start()
     body = marker_body(0)
     wanted = orjson.loads(body)["event_id"]
     try:
-        await consumer._client.force_metadata_update()
-        tps = [TopicPartition(canonical, p) for p in consumer.partitions_for_topic(canonical) or ()]
-        consumer.assign(tps)
-        await consumer.seek_to_end(*tps)
-        for tp in tps:
-            await consumer.position(tp)
+        fetches = reader.follow(canonical, await reader.end_offsets(canonical))  # what comes after now
         mark = log.stat().st_size if log.exists() else 0
         started = time.time()
         worker = start_worker(config, log)
@@ -130,9 +124,9 @@ async def timed_start(
             if worker.poll() is not None or time.monotonic() > deadline:
                 stop(worker)
                 raise SystemExit(f"no marker (worker exit {worker.returncode}):\n{log.read_text()[-3000:]}")
-            batch = await consumer.getmany(timeout_ms=200)
-            if any(orjson.loads(r.value).get("event_id") == wanted for part in batch.values() for r in part):
-                seconds = max(r.timestamp for part in batch.values() for r in part) / 1000 - started
+            records = await anext(fetches)
+            if any(orjson.loads(r.value).get("event_id") == wanted for r in records):
+                seconds = max(r.timestamp for r in records) / 1000 - started
                 break
         rss = rss_bytes(worker.pid)
         text = log.read_bytes()[mark:].decode(errors="replace")
@@ -150,7 +144,7 @@ async def timed_start(
         return Start(seconds, rss, logged), worker
     finally:
         await producer.stop()
-        await consumer.stop()
+        await reader.stop()
 
 
 async def write_changelog(settings: Settings, ids: int) -> None:
