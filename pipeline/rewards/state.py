@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import logging
 
-from aiokafka import TopicPartition
-
 from pipeline.config import Settings
-from pipeline.kafka.clients import make_consumer
+from pipeline.kafka.reading import TopicReader
 from pipeline.rewards.records import DeliveryState
 
 log = logging.getLogger(__name__)
@@ -53,31 +51,15 @@ class RewardTable:
         return len(self.states)
 
     async def restore(self, settings: Settings, partitions: set[int]) -> list[DeliveryState]:
-        """Read the changelog partitions from the beginning to their current end; returns their states."""
+        """Read the changelog partitions from the beginning to their current end; returns their states.
+        Every end is reached (no give-up on idle fetches): a restore must read every record."""
         topic = changelog_topic(settings)
-        consumer = make_consumer(settings, isolation_level="read_committed")
-        await consumer.start()
         restored: dict[bytes, DeliveryState | None] = {}
-        try:
-            tps = [TopicPartition(topic, p) for p in sorted(partitions)]
-            consumer.assign(tps)
-            await consumer.seek_to_beginning(*tps)
-            ends = await consumer.end_offsets(tps)
-            remaining = {tp for tp in tps if ends[tp] > 0}
-            while remaining:
-                fetched = await consumer.getmany(*remaining, timeout_ms=500, max_records=10_000)
-                for tp, part in fetched.items():
-                    for record in part:
-                        if record.offset >= ends[tp]:
-                            break
-                        restored[record.key] = _decode(record.value)
-                    if part and part[-1].offset + 1 >= ends[tp]:
-                        remaining.discard(tp)
-                for tp in list(remaining):
-                    if await consumer.position(tp) >= ends[tp]:
-                        remaining.discard(tp)
-        finally:
-            await consumer.stop()
+        async with TopicReader(settings, isolation_level="read_committed") as reader:
+            ranges = await reader.bounds(topic, partitions)
+            async for records in reader.chunks(topic, ranges, idle_fetches=None):
+                for record in records:  # a key lives in one partition: its records come in offset order
+                    restored[record.key] = _decode(record.value)
         self.apply(restored)
         return [state for state in restored.values() if state is not None]
 

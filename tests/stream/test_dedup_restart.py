@@ -169,16 +169,11 @@ async def delete_changelog_before_its_last_record(settings: Settings) -> None:
     from aiokafka import TopicPartition
     from aiokafka.admin import AIOKafkaAdminClient, RecordsToDelete
 
-    from pipeline.kafka.clients import make_consumer
+    from pipeline.kafka.reading import end_offsets
 
     topic = changelog_topic(settings)
-    consumer = make_consumer(settings)
-    await consumer.start()
-    try:
-        tps = [TopicPartition(topic, p) for p in range(3)]
-        ends = await consumer.end_offsets(tps)
-    finally:
-        await consumer.stop()
+    ends = {TopicPartition(topic, p): end for p, end in (await end_offsets(settings, topic)).items()}
+    tps = list(ends)
     admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka.bootstrap_servers)
     await admin.start()
     try:
