@@ -1,10 +1,10 @@
 """Reading Kafka outside the stage loops: one reader for ranges, partitions, offsets at a time and tails.
 
-Every tool that reads a topic (tail, replay, the dead-letter tools, the dedup restore, the test rigs) goes
-through `TopicReader`, so the stop rule of a range read, the metadata refresh that finds a topic created a
-moment ago and the handling of transaction markers live here once, and aiokafka's private attributes are
-touched nowhere else. The stage loops consume with their own consumers (pipeline/stream/): they are not
-readers of a range.
+Every tool that reads a topic (tail, replay, the dead-letter tools, the dedup and reward-state restores,
+the test rigs) goes through `TopicReader`, so the stop rule of a range read, the metadata refresh that
+finds a topic created a moment ago and the handling of transaction markers live here once, and aiokafka's
+private attributes are touched nowhere else. The stage loops consume with their own consumers
+(pipeline/stream/, pipeline/rewards/): they are not readers of a range.
 
 The contract, for every method:
 - A reader joins no consumer group and commits nothing: reading never moves anyone's committed offsets.
