@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import mode
@@ -95,11 +95,11 @@ class IntakeStage(mode.Service):
 
     async def take_batch(self, records: Sequence[Any]) -> None:
         """Every record's output written and acknowledged, or an exception (the batch is read again)."""
-        outputs = [self.outcome(record) for record in records]
+        outcomes = [self.outcome(record) for record in records]
         try:
             acks = [
                 await self.producer.send(topic, value, key=key, headers=headers)
-                for topic, key, value, headers in outputs
+                for (topic, key, value, headers), _ in outcomes
             ]
             await asyncio.gather(*acks)
         except Exception as exc:
@@ -113,9 +113,15 @@ class IntakeStage(mode.Service):
                 exc,
             )
             raise
+        for _, letter in outcomes:  # counted once written: a replayed batch does not count twice
+            if letter is not None:
+                self.metrics.deliveries.labels(letter.tenant or "-", "invalid").inc()
+                log.info(
+                    "reward %s dead-lettered at intake: %s: %s", letter.origin, letter.reason, letter.message
+                )
 
-    def outcome(self, record: Any) -> IntakeOutput:
-        """One record -> its job or its dead letter; never raises for input."""
+    def outcome(self, record: Any) -> tuple[IntakeOutput, RewardDeadLetter | None]:
+        """One record -> its output (a job or a dead letter) and the letter, if it is one; never raises."""
         origin = f"{record.topic}:{record.partition}:{record.offset}"
         body: bytes = record.value or b""
         raw_headers: list[tuple[str, bytes]] = list(record.headers or ())
@@ -127,11 +133,9 @@ class IntakeStage(mode.Service):
             log.exception("intake crashed on %s; dead-lettering it", origin)
             self.metrics.errors.labels("intake").inc()
             crashed = RewardRejected(reasons.REWARD_INTAKE_CRASHED, f"{type(exc).__name__}: {exc}")
-            tenant = (headers.get("hw-tenant") or None) if isinstance(headers, Mapping) else None
+            tenant = headers.get("hw-tenant") or None
             outcome = intake_dead_letter(body, tenant, None, crashed, origin, 0, utc_now())
         if isinstance(outcome, DeliveryJob):
             key = delivery_key(outcome.tenant, outcome.reward_id)
-            return self.settings.topics.rewards_deliveries, key, outcome.to_record(), []
-        self.metrics.deliveries.labels(outcome.tenant or "-", "invalid").inc()
-        log.info("reward %s dead-lettered at intake: %s: %s", origin, outcome.reason, outcome.message)
-        return self.settings.topics.rewards_dlq, record.key, outcome.to_json(), raw_headers
+            return (self.settings.topics.rewards_deliveries, key, outcome.to_record(), []), None
+        return (self.settings.topics.rewards_dlq, record.key, outcome.to_json(), raw_headers), outcome
