@@ -115,6 +115,12 @@ OUTPUT_REFUSED = Reason(
     "validate",
     "Kafka kept refusing this record's outputs while the records around it went through; it is parked.",
 )
+MORE_FAILED_ITEMS = Reason(
+    "more_failed_items",
+    "normalize",
+    "More items of one request failed than are dead-lettered one by one; this letter counts the rest per "
+    "reason and gives their index ranges. A redrive republishes the whole request.",
+)
 
 UNKNOWN = Reason(
     "unknown", "normalize", "A reason code this release does not know (written by another version?)."
@@ -143,6 +149,7 @@ CATALOGUE: dict[str, Reason] = {
         UNSERIALIZABLE_OUTPUT,
         OUTPUT_TOO_LARGE,
         OUTPUT_REFUSED,
+        MORE_FAILED_ITEMS,
     )
 }
 

@@ -8,6 +8,7 @@ from pipeline.clock import UtcClock, format_utc, utc_now
 from pipeline.records.canonical import CanonicalEvent
 from pipeline.records.dead_letter import (
     DeadLetter,
+    FailureSummary,
     FieldError,
     Processor,
     RedriveTarget,
@@ -23,6 +24,7 @@ from pipeline.request_ids import new_request_id
 __all__ = [
     "CanonicalEvent",
     "DeadLetter",
+    "FailureSummary",
     "FieldError",
     "JSONObject",
     "JSONValue",

@@ -28,6 +28,18 @@ class FieldError(Record):
     message: str
 
 
+class FailureSummary(Record):
+    """The failing items of one request beyond those dead-lettered one by one: how many per reason, and
+    where they are (inclusive index ranges, the first MAX_RANGES of them)."""
+
+    MAX_RANGES: ClassVar[int] = 1000
+
+    items: int
+    counts: dict[str, int]
+    ranges: tuple[tuple[int, int], ...] = ()
+    ranges_truncated: bool = False
+
+
 class Processor(Record):
     """Which release rejected the record, so a redrive after a fix can be judged."""
 
@@ -67,6 +79,8 @@ class DeadLetter(Record):
     # Letters of earlier releases lack both: they were all written by the normalize stage, about raw requests.
     worker_stage: WorkerStage = "normalize"
     redrive_to: RedriveTarget = "raw"
+    # On a `more_failed_items` letter only: the request's failing items not dead-lettered one by one.
+    summary: FailureSummary | None = None
 
     @model_validator(mode="after")
     def _body_once(self) -> Self:

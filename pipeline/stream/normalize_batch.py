@@ -33,6 +33,7 @@ from pipeline.records import (
     RawRecord,
     ReplayTag,
 )
+from pipeline.stream.dead_letter_budget import DeadLetterBudget
 from pipeline.stream.metrics import RECEIPTS_HEADER, SOURCE_HEADER, WorkerMetrics, receipts_header
 from pipeline.stream.record_outcomes import dead_letter, outcomes
 
@@ -113,6 +114,7 @@ async def normalize_batch(
             await send_letter(foreign_record(message, adapter.SOURCE, exc))
             continue
         carrier: str | None = None  # this record's dead letter that carries its body
+        budget = DeadLetterBudget()
         received_ms = int(raw.headers.received_at.timestamp() * 1000)
         for position, outcome in enumerate(outcomes(raw, adapter, targets.redrive_limit)):
             if isinstance(outcome, CanonicalEvent):
@@ -143,9 +145,14 @@ async def normalize_batch(
                         )
                         sent_packs += 1
                     continue
+            if not budget.admit(outcome):
+                continue
             if carrier is None and outcome.body_b64 is not None:
                 carrier = outcome.id
             await send_letter(outcome)
+        summary = budget.summary(raw, carrier)
+        if summary is not None:
+            await send_letter(summary)
     for partition, pack in packs.items():
         acks.append(
             await send(targets.keyed_topic, None, pack.to_bytes(), partition, pack_headers(partition))

@@ -27,6 +27,7 @@ OUR_CODES = {
     "unserializable_output": "validate",
     "output_too_large": "validate",
     "output_refused": "validate",
+    "more_failed_items": "normalize",
 }
 
 

@@ -54,8 +54,9 @@ def hw_dlq(settings: Settings, tmp_path: Path, *args: str) -> str:
 def test_a_5_mb_batch_whose_every_item_fails_costs_bounded_memory_and_bytes(
     make_settings: Callable[..., Settings], start_worker: Callable[..., WorkerProcess]
 ) -> None:
-    """~43,000 failing items in a 5 MB body: the worker's peak RSS grows by less than 200 MB, and the
-    dead letters total at most 3 x the body + 4 KiB per item (the body is stored once)."""
+    """~43,000 failing items in a 5 MB body: the worker's peak RSS grows by less than 200 MB, the dead
+    letters total at most 20 x the body + 1 MiB (the body is stored once), and between the letters of the
+    first items and the summary's ranges every item is accounted for."""
     port = free_port()
     settings = make_settings(worker={"web_port": port})
     items = failing_items(43_000, 3)
@@ -65,15 +66,55 @@ def test_a_5_mb_batch_whose_every_item_fails_costs_bounded_memory_and_bytes(
     wait_for(lambda: b"ok" in _health(port), timeout=60)
     before = rss_kib(worker.process.pid, "VmRSS")
     produce_raw(settings, "segment", [body])
-    wait_for(lambda: len(read_records(settings, settings.topics.dlq)) >= len(items), timeout=240, interval=1)
+    wait_for(
+        lambda: any(b"more_failed_items" in r.value for r in read_records(settings, settings.topics.dlq)),
+        timeout=240,
+        interval=1,
+    )
     growth_mb = (rss_kib(worker.process.pid, "VmHWM") - before) / 1024
     records = read_records(settings, settings.topics.dlq)
     total = sum(len(r.value) for r in records)
     assert growth_mb < 200, growth_mb
-    assert total <= 3 * len(body) + 4096 * len(items), total
+    assert total <= 20 * len(body) + 1024 * 1024, total
     letters = [DeadLetter.from_json(r.value) for r in records]
-    assert sorted(d.index for d in letters if d.index is not None) == list(range(len(items)))
+    [summary] = [d.summary for d in letters if d.summary is not None]
+    covered = [d.index for d in letters if d.index is not None]
+    covered += [i for first, last in summary.ranges for i in range(first, last + 1)]
+    assert sorted(covered) == list(range(len(items)))
     assert sum(1 for d in letters if d.body_b64 is not None) == 1
+
+
+@pytest.mark.slow
+def test_a_bulk_body_of_100_000_tiny_failing_items_makes_letters_proportional_to_the_body(
+    settings: Settings, start_worker: Callable[..., WorkerProcess], tmp_path: Path
+) -> None:
+    """`[0,0,0,...]` to a batched source: the first items one letter each and one summary letter (counts per
+    reason, index ranges) for the rest, at most 10,000 letters and 20 x the body + 1 MiB; the summary letter
+    shows and redrives the exact request."""
+    body = b"[" + b",".join([b"0"] * 100_000) + b"]"
+    produce_raw(settings, "segment", [body])
+    start_worker(settings, "--source", "segment")
+    wait_for(
+        lambda: any(b"more_failed_items" in r.value for r in read_records(settings, settings.topics.dlq)),
+        timeout=180,
+        interval=1,
+    )
+    records = read_records(settings, settings.topics.dlq)
+    assert len(records) <= 10_000, len(records)
+    assert sum(len(r.value) for r in records) <= 20 * len(body) + 1024 * 1024
+    letters = [DeadLetter.from_json(r.value) for r in records]
+    [summary_letter] = [d for d in letters if d.summary is not None]
+    summary = summary_letter.summary
+    assert summary is not None
+    individual = sorted(d.index for d in letters if d.index is not None)
+    assert summary.items + len(individual) == 100_000
+    assert summary.ranges == ((len(individual), 99_999),) and individual == list(range(len(individual)))
+    assert sum(summary.counts.values()) == summary.items
+
+    shown = orjson.loads(hw_dlq(settings, tmp_path, "show", summary_letter.id, "--json"))
+    assert base64.b64decode(shown["body_b64"]) == body
+    hw_dlq(settings, tmp_path, "redrive", "--ids", summary_letter.id)
+    assert [r.value for r in read_records(settings, settings.topics.raw("segment"))] == [body, body]
 
 
 def _health(port: int) -> bytes:
