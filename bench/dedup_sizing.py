@@ -69,6 +69,18 @@ def start_worker(config: Path, log: Path) -> subprocess.Popen[bytes]:
     )
 
 
+def stop_gracefully(worker: subprocess.Popen[bytes], timeout_s: float = 600) -> float:
+    """SIGTERM and wait for the worker to exit (it checkpoints its tables first); seconds it took."""
+    started = time.monotonic()
+    worker.terminate()
+    try:
+        worker.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        worker.kill()
+        worker.wait()
+    return time.monotonic() - started
+
+
 def rss_bytes(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -140,7 +152,7 @@ async def timed_start(
             or "(no restore line)"
         )
         if not keep:
-            stop(worker)
+            stop_gracefully(worker)
         return Start(seconds, rss, logged), worker
     finally:
         await producer.stop()
@@ -194,6 +206,7 @@ def live(bootstrap: str, tmp: Path, ids: int, idle_rss: int) -> None:
     settings = bench_settings(bootstrap, tmp, worker={"batch_max": 50})
     config = write_config(settings, tmp / f"{settings.worker.app_id}.toml")
     log = tmp / "live.log"
+    asyncio.run(ensure_topics(settings, [settings.topics.raw(BULK_SOURCE)]))
     asyncio.run(
         produce_all(
             settings,
