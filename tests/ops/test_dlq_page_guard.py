@@ -219,7 +219,8 @@ def worker_on(
 
     def start(**dlq: str) -> tuple[Settings, str]:
         port = free_port()
-        settings = make_settings(worker={"web_host": "0.0.0.0", "web_port": port}, dlq=dlq)
+        worker = {"web_host": "0.0.0.0", "web_port": port, "data_dir": str(tmp_path / f"data{len(started)}")}
+        settings = make_settings(worker=worker, dlq=dlq)  # each worker its own data dir (it locks it)
         started.append(WorkerProcess(settings, tmp_path / f"worker{len(started)}.toml"))
         base = f"http://127.0.0.1:{port}"
         wait_for(lambda: _answers(base + "/metrics"), timeout=90)
