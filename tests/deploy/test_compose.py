@@ -146,13 +146,13 @@ class TestHealth:
         port = settings_of(service).worker.web_port
         assert (url.hostname, url.port, url.path) == ("127.0.0.1", port, "/health")
 
-    def test_the_dispatcher_healthcheck_reads_its_metrics_port(self) -> None:
-        """The dispatcher's healthcheck reads /metrics on rewards.web_port, where rewards.web_host binds."""
+    def test_the_dispatcher_healthcheck_reads_its_health(self) -> None:
+        """The dispatcher's healthcheck reads /health on rewards.web_port (503 when a stage stalls)."""
         service = HEADWATER["rewards"]
         url = healthcheck_url(service)
         rewards = settings_of(service).rewards
         assert rewards.web_host in ("127.0.0.1", "0.0.0.0")
-        assert (url.hostname, url.port, url.path) == ("127.0.0.1", rewards.web_port, "/metrics")
+        assert (url.hostname, url.port, url.path) == ("127.0.0.1", rewards.web_port, "/health")
 
     @pytest.mark.parametrize("name", sorted(LONG_RUNNING))
     def test_a_long_running_service_restarts_by_itself(self, name: str) -> None:
