@@ -140,6 +140,9 @@ def start_worker(tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
     started: list[WorkerProcess] = []
 
     def start(settings: Settings, *args: str) -> WorkerProcess:
+        running = {w.data_dir for w in started if w.process.poll() is None}
+        if settings.worker.data_dir in running:  # a worker locks its data dir: a second one gets its own
+            settings = settings.with_overrides({"worker.data_dir": str(tmp_path / f"data{len(started)}")})
         worker = WorkerProcess(settings, tmp_path / f"worker{len(started)}.toml", *args)
         started.append(worker)
         return worker

@@ -172,6 +172,7 @@ class WorkerProcess(HeadwaterProcess):
     """`headwater worker` on a config written from Settings."""
 
     def __init__(self, settings: Settings, config_path: Path, *args: str) -> None:
+        self.data_dir = settings.worker.data_dir
         config_path.write_text(toml_text(settings))
         log_path = config_path.with_suffix(f".{time.monotonic_ns()}.log")
         super().__init__(["--config", str(config_path), "worker", *args], log_path)
