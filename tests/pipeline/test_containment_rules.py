@@ -21,6 +21,7 @@ from adapters import ADAPTERS
 from pipeline import reading
 from pipeline.adapting import Reject
 from pipeline.records import DeadLetter, KeyedBatch, RawHeaders, utc_now
+from pipeline.stream.dead_letter_budget import ITEM_LETTERS
 from pipeline.stream.normalize_batch import NormalizeTargets, normalize_batch
 
 TARGETS = NormalizeTargets("keyed", "dlq", 3, 5, max_event_bytes=4096)
@@ -145,7 +146,8 @@ def test_an_event_over_the_size_limit_is_its_items_dead_letter() -> None:
 
 
 def test_dead_letters_of_a_large_all_failing_body_stay_proportional() -> None:
-    """1,000 failing items of a 280 kB body: the body is stored once and each item costs a bounded size."""
+    """1,000 failing items of a 280 kB body: the body is stored once, the first ITEM_LETTERS items get a
+    letter each and one summary letter covers the rest, within 20 x the body + 1 MiB."""
     items = [
         {
             "type": "track",
@@ -159,8 +161,10 @@ def test_dead_letters_of_a_large_all_failing_body_stay_proportional() -> None:
     body = orjson.dumps(items)
     sink = run(body)
     total = sum(len(v) for t, v in sink.sent if t == "dlq")
-    assert len(sink.letters()) == 1000
-    assert total <= 3 * len(body) + 4096 * 1000
+    letters = sink.letters()
+    assert len(letters) == ITEM_LETTERS + 1
+    assert [d.reason for d in letters].count("more_failed_items") == 1
+    assert total <= 20 * len(body) + 1024 * 1024
 
 
 def test_an_oversized_element_is_kept_truncated() -> None:
