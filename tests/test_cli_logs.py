@@ -231,6 +231,7 @@ def test_up_without_local_kafka_starts_quietly(make_settings: Any, tmp_path: Pat
     up.wait_for_line("receiver listening on")
     up.wait_for_line("worker listening on")
     up.wait_for_line("ready in ")
+    up.wait_for_line("rewards dispatcher listening on")  # `ready` does not wait for the dispatcher
     send_and_see_it_come_out(settings)
     assert up.stop(signal.SIGINT) == 0
     assert "up: config " in up.output()
