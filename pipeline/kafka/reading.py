@@ -250,7 +250,7 @@ class TopicReader:
         pending = [p for p, (first, end) in bounds.items() if first < end]
         while pending and not (stop is not None and stop.is_set()):
             ranges = {p: (max(bounds[p][0], bounds[p][1] - window[p]), bounds[p][1]) for p in pending}
-            records = await self.read(topic, ranges, stop=stop)
+            records = await self.read(topic, ranges, idle_fetches=None, stop=stop)
             for p in pending:
                 found[p] = [r for r in records if r.partition == p]
             pending = [p for p in pending if len(found[p]) < count and ranges[p][0] > bounds[p][0]]
